@@ -1,0 +1,118 @@
+"""Dynamic batching: requests that arrive close together share one call of the model.
+
+A ``DynamicBatcher`` owns a bounded queue and one worker task. The worker takes the first waiting
+item, waits up to ``max_wait_ms`` for more (up to ``max_batch_size`` that are compatible, by
+``key``), runs ``fn`` on the batch in a thread, and resolves every item's future. Items whose
+caller went away are dropped before the model sees them. Batching is a property of the runner:
+``fn`` knows nothing of queues, and each item must give the same result alone or batched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from app.errors import RateLimitError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class _Item(Generic[T]):
+    value: T
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class DynamicBatcher(Generic[T, R]):
+    def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, max_batch_size: int, max_wait_ms: float,
+                 max_waiting: int, key: Callable[[T], Hashable] = lambda _: None,
+                 on_batch: Callable[[int, list[float]], None] | None = None) -> None:
+        self.fn, self.key, self.on_batch = fn, key, on_batch
+        self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
+        self.max_waiting = max_waiting
+        self._waiting: list[_Item[T]] = []
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher")
+        self._task: asyncio.Task | None = None
+        self.last_progress = time.monotonic()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def submit_many(self, values: list[T]) -> list[R]:
+        """Queues all of ``values`` or none (429 when the queue cannot take them all)."""
+        if len(self._waiting) + len(values) > self.max_waiting:
+            raise RateLimitError(f"Too many requests waiting for this model ({len(self._waiting)} "
+                                 f"queued, limit {self.max_waiting}); retry shortly.",
+                                 headers={"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        items = [_Item(v, loop.create_future()) for v in values]
+        self._waiting.extend(items)
+        self._wakeup.set()
+        try:
+            return list(await asyncio.gather(*(i.future for i in items)))
+        finally:
+            for i in items:
+                i.future.cancel()  # no-op when done; marks the rest as abandoned
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._waiting = [i for i in self._waiting if not i.future.done()]
+            if not self._waiting:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            deadline = self._waiting[0].enqueued + self.max_wait
+            while len(self._compatible()) < self.max_batch_size and (delay := deadline - time.perf_counter()) > 0:
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), delay)
+            batch = self._compatible()[: self.max_batch_size]
+            if not batch:
+                continue
+            self._waiting = [i for i in self._waiting if i not in batch]
+            now = time.perf_counter()
+            if self.on_batch:
+                self.on_batch(len(batch), [now - i.enqueued for i in batch])
+            try:
+                results = await loop.run_in_executor(self._executor, self.fn, [i.value for i in batch])
+            except Exception as exc:  # every caller of the batch gets the error
+                results = [exc] * len(batch)
+            self.last_progress = time.monotonic()
+            for item, result in zip(batch, results, strict=True):
+                if item.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    item.future.set_exception(result)
+                else:
+                    item.future.set_result(result)
+
+    def _compatible(self) -> list[_Item[T]]:
+        live = [i for i in self._waiting if not i.future.done()]
+        if not live:
+            return []
+        first = self.key(live[0].value)
+        return [i for i in live if self.key(i.value) == first]
+

@@ -1,0 +1,182 @@
+"""In-process text generation: one runner thread per model, fed by a bounded waiting queue.
+
+The runner takes one request at a time (its ``n`` samples batched) and runs ``generate`` on it,
+checking before every forward pass whether the request was aborted. Outputs go back to the
+request's asyncio queue on the event loop. This is the simple, correct path; the
+continuous-batching engine replaces the runner without changing this class's interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from app.backends.base import Backend, Delta, TextRequest, TokenLogprob, Usage
+from app.errors import InvalidRequestError, RateLimitError
+from app.metrics import Metrics
+from app.registry import ModelEntry
+from models.families import load_family
+from models.text.generate import SampleOutput, TextModel, generate
+
+log = logging.getLogger(__name__)
+STALL_SECONDS = 60.0  # a runner that has not finished a step for this long is not ready
+
+
+@dataclass
+class _Job:
+    request: TextRequest
+    prompt_ids: list[int]
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    enqueued: float = field(default_factory=time.perf_counter)
+    aborted: threading.Event = field(default_factory=threading.Event)
+
+
+_DONE = object()
+
+
+class LocalTextBackend(Backend):
+    def __init__(self, entry: ModelEntry, metrics: Metrics) -> None:
+        super().__init__(entry)
+        self.metrics = metrics
+        self.tm: TextModel | None = None
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._waiting = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._step_started: float | None = None
+
+    # lifecycle --------------------------------------------------------------------------------
+    def setup(self) -> None:
+        e = self.entry
+        self.tm = load_family(e.family or "", e.resolved_source or e.source or "", e.device, e.dtype)
+        self._thread = threading.Thread(target=self._loop, name=f"runner-{e.id}", daemon=True)
+        self._thread.start()
+        self.loaded = True
+
+    def ready(self) -> bool:
+        if not self.loaded or self._thread is None or not self._thread.is_alive():
+            return False
+        started = self._step_started
+        return started is None or time.monotonic() - started < STALL_SECONDS
+
+    async def close(self) -> None:
+        self._jobs.put(None)
+
+    def describe(self) -> dict:
+        return {"context_length": self.tm.context if self.tm else None}
+
+    # request side (event loop) ----------------------------------------------------------------
+    def tokenize(self, request: TextRequest) -> list[int]:
+        tm = self.tm
+        assert tm is not None
+        if request.messages is not None:
+            ids = tm.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True,
+                                                   tokenize=True, return_dict=True)["input_ids"]
+            param = "messages"
+        elif isinstance(request.prompt, str):
+            ids, param = tm.tokenizer(request.prompt)["input_ids"], "prompt"
+        else:
+            ids, param = list(request.prompt or []), "prompt"
+            bad = next((t for t in ids if not 0 <= t < len(tm.tokenizer)), None)
+            if bad is not None:
+                raise InvalidRequestError(f"Token id {bad} is outside the vocabulary (0..{len(tm.tokenizer) - 1}).",
+                                          param="prompt")
+        if not ids:
+            raise InvalidRequestError("The prompt is empty.", param=param)
+        params = request.params
+        if params.max_tokens is None:
+            params.max_tokens = max(tm.context - len(ids), 1)
+            if self.entry.limits.max_tokens is not None:
+                params.max_tokens = min(params.max_tokens, self.entry.limits.max_tokens)
+        self._check_length(len(ids), params.max_tokens, param)
+        return ids
+
+    def _check_length(self, prompt_len: int, max_tokens: int, param: str) -> None:
+        ctx = self.tm.context if self.tm else 0
+        if prompt_len >= ctx:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {ctx} tokens, and your {param} has "
+                f"{prompt_len} tokens; leave room for at least one generated token.", param=param,
+                code="context_length_exceeded")
+        if prompt_len + max_tokens > ctx:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {ctx} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {param}, {max_tokens} for the "
+                f"completion). Reduce max_tokens to at most {ctx - prompt_len}.", param="max_tokens",
+                code="context_length_exceeded")
+
+    async def generate(self, request: TextRequest) -> AsyncIterator[Delta | Usage]:
+        prompt_ids = self.tokenize(request)
+        job = _Job(request, prompt_ids, asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if self._waiting >= self.entry.max_waiting:
+                raise RateLimitError(
+                    f"Too many requests waiting for model '{self.entry.id}' ({self._waiting} queued, "
+                    f"limit {self.entry.max_waiting}); retry shortly.", headers={"Retry-After": "1"})
+            self._waiting += 1
+        self.metrics.num_requests_waiting.labels(self.entry.id).set(self._waiting)
+        self._jobs.put(job)
+        try:
+            while (item := await job.out.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            job.aborted.set()  # no-op once finished; otherwise the runner drops it at the next step
+
+    # runner thread ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            with self._lock:
+                self._waiting -= 1
+            m, mid = self.metrics, self.entry.id
+            m.num_requests_waiting.labels(mid).set(self._waiting)
+            if job.aborted.is_set():
+                m.request_success.labels(mid, "abort").inc()
+                continue
+            m.request_queue_time.labels(mid).observe(time.perf_counter() - job.enqueued)
+            m.num_requests_running.labels(mid).set(1)
+            try:
+                self._run(job)
+            except Exception as exc:  # reaches the client as a 500; the runner lives on
+                log.exception("generation failed for %s", job.request.request_id)
+                job.loop.call_soon_threadsafe(job.out.put_nowait, exc)
+            finally:
+                self._step_started = None
+                m.num_requests_running.labels(mid).set(0)
+                job.loop.call_soon_threadsafe(job.out.put_nowait, _DONE)
+
+    def _run(self, job: _Job) -> None:
+        tm, params, m, mid = self.tm, job.request.params, self.metrics, self.entry.id
+        assert tm is not None
+        m.prompt_tokens.labels(mid).inc(len(job.prompt_ids))
+        generated, finished = 0, {}
+        self._step_started = time.monotonic()
+        for outs in generate(tm, job.prompt_ids, params, job.aborted.is_set):
+            self._step_started = time.monotonic()
+            generated += len(outs)
+            m.generation_tokens.labels(mid).inc(len(outs))
+            for o in outs:
+                if o.finish_reason:
+                    finished[o.index] = o.finish_reason
+                job.loop.call_soon_threadsafe(job.out.put_nowait, self._delta(o, params.logprobs))
+        if job.aborted.is_set() and len(finished) < params.n:
+            m.request_success.labels(mid, "abort").inc()
+            return
+        for reason in finished.values():
+            m.request_success.labels(mid, reason).inc()
+        job.loop.call_soon_threadsafe(job.out.put_nowait, Usage(len(job.prompt_ids), generated))
+
+    def _delta(self, o: SampleOutput, logprobs: int | None) -> Delta:
+        lp = None
+        if logprobs is not None and self.tm is not None:
+            dec = self.tm.tokenizer.decode
+            lp = [TokenLogprob(dec([o.token.token_id]), o.token.logprob or 0.0,
+                               [(dec([t]), v) for t, v in o.token.top])]
+        return Delta(o.index, o.text, lp, o.finish_reason)

@@ -1,0 +1,89 @@
+"""All served models: building their backends, loading them in the background, and finding the
+one a request names."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from app.backends.base import Backend
+from app.backends.local_embedding import LocalEmbeddingBackend
+from app.backends.local_text import LocalTextBackend
+from app.backends.remote import RemoteBackend
+from app.errors import InvalidRequestError, ModelNotFoundError, UnavailableError
+from app.metrics import Metrics
+from app.registry import ConfigError, ModelEntry
+from app.settings import Settings
+from models.families import FAMILIES
+
+log = logging.getLogger(__name__)
+
+LOCAL_BACKENDS: dict[str, type] = {"text": LocalTextBackend, "embedding": LocalEmbeddingBackend}
+
+
+def build_backend(entry: ModelEntry, settings: Settings, metrics: Metrics) -> Backend:
+    if entry.backend == "remote":
+        return RemoteBackend(entry, entry.request_timeout_s or settings.request_timeout_s)
+    family = FAMILIES.get(entry.family or "")
+    if family is None:
+        raise ConfigError(f"model {entry.id!r}: unknown family {entry.family!r}; known: "
+                          f"{', '.join(sorted(FAMILIES))}")
+    if family[0] != entry.modality:
+        raise ConfigError(f"model {entry.id!r}: family {entry.family!r} serves {family[0]}, "
+                          f"not {entry.modality}")
+    return LOCAL_BACKENDS[entry.modality](entry, metrics)
+
+
+class ModelManager:
+    def __init__(self, entries: list[ModelEntry], settings: Settings, metrics: Metrics) -> None:
+        self.settings, self.metrics = settings, metrics
+        self.backends: dict[str, Backend] = {e.id: build_backend(e, settings, metrics) for e in entries}
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        """Loads every model in the background; requests for one still loading get a 503."""
+        lock = asyncio.Lock()  # one at a time: bounded memory and CPU, no concurrent first imports
+        for backend in self.backends.values():
+            self._tasks.append(asyncio.create_task(self._load(backend, lock)))
+
+    async def _load(self, backend: Backend, lock: asyncio.Lock) -> None:
+        mid = backend.entry.id
+        try:
+            async with lock:
+                await asyncio.to_thread(backend.setup)
+            await backend.start()
+            log.info("model %s ready", mid)
+        except Exception as exc:
+            backend.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("model %s failed to load", mid)
+        self.metrics.model_ready.labels(mid).set(1 if backend.ready() else 0)
+
+    async def wait_loaded(self) -> None:
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*(b.close() for b in self.backends.values()), return_exceptions=True)
+
+    def get(self, model_id: str, task: str) -> Backend:
+        backend = self.backends.get(model_id)
+        if backend is None:
+            raise ModelNotFoundError(f"The model '{model_id}' does not exist; GET /v1/models lists the "
+                                     "served ones.", param="model")
+        if task not in backend.entry.tasks:
+            raise InvalidRequestError(f"The model '{model_id}' does not support {task} (it does: "
+                                      f"{', '.join(backend.entry.tasks)}).", param="model",
+                                      code="model_not_supported")
+        if backend.load_error:
+            raise UnavailableError(f"The model '{model_id}' failed to load; see the server log.")
+        if not backend.loaded:
+            raise UnavailableError(f"The model '{model_id}' is still loading; retry shortly.",
+                                   headers={"Retry-After": "5"})
+        return backend
+
+    async def readiness(self) -> dict[str, bool]:
+        states = await asyncio.gather(*(b.check_ready() for b in self.backends.values()))
+        for mid, ok in zip(self.backends, states, strict=True):
+            self.metrics.model_ready.labels(mid).set(1 if ok else 0)
+        return dict(zip(self.backends, states, strict=True))

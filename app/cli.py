@@ -1,0 +1,99 @@
+"""The ``genserve`` command: ``serve`` runs the gateway or a worker, ``train`` trains embedded models."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from app.registry import ConfigError
+from app.settings import Settings
+
+log = logging.getLogger("genserve")
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.target == "text-tiny":
+        from models.llama.train import TrainConfig, train_text_tiny
+
+        cfg = TrainConfig(minutes=args.minutes, seed=args.seed)
+        report = train_text_tiny(Path(args.out), cfg)
+        log.info("saved %s: held-out perplexity %.2f after %d steps", args.out,
+                 report["heldout_ppl"], report["steps"])
+    return 0
+
+
+def load_settings(overrides: dict[str, Any]) -> Settings:
+    """Environment first, CLI flags over it; a bad value stops with the variable or flag named."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else "?"
+        where = f"--{name.replace('_', '-')}" if overrides.get(name) is not None else f"GENSERVE_{name.upper()}"
+        raise ConfigError(f"invalid setting {where}: {err['msg']}") from exc
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.main import create_app
+    from app.registry import load_registry
+
+    settings = load_settings({"host": args.host, "port": args.port, "config": args.config,
+                              "api_keys_file": args.api_keys_file, "log_level": args.log_level,
+                              "allow_unauthenticated": args.allow_unauthenticated or None})
+    logging.getLogger().setLevel(settings.log_level.upper())
+    entries = load_registry(settings.config)
+    if not settings.keys() and not settings.binds_loopback_only() and not settings.allow_unauthenticated:
+        raise ConfigError(f"refusing to serve on {settings.host} without API keys: set GENSERVE_API_KEYS "
+                          "or GENSERVE_API_KEYS_FILE, or pass --allow-unauthenticated")
+    if not settings.keys():
+        log.warning("no API keys configured: the API is open to anyone who can reach %s", settings.host)
+    app = create_app(settings, entries)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=10)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the models of the registry over HTTP")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1, GENSERVE_HOST)")
+    serve.add_argument("--port", type=int, help="port (default 8000, GENSERVE_PORT)")
+    serve.add_argument("--config", help="model registry YAML extending the built-in one (GENSERVE_CONFIG)")
+    serve.add_argument("--api-keys-file", help="file with one API key per line (GENSERVE_API_KEYS_FILE)")
+    serve.add_argument("--allow-unauthenticated", action="store_true",
+                       help="serve a non-loopback address without API keys")
+    serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=_serve)
+    train = sub.add_parser("train", help="train an embedded model and save it under models/weights/")
+    train.add_argument("target", choices=["text-tiny"])
+    train.add_argument("--out", default=None, help="output directory (default: the shipped one)")
+    train.add_argument("--minutes", type=float, default=45.0, help="wall-clock training budget")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.command == "train" and args.out is None:
+        from models.families import weights_dir
+
+        args.out = str(weights_dir() / f"genserve-{args.target}")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"genserve: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""``create_app``: wiring only. Settings in, a FastAPI app out; nothing here reads the environment."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import version
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
+
+from app.backends.manager import ModelManager
+from app.errors import install_error_handlers
+from app.metrics import Metrics
+from app.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
+from app.registry import ModelEntry, load_registry
+from app.routers import docs, embeddings, models, ops, text
+from app.security import ApiKeys
+from app.serving.embeddings import EmbeddingServing
+from app.serving.text import TextServing
+from app.settings import Settings
+
+DESCRIPTION = """One HTTP API for generative models. OpenAI-compatible where OpenAI has an endpoint:
+point the official SDKs at `/v1`. Press **Authorize** and paste an API key to try the endpoints."""
+
+
+def create_app(settings: Settings, entries: list[ModelEntry] | None = None) -> FastAPI:
+    entries = load_registry(settings.config) if entries is None else entries
+    metrics = Metrics()
+    manager = ModelManager(entries, settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await manager.start()
+        yield
+        await manager.close()
+
+    app = FastAPI(title="genserve", version=version("genserve"), description=DESCRIPTION,
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.settings, app.state.metrics, app.state.manager = settings, metrics, manager
+    app.state.api_keys = ApiKeys(settings.keys())
+    app.state.text = TextServing(manager, metrics, settings)
+    app.state.embeddings = EmbeddingServing(manager, metrics, settings)
+
+    install_error_handlers(app)
+    for router in (text.router, embeddings.router, models.router, ops.router, docs.router):
+        app.include_router(router)
+    app.mount(docs.STATIC_PREFIX, StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
+    # Added innermost first: request id wraps metrics, which wraps the body cap.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)
+    return app

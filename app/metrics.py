@@ -1,0 +1,48 @@
+"""Prometheus metrics. Text metrics mirror vLLM's names and meanings under a ``genserve`` prefix
+(``vllm:time_to_first_token_seconds`` → ``genserve_time_to_first_token_seconds``), labelled by
+``model_name`` as vLLM does. Each app owns its registry, so tests can run several apps."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        m = ["model_name"]
+        self.http_requests = Counter("genserve_http_requests", "HTTP requests by route and status",
+                                     ["method", "route", "status"], registry=r)
+        self.http_latency = Histogram("genserve_http_request_duration_seconds",
+                                      "HTTP request latency until the response ends", ["method", "route"],
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.time_to_first_token = Histogram("genserve_time_to_first_token_seconds",
+                                             "Time from request to first generated token", m,
+                                             buckets=LATENCY_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram("genserve_inter_token_latency_seconds",
+                                             "Time between consecutive output tokens", m,
+                                             buckets=TOKEN_BUCKETS, registry=r)
+        self.e2e_request_latency = Histogram("genserve_e2e_request_latency_seconds",
+                                             "End-to-end request latency", m, buckets=LATENCY_BUCKETS,
+                                             registry=r)
+        self.request_queue_time = Histogram("genserve_request_queue_time_seconds",
+                                            "Time a request waited before its model started on it", m,
+                                            buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("genserve_prompt_tokens", "Prefill tokens processed", m, registry=r)
+        self.generation_tokens = Counter("genserve_generation_tokens", "Generated tokens", m, registry=r)
+        self.num_requests_running = Gauge("genserve_num_requests_running",
+                                          "Requests the model is working on", m, registry=r)
+        self.num_requests_waiting = Gauge("genserve_num_requests_waiting",
+                                          "Requests queued for the model", m, registry=r)
+        self.request_success = Counter("genserve_request_success", "Finished requests by reason",
+                                       [*m, "finished_reason"], registry=r)
+        self.batch_size = Histogram("genserve_batch_size", "Items per batched model call", m,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.model_ready = Gauge("genserve_model_ready", "1 when the model is loaded and serving", m,
+                                 registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

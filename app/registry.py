@@ -1,0 +1,147 @@
+"""The model registry: which models this process serves, and how.
+
+The built-in registry (``models/registry.yaml``) serves the embedded models. A user's file
+(``--config``) adds entries, replaces built-in entries with the same ``id``, or, with
+``include_defaults: false``, replaces the built-in list entirely. Relative ``source`` paths are
+resolved against the directory of the file that declares them; ``package:NAME/sub/dir`` points
+inside an installed Python package; anything else that is not a directory is taken as a hub id.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Modality = Literal["text", "embedding", "image", "audio", "molecule", "moderation"]
+DEFAULT_TASKS: dict[str, list[str]] = {
+    "text": ["completion", "chat"],
+    "embedding": ["embedding"],
+    "image": ["generation"],
+    "audio": ["speech"],
+    "molecule": ["generation", "properties"],
+    "moderation": ["moderation"],
+}
+DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "models" / "registry.yaml"
+
+
+class ConfigError(Exception):
+    """A registry or setting that cannot be used; the message names the field."""
+
+
+class Limits(BaseModel):
+    """Per-request caps; a request beyond one gets a 400 naming the parameter."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_n: int = Field(8, ge=1, le=128)
+    max_prompts: int = Field(16, ge=1, description="prompts in one /v1/completions request")
+    max_tokens: int | None = Field(None, ge=1, description="cap on generated tokens (context if unset)")
+    max_top_logprobs: int = Field(20, ge=0, le=20)
+    max_inputs: int = Field(2048, ge=1, description="inputs in one /v1/embeddings request")
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+    modality: Modality
+    backend: Literal["local", "remote"]
+    family: str | None = Field(None, description="models/ code that loads it (local backends)")
+    source: str | None = Field(None, description="directory, package:NAME/path, or hub id")
+    url: str | None = Field(None, pattern=r"^https?://", description="OpenAI-compatible base URL, e.g. "
+                            "http://gpu-node:8000/v1 (remote backends)")
+    upstream_model: str | None = Field(None, description="model name upstream (default: id)")
+    api_key_env: str | None = Field(None, description="environment variable holding the upstream key")
+    tasks: list[str] = Field(default_factory=list)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch_size: int = Field(8, ge=1, le=1024)
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    max_waiting: int = Field(64, ge=1, description="queued requests beyond which new ones get 429")
+    request_timeout_s: float | None = Field(None, gt=0, description="deadline (default: the setting)")
+    limits: Limits = Field(default_factory=Limits)
+    # Filled by the loader: the path the source resolved to, or None for a hub id / remote.
+    resolved_source: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> ModelEntry:
+        if self.backend == "local" and (not self.family or not self.source):
+            missing = "family" if not self.family else "source"
+            raise ValueError(f"a local model needs '{missing}'")
+        if self.backend == "remote" and not self.url:
+            raise ValueError("a remote model needs 'url'")
+        if not self.tasks:
+            self.tasks = list(DEFAULT_TASKS[self.modality])
+        return self
+
+
+class RegistryFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_defaults: bool = True
+    models: list[ModelEntry] = Field(default_factory=list)
+
+
+def _field_path(loc: tuple, models: list) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            if out.startswith("models[") and out.count("[") == 1 and part < len(models):
+                mid = models[part].get("id") if isinstance(models[part], dict) else None
+                out += f" (id {mid!r})" if mid else ""
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _read(path: Path) -> RegistryFile:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read model registry {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model registry {path}: the top level must be a mapping with 'models'")
+    try:
+        reg = RegistryFile.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = _field_path(tuple(err["loc"]), raw.get("models") or [])
+        raise ConfigError(f"model registry {path}: {field or 'models'}: {err['msg']}") from exc
+    for i, entry in enumerate(reg.models):
+        if entry.backend == "local":
+            entry.resolved_source = _resolve_source(entry.source or "", path.parent,
+                                                    f"{path}: models[{i}] (id {entry.id!r}).source")
+    return reg
+
+
+def _resolve_source(source: str, base: Path, where: str) -> Path | None:
+    if source.startswith("package:"):
+        name, _, sub = source.removeprefix("package:").partition("/")
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"model registry {where}: package {name!r} is not installed")
+        path = Path(next(iter(spec.submodule_search_locations))) / sub
+    else:
+        path = Path(source).expanduser()
+        path = path if path.is_absolute() else base / path
+    if path.is_dir():
+        return path.resolve()
+    if source.startswith(("package:", ".", "/", "~")) or source.count("/") != 1:
+        raise ConfigError(f"model registry {where}: directory not found: {path}")
+    return None  # "org/name": a hub id, loaded by the family's loader (offline unless allowed)
+
+
+def load_registry(path: Path | None = None) -> list[ModelEntry]:
+    """The served models: the built-in registry, extended or replaced by ``path``."""
+    user = _read(path) if path is not None else RegistryFile(include_defaults=True)
+    entries = {e.id: e for e in _read(DEFAULT_REGISTRY).models} if user.include_defaults else {}
+    if path is not None:
+        ids = [e.id for e in user.models]
+        dup = next((i for i in ids if ids.count(i) > 1), None)
+        if dup:
+            raise ConfigError(f"model registry {path}: id {dup!r} appears twice")
+        entries.update({e.id: e for e in user.models})
+    return list(entries.values())

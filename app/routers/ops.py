@@ -1,0 +1,28 @@
+"""Health and metrics, open without a key (for probes and Prometheus)."""
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health/live")
+async def live() -> dict:
+    """The process is up and serving HTTP."""
+    return {"status": "ok"}
+
+
+@router.get("/health/ready")
+async def ready(request: Request) -> JSONResponse:
+    """200 when every configured model is loaded and its runner is making progress, else 503."""
+    states = await request.app.state.manager.readiness()
+    ok = all(states.values())
+    return JSONResponse({"status": "ready" if ok else "not_ready", "models": states},
+                        status_code=200 if ok else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,24 @@
+"""``GET /v1/models``: OpenAI's model object plus what genserve knows about it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from app.schemas.base import OpenAIBaseModel
+
+
+class ModelCard(OpenAIBaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "genserve"
+    modality: str
+    tasks: list[str]
+    ready: bool
+    backend: str
+    context_length: int | None = None
+
+
+class ModelList(OpenAIBaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,61 @@
+"""Process settings: ``GENSERVE_*`` environment variables, overridden by CLI flags.
+
+One ``Settings`` object is built at start-up and passed to ``create_app``; nothing reads the
+environment later, so tests build their own.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GENSERVE_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    config: Path | None = Field(None, description="model registry YAML that extends or replaces the built-in one")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated keys")
+    api_keys_file: Path | None = Field(None, description="file with one API key per line")
+    allow_unauthenticated: bool = False
+    max_body_bytes: int = Field(1 << 20, gt=0, description="largest request body accepted (413 above)")
+    request_timeout_s: float = Field(300.0, gt=0, description="default deadline of a request (504 after)")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("config", "api_keys_file")
+    @classmethod
+    def _must_exist(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file not found: {value}")
+        return value
+
+    def keys(self) -> list[str]:
+        """Every accepted API key: from ``api_keys`` and from ``api_keys_file`` (blank lines and
+        ``#`` comments skipped)."""
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            for line in self.api_keys_file.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    keys.append(line)
+        return keys
+
+    def binds_loopback_only(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False

@@ -1,0 +1,29 @@
+"""Llama-family decoders: the network (``model``), its training (``train``, ``corpus``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from models.llama.model import load_llama
+from models.text.generate import TextModel
+
+
+def load(source: Path | str, device: torch.device, dtype: torch.dtype) -> TextModel:
+    """Loads a Hugging Face Llama directory with our own network and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    path = Path(source)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = load_llama(path, device=device, dtype=dtype)
+    eos = set()
+    for name in ("generation_config.json", "config.json"):
+        if (path / name).is_file():
+            ids = json.loads((path / name).read_text()).get("eos_token_id")
+            eos.update(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return TextModel(model=model, tokenizer=tokenizer, eos_ids=eos,
+                     context=model.config.max_position_embeddings, device=torch.device(device))

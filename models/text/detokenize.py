@@ -1,0 +1,65 @@
+"""Turning a growing list of token ids into text, piece by piece, and finding stop strings.
+
+Byte-level BPE tokens can split a UTF-8 character; ``IncrementalDetokenizer`` only releases text
+once the bytes decode cleanly (the prefix/read offsets of vLLM's detokenizer). ``StopMatcher``
+holds back the tail that could still be the start of a stop string, so a stream never shows a
+stop string, even one that straddles token boundaries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Context tokens decoded before the new ones, so that tokenizers which drop a leading space
+# (SentencePiece) still produce the right spacing.
+CONTEXT_TOKENS = 6
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Any, prompt_ids: list[int]) -> None:
+        self.tok = tokenizer
+        self.ids = list(prompt_ids[-CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def add(self, token_id: int) -> str:
+        """Text newly readable after ``token_id`` (often empty mid-character)."""
+        self.ids.append(token_id)
+        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        full = self.tok.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            new = full[len(prefix):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return new
+        return ""
+
+
+class StopMatcher:
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.pending = ""  # text received but not yet released
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """Releases what is safe to show; after a stop string, releases the text before it."""
+        if self.stopped:
+            return ""
+        self.pending += text
+        hits = [(i, s) for s in self.stops if (i := self.pending.find(s)) >= 0]
+        if hits:
+            cut = min(i for i, _ in hits)
+            self.stopped = True
+            out, self.pending = self.pending[:cut], ""
+            return out
+        if self.hold == 0:
+            out, self.pending = self.pending, ""
+            return out
+        safe = len(self.pending) - self.hold
+        out, self.pending = self.pending[:max(safe, 0)], self.pending[max(safe, 0):]
+        return out
+
+    def flush(self) -> str:
+        """At the end of generation: whatever was held back is not a stop string."""
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
