@@ -11,7 +11,6 @@ bare 500 (``internal_error``) with the request id.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -90,7 +89,12 @@ def error_response(err: GenserveError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
-_TYPE_TAG = re.compile(r"^([A-Z]|.*\[|(str|int|float|bool|list|dict|none|literal)$)", re.IGNORECASE)
+_BUILTIN_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal", "json-or-python"}
+
+
+def _is_type_tag(part: str) -> bool:
+    """Union members pydantic adds to ``loc``: builtin names, generics, and model class names."""
+    return part in _BUILTIN_TAGS or "[" in part or part[:1].isupper()
 
 
 def param_path(loc: tuple[Any, ...]) -> str | None:
@@ -104,7 +108,7 @@ def param_path(loc: tuple[Any, ...]) -> str | None:
     for part in parts:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not _TYPE_TAG.match(str(part)):
+        elif not _is_type_tag(str(part)):
             out += f".{part}" if out else str(part)
     return out or None
 

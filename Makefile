@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+.PHONY: install serve test lint train-text-tiny clean
+
+install: $(STAMP)
+
+# torch first, pinned, so the package's `torch>=` requirement is already met by the CPU wheel.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+serve: install
+	$(OFFLINE) $(BIN)/genserve serve $(ARGS)
+
+test: install
+	$(BIN)/ruff check .
+	$(OFFLINE) $(BIN)/pytest $(ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
+
+train-text-tiny: install
+	$(BIN)/genserve train text-tiny $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,96 @@
+"""A malformed registry or setting stops start-up with a message naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.cli import main
+from app.registry import ConfigError, load_registry
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "registry.yaml"
+    p.write_text(text)
+    return p
+
+
+BAD_REGISTRIES = [
+    ("models:\n  - id: x\n    modality: text\n    backend: locl\n", "models[0] (id 'x').backend"),
+    ("models:\n  - id: x\n    modality: texts\n    backend: local\n", "models[0] (id 'x').modality"),
+    ("models:\n  - id: x\n    modality: text\n    backend: remote\n", "a remote model needs 'url'"),
+    ("models:\n  - id: x\n    modality: text\n    backend: local\n    family: llama\n", "needs 'source'"),
+    ("models:\n  - id: x\n    modality: text\n    backend: local\n    family: llama\n    source: ./nowhere\n",
+     "models[0] (id 'x').source: directory not found"),
+    ("models:\n  - id: x\n    modality: text\n    backend: remote\n    url: http://h/v1\n    max_waiting: 0\n",
+     "models[0] (id 'x').max_waiting"),
+    ("models:\n  - id: x\n    modality: text\n    backend: remote\n    url: http://h/v1\n    batch: 3\n",
+     "models[0] (id 'x').batch: Extra inputs are not permitted"),
+    ("models:\n  - id: x\n    modality: text\n    backend: remote\n    url: http://h/v1\n"
+     "  - id: x\n    modality: text\n    backend: remote\n    url: http://h/v1\n", "id 'x' appears twice"),
+    ("models: [\n", "cannot read model registry"),
+    ("- just a list\n", "the top level must be a mapping"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), BAD_REGISTRIES)
+def test_bad_registry_names_the_field(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=None) as info:
+        load_registry(write(tmp_path, text))
+    assert expected in str(info.value)
+
+
+def test_user_registry_extends_replaces_and_overrides(tmp_path: Path) -> None:
+    default_ids = [e.id for e in load_registry()]
+    assert default_ids == ["genserve-text-tiny", "all-minilm-l6-v2"]
+    extra = "  - id: up\n    modality: text\n    backend: remote\n    url: http://h:8000/v1\n"
+    assert [e.id for e in load_registry(write(tmp_path, "models:\n" + extra))] == [*default_ids, "up"]
+    only = load_registry(write(tmp_path, "include_defaults: false\nmodels:\n" + extra))
+    assert [e.id for e in only] == ["up"] and only[0].tasks == ["completion", "chat"]
+    override = "models:\n  - id: genserve-text-tiny\n    modality: text\n    backend: remote\n    url: http://g/v1\n"
+    entries = {e.id: e for e in load_registry(write(tmp_path, override))}
+    assert entries["genserve-text-tiny"].backend == "remote"
+
+
+def test_embedded_sources_resolve() -> None:
+    for entry in load_registry():
+        assert entry.resolved_source is not None and entry.resolved_source.is_dir()
+
+
+def test_cli_reports_bad_registry(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["serve", "--config", str(write(tmp_path, BAD_REGISTRIES[0][0]))]) == 2
+    assert "models[0] (id 'x').backend" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("env", "args", "expected"), [
+    ({"GENSERVE_PORT": "eighty"}, [], "GENSERVE_PORT"),
+    ({}, ["--port", "70000"], "--port"),
+    ({"GENSERVE_MAX_BODY_BYTES": "-1"}, [], "GENSERVE_MAX_BODY_BYTES"),
+    ({}, ["--config", "/no/such/file.yaml"], "--config"),
+    ({"GENSERVE_LOG_LEVEL": "loud"}, [], "GENSERVE_LOG_LEVEL"),
+])
+def test_cli_reports_bad_setting(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, env: dict,
+                                 args: list, expected: str) -> None:
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main(["serve", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("genserve: invalid setting") and expected in err
+
+
+def test_public_bind_without_keys_is_refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.delenv("GENSERVE_API_KEYS", raising=False)
+    assert main(["serve", "--host", "0.0.0.0"]) == 2
+    assert "refusing to serve on 0.0.0.0 without API keys" in capsys.readouterr().err
+
+
+def test_keys_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.settings import Settings
+
+    keys = tmp_path / "keys"
+    keys.write_text("# team keys\nk-file-1\n\n  k-file-2  \n")
+    monkeypatch.setenv("GENSERVE_API_KEYS", "k1, k2,")
+    s = Settings(api_keys_file=keys)
+    assert s.keys() == ["k1", "k2", "k-file-1", "k-file-2"]
+    assert Settings(host="::1").binds_loopback_only() and not Settings(host="0.0.0.0").binds_loopback_only()

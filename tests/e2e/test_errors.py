@@ -1,0 +1,124 @@
+"""Bad requests get the right 4xx with OpenAI's error body naming the parameter; never a 5xx."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.conftest import API_KEY, EMBED, TEXT, Server
+
+C, CHAT, EMB = "/v1/completions", "/v1/chat/completions", "/v1/embeddings"
+OK_C = {"model": TEXT, "prompt": "hello", "max_tokens": 2}
+OK_CHAT = {"model": TEXT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+MSG = [{"role": "user", "content": "hi"}]
+
+CASES = [
+    # (name, path, body, status, param)
+    ("max_tokens as string", C, {**OK_C, "max_tokens": "5"}, 400, "max_tokens"),
+    ("max_tokens as bool", C, {**OK_C, "max_tokens": True}, 400, "max_tokens"),
+    ("max_tokens zero", C, {**OK_C, "max_tokens": 0}, 400, "max_tokens"),
+    ("temperature too high", C, {**OK_C, "temperature": 5}, 400, "temperature"),
+    ("temperature as string", CHAT, {**OK_CHAT, "temperature": "hot"}, 400, "temperature"),
+    ("top_p zero", C, {**OK_C, "top_p": 0}, 400, "top_p"),
+    ("presence_penalty out of range", CHAT, {**OK_CHAT, "presence_penalty": 3}, 400, "presence_penalty"),
+    ("n zero", C, {**OK_C, "n": 0}, 400, "n"),
+    ("n above the model cap", C, {**OK_C, "n": 50}, 400, "n"),
+    ("seed as string", C, {**OK_C, "seed": "1"}, 400, "seed"),
+    ("stop as number", C, {**OK_C, "stop": 5}, 400, "stop"),
+    ("too many stop strings", C, {**OK_C, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("empty stop string", CHAT, {**OK_CHAT, "stop": [""]}, 400, "stop"),
+    ("logprobs above 5", C, {**OK_C, "logprobs": 6}, 400, "logprobs"),
+    ("top_logprobs without logprobs", CHAT, {**OK_CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("top_logprobs above 20", CHAT, {**OK_CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ("logit_bias key not a token id", C, {**OK_C, "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ("echo unsupported", C, {**OK_C, "echo": True}, 400, "echo"),
+    ("empty prompt list", C, {**OK_C, "prompt": []}, 400, "prompt"),
+    ("too many prompts", C, {**OK_C, "prompt": ["x"] * 17}, 400, "prompt"),
+    ("token id outside vocabulary", C, {**OK_C, "prompt": [1, 2, 999999]}, 400, "prompt"),
+    ("prompt beyond context", C, {**OK_C, "prompt": "word " * 2000}, 400, "prompt"),
+    ("max_tokens beyond context", C, {**OK_C, "max_tokens": 100000}, 400, "max_tokens"),
+    ("messages beyond context", CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": "word " * 2000}]},
+     400, "messages"),
+    ("missing model", C, {"prompt": "hi"}, 400, "model"),
+    ("missing messages", CHAT, {"model": TEXT}, 400, "messages"),
+    ("empty messages", CHAT, {**OK_CHAT, "messages": []}, 400, "messages"),
+    ("unknown role", CHAT, {**OK_CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+    ("image content part", CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, 400, "messages[0].content"),
+    ("tools unsupported", CHAT, {**OK_CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     "tools"),
+    ("json mode unsupported", CHAT, {**OK_CHAT, "response_format": {"type": "json_object"}}, 400,
+     "response_format.type"),
+    ("unknown model", C, {**OK_C, "model": "no-such-model"}, 404, "model"),
+    ("chat on an embedding model", CHAT, {**OK_CHAT, "model": EMBED}, 400, "model"),
+    ("embeddings on a text model", EMB, {"model": TEXT, "input": "x"}, 400, "model"),
+    ("empty embedding input", EMB, {"model": EMBED, "input": []}, 400, "input"),
+    ("embedding input too long", EMB, {"model": EMBED, "input": "word " * 600}, 400, "input"),
+    ("embedding dimensions", EMB, {"model": EMBED, "input": "x", "dimensions": 100}, 400, "dimensions"),
+    ("embedding encoding_format", EMB, {"model": EMBED, "input": "x", "encoding_format": "int8"}, 400,
+     "encoding_format"),
+]
+
+
+def assert_openai_error(r: httpx.Response, status: int, param: str | None) -> None:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["message"] and err["type"]
+    if param is not None:
+        assert err["param"] is not None and err["param"].startswith(param), err
+    assert "Traceback" not in r.text and "/work/" not in r.text and ".py" not in err["message"]
+    assert r.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(("name", "path", "body", "status", "param"), CASES, ids=[c[0] for c in CASES])
+def test_bad_request(server: Server, name: str, path: str, body: dict, status: int, param: str) -> None:
+    with server.client() as client:
+        assert_openai_error(client.post(path, json=body), status, param)
+
+
+@pytest.mark.parametrize(("path", "body"), [(C, OK_C), (CHAT, OK_CHAT)])
+def test_bad_request_with_stream_still_gets_status(server: Server, path: str, body: dict) -> None:
+    with server.client() as client:
+        r = client.post(path, json={**body, "max_tokens": 100000, "stream": True})
+    assert_openai_error(r, 400, "max_tokens")
+
+
+def test_invalid_json(server: Server) -> None:
+    with server.client() as client:
+        r = client.post(C, content=b'{"model": ', headers={"content-type": "application/json"})
+    assert_openai_error(r, 400, None)
+
+
+def test_unknown_fields_are_ignored(server: Server) -> None:
+    with server.client() as client:
+        assert client.post(C, json={**OK_C, "some_future_field": {"x": 1}}).status_code == 200
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"},
+                                     {"Authorization": f"Bearer {API_KEY}x"}])
+def test_missing_or_wrong_key(server: Server, headers: dict) -> None:
+    r = httpx.post(server.url + C, json=OK_C, headers=headers)
+    assert_openai_error(r, 401, None)
+    assert r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/v1/models", headers=headers).status_code == 401
+
+
+def test_oversized_body(server: Server) -> None:
+    with server.client() as client:
+        r = client.post(C, json={**OK_C, "prompt": "x" * (2 << 20)})
+        assert_openai_error(r, 413, None)
+
+        def chunks():  # no Content-Length: the cap applies while the body streams in
+            yield b'{"model": "genserve-text-tiny", "prompt": "'
+            for _ in range(40):
+                yield b"x" * 65536
+            yield b'"}'
+
+        r = client.post(C, content=chunks(), headers={"content-type": "application/json"})
+        assert_openai_error(r, 413, None)
+
+
+def test_unknown_route(server: Server) -> None:
+    with server.client() as client:
+        assert_openai_error(client.get("/v1/nothing-here"), 404, None)

@@ -1,0 +1,83 @@
+"""Queue bound (429 with Retry-After), deadline (504), and abort when the client goes away."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import httpx
+import pytest
+from openai import APIError
+
+from tests.conftest import API_KEY, Server
+from tests.e2e.test_errors import assert_openai_error
+
+LONG = {"prompt": "The json module", "max_tokens": 400, "ignore_eos": True}
+
+
+def test_full_queue_gets_429(server: Server) -> None:
+    body = {**LONG, "model": "tiny-queue1", "max_tokens": 200}
+
+    def post(_: int) -> httpx.Response:
+        with server.client() as client:
+            return client.post("/v1/completions", json=body)
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(post, range(6)))
+    statuses = sorted(r.status_code for r in responses)
+    assert 200 in statuses and 429 in statuses, statuses
+    limited = next(r for r in responses if r.status_code == 429)
+    assert_openai_error(limited, 429, None)
+    assert int(limited.headers["retry-after"]) >= 1
+    assert limited.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_deadline_gets_504(server: Server) -> None:
+    with server.client() as client:
+        r = client.post("/v1/completions", json={**LONG, "model": "tiny-deadline"})
+    assert_openai_error(r, 504, None)
+    assert r.json()["error"]["code"] == "request_timeout"
+
+
+def test_deadline_mid_stream_sends_error_event(openai_client) -> None:
+    stream = openai_client.completions.create(model="tiny-deadline", stream=True, prompt=LONG["prompt"],
+                                              max_tokens=400, extra_body={"ignore_eos": True})
+    with pytest.raises(APIError, match="did not finish"):
+        for _ in stream:
+            pass
+
+
+def _wait_for_abort(server: Server, model: str, before: float) -> None:
+    deadline = time.monotonic() + 10
+    while server.metric("genserve_request_success_total", model_name=model, finished_reason="abort") <= before:
+        assert time.monotonic() < deadline, "the server never recorded the abort"
+        time.sleep(0.05)
+
+
+def test_stream_disconnect_stops_generation(server: Server) -> None:
+    model = "tiny-disconnect"
+    aborts = server.metric("genserve_request_success_total", model_name=model, finished_reason="abort")
+    tokens = server.metric("genserve_generation_tokens_total", model_name=model)
+    received = 0
+    with httpx.stream("POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={**LONG, "model": model, "max_tokens": 480, "stream": True}, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                received += 1
+                if received == 3:
+                    break  # leaving the block closes the connection mid-stream
+    _wait_for_abort(server, model, aborts)
+    generated = server.metric("genserve_generation_tokens_total", model_name=model) - tokens
+    assert generated < 3 + 32, f"{generated} tokens generated after reading 3 of 480"
+
+
+def test_non_stream_disconnect_stops_generation(server: Server) -> None:
+    model = "tiny-disconnect"
+    aborts = server.metric("genserve_request_success_total", model_name=model, finished_reason="abort")
+    tokens = server.metric("genserve_generation_tokens_total", model_name=model)
+    with server.client() as client, pytest.raises(httpx.ReadTimeout):
+        client.post("/v1/completions", json={**LONG, "model": model, "max_tokens": 480}, timeout=0.15)
+    _wait_for_abort(server, model, aborts)
+    time.sleep(0.2)
+    generated = server.metric("genserve_generation_tokens_total", model_name=model) - tokens
+    assert generated < 480, "generation ran to the end although the client had left"
