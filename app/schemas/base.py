@@ -34,6 +34,29 @@ class ErrorResponse(OpenAIBaseModel):
     error: ErrorDetail
 
 
+TextsOrTokens = str | list[str] | list[int] | list[list[int]]
+
+
+def check_texts_or_tokens(value: TextsOrTokens, what: str, allow_empty_text: bool) -> TextsOrTokens:
+    """One text, a list of texts, one token-id list or a list of them: none of them empty."""
+    if isinstance(value, list) and not value:
+        raise ValueError(f"the {what} list is empty")
+    members = value if isinstance(value, list) and not isinstance(value[0], int) else [value]
+    for m in members:
+        if isinstance(m, list) and not m:
+            raise ValueError(f"a token-id {what} is empty")
+        if m == "" and not allow_empty_text:
+            raise ValueError(f"an empty {what} text is not allowed")
+    return value
+
+
+def as_batch(value: TextsOrTokens) -> list[str | list[int]]:
+    """The members of a ``TextsOrTokens`` value, a bare text or token list becoming a batch of one."""
+    if isinstance(value, str) or (value and isinstance(value[0], int)):
+        return [value]  # type: ignore[list-item]
+    return list(value)  # type: ignore[arg-type]
+
+
 SEED_RANGE = {"ge": -(2**63), "le": 2**63 - 1}
 Temperature = Field(1.0, ge=0.0, le=2.0, description="0 means greedy")
 TopP = Field(1.0, gt=0.0, le=1.0)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
-from app.schemas.base import OpenAIBaseModel, UsageInfo
+from app.schemas.base import OpenAIBaseModel, TextsOrTokens, UsageInfo, as_batch, check_texts_or_tokens
 from app.schemas.sampling import SamplingFields
 from models.text.sampling import SamplingParams
 
@@ -17,7 +17,7 @@ COMPLETION_EXAMPLE = {"model": "genserve-text-tiny", "prompt": "The json module"
 class CompletionRequest(SamplingFields):
     model_config = ConfigDict(json_schema_extra={"examples": [COMPLETION_EXAMPLE]})
 
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: TextsOrTokens = Field(
         description="text, a list of texts, or token ids (one list or a list of lists)")
     logprobs: int | None = Field(None, ge=0, le=5, description="log probabilities of this many top tokens")
     echo: bool = False
@@ -26,12 +26,8 @@ class CompletionRequest(SamplingFields):
 
     @field_validator("prompt")
     @classmethod
-    def _prompt(cls, value: object) -> object:
-        if isinstance(value, list) and not value:
-            raise ValueError("the prompt list is empty")
-        if isinstance(value, list) and any(isinstance(p, list) and not p for p in value):
-            raise ValueError("a token-id prompt is empty")
-        return value
+    def _prompt(cls, value: TextsOrTokens) -> TextsOrTokens:
+        return check_texts_or_tokens(value, "prompt", allow_empty_text=True)
 
     @field_validator("echo", "suffix")
     @classmethod
@@ -48,12 +44,7 @@ class CompletionRequest(SamplingFields):
         return value
 
     def prompts(self) -> list[str | list[int]]:
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+        return as_batch(self.prompt)
 
     def to_sampling_params(self) -> SamplingParams:
         # OpenAI's default for this endpoint is 16 tokens.

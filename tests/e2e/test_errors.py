@@ -53,6 +53,8 @@ CASES = [
     ("chat on an embedding model", CHAT, {**OK_CHAT, "model": EMBED}, 400, "model"),
     ("embeddings on a text model", EMB, {"model": TEXT, "input": "x"}, 400, "model"),
     ("empty embedding input", EMB, {"model": EMBED, "input": []}, 400, "input"),
+    ("empty embedding text", EMB, {"model": EMBED, "input": ["ok", ""]}, 400, "input"),
+    ("empty token-id prompt", C, {**OK_C, "prompt": [[1, 2], []]}, 400, "prompt"),
     ("embedding input too long", EMB, {"model": EMBED, "input": "word " * 600}, 400, "input"),
     ("embedding dimensions", EMB, {"model": EMBED, "input": "x", "dimensions": 100}, 400, "dimensions"),
     ("embedding encoding_format", EMB, {"model": EMBED, "input": "x", "encoding_format": "int8"}, 400,
