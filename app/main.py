@@ -8,7 +8,6 @@ from importlib.metadata import version
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
-from swagger_ui_bundle import swagger_ui_path
 
 from app.backends.manager import ModelManager
 from app.errors import install_error_handlers
@@ -46,7 +45,7 @@ def create_app(settings: Settings, entries: list[ModelEntry] | None = None) -> F
     install_error_handlers(app)
     for router in (text.router, embeddings.router, models.router, ops.router, docs.router):
         app.include_router(router)
-    app.mount(docs.STATIC_PREFIX, StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
+    app.mount(docs.STATIC_PREFIX, StaticFiles(directory=docs.STATIC_DIR), name="docs-assets")
     # Added innermost first: request id wraps metrics, which wraps the body cap.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -1,20 +1,32 @@
-"""``/docs``: Swagger UI from the ``swagger-ui-bundle`` package, served by genserve itself, so the
-page works offline and loads nothing from a CDN."""
+"""``/docs`` (Swagger UI) and ``/redoc``, with their assets served by genserve itself from the
+``fastapi-offline`` package, so the pages work offline and load nothing from a CDN.
+
+Swagger UI must be 5.x or newer: FastAPI emits OpenAPI 3.1, which 4.x cannot render.
+"""
+
+from importlib.resources import files
 
 from fastapi import APIRouter, Request
-from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 
-STATIC_PREFIX = "/static/swagger-ui"
+STATIC_PREFIX = "/static/docs"
+STATIC_DIR = str(files("fastapi_offline") / "static")
 router = APIRouter(include_in_schema=False)
 
 
 @router.get("/docs")
-async def docs(request: Request) -> HTMLResponse:
+async def swagger(request: Request) -> HTMLResponse:
     return get_swagger_ui_html(
         openapi_url=request.app.openapi_url, title="genserve API",
         swagger_js_url=f"{STATIC_PREFIX}/swagger-ui-bundle.js", swagger_css_url=f"{STATIC_PREFIX}/swagger-ui.css",
-        swagger_favicon_url=f"{STATIC_PREFIX}/favicon-32x32.png",
+        swagger_favicon_url=f"{STATIC_PREFIX}/favicon.png",
         # validatorUrl: null stops the page from calling the public Swagger validator.
-        swagger_ui_parameters={"validatorUrl": None, "persistAuthorization": True,
-                               "tryItOutEnabled": True})
+        swagger_ui_parameters={"validatorUrl": None, "persistAuthorization": True, "tryItOutEnabled": True})
+
+
+@router.get("/redoc")
+async def redoc(request: Request) -> HTMLResponse:
+    return get_redoc_html(openapi_url=request.app.openapi_url, title="genserve API",
+                          redoc_js_url=f"{STATIC_PREFIX}/redoc.standalone.js",
+                          redoc_favicon_url=f"{STATIC_PREFIX}/favicon.png", with_google_fonts=False)
