@@ -15,8 +15,9 @@ from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
 from app.registry import ModelEntry, load_registry
 from app.routers import docs, embeddings, models, ops, text
-from app.security import ApiKeys
+from app.security import ApiKeyMiddleware, ApiKeys
 from app.serving.embeddings import EmbeddingServing
+from app.serving.models import ModelsServing
 from app.serving.text import TextServing
 from app.settings import Settings
 
@@ -38,7 +39,7 @@ def create_app(settings: Settings, entries: list[ModelEntry] | None = None) -> F
     app = FastAPI(title="genserve", version=version("genserve"), description=DESCRIPTION,
                   lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings, app.state.metrics, app.state.manager = settings, metrics, manager
-    app.state.api_keys = ApiKeys(settings.keys())
+    app.state.models = ModelsServing(manager)
     app.state.text = TextServing(manager, metrics, settings)
     app.state.embeddings = EmbeddingServing(manager, metrics, settings)
 
@@ -46,8 +47,10 @@ def create_app(settings: Settings, entries: list[ModelEntry] | None = None) -> F
     for router in (text.router, embeddings.router, models.router, ops.router, docs.router):
         app.include_router(router)
     app.mount(docs.STATIC_PREFIX, StaticFiles(directory=docs.STATIC_DIR), name="docs-assets")
-    # Added innermost first: request id wraps metrics, which wraps the body cap.
+    # Added innermost first: request id, then metrics (401s and 413s counted too), then the key
+    # check, then the body cap, so nothing is read for a caller without a key.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(settings.keys()))
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
     return app

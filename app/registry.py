@@ -66,6 +66,10 @@ class ModelEntry(BaseModel):
     # Filled by the loader: the path the source resolved to, or None for a hub id / remote.
     resolved_source: Path | None = Field(None, exclude=True)
 
+    def timeout_s(self, default: float) -> float:
+        """This model's request deadline, or the process-wide ``default``."""
+        return self.request_timeout_s or default
+
     @model_validator(mode="after")
     def _check_backend(self) -> ModelEntry:
         if self.backend == "local" and (not self.family or not self.source):

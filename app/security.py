@@ -1,5 +1,9 @@
 """API keys: ``Authorization: Bearer <key>`` on every ``/v1`` route, checked in constant time.
 
+``ApiKeyMiddleware`` enforces the key before the request body is read, so an unauthenticated
+caller cannot make the server parse anything. The ``bearer`` scheme is what the routers declare,
+so that OpenAPI shows the lock and the docs page its Authorize button.
+
 Keys are kept as SHA-256 digests and every digest is compared, so neither the key's length nor
 which key matched shows in the timing. With no keys configured the API is open; the CLI refuses
 that on a non-loopback address unless ``--allow-unauthenticated`` is given.
@@ -10,11 +14,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import AuthenticationError
+from app.middleware import send_json
 
+API_PREFIX = "/v1"
 bearer = HTTPBearer(auto_error=False, scheme_name="APIKey",
                     description="A key from GENSERVE_API_KEYS or GENSERVE_API_KEYS_FILE.")
 
@@ -22,10 +28,6 @@ bearer = HTTPBearer(auto_error=False, scheme_name="APIKey",
 class ApiKeys:
     def __init__(self, keys: list[str]) -> None:
         self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self._digests)
 
     def check(self, token: str | None) -> None:
         if not self._digests:
@@ -41,6 +43,17 @@ class ApiKeys:
             raise AuthenticationError("Incorrect API key provided.", headers={"WWW-Authenticate": "Bearer"})
 
 
-async def require_api_key(request: Request,
-                          credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-    request.app.state.api_keys.check(credentials.credentials if credentials else None)
+class ApiKeyMiddleware:
+    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path == API_PREFIX or path.startswith(API_PREFIX + "/")):
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = header.partition(" ")
+            try:
+                self.keys.check(token.strip() if scheme.lower() == "bearer" else None)
+            except AuthenticationError as err:
+                return await send_json(send, err)
+        await self.app(scope, receive, send)

@@ -13,8 +13,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.errors import InvalidRequestError
 from app.registry import ModelEntry
 from models.text.sampling import SamplingParams
+
+# A runner whose current step (or batch) has run this long is stuck: not ready.
+STALL_SECONDS = 60.0
 
 
 @dataclass
@@ -52,8 +56,22 @@ class EmbeddingResult:
     prompt_tokens: int
 
 
+def check_token_ids(rows: list[list[int]], vocab: int, param: str) -> None:
+    """400 for token ids outside the model's vocabulary (naming the row when there are several)."""
+    for i, row in enumerate(rows):
+        bad = next((t for t in row if not 0 <= t < vocab), None)
+        if bad is not None:
+            where = f"{param}[{i}]" if len(rows) > 1 else param
+            raise InvalidRequestError(f"Token id {bad} in {where} is outside the vocabulary (0..{vocab - 1}).",
+                                      param=param)
+
+
 class Backend:
     """One served model. ``setup`` runs once in a worker thread; ``close`` on shutdown."""
+
+    # True when the backend counts prompt/generated tokens and finish reasons itself, step by step
+    # (a local engine); otherwise serving counts them from the events it receives.
+    meters_tokens = False
 
     def __init__(self, entry: ModelEntry) -> None:
         self.entry = entry
@@ -83,4 +101,4 @@ class Backend:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
-        return {"context_length": None, "dimensions": None}
+        return {"context_length": None}

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from app.errors import RateLimitError
+from app.errors import RateLimitError, UnavailableError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -41,12 +41,17 @@ class DynamicBatcher(Generic[T, R]):
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher")
         self._task: asyncio.Task | None = None
-        self.last_progress = time.monotonic()
+        self._busy_since: float | None = None  # perf_counter time the running batch started
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
+        """Stops the worker; callers still waiting get a 503 rather than waiting for their deadline."""
+        for item in self._waiting:
+            if not item.future.done():
+                item.future.set_exception(UnavailableError("The server is shutting down."))
+        self._waiting = []
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -59,6 +64,13 @@ class DynamicBatcher(Generic[T, R]):
 
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    def stalled(self, seconds: float) -> bool:
+        """True when a batch has run, or an item has waited with no batch running, for ``seconds``."""
+        now = time.perf_counter()
+        if self._busy_since is not None:
+            return now - self._busy_since > seconds
+        return bool(self._waiting) and now - self._waiting[0].enqueued > seconds
 
     async def submit_many(self, values: list[T]) -> list[R]:
         """Queues all of ``values`` or none (429 when the queue cannot take them all)."""
@@ -96,11 +108,13 @@ class DynamicBatcher(Generic[T, R]):
             now = time.perf_counter()
             if self.on_batch:
                 self.on_batch(len(batch), [now - i.enqueued for i in batch])
+            self._busy_since = now
             try:
                 results = await loop.run_in_executor(self._executor, self.fn, [i.value for i in batch])
             except Exception as exc:  # every caller of the batch gets the error
                 results = [exc] * len(batch)
-            self.last_progress = time.monotonic()
+            finally:
+                self._busy_since = None
             for item, result in zip(batch, results, strict=True):
                 if item.future.done():
                     continue

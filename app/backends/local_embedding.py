@@ -4,17 +4,14 @@ concurrent requests share forward passes."""
 from __future__ import annotations
 
 import asyncio
-import time
 
-from app.backends.base import Backend, EmbeddingResult
+from app.backends.base import STALL_SECONDS, Backend, EmbeddingResult, check_token_ids
 from app.backends.batching import DynamicBatcher
 from app.errors import InvalidRequestError
 from app.metrics import Metrics
 from app.registry import ModelEntry
 from models.embedding import EmbeddingModel
 from models.families import load_family
-
-STALL_SECONDS = 60.0
 
 
 class LocalEmbeddingBackend(Backend):
@@ -45,17 +42,14 @@ class LocalEmbeddingBackend(Backend):
 
     def ready(self) -> bool:
         b = self.batcher
-        if not self.loaded or b is None or not b.alive():
-            return False
-        return b.waiting == 0 or time.monotonic() - b.last_progress < STALL_SECONDS
+        return self.loaded and b is not None and b.alive() and not b.stalled(STALL_SECONDS)
 
     async def close(self) -> None:
         if self.batcher is not None:
             await self.batcher.close()
 
     def describe(self) -> dict:
-        m = self.model
-        return {"context_length": m.max_tokens if m else None, "dimensions": m.dimensions if m else None}
+        return {"context_length": self.model.max_tokens if self.model else None}
 
     async def embed(self, inputs: list[str] | list[list[int]], dimensions: int | None) -> EmbeddingResult:
         model, batcher = self.model, self.batcher
@@ -67,11 +61,7 @@ class LocalEmbeddingBackend(Backend):
             ids = await asyncio.to_thread(model.tokenize, inputs)  # type: ignore[arg-type]
         else:
             ids = [list(x) for x in inputs]  # type: ignore[arg-type]
-            vocab = len(model.model.tokenizer)
-            for i, row in enumerate(ids):
-                if any(not 0 <= t < vocab for t in row):
-                    raise InvalidRequestError(f"input[{i}] has a token id outside 0..{vocab - 1}.",
-                                              param=f"input[{i}]")
+            check_token_ids(ids, len(model.model.tokenizer), "input")
         for i, row in enumerate(ids):
             if len(row) > model.max_tokens:
                 raise InvalidRequestError(

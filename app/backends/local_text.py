@@ -16,15 +16,14 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from app.backends.base import Backend, Delta, TextRequest, TokenLogprob, Usage
-from app.errors import InvalidRequestError, RateLimitError
+from app.backends.base import STALL_SECONDS, Backend, Delta, TextRequest, TokenLogprob, Usage, check_token_ids
+from app.errors import InvalidRequestError, RateLimitError, UnavailableError
 from app.metrics import Metrics
 from app.registry import ModelEntry
 from models.families import load_family
 from models.text.generate import SampleOutput, TextModel, generate
 
 log = logging.getLogger(__name__)
-STALL_SECONDS = 60.0  # a runner that has not finished a step for this long is not ready
 
 
 @dataclass
@@ -41,6 +40,8 @@ _DONE = object()
 
 
 class LocalTextBackend(Backend):
+    meters_tokens = True  # per step, so aborted requests count what they really generated
+
     def __init__(self, entry: ModelEntry, metrics: Metrics) -> None:
         super().__init__(entry)
         self.metrics = metrics
@@ -66,6 +67,15 @@ class LocalTextBackend(Backend):
         return started is None or time.monotonic() - started < STALL_SECONDS
 
     async def close(self) -> None:
+        """Fails the queued requests with a 503 and stops the runner after its current request."""
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.out.put_nowait(UnavailableError("The server is shutting down."))
+                job.out.put_nowait(_DONE)
         self._jobs.put(None)
 
     def describe(self) -> dict:
@@ -83,10 +93,8 @@ class LocalTextBackend(Backend):
             ids, param = tm.tokenizer(request.prompt)["input_ids"], "prompt"
         else:
             ids, param = list(request.prompt or []), "prompt"
-            bad = next((t for t in ids if not 0 <= t < len(tm.tokenizer)), None)
-            if bad is not None:
-                raise InvalidRequestError(f"Token id {bad} is outside the vocabulary (0..{len(tm.tokenizer) - 1}).",
-                                          param="prompt")
+            check_token_ids([ids], len(tm.tokenizer), "prompt")
+        check_token_ids([list(request.params.logit_bias)], len(tm.tokenizer), "logit_bias")
         if not ids:
             raise InvalidRequestError("The prompt is empty.", param=param)
         params = request.params
@@ -120,7 +128,7 @@ class LocalTextBackend(Backend):
                     f"Too many requests waiting for model '{self.entry.id}' ({self._waiting} queued, "
                     f"limit {self.entry.max_waiting}); retry shortly.", headers={"Retry-After": "1"})
             self._waiting += 1
-        self.metrics.num_requests_waiting.labels(self.entry.id).set(self._waiting)
+            self.metrics.num_requests_waiting.labels(self.entry.id).set(self._waiting)
         self._jobs.put(job)
         try:
             while (item := await job.out.get()) is not _DONE:
@@ -133,10 +141,10 @@ class LocalTextBackend(Backend):
     # runner thread ----------------------------------------------------------------------------
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
+            m, mid = self.metrics, self.entry.id
             with self._lock:
                 self._waiting -= 1
-            m, mid = self.metrics, self.entry.id
-            m.num_requests_waiting.labels(mid).set(self._waiting)
+                m.num_requests_waiting.labels(mid).set(self._waiting)
             if job.aborted.is_set():
                 m.request_success.labels(mid, "abort").inc()
                 continue

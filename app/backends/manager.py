@@ -23,7 +23,7 @@ LOCAL_BACKENDS: dict[str, type] = {"text": LocalTextBackend, "embedding": LocalE
 
 def build_backend(entry: ModelEntry, settings: Settings, metrics: Metrics) -> Backend:
     if entry.backend == "remote":
-        return RemoteBackend(entry, entry.request_timeout_s or settings.request_timeout_s)
+        return RemoteBackend(entry, entry.timeout_s(settings.request_timeout_s))
     family = FAMILIES.get(entry.family or "")
     if family is None:
         raise ConfigError(f"model {entry.id!r}: unknown family {entry.family!r}; known: "
@@ -57,9 +57,6 @@ class ModelManager:
             backend.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("model %s failed to load", mid)
         self.metrics.model_ready.labels(mid).set(1 if backend.ready() else 0)
-
-    async def wait_loaded(self) -> None:
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def close(self) -> None:
         for task in self._tasks:

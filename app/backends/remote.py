@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from app.backends.base import Backend, Delta, EmbeddingResult, TextRequest, TokenLogprob, Usage
-from app.errors import DeadlineError, UnavailableError, UpstreamError
+from app.errors import DeadlineError, GenserveError, RateLimitError, UnavailableError, UpstreamError
 from app.registry import ConfigError, ModelEntry
 from models.text.sampling import SamplingParams
 
@@ -62,8 +62,8 @@ class RemoteBackend(Backend):
         self._ready_at = 0.0
         self._ready = False
 
-    def setup(self) -> None:
-        self.loaded = True
+    async def start(self) -> None:
+        await self.check_ready()  # so /v1/models shows the truth from the first request on
 
     def ready(self) -> bool:
         return self._ready
@@ -84,20 +84,29 @@ class RemoteBackend(Backend):
         try:
             req = self.client.build_request("POST", path, json=body)
             resp = await self.client.send(req, stream=stream)
-        except httpx.TimeoutException as exc:
-            raise DeadlineError(f"Upstream for model '{self.entry.id}' timed out.") from exc
         except httpx.HTTPError as exc:
-            raise UnavailableError(f"Upstream for model '{self.entry.id}' is unreachable: "
-                                   f"{type(exc).__name__}.", headers={"Retry-After": "5"}) from exc
-        if resp.status_code >= 400:
-            raw = await resp.aread()
-            await resp.aclose()
-            try:
-                payload = json.loads(raw)
-            except ValueError:
-                payload = {"error": {"message": raw.decode(errors="replace")[:500]}}
-            raise UpstreamError(resp.status_code, payload if isinstance(payload, dict) else {})
-        return resp
+            raise self._transport_error(exc) from exc
+        if resp.status_code < 400:
+            return resp
+        raw = await resp.aread()
+        await resp.aclose()
+        if resp.status_code in (401, 403):  # the gateway's own credentials: the operator's problem
+            raise UnavailableError(f"The upstream of model '{self.entry.id}' refused genserve's credentials "
+                                   f"(HTTP {resp.status_code}); check the entry's api_key_env.")
+        if resp.status_code == 429:
+            raise RateLimitError(f"The upstream of model '{self.entry.id}' is busy; retry shortly.",
+                                 headers={"Retry-After": resp.headers.get("retry-after", "1")})
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            payload = {"error": {"message": raw.decode(errors="replace")[:500]}}
+        raise UpstreamError(resp.status_code, payload if isinstance(payload, dict) else {})
+
+    def _transport_error(self, exc: httpx.HTTPError) -> GenserveError:
+        if isinstance(exc, httpx.TimeoutException):
+            return DeadlineError(f"The upstream of model '{self.entry.id}' timed out.")
+        return UnavailableError(f"The upstream of model '{self.entry.id}' is unreachable or dropped the "
+                                f"connection ({type(exc).__name__}).", headers={"Retry-After": "5"})
 
     async def generate(self, request: TextRequest) -> AsyncIterator[Delta | Usage]:
         p = request.params
@@ -120,16 +129,15 @@ class RemoteBackend(Backend):
                 data = line[5:].strip()
                 if data == "[DONE]":
                     break
-                chunk = json.loads(data)
-                if "error" in chunk:  # an error after the stream began
-                    raise UpstreamError(500, chunk)
-                for choice in chunk.get("choices") or []:
-                    yield _delta(choice, chat)
-                if chunk.get("usage"):
-                    u = chunk["usage"]
-                    yield Usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0))
-        except httpx.TimeoutException as exc:
-            raise DeadlineError(f"Upstream for model '{self.entry.id}' timed out.") from exc
+                try:
+                    events = _events(json.loads(data), chat)
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise UpstreamError(502, {"error": {"message": f"The upstream of model '{self.entry.id}' "
+                                                                   f"sent a malformed chunk: {exc}"}}) from exc
+                for event in events:
+                    yield event
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from exc
         finally:
             await resp.aclose()
 
@@ -141,6 +149,16 @@ class RemoteBackend(Backend):
         payload = resp.json()
         vectors = [d["embedding"] for d in sorted(payload["data"], key=lambda d: d["index"])]
         return EmbeddingResult(vectors, payload.get("usage", {}).get("prompt_tokens", 0))
+
+
+def _events(chunk: dict[str, Any], chat: bool) -> list[Delta | Usage]:
+    if "error" in chunk:  # an error after the stream began
+        raise UpstreamError(500, chunk)
+    events: list[Delta | Usage] = [_delta(choice, chat) for choice in chunk.get("choices") or []]
+    if chunk.get("usage"):
+        u = chunk["usage"]
+        events.append(Usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0)))
+    return events
 
 
 def _delta(choice: dict[str, Any], chat: bool) -> Delta:

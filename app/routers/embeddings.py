@@ -4,9 +4,9 @@ from fastapi import APIRouter, Depends, Request
 
 from app.routers.responses import ERRORS
 from app.schemas.embeddings import EmbeddingRequest, EmbeddingResponse
-from app.security import require_api_key
+from app.security import bearer
 
-router = APIRouter(prefix="/v1", tags=["embeddings"], dependencies=[Depends(require_api_key)],
+router = APIRouter(prefix="/v1", tags=["embeddings"], dependencies=[Depends(bearer)],
                    responses=ERRORS)
 
 

@@ -5,9 +5,9 @@ from fastapi import APIRouter, Depends, Request
 from app.routers.responses import ERRORS, STREAM
 from app.schemas.chat import ChatCompletionRequest, ChatCompletionResponse
 from app.schemas.completions import CompletionRequest, CompletionResponse
-from app.security import require_api_key
+from app.security import bearer
 
-router = APIRouter(prefix="/v1", tags=["text"], dependencies=[Depends(require_api_key)], responses=ERRORS)
+router = APIRouter(prefix="/v1", tags=["text"], dependencies=[Depends(bearer)], responses=ERRORS)
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=STREAM)

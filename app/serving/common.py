@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
 
 from app.errors import DeadlineError
-from app.registry import ModelEntry
-from app.settings import Settings
 
 T = TypeVar("T")
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; only ever seen in metrics
@@ -23,31 +23,48 @@ def request_id(raw: Request) -> str:
     return raw.scope.get("state", {}).get("request_id", "")
 
 
-def deadline_for(entry: ModelEntry, settings: Settings) -> float:
-    """The event-loop time by which the request must be done."""
-    return asyncio.get_running_loop().time() + (entry.request_timeout_s or settings.request_timeout_s)
+def response_id(prefix: str) -> str:
+    """A fresh id for a response object (never the caller's x-request-id, which need not be unique)."""
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def timeout_error(entry: ModelEntry, settings: Settings) -> DeadlineError:
-    limit = entry.request_timeout_s or settings.request_timeout_s
-    return DeadlineError(f"The request did not finish within {limit:g} s.")
+def now() -> int:
+    return int(time.time())
 
 
-async def with_deadline(stream: AsyncIterator[T], deadline: float, error: DeadlineError) -> AsyncIterator[T]:
-    """``stream``, raising ``error`` once ``deadline`` passes (and closing ``stream``)."""
-    try:
-        while True:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    item = await anext(stream)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise error from None
-            yield item
-    finally:
-        with contextlib.suppress(Exception):
-            await stream.aclose()  # type: ignore[attr-defined]
+@dataclass
+class Deadline:
+    """The moment by which a request must be done; past it the work is cancelled and a 504 raised."""
+
+    seconds: float
+    at: float
+
+    @classmethod
+    def start(cls, seconds: float) -> Deadline:
+        return cls(seconds, asyncio.get_running_loop().time() + seconds)
+
+    def error(self) -> DeadlineError:
+        return DeadlineError(f"The request did not finish within {self.seconds:g} s.")
+
+    async def run(self, work: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout_at(self.at):
+                return await work
+        except TimeoutError:
+            raise self.error() from None
+
+    async def stream(self, items: AsyncIterator[T]) -> AsyncIterator[T]:
+        """``items``, raising the deadline error once it passes (and closing ``items``)."""
+        try:
+            while True:
+                try:
+                    item = await self.run(anext(items))
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            with contextlib.suppress(Exception):
+                await items.aclose()  # type: ignore[attr-defined]
 
 
 async def unless_disconnected(raw: Request, work: Awaitable[T]) -> T | Response:
@@ -69,7 +86,3 @@ async def unless_disconnected(raw: Request, work: Awaitable[T]) -> T | Response:
         raise
     finally:
         watcher.cancel()
-
-
-def now() -> int:
-    return int(time.time())

@@ -3,7 +3,6 @@ float32 as OpenAI encodes them)."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from typing import Any
 
@@ -15,7 +14,7 @@ from app.errors import InvalidRequestError
 from app.metrics import Metrics
 from app.schemas.base import UsageInfo
 from app.schemas.embeddings import EmbeddingData, EmbeddingRequest, EmbeddingResponse
-from app.serving.common import deadline_for, timeout_error, unless_disconnected
+from app.serving.common import Deadline, unless_disconnected
 from app.settings import Settings
 
 
@@ -30,14 +29,10 @@ class EmbeddingServing:
         if len(inputs) > limit:
             raise InvalidRequestError(f"{len(inputs)} inputs exceed this model's limit of {limit} per request.",
                                       param="input")
-        entry = backend.entry
+        deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
 
         async def run() -> EmbeddingResponse:
-            try:
-                async with asyncio.timeout_at(deadline_for(entry, self.settings)):
-                    result = await backend.embed(inputs, body.dimensions)
-            except TimeoutError:
-                raise timeout_error(entry, self.settings) from None
+            result = await deadline.run(backend.embed(inputs, body.dimensions))
             self.metrics.prompt_tokens.labels(body.model).inc(result.prompt_tokens)
             data = [EmbeddingData(index=i, embedding=_encode(v, body.encoding_format))
                     for i, v in enumerate(result.vectors)]

@@ -13,17 +13,19 @@ import asyncio
 import contextlib
 import copy
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 
 from app.backends.base import Backend, Delta, TextRequest, TokenLogprob, Usage
 from app.backends.manager import ModelManager
-from app.errors import GenserveError, InvalidRequestError, error_body
+from app.errors import GenserveError, InvalidRequestError, error_body, internal_error
 from app.metrics import Metrics
 from app.schemas.base import UsageInfo
 from app.schemas.chat import (
@@ -43,16 +45,16 @@ from app.schemas.completions import (
 )
 from app.schemas.sampling import SamplingFields
 from app.serving.common import (
-    deadline_for,
+    Deadline,
     now,
     request_id,
-    timeout_error,
+    response_id,
     unless_disconnected,
-    with_deadline,
 )
 from app.settings import Settings
 
 SSE_PING_SECONDS = 15
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,6 +81,12 @@ class _Call:
     def model(self) -> str:
         return self.body.model
 
+    @property
+    def wants_logprobs(self) -> bool:
+        # completions: an int, where 0 still asks for the sampled tokens' logprobs; chat: a bool
+        lp = self.body.logprobs  # type: ignore[attr-defined]
+        return lp is not None and lp is not False
+
 
 class TextServing:
     def __init__(self, manager: ModelManager, metrics: Metrics, settings: Settings) -> None:
@@ -91,7 +99,7 @@ class TextServing:
         params = body.to_sampling_params()
         rid = request_id(raw)
         requests = [TextRequest(f"{rid}-{i}", copy.deepcopy(params), prompt=p) for i, p in enumerate(prompts)]
-        return await self._respond(_Call("completion", body, backend, f"cmpl-{rid}"), requests, raw)
+        return await self._respond(_Call("completion", body, backend, response_id("cmpl")), requests, raw)
 
     async def chat(self, body: ChatCompletionRequest, raw: Request) -> Any:
         backend = self.manager.get(body.model, "chat")
@@ -101,7 +109,7 @@ class TextServing:
                                       param="max_completion_tokens")
         rid = request_id(raw)
         request = TextRequest(rid, body.to_sampling_params(), messages=body.chat_messages())
-        return await self._respond(_Call("chat", body, backend, f"chatcmpl-{rid}"), [request], raw)
+        return await self._respond(_Call("chat", body, backend, response_id("chatcmpl")), [request], raw)
 
     def _check_caps(self, body: SamplingFields, backend: Backend, prompts: int, logprobs: int | None,
                     logprobs_param: str) -> None:
@@ -121,36 +129,40 @@ class TextServing:
 
     # the shared path ---------------------------------------------------------------------------
     async def _respond(self, call: _Call, requests: list[TextRequest], raw: Request) -> Any:
-        entry = call.backend.entry
-        events = with_deadline(self._metered(call, self._merged(call.backend, requests, call.body.n)),
-                               deadline_for(entry, self.settings), timeout_error(entry, self.settings))
+        deadline = Deadline.start(call.backend.entry.timeout_s(self.settings.request_timeout_s))
+        events = deadline.stream(self._metered(call, self._merged(call.backend, requests, call.body.n)))
         if not call.body.stream:
             return await unless_disconnected(raw, self._collect(call, events))
+        # The first event before any byte: errors keep their status, and a client that leaves
+        # while its request is queued aborts it.
         try:
-            first = await anext(events)
-        except StopAsyncIteration:
-            first = None
+            first = await unless_disconnected(raw, anext(events))
         except BaseException:
             await events.aclose()
             raise
+        if isinstance(first, Response):
+            await events.aclose()
+            return first
         return EventSourceResponse(self._sse(call, first, events), sep="\n", ping=SSE_PING_SECONDS)
 
     async def _merged(self, backend: Backend, requests: list[TextRequest], n: int
                       ) -> AsyncIterator[Delta | Usage]:
         """The events of every prompt's request, choice indices offset, usage summed at the end."""
         if len(requests) == 1:
-            async for event in backend.generate(requests[0]):
-                yield event
+            async with contextlib.aclosing(backend.generate(requests[0])) as events:
+                async for event in events:
+                    yield event
             return
         queue: asyncio.Queue = asyncio.Queue()
         end = object()
 
         async def pump(offset: int, request: TextRequest) -> None:
             try:
-                async for event in backend.generate(request):
-                    if isinstance(event, Delta):
-                        event.index += offset
-                    await queue.put(event)
+                async with contextlib.aclosing(backend.generate(request)) as events:
+                    async for event in events:
+                        if isinstance(event, Delta):
+                            event.index += offset
+                        await queue.put(event)
             except BaseException as exc:
                 await queue.put(exc)
             finally:
@@ -178,8 +190,9 @@ class TextServing:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _metered(self, call: _Call, events: AsyncIterator[Delta | Usage]) -> AsyncIterator[Delta | Usage]:
-        """Time to first token, inter-token latency and end-to-end latency, for every backend."""
-        m, mid = self.metrics, call.model
+        """Time to first token, inter-token latency and end-to-end latency for every backend; tokens
+        and finish reasons too for backends that do not count them step by step themselves."""
+        m, mid, count = self.metrics, call.model, not call.backend.meters_tokens
         start = time.perf_counter()
         last: dict[int, float] = {}
         finished = False
@@ -192,13 +205,20 @@ class TextServing:
                     elif event.index in last:
                         m.inter_token_latency.labels(mid).observe(t - last[event.index])
                     last[event.index] = t
+                    if count and event.finish_reason:
+                        m.request_success.labels(mid, event.finish_reason).inc()
                 else:
                     call.usage = event
+                    if count:
+                        m.prompt_tokens.labels(mid).inc(event.prompt_tokens)
+                        m.generation_tokens.labels(mid).inc(event.completion_tokens)
                 yield event
             finished = True
         finally:
             if finished:
                 m.e2e_request_latency.labels(mid).observe(time.perf_counter() - start)
+            elif count:
+                m.request_success.labels(mid, "abort").inc()
             with contextlib.suppress(Exception):
                 await events.aclose()  # type: ignore[attr-defined]
 
@@ -211,8 +231,7 @@ class TextServing:
                 c.text += event.text
                 c.logprobs.extend(event.logprobs or [])
                 c.finish_reason = event.finish_reason or c.finish_reason
-        usage = _usage(call.usage)
-        want_lp = call.body.logprobs not in (None, False)
+        usage, want_lp = _usage(call.usage), call.wants_logprobs
         if call.kind == "completion":
             return CompletionResponse(
                 id=call.response_id, created=call.created, model=call.model, usage=usage,
@@ -246,6 +265,10 @@ class TextServing:
                 yield chunk([], usage=_usage(call.usage).model_dump())
         except GenserveError as err:  # after the headers: the error travels as an event
             yield json.dumps(error_body(err.message, err.type, err.param, err.code))
+        except Exception:
+            log.exception("stream of %s failed", call.response_id)
+            err = internal_error(call.response_id)
+            yield json.dumps(error_body(err.message, err.type, err.param, err.code))
         finally:
             await events.aclose()  # type: ignore[attr-defined]
         yield "[DONE]"
@@ -278,14 +301,14 @@ def _stream_choices(call: _Call, d: Delta, offsets: dict[int, int]) -> list[dict
     if call.kind == "completion":
         if has_content or d.finish_reason:
             lp = None
-            if call.body.logprobs is not None and d.logprobs:
+            if call.wants_logprobs and d.logprobs:
                 lp = _completion_logprobs(d.logprobs, offsets.get(d.index, 0)).model_dump()
             offsets[d.index] = offsets.get(d.index, 0) + sum(len(t.token) for t in d.logprobs or [])
             out.append({"index": d.index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason})
         return out
     if has_content:
         lp = None
-        if call.body.logprobs and d.logprobs:
+        if call.wants_logprobs and d.logprobs:
             lp = {"content": [c.model_dump() for c in _chat_logprobs(d.logprobs)]}
         out.append({"index": d.index, "delta": {"content": d.text}, "logprobs": lp, "finish_reason": None})
     if d.finish_reason:

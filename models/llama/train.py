@@ -24,6 +24,8 @@ from safetensors.torch import save_file
 
 from models.llama.corpus import Doc, documents
 from models.llama.model import LlamaConfig, LlamaForCausalLM, load_llama
+from models.text.generate import TextModel, generate
+from models.text.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -207,30 +209,19 @@ def save_hf(model: LlamaForCausalLM, tok, out: Path) -> None:
     tc_path.write_text(json.dumps(tc, indent=2) + "\n")
 
 
-@torch.no_grad()
-def greedy(model: LlamaForCausalLM, ids: list[int], max_new: int, stop: set[int]) -> list[int]:
-    cache = model.new_cache(1, min(len(ids) + max_new, model.config.max_position_embeddings))
-    logits = model(torch.tensor([ids]), cache)
-    out: list[int] = []
-    while len(out) < max_new and cache.length < cache.k[0].shape[2]:
-        nxt = int(logits[0, -1].argmax())
-        if nxt in stop:
-            break
-        out.append(nxt)
-        logits = model(torch.tensor([[nxt]]), cache)
-    return out
+def greedy_text(tm: TextModel, prompt_ids: list[int], max_tokens: int) -> str:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return "".join(o.text for outs in generate(tm, prompt_ids, params) for o in outs)
 
 
 def write_card(out: Path, model: LlamaForCausalLM, tok, report: dict) -> None:
-    stop = {tok.convert_tokens_to_ids(BOS), tok.convert_tokens_to_ids(IM_END)}
-    samples = []
-    for prompt in SAMPLE_PROMPTS:
-        ids = tok(prompt)["input_ids"]
-        samples.append(f"**{prompt}** → {tok.decode(greedy(model, ids, 48, stop))!r}")
+    tm = TextModel(model, tok, {tok.convert_tokens_to_ids(BOS), tok.convert_tokens_to_ids(IM_END)},
+                   model.config.max_position_embeddings, torch.device("cpu"))
+    samples = [f"**{p}** → {greedy_text(tm, tok(p)['input_ids'], 48)!r}" for p in SAMPLE_PROMPTS]
     for q in SAMPLE_QUESTIONS:
         ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                       tokenize=True, return_dict=True)["input_ids"]
-        samples.append(f"**chat: {q}** → {tok.decode(greedy(model, ids, 48, stop))!r}")
+        samples.append(f"**chat: {q}** → {greedy_text(tm, ids, 48)!r}")
     c, r = model.config, report
     card = f"""# genserve-text-tiny
 

@@ -67,7 +67,7 @@ def generate(tm: TextModel, prompt_ids: list[int], params: SamplingParams,
         raise ValueError("generate needs params.max_tokens")
     n, device, max_tokens = params.n, tm.device, params.max_tokens
     cache = tm.model.new_cache(n, len(prompt_ids) + max_tokens)
-    gens = make_generators(params)
+    gens = make_generators(params, device)  # a CUDA draw needs a CUDA generator
     samples = [_Sample(IncrementalDetokenizer(tm.tokenizer, prompt_ids), StopMatcher(params.stop))
                for _ in range(n)]
     if should_abort():

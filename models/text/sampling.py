@@ -56,12 +56,13 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
         if 0 <= tok < logits.shape[-1]:
             logits[tok] += bias
     if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=logits.device)
         vals = logits[seen]
         logits[seen] = torch.where(vals > 0, vals / params.repetition_penalty,
                                    vals * params.repetition_penalty)
     if output_ids and (params.presence_penalty or params.frequency_penalty):
-        counts = torch.bincount(torch.tensor(output_ids), minlength=logits.shape[-1]).to(logits.dtype)
+        counts = torch.bincount(torch.tensor(output_ids, device=logits.device),
+                                minlength=logits.shape[-1]).to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
 

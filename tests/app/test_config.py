@@ -80,9 +80,18 @@ def test_cli_reports_bad_setting(monkeypatch: pytest.MonkeyPatch, capsys: pytest
 
 
 def test_public_bind_without_keys_is_refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import uvicorn
+
+    def must_not_serve(*args: object, **kwargs: object) -> None:
+        raise AssertionError("started serving on a public address without keys")
+
+    monkeypatch.setattr(uvicorn, "run", must_not_serve)
     monkeypatch.delenv("GENSERVE_API_KEYS", raising=False)
     assert main(["serve", "--host", "0.0.0.0"]) == 2
     assert "refusing to serve on 0.0.0.0 without API keys" in capsys.readouterr().err
+    monkeypatch.setenv("GENSERVE_API_KEYS", "k")
+    with pytest.raises(AssertionError, match="started serving"):  # with a key it would serve
+        main(["serve", "--host", "0.0.0.0"])
 
 
 def test_keys_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,6 +31,8 @@ CASES = [
     ("top_logprobs without logprobs", CHAT, {**OK_CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
     ("top_logprobs above 20", CHAT, {**OK_CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("logit_bias key not a token id", C, {**OK_C, "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ("logit_bias key a non-ASCII digit", C, {**OK_C, "logit_bias": {"²": 1}}, 400, "logit_bias"),
+    ("logit_bias key outside vocabulary", CHAT, {**OK_CHAT, "logit_bias": {"999999": 1}}, 400, "logit_bias"),
     ("echo unsupported", C, {**OK_C, "echo": True}, 400, "echo"),
     ("empty prompt list", C, {**OK_C, "prompt": []}, 400, "prompt"),
     ("too many prompts", C, {**OK_C, "prompt": ["x"] * 17}, 400, "prompt"),
@@ -104,6 +106,12 @@ def test_missing_or_wrong_key(server: Server, headers: dict) -> None:
     assert_openai_error(r, 401, None)
     assert r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(server.url + "/v1/models", headers=headers).status_code == 401
+
+
+def test_key_is_checked_before_the_body_is_read(server: Server) -> None:
+    r = httpx.post(server.url + C, content=b'{"model": ', headers={"content-type": "application/json"})
+    assert_openai_error(r, 401, None)
+    assert r.headers["www-authenticate"] == "Bearer"
 
 
 def test_oversized_body(server: Server) -> None:

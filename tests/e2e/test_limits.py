@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from openai import APIError
+from openai import APIError, APIStatusError
 
 from tests.conftest import API_KEY, Server
 from tests.e2e.test_errors import assert_openai_error
@@ -42,9 +42,11 @@ def test_deadline_gets_504(server: Server) -> None:
 def test_deadline_mid_stream_sends_error_event(openai_client) -> None:
     stream = openai_client.completions.create(model="tiny-deadline", stream=True, prompt=LONG["prompt"],
                                               max_tokens=400, extra_body={"ignore_eos": True})
-    with pytest.raises(APIError, match="did not finish"):
+    chunks = 0
+    with pytest.raises(APIError, match="did not finish") as info:
         for _ in stream:
-            pass
+            chunks += 1
+    assert chunks > 0 and not isinstance(info.value, APIStatusError)  # an event inside a 200 stream
 
 
 def _wait_for_abort(server: Server, model: str, before: float) -> None:
@@ -71,7 +73,7 @@ def test_stream_disconnect_stops_generation(server: Server) -> None:
     assert generated < 3 + 32, f"{generated} tokens generated after reading 3 of 480"
 
 
-def test_non_stream_disconnect_stops_generation(server: Server) -> None:
+def test_non_stream_disconnect_aborts_generation(server: Server) -> None:
     model = "tiny-disconnect"
     aborts = server.metric("genserve_request_success_total", model_name=model, finished_reason="abort")
     tokens = server.metric("genserve_generation_tokens_total", model_name=model)
@@ -81,3 +83,19 @@ def test_non_stream_disconnect_stops_generation(server: Server) -> None:
     time.sleep(0.2)
     generated = server.metric("genserve_generation_tokens_total", model_name=model) - tokens
     assert generated < 480, "generation ran to the end although the client had left"
+
+
+def test_stream_queued_then_abandoned_never_runs(server: Server) -> None:
+    """A stream whose client leaves while it waits in the queue is dropped before it starts."""
+    model = "tiny-queue1"
+    tokens = server.metric("genserve_generation_tokens_total", model_name=model)
+    aborts = server.metric("genserve_request_success_total", model_name=model, finished_reason="abort")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(lambda: server.client().post("/v1/completions", json={**LONG, "model": model}))
+        time.sleep(0.3)  # the first request now occupies the runner
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", json={**LONG, "model": model, "stream": True},
+                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=0.3)
+        assert busy.result().status_code == 200
+    _wait_for_abort(server, model, aborts)
+    assert server.metric("genserve_generation_tokens_total", model_name=model) - tokens == 400

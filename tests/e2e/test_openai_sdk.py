@@ -81,6 +81,12 @@ def test_same_seed_same_output(openai_client) -> None:
     assert run(4321) != first
 
 
+def test_response_ids_are_unique_even_with_a_fixed_request_id(openai_client) -> None:
+    ids = {openai_client.completions.create(model=TEXT, prompt="x", max_tokens=1,
+                                            extra_headers={"x-request-id": "same"}).id for _ in range(3)}
+    assert len(ids) == 3 and all(i.startswith("cmpl-") for i in ids)
+
+
 def test_n_two(openai_client) -> None:
     r = openai_client.chat.completions.create(model=TEXT, messages=QUESTION, n=2, max_tokens=16, seed=3,
                                               temperature=1.0)
@@ -127,6 +133,14 @@ def test_logprobs(openai_client) -> None:
         assert len(top) == 3 and value <= 0
         assert math.isclose(value, max(top.values()), abs_tol=1e-5)  # greedy picks the most likely
     assert "".join(lp.tokens) == r.choices[0].text
+    zero = openai_client.completions.create(model=TEXT, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=0)
+    assert zero.choices[0].logprobs.token_logprobs == lp.token_logprobs[:3]
+    texts = {}
+    for chunk in openai_client.completions.create(model=TEXT, prompt=PROMPT, max_tokens=3, temperature=0,
+                                                  logprobs=0, stream=True):
+        texts.setdefault("lp", []).extend(chunk.choices[0].logprobs.token_logprobs if chunk.choices[0].logprobs
+                                          else [])
+    assert texts["lp"] == zero.choices[0].logprobs.token_logprobs
     c = openai_client.chat.completions.create(model=TEXT, messages=QUESTION, max_tokens=4, temperature=0,
                                               logprobs=True, top_logprobs=2)
     content = c.choices[0].logprobs.content
@@ -134,7 +148,7 @@ def test_logprobs(openai_client) -> None:
     assert all(len(t.top_logprobs) == 2 and t.bytes == list(t.token.encode()) for t in content)
 
 
-def test_embeddings(openai_client) -> None:
+def test_embeddings(openai_client, server: Server) -> None:
     texts = ["a red apple", "an apple that is red", "the stock market fell sharply"]
     r = openai_client.embeddings.create(model=EMBED, input=texts)
     vecs = np.array([d.embedding for d in r.data])
@@ -142,10 +156,15 @@ def test_embeddings(openai_client) -> None:
     assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
     assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2] + 0.2
     assert r.usage.prompt_tokens == r.usage.total_tokens > 0
-    b64 = openai_client.embeddings.create(model=EMBED, input=texts[0], encoding_format="base64")
-    raw = b64.data[0].embedding
-    decoded = np.frombuffer(base64.b64decode(raw), dtype="<f4") if isinstance(raw, str) else np.array(raw)
+    # The SDK above asked for base64 and decoded it itself; a raw caller gets both encodings.
+    raw = httpx.post(f"{server.url}/v1/embeddings", headers={"Authorization": f"Bearer {API_KEY}"},
+                     json={"model": EMBED, "input": texts[0], "encoding_format": "base64"}).json()
+    assert isinstance(raw["data"][0]["embedding"], str)
+    decoded = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
     assert np.allclose(decoded, vecs[0], atol=1e-5)
+    floats = httpx.post(f"{server.url}/v1/embeddings", headers={"Authorization": f"Bearer {API_KEY}"},
+                        json={"model": EMBED, "input": texts[0]}).json()["data"][0]["embedding"]
+    assert np.allclose(floats, vecs[0], atol=1e-5)
 
 
 def test_transformers_greedy_equals_genserve(openai_client) -> None:
@@ -167,5 +186,7 @@ def test_transformers_greedy_equals_genserve(openai_client) -> None:
 def test_request_id_header(server: Server, path: str) -> None:
     r = httpx.get(server.url + path, headers={"Authorization": f"Bearer {API_KEY}", "x-request-id": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
+    odd = httpx.get(server.url + path, headers={"Authorization": f"Bearer {API_KEY}", "x-request-id": "a b<c>"})
+    assert odd.headers["x-request-id"] != "a b<c>"  # replaced, never echoed
     assert len(httpx.get(server.url + path, headers={"Authorization": f"Bearer {API_KEY}"})
                .headers["x-request-id"]) == 32

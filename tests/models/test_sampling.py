@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoTokenizer
 
@@ -69,3 +70,12 @@ def test_incremental_detokenizer_never_splits_characters() -> None:
     pieces = [detok.add(i) for i in ids]
     assert "".join(pieces) == tok.decode(ids) == text
     assert not any("\ufffd" in p for p in pieces)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampling_on_cuda() -> None:
+    params = SamplingParams(seed=1, presence_penalty=0.5, repetition_penalty=1.2, top_p=0.9, top_k=3)
+    g = make_generators(params, "cuda")[0]
+    tok = sample(LOGITS.cuda(), params, g, prompt_ids=[0], output_ids=[1, 1])
+    assert 0 <= tok < 5

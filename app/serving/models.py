@@ -1,0 +1,28 @@
+"""``/v1/models``: the model cards, built from the registry entries and their backends' state."""
+
+from __future__ import annotations
+
+from app.backends.base import Backend
+from app.backends.manager import ModelManager
+from app.errors import ModelNotFoundError
+from app.schemas.models import ModelCard, ModelList
+
+
+class ModelsServing:
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+
+    def list(self) -> ModelList:
+        return ModelList(data=[_card(b) for b in self.manager.backends.values()])
+
+    def get(self, model_id: str) -> ModelCard:
+        backend = self.manager.backends.get(model_id)
+        if backend is None:
+            raise ModelNotFoundError(f"The model '{model_id}' does not exist.", param="model")
+        return _card(backend)
+
+
+def _card(backend: Backend) -> ModelCard:
+    e = backend.entry
+    return ModelCard(id=e.id, created=backend.created, modality=e.modality, tasks=e.tasks, ready=backend.ready(),
+                     backend=e.backend, context_length=backend.describe().get("context_length"))
