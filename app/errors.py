@@ -35,7 +35,7 @@ class GenserveError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 class InvalidRequestError(GenserveError):
@@ -79,10 +79,6 @@ class UpstreamError(GenserveError):
                          code=err.get("code"))
         self.status = status
         self.type = err.get("type") or ("invalid_request_error" if status < 500 else "server_error")
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def error_response(err: GenserveError) -> JSONResponse:

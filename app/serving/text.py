@@ -25,7 +25,7 @@ from sse_starlette import EventSourceResponse
 
 from app.backends.base import Backend, Delta, TextRequest, TokenLogprob, Usage
 from app.backends.manager import ModelManager
-from app.errors import GenserveError, InvalidRequestError, error_body, internal_error
+from app.errors import GenserveError, InvalidRequestError, internal_error
 from app.metrics import Metrics
 from app.schemas.base import UsageInfo
 from app.schemas.chat import (
@@ -264,11 +264,10 @@ class TextServing:
             if include_usage:
                 yield chunk([], usage=_usage(call.usage).model_dump())
         except GenserveError as err:  # after the headers: the error travels as an event
-            yield json.dumps(error_body(err.message, err.type, err.param, err.code))
+            yield json.dumps(err.body())
         except Exception:
             log.exception("stream of %s failed", call.response_id)
-            err = internal_error(call.response_id)
-            yield json.dumps(error_body(err.message, err.type, err.param, err.code))
+            yield json.dumps(internal_error(call.response_id).body())
         finally:
             await events.aclose()  # type: ignore[attr-defined]
         yield "[DONE]"
