@@ -199,12 +199,23 @@ def save_hf(model: LlamaForCausalLM, tok, out: Path) -> None:
              if not (c.tie_word_embeddings and k == "lm_head.weight")}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     tok.save_pretrained(out)
-    # Portable form for transformers 4.x and vLLM too: the generic fast-tokenizer class, and the
-    # chat template inline in tokenizer_config.json rather than only in chat_template.jinja.
+    make_portable(out)
+
+
+def make_portable(out: Path) -> None:
+    """Writes the spellings that transformers 4.x and vLLM read beside transformers 5's own:
+    ``architectures`` (vLLM picks the model class by it), ``torch_dtype`` and a top-level
+    ``rope_theta``; the generic fast-tokenizer class; the chat template inline in
+    ``tokenizer_config.json`` rather than only in ``chat_template.jinja``."""
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(architectures=["LlamaForCausalLM"], torch_dtype=cfg.get("dtype", "bfloat16"),
+               rope_theta=(cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    cfg_path.write_text(json.dumps(dict(sorted(cfg.items())), indent=2) + "\n")
     tc_path = out / "tokenizer_config.json"
     tc = json.loads(tc_path.read_text())
     tc.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=CHAT_TEMPLATE,
-              model_max_length=c.max_position_embeddings,
+              model_max_length=cfg["max_position_embeddings"],
               additional_special_tokens=tc.get("extra_special_tokens", [IM_START, IM_END]))
     tc_path.write_text(json.dumps(tc, indent=2) + "\n")
 
