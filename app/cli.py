@@ -1,4 +1,4 @@
-"""The ``genserve`` command: ``serve`` runs the gateway or a worker, ``train`` trains embedded models."""
+"""The ``genserve`` command: ``serve`` runs the HTTP server, ``train`` trains embedded models."""
 
 from __future__ import annotations
 

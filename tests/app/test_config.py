@@ -63,6 +63,23 @@ def test_cli_reports_bad_registry(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert "models[0] (id 'x').backend" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("entry", "expected"), [
+    ("    backend: local\n    family: nope\n    source: .\n", "model 'x': unknown family 'nope'; known: llama"),
+    ("    backend: local\n    family: sentence-transformers\n    source: .\n",
+     "model 'x': family 'sentence-transformers' serves embedding, not text"),
+    ("    backend: remote\n    url: http://h/v1\n    api_key_env: GENSERVE_TEST_UNSET_KEY\n",
+     "api_key_env names GENSERVE_TEST_UNSET_KEY, which is not set"),
+])
+def test_cli_reports_backends_it_cannot_build(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                              monkeypatch: pytest.MonkeyPatch, entry: str, expected: str) -> None:
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("served a registry it cannot build"))
+    registry = write(tmp_path, "include_defaults: false\nmodels:\n  - id: x\n    modality: text\n" + entry)
+    assert main(["serve", "--config", str(registry)]) == 2
+    assert expected in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("env", "args", "expected"), [
     ({"GENSERVE_PORT": "eighty"}, [], "GENSERVE_PORT"),
     ({}, ["--port", "70000"], "--port"),
