@@ -116,6 +116,9 @@ def validation_error(exc: RequestValidationError) -> InvalidRequestError:
         return InvalidRequestError("The request body is not valid JSON: " + str(first.get("ctx", {})
                                    .get("error", "parse error")), code="invalid_json")
     param = param_path(tuple(first.get("loc", ())))
+    if param is None:  # the body as a whole: not JSON (curl -d sends a form) or not an object
+        return InvalidRequestError("The request body must be a JSON object, sent with "
+                                   "'Content-Type: application/json'.", code="invalid_body")
     msg = str(first.get("msg", "invalid value"))
     if first.get("type") == "missing":
         return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param,

@@ -91,7 +91,13 @@ def test_bad_request_with_stream_still_gets_status(server: Server, path: str, bo
 def test_invalid_json(server: Server) -> None:
     with server.client() as client:
         r = client.post(C, content=b'{"model": ', headers={"content-type": "application/json"})
-    assert_openai_error(r, 400, None)
+        assert_openai_error(r, 400, None)
+        assert r.json()["error"]["code"] == "invalid_json"
+        form = "application/x-www-form-urlencoded"  # what `curl -d` sends
+        for content, ctype in ((b"[1, 2]", "application/json"), (b'{"model": "x"}', form)):
+            r = client.post(C, content=content, headers={"content-type": ctype})
+            assert_openai_error(r, 400, None)
+            assert "must be a JSON object" in r.json()["error"]["message"]
 
 
 def test_unknown_fields_are_ignored(server: Server) -> None:
