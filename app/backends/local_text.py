@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from app.backends.base import STALL_SECONDS, Backend, Delta, TextRequest, TokenLogprob, Usage, check_token_ids
@@ -51,6 +52,9 @@ class LocalTextBackend(Backend):
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._step_started: float | None = None
+        # Off the event loop: a prompt at the body cap takes most of a second to tokenize. One
+        # thread, so the tokenizer never sees concurrent calls.
+        self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tokenize-{entry.id}")
 
     # lifecycle --------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -77,6 +81,7 @@ class LocalTextBackend(Backend):
                 job.out.put_nowait(UnavailableError("The server is shutting down."))
                 job.out.put_nowait(_DONE)
         self._jobs.put(None)
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     def describe(self) -> dict:
         return {"context_length": self.tm.context if self.tm else None}
@@ -120,8 +125,9 @@ class LocalTextBackend(Backend):
                 code="context_length_exceeded")
 
     async def generate(self, request: TextRequest) -> AsyncIterator[Delta | Usage]:
-        prompt_ids = self.tokenize(request)
-        job = _Job(request, prompt_ids, asyncio.get_running_loop(), asyncio.Queue())
+        loop = asyncio.get_running_loop()
+        prompt_ids = await loop.run_in_executor(self._tokenizer_pool, self.tokenize, request)
+        job = _Job(request, prompt_ids, loop, asyncio.Queue())
         with self._lock:
             if self._waiting >= self.entry.max_waiting:
                 raise RateLimitError(
