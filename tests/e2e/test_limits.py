@@ -87,15 +87,16 @@ def test_non_stream_disconnect_aborts_generation(server: Server) -> None:
 
 def test_stream_queued_then_abandoned_never_runs(server: Server) -> None:
     """A stream whose client leaves while it waits in the queue is dropped before it starts."""
-    model = "tiny-queue1"
+    model, busy_tokens = "tiny-queue1", 500  # about 1.3 s of generation here, against a 0.4 s window
     tokens = server.metric("genserve_generation_tokens_total", model_name=model)
     aborts = server.metric("genserve_request_success_total", model_name=model, finished_reason="abort")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        busy = pool.submit(lambda: server.client().post("/v1/completions", json={**LONG, "model": model}))
-        time.sleep(0.3)  # the first request now occupies the runner
+        busy = pool.submit(lambda: server.client().post(
+            "/v1/completions", json={**LONG, "model": model, "max_tokens": busy_tokens}))
+        time.sleep(0.2)  # the first request now occupies the runner
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.url + "/v1/completions", json={**LONG, "model": model, "stream": True},
-                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=0.3)
+                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=0.2)
         assert busy.result().status_code == 200
     _wait_for_abort(server, model, aborts)
-    assert server.metric("genserve_generation_tokens_total", model_name=model) - tokens == 400
+    assert server.metric("genserve_generation_tokens_total", model_name=model) - tokens == busy_tokens
