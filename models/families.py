@@ -1,7 +1,8 @@
 """The model families genserve can load in process, by the ``family`` name a registry entry uses.
 
-Adding a family: write ``models/<family>`` with a ``load(source, device, dtype)`` that returns the
-modality's model object, add it here, and a registry entry can serve it.
+Adding a family: write ``models/<family>`` with a ``load(path, device, dtype)`` that returns the
+modality's model object, add it here, and a registry entry can serve it. ``path`` is always a
+local directory: hub ids are resolved to the Hugging Face cache first.
 """
 
 from __future__ import annotations
@@ -35,9 +36,29 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+# What a hub snapshot needs for our families: configs, tokenizers, safetensors. Never pickles.
+HUB_PATTERNS = ["*.json", "*.jinja", "*.txt", "*.model", "*.safetensors", "*/*.json"]
+
+
+def local_dir(source: Path | str) -> Path:
+    """``source`` as a local directory: itself, or a hub id's snapshot from the Hugging Face cache
+    (downloaded first only where the network is allowed; with ``HF_HUB_OFFLINE=1`` the cache only)."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(source), allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError as exc:
+        raise FileNotFoundError(f"{source!r} is neither a directory nor a hub id in the local Hugging Face "
+                                "cache, and downloading is off (HF_HUB_OFFLINE)") from exc
+
+
 def load_family(family: str, source: Path | str, device: str = "auto", dtype: str = "auto") -> Any:
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; known: {', '.join(sorted(FAMILIES))}")
     dev = resolve_device(device)
     module = importlib.import_module(FAMILIES[family][1])
-    return module.load(source, dev, resolve_dtype(dtype, dev))
+    return module.load(local_dir(source), dev, resolve_dtype(dtype, dev))

@@ -35,10 +35,10 @@ class EmbeddingModel:
         return out.float().cpu().tolist()
 
 
-def load(source: Path | str, device: torch.device, dtype: torch.dtype) -> EmbeddingModel:
+def load(path: Path, device: torch.device, dtype: torch.dtype) -> EmbeddingModel:
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(source), device=str(device), local_files_only=True)
+    model = SentenceTransformer(str(path), device=str(device), local_files_only=True)
     model = model.to(dtype).eval()
     return EmbeddingModel(model=model, dimensions=model.get_sentence_embedding_dimension(),
                           max_tokens=model.max_seq_length, device=torch.device(device))

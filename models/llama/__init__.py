@@ -11,11 +11,10 @@ from models.llama.model import load_llama
 from models.text.generate import TextModel
 
 
-def load(source: Path | str, device: torch.device, dtype: torch.dtype) -> TextModel:
+def load(path: Path, device: torch.device, dtype: torch.dtype) -> TextModel:
     """Loads a Hugging Face Llama directory with our own network and its tokenizer."""
     from transformers import AutoTokenizer
 
-    path = Path(source)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = load_llama(path, device=device, dtype=dtype)
     eos = set()
