@@ -1,7 +1,9 @@
 """API keys: ``Authorization: Bearer <key>`` on every ``/v1`` route, checked in constant time.
 
 ``ApiKeyMiddleware`` enforces the key before the request body is read, so an unauthenticated
-caller cannot make the server parse anything. The ``bearer`` scheme is what the routers declare,
+caller cannot make the server parse anything. It denies by default: only probes, metrics and the
+docs are open, judged on the path the router sees (``root_path`` removed), so a new route is
+protected without anyone remembering to protect it. The ``bearer`` scheme is what the routers declare,
 so that OpenAPI shows the lock and the docs page its Authorize button.
 
 Keys are kept as SHA-256 digests and every digest is compared, so neither the key's length nor
@@ -20,7 +22,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.errors import AuthenticationError
 from app.middleware import send_json
 
-API_PREFIX = "/v1"
+OPEN_PATHS = {"/health/live", "/health/ready", "/metrics", "/docs", "/redoc", "/openapi.json"}
+OPEN_PREFIXES = ("/static/",)
 bearer = HTTPBearer(auto_error=False, scheme_name="APIKey",
                     description="A key from GENSERVE_API_KEYS or GENSERVE_API_KEYS_FILE.")
 
@@ -48,8 +51,7 @@ class ApiKeyMiddleware:
         self.app, self.keys = app, keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] == "http" and (path == API_PREFIX or path.startswith(API_PREFIX + "/")):
+        if scope["type"] == "http" and not is_open(route_path(scope)):
             header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             scheme, _, token = header.partition(" ")
             try:
@@ -57,3 +59,15 @@ class ApiKeyMiddleware:
             except AuthenticationError as err:
                 return await send_json(send, err)
         await self.app(scope, receive, send)
+
+
+def route_path(scope: Scope) -> str:
+    """The path without the ASGI ``root_path`` prefix, as routing matches it."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root):] or "/"
+    return path
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
