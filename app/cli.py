@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
+import uvicorn
 from pydantic import ValidationError
 
 from app.registry import ConfigError
@@ -38,9 +41,20 @@ def load_settings(overrides: dict[str, Any]) -> Settings:
         raise ConfigError(f"invalid setting {where}: {err['msg']}") from exc
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+class DrainingServer(uvicorn.Server):
+    """uvicorn runs the app's shutdown only after running requests end; queued ones must hear at
+    once, when the signal arrives, that they will not be served here."""
 
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.on_exit()
+        super().handle_exit(sig, frame)
+
+
+def _serve(args: argparse.Namespace) -> int:
     from app.main import create_app
     from app.registry import load_registry
 
@@ -55,8 +69,9 @@ def _serve(args: argparse.Namespace) -> int:
     if not settings.keys():
         log.warning("no API keys configured: the API is open to anyone who can reach %s", settings.host)
     app = create_app(settings, entries)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=10)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=settings.shutdown_grace_s)
+    DrainingServer(config, on_exit=app.state.manager.drain_threadsafe).run()
     return 0
 
 

@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     allow_unauthenticated: bool = False
     max_body_bytes: int = Field(1 << 20, gt=0, description="largest request body accepted (413 above)")
     request_timeout_s: float = Field(300.0, gt=0, description="default deadline of a request (504 after)")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long running requests may "
+                                    "finish (queued ones get 503 at once)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @field_validator("api_keys", mode="before")

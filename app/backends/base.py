@@ -91,6 +91,9 @@ class Backend:
     async def check_ready(self) -> bool:
         return self.ready()
 
+    def drain(self) -> None:
+        """Shutdown has begun: fail queued work now with a 503 (running work may finish)."""
+
     async def close(self) -> None:
         pass
 

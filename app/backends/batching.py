@@ -46,12 +46,13 @@ class DynamicBatcher(Generic[T, R]):
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def close(self) -> None:
-        """Stops the worker; callers still waiting get a 503 rather than waiting for their deadline."""
-        for item in self._waiting:
-            if not item.future.done():
-                item.future.set_exception(UnavailableError("The server is shutting down."))
+    def fail_waiting(self) -> None:
+        """Callers still queued get a 503 now rather than waiting for their deadline."""
+        _fail(self._waiting)
         self._waiting = []
+
+    async def close(self) -> None:
+        self.fail_waiting()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -111,6 +112,9 @@ class DynamicBatcher(Generic[T, R]):
             self._busy_since = now
             try:
                 results = await loop.run_in_executor(self._executor, self.fn, [i.value for i in batch])
+            except asyncio.CancelledError:  # closing: the running batch's callers must not hang
+                _fail(batch)
+                raise
             except Exception as exc:  # every caller of the batch gets the error
                 results = [exc] * len(batch)
             finally:
@@ -130,3 +134,10 @@ class DynamicBatcher(Generic[T, R]):
         first = self.key(live[0].value)
         return [i for i in live if self.key(i.value) == first]
 
+
+
+def _fail(items: list[_Item]) -> None:
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(UnavailableError("The server is shutting down.",
+                                                       headers={"Retry-After": "5"}))

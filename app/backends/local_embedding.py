@@ -44,6 +44,10 @@ class LocalEmbeddingBackend(Backend):
         b = self.batcher
         return self.loaded and b is not None and b.alive() and not b.stalled(STALL_SECONDS)
 
+    def drain(self) -> None:
+        if self.batcher is not None:
+            self.batcher.fail_waiting()
+
     async def close(self) -> None:
         if self.batcher is not None:
             await self.batcher.close()

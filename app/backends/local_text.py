@@ -70,16 +70,19 @@ class LocalTextBackend(Backend):
         started = self._step_started
         return started is None or time.monotonic() - started < STALL_SECONDS
 
-    async def close(self) -> None:
-        """Fails the queued requests with a 503 and stops the runner after its current request."""
+    def drain(self) -> None:
         while True:
             try:
                 job = self._jobs.get_nowait()
             except queue.Empty:
                 break
             if job is not None:
-                job.out.put_nowait(UnavailableError("The server is shutting down."))
+                job.out.put_nowait(UnavailableError("The server is shutting down.", headers={"Retry-After": "5"}))
                 job.out.put_nowait(_DONE)
+
+    async def close(self) -> None:
+        """Fails what is still queued and stops the runner after its current request."""
+        self.drain()
         self._jobs.put(None)
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 

@@ -39,9 +39,12 @@ class ModelManager:
         self.settings, self.metrics = settings, metrics
         self.backends: dict[str, Backend] = {e.id: build_backend(e, settings, metrics) for e in entries}
         self._tasks: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.draining = False
 
     async def start(self) -> None:
         """Loads every model in the background; requests for one still loading get a 503."""
+        self._loop = asyncio.get_running_loop()
         lock = asyncio.Lock()  # one at a time: bounded memory and CPU, no concurrent first imports
         for backend in self.backends.values():
             self._tasks.append(asyncio.create_task(self._load(backend, lock)))
@@ -58,6 +61,17 @@ class ModelManager:
             log.exception("model %s failed to load", mid)
         self.metrics.model_ready.labels(mid).set(1 if backend.ready() else 0)
 
+    def drain(self) -> None:
+        """Shutdown has begun: new requests and queued ones get 503; running ones may finish."""
+        self.draining = True
+        for backend in self.backends.values():
+            backend.drain()
+
+    def drain_threadsafe(self) -> None:
+        """``drain`` from a signal handler or another thread."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.drain)
+
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -72,6 +86,9 @@ class ModelManager:
             raise InvalidRequestError(f"The model '{model_id}' does not support {task} (it does: "
                                       f"{', '.join(backend.entry.tasks)}).", param="model",
                                       code="model_not_supported")
+        if self.draining:
+            raise UnavailableError("The server is shutting down; retry on another replica.",
+                                   headers={"Retry-After": "5"})
         if backend.load_error:
             raise UnavailableError(f"The model '{model_id}' failed to load; see the server log.")
         if not backend.loaded:

@@ -74,7 +74,7 @@ def test_cli_reports_backends_it_cannot_build(tmp_path: Path, capsys: pytest.Cap
                                               monkeypatch: pytest.MonkeyPatch, entry: str, expected: str) -> None:
     import uvicorn
 
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("served a registry it cannot build"))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda *a, **k: pytest.fail("served a registry it cannot build"))
     registry = write(tmp_path, "include_defaults: false\nmodels:\n  - id: x\n    modality: text\n" + entry)
     assert main(["serve", "--config", str(registry)]) == 2
     assert expected in capsys.readouterr().err
@@ -102,7 +102,7 @@ def test_public_bind_without_keys_is_refused(monkeypatch: pytest.MonkeyPatch, ca
     def must_not_serve(*args: object, **kwargs: object) -> None:
         raise AssertionError("started serving on a public address without keys")
 
-    monkeypatch.setattr(uvicorn, "run", must_not_serve)
+    monkeypatch.setattr(uvicorn.Server, "run", must_not_serve)
     monkeypatch.delenv("GENSERVE_API_KEYS", raising=False)
     assert main(["serve", "--host", "0.0.0.0"]) == 2
     assert "refusing to serve on 0.0.0.0 without API keys" in capsys.readouterr().err
