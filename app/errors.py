@@ -75,8 +75,10 @@ class UpstreamError(GenserveError):
 
     def __init__(self, status: int, body: dict[str, Any]) -> None:
         err = body.get("error") if isinstance(body.get("error"), dict) else {}
-        super().__init__(str(err.get("message", "upstream error")), param=err.get("param"),
-                         code=err.get("code"))
+        code, param = err.get("code"), err.get("param")
+        # OpenAI's code and param are strings; some servers (vLLM) put the HTTP status in code.
+        super().__init__(str(err.get("message", "upstream error")), param=param if isinstance(param, str) else None,
+                         code=code if isinstance(code, str) else None)
         self.status = status
         self.type = err.get("type") or ("invalid_request_error" if status < 500 else "server_error")
 

@@ -123,37 +123,57 @@ class RemoteBackend(Backend):
                 body["logprobs"] = p.logprobs
         resp = await self._post("chat/completions" if chat else "completions", body, stream=True)
         try:
+            if "text/event-stream" not in resp.headers.get("content-type", ""):
+                raise self._bad_upstream("answered a streaming request without server-sent events")
+            choices = 0
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
                     break
-                try:
-                    events = _events(json.loads(data), chat)
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise UpstreamError(502, {"error": {"message": f"The upstream of model '{self.entry.id}' "
-                                                                   f"sent a malformed chunk: {exc}"}}) from exc
-                for event in events:
+                for event in self._parse_chunk(data, chat):
+                    choices += isinstance(event, Delta)
                     yield event
+            if not choices:
+                raise self._bad_upstream("ended its stream without any choice")
         except httpx.HTTPError as exc:
             raise self._transport_error(exc) from exc
         finally:
             await resp.aclose()
+
+    def _parse_chunk(self, data: str, chat: bool) -> list[Delta | Usage]:
+        try:
+            chunk = json.loads(data)
+            if not isinstance(chunk, dict):
+                raise TypeError(f"a chunk must be a JSON object, not {type(chunk).__name__}")
+            if "error" in chunk:  # an error after the stream began (vLLM puts the HTTP status in code)
+                code = chunk["error"].get("code") if isinstance(chunk["error"], dict) else None
+                raise UpstreamError(code if isinstance(code, int) and 400 <= code < 500 else 502, chunk)
+            return _events(chunk, chat)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise self._bad_upstream(f"sent a malformed chunk ({exc})") from exc
+
+    def _bad_upstream(self, what: str) -> UpstreamError:
+        return UpstreamError(502, {"error": {"message": f"The upstream of model '{self.entry.id}' {what}.",
+                                             "type": "server_error", "code": "bad_upstream_response"}})
 
     async def embed(self, inputs: list[str] | list[list[int]], dimensions: int | None) -> EmbeddingResult:
         body: dict[str, Any] = {"model": self.upstream_model, "input": inputs}
         if dimensions is not None:
             body["dimensions"] = dimensions
         resp = await self._post("embeddings", body, stream=False)
-        payload = resp.json()
-        vectors = [d["embedding"] for d in sorted(payload["data"], key=lambda d: d["index"])]
-        return EmbeddingResult(vectors, payload.get("usage", {}).get("prompt_tokens", 0))
+        try:
+            payload = resp.json()
+            vectors = [d["embedding"] for d in sorted(payload["data"], key=lambda d: d["index"])]
+            if len(vectors) != len(inputs):
+                raise ValueError(f"{len(vectors)} embeddings for {len(inputs)} inputs")
+            return EmbeddingResult(vectors, int((payload.get("usage") or {}).get("prompt_tokens", 0)))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise self._bad_upstream(f"sent a malformed embeddings response ({exc})") from exc
 
 
 def _events(chunk: dict[str, Any], chat: bool) -> list[Delta | Usage]:
-    if "error" in chunk:  # an error after the stream began
-        raise UpstreamError(500, chunk)
     events: list[Delta | Usage] = [_delta(choice, chat) for choice in chunk.get("choices") or []]
     if chunk.get("usage"):
         u = chunk["usage"]

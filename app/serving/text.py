@@ -136,7 +136,7 @@ class TextServing:
         # The first event before any byte: errors keep their status, and a client that leaves
         # while its request is queued aborts it.
         try:
-            first = await unless_disconnected(raw, anext(events))
+            first = await unless_disconnected(raw, anext(events, None))
         except BaseException:
             await events.aclose()
             raise
