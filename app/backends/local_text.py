@@ -55,11 +55,15 @@ class LocalTextBackend(Backend):
         # Off the event loop: a prompt at the body cap takes most of a second to tokenize. One
         # thread, so the tokenizer never sees concurrent calls.
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tokenize-{entry.id}")
+        self._chars_per_token = 0  # the most characters one token decodes to (+1 for a joining space)
+        self._draining = False
 
     # lifecycle --------------------------------------------------------------------------------
     def setup(self) -> None:
         e = self.entry
         self.tm = load_family(e.family or "", e.resolved_source or e.source or "", e.device, e.dtype)
+        tok = self.tm.tokenizer
+        self._chars_per_token = 1 + max(map(len, tok.batch_decode([[i] for i in range(len(tok))])))
         self._thread = threading.Thread(target=self._loop, name=f"runner-{e.id}", daemon=True)
         self._thread.start()
         self.loaded = True
@@ -71,6 +75,7 @@ class LocalTextBackend(Backend):
         return started is None or time.monotonic() - started < STALL_SECONDS
 
     def drain(self) -> None:
+        self._draining = True
         while True:
             try:
                 job = self._jobs.get_nowait()
@@ -93,6 +98,7 @@ class LocalTextBackend(Backend):
     def tokenize(self, request: TextRequest) -> list[int]:
         tm = self.tm
         assert tm is not None
+        self._check_chars(request)
         if request.messages is not None:
             ids = tm.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True,
                                                    tokenize=True, return_dict=True)["input_ids"]
@@ -113,6 +119,22 @@ class LocalTextBackend(Backend):
         self._check_length(len(ids), params.max_tokens, param)
         return ids
 
+    def _check_chars(self, request: TextRequest) -> None:
+        """A text of N characters is at least N / chars_per_token tokens: one that cannot fit the
+        context whatever its tokenization is refused before paying for it."""
+        if request.messages is not None:
+            chars, param = sum(len(m["content"]) for m in request.messages), "messages"
+        elif isinstance(request.prompt, str):
+            chars, param = len(request.prompt), "prompt"
+        else:
+            return
+        ctx = self.tm.context if self.tm else 0
+        if chars > ctx * self._chars_per_token:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {ctx} tokens, and your {param} of {chars} "
+                f"characters is longer than that however it is tokenized.", param=param,
+                code="context_length_exceeded")
+
     def _check_length(self, prompt_len: int, max_tokens: int, param: str) -> None:
         ctx = self.tm.context if self.tm else 0
         if prompt_len >= ctx:
@@ -128,17 +150,19 @@ class LocalTextBackend(Backend):
                 code="context_length_exceeded")
 
     async def generate(self, request: TextRequest) -> AsyncIterator[Delta | Usage]:
-        loop = asyncio.get_running_loop()
-        prompt_ids = await loop.run_in_executor(self._tokenizer_pool, self.tokenize, request)
-        job = _Job(request, prompt_ids, loop, asyncio.Queue())
-        with self._lock:
-            if self._waiting >= self.entry.max_waiting:
-                raise RateLimitError(
-                    f"Too many requests waiting for model '{self.entry.id}' ({self._waiting} queued, "
-                    f"limit {self.entry.max_waiting}); retry shortly.", headers={"Retry-After": "1"})
-            self._waiting += 1
-            self.metrics.num_requests_waiting.labels(self.entry.id).set(self._waiting)
-        self._jobs.put(job)
+        # The queue slot is taken before tokenizing, so max_waiting bounds the tokenizer's backlog.
+        self._count_waiting(+1, limit=self.entry.max_waiting)
+        job: _Job | None = None
+        try:
+            loop = asyncio.get_running_loop()
+            prompt_ids = await loop.run_in_executor(self._tokenizer_pool, self.tokenize, request)
+            if self._draining:
+                raise UnavailableError("The server is shutting down.", headers={"Retry-After": "5"})
+            job = _Job(request, prompt_ids, loop, asyncio.Queue())
+            self._jobs.put(job)
+        finally:
+            if job is None:
+                self._count_waiting(-1)
         try:
             while (item := await job.out.get()) is not _DONE:
                 if isinstance(item, BaseException):
@@ -147,13 +171,19 @@ class LocalTextBackend(Backend):
         finally:
             job.aborted.set()  # no-op once finished; otherwise the runner drops it at the next step
 
+    def _count_waiting(self, delta: int, limit: int | None = None) -> None:
+        with self._lock:
+            if limit is not None and self._waiting >= limit:
+                raise RateLimitError(f"Too many requests waiting for model '{self.entry.id}' ({self._waiting} "
+                                     f"queued, limit {limit}); retry shortly.", headers={"Retry-After": "1"})
+            self._waiting += delta
+            self.metrics.num_requests_waiting.labels(self.entry.id).set(self._waiting)
+
     # runner thread ----------------------------------------------------------------------------
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
             m, mid = self.metrics, self.entry.id
-            with self._lock:
-                self._waiting -= 1
-                m.num_requests_waiting.labels(mid).set(self._waiting)
+            self._count_waiting(-1)
             if job.aborted.is_set():
                 m.request_success.labels(mid, "abort").inc()
                 continue

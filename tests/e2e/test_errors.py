@@ -38,6 +38,7 @@ CASES = [
     ("too many prompts", C, {**OK_C, "prompt": ["x"] * 17}, 400, "prompt"),
     ("token id outside vocabulary", C, {**OK_C, "prompt": [1, 2, 999999]}, 400, "prompt"),
     ("prompt beyond context", C, {**OK_C, "prompt": "word " * 2000}, 400, "prompt"),
+    ("prompt far beyond context", C, {**OK_C, "prompt": "x" * 900_000}, 400, "prompt"),
     ("max_tokens beyond context", C, {**OK_C, "max_tokens": 100000}, 400, "max_tokens"),
     ("messages beyond context", CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": "word " * 2000}]},
      400, "messages"),
@@ -86,6 +87,12 @@ def test_bad_request_with_stream_still_gets_status(server: Server, path: str, bo
     with server.client() as client:
         r = client.post(path, json={**body, "max_tokens": 100000, "stream": True})
     assert_openai_error(r, 400, "max_tokens")
+
+
+def test_hopeless_prompt_is_refused_before_tokenizing(server: Server) -> None:
+    with server.client() as client:
+        r = client.post(C, json={**OK_C, "prompt": "x" * 900_000})
+    assert "characters is longer than that" in r.json()["error"]["message"]
 
 
 def test_invalid_json(server: Server) -> None:
