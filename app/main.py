@@ -47,8 +47,9 @@ def create_app(settings: Settings, entries: list[ModelEntry] | None = None) -> F
     for router in (text.router, embeddings.router, models.router, ops.router, docs.router):
         app.include_router(router)
     app.mount(docs.STATIC_PREFIX, StaticFiles(directory=docs.STATIC_DIR), name="docs-assets")
-    # Added innermost first: request id, then metrics (401s and 413s counted too), then the key
-    # check, then the body cap, so nothing is read for a caller without a key.
+    # Added innermost first: request id, then metrics (401s and early 413s count under the route
+    # "unmatched": they are answered before routing), then the key check, then the body cap, so
+    # nothing is read for a caller without a key.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(settings.keys()))
     app.add_middleware(MetricsMiddleware, metrics=metrics)

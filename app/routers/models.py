@@ -11,9 +11,9 @@ router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(bearer)]
 
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
-    return request.app.state.models.list()
+    return await request.app.state.models.list()
 
 
 @router.get("/models/{model_id:path}", response_model=ModelCard)
 async def get_model(model_id: str, request: Request) -> ModelCard:
-    return request.app.state.models.get(model_id)
+    return await request.app.state.models.get(model_id)

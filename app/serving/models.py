@@ -12,17 +12,18 @@ class ModelsServing:
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
 
-    def list(self) -> ModelList:
-        return ModelList(data=[_card(b) for b in self.manager.backends.values()])
+    async def list(self) -> ModelList:
+        ready = await self.manager.readiness()
+        return ModelList(data=[_card(b, ready[mid]) for mid, b in self.manager.backends.items()])
 
-    def get(self, model_id: str) -> ModelCard:
+    async def get(self, model_id: str) -> ModelCard:
         backend = self.manager.backends.get(model_id)
         if backend is None:
             raise ModelNotFoundError(f"The model '{model_id}' does not exist.", param="model")
-        return _card(backend)
+        return _card(backend, await backend.check_ready())
 
 
-def _card(backend: Backend) -> ModelCard:
+def _card(backend: Backend, ready: bool) -> ModelCard:
     e = backend.entry
-    return ModelCard(id=e.id, created=backend.created, modality=e.modality, tasks=e.tasks, ready=backend.ready(),
+    return ModelCard(id=e.id, created=backend.created, modality=e.modality, tasks=e.tasks, ready=ready,
                      backend=e.backend, context_length=backend.describe().get("context_length"))

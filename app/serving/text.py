@@ -195,7 +195,7 @@ class TextServing:
         m, mid, count = self.metrics, call.model, not call.backend.meters_tokens
         start = time.perf_counter()
         last: dict[int, float] = {}
-        finished = False
+        finished = aborted = False
         try:
             async for event in events:
                 t = time.perf_counter()
@@ -214,10 +214,13 @@ class TextServing:
                         m.generation_tokens.labels(mid).inc(event.completion_tokens)
                 yield event
             finished = True
+        except (GeneratorExit, asyncio.CancelledError):  # the client left or the deadline passed
+            aborted = True
+            raise
         finally:
             if finished:
                 m.e2e_request_latency.labels(mid).observe(time.perf_counter() - start)
-            elif count:
+            elif aborted and count:  # an error from the backend is not a finished request
                 m.request_success.labels(mid, "abort").inc()
             with contextlib.suppress(Exception):
                 await events.aclose()  # type: ignore[attr-defined]

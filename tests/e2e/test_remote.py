@@ -22,6 +22,11 @@ def test_chat_through_gateway_equals_direct(server: Server, gateway: Server) -> 
     assert routed.model == "remote-text"
     assert [c.message.content for c in routed.choices] == [c.message.content for c in direct.choices]
     assert routed.usage.completion_tokens == direct.usage.completion_tokens
+    # The gateway meters remote work from the events it relays.
+    assert gateway.metric("genserve_request_success_total", model_name="remote-text") >= 2
+    assert gateway.metric("genserve_generation_tokens_total", model_name="remote-text") >= \
+        routed.usage.completion_tokens
+    assert gateway.metric("genserve_request_success_total", model_name="remote-text", finished_reason="abort") == 0
 
 
 def test_streaming_through_gateway(server: Server, gateway: Server) -> None:
@@ -58,6 +63,13 @@ def test_upstream_errors_pass_through(gateway: Server) -> None:
         r = client.post("/v1/chat/completions", json={"model": "remote-text", "stream": True,
                                                       "messages": [{"role": "user", "content": "w " * 3000}]})
         assert_openai_error(r, 400, "messages")
+
+
+def test_models_list_reports_upstream_readiness(gateway: Server) -> None:
+    with gateway.client() as client:
+        cards = {c["id"]: c for c in client.get("/v1/models").json()["data"]}
+        assert cards["remote-text"]["ready"] is True and cards["remote-dead"]["ready"] is False
+        assert client.get("/v1/models/remote-dead").json()["ready"] is False
 
 
 def test_unreachable_upstream_is_503_and_not_ready(gateway: Server) -> None:

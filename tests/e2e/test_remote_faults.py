@@ -110,3 +110,11 @@ def test_malformed_embeddings_are_502(faulty_gateway: Server, model: str) -> Non
     with faulty_gateway.client() as client:
         r = client.post("/v1/embeddings", json={"model": model, "input": "x"})
     assert_openai_error(r, 502, None)
+
+
+def test_upstream_errors_are_not_counted_as_aborts(faulty_gateway: Server) -> None:
+    with faulty_gateway.client() as client:
+        for model in ("error-400-first", "done-only"):
+            client.post("/v1/completions", json={"model": model, "prompt": "x"})
+    for model in ("error-400-first", "done-only"):
+        assert faulty_gateway.metric("genserve_request_success_total", model_name=model) == 0
