@@ -204,11 +204,12 @@ class LocalTextBackend(Backend):
         assert tm is not None
         m.prompt_tokens.labels(mid).inc(len(job.prompt_ids))
         generated, finished = 0, {}
+        tokens_counter = m.generation_tokens.labels(mid)
         self._step_started = time.monotonic()
         for outs in generate(tm, job.prompt_ids, params, job.aborted.is_set):
             self._step_started = time.monotonic()
             generated += len(outs)
-            m.generation_tokens.labels(mid).inc(len(outs))
+            tokens_counter.inc(len(outs))
             for o in outs:
                 if o.finish_reason:
                     finished[o.index] = o.finish_reason

@@ -193,6 +193,7 @@ class TextServing:
         """Time to first token, inter-token latency and end-to-end latency for every backend; tokens
         and finish reasons too for backends that do not count them step by step themselves."""
         m, mid, count = self.metrics, call.model, not call.backend.meters_tokens
+        ttft, itl = m.time_to_first_token.labels(mid), m.inter_token_latency.labels(mid)
         start = time.perf_counter()
         last: dict[int, float] = {}
         finished = aborted = False
@@ -201,9 +202,9 @@ class TextServing:
                 t = time.perf_counter()
                 if isinstance(event, Delta):
                     if not last:
-                        m.time_to_first_token.labels(mid).observe(t - start)
+                        ttft.observe(t - start)
                     elif event.index in last:
-                        m.inter_token_latency.labels(mid).observe(t - last[event.index])
+                        itl.observe(t - last[event.index])
                     last[event.index] = t
                     if count and event.finish_reason:
                         m.request_success.labels(mid, event.finish_reason).inc()

@@ -50,7 +50,10 @@ def make_generators(params: SamplingParams, device: torch.device | str = "cpu") 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
                     output_ids: list[int]) -> torch.Tensor:
-    """Bias and penalties on one row of logits (V,), returning a new tensor."""
+    """Bias and penalties on one row of logits (V,): a new tensor, or ``logits`` itself when none apply."""
+    if not (params.logit_bias or params.repetition_penalty != 1.0 or params.presence_penalty
+            or params.frequency_penalty):
+        return logits
     logits = logits.clone()
     for tok, bias in params.logit_bias.items():
         if 0 <= tok < logits.shape[-1]:
@@ -89,8 +92,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
            prompt_ids: list[int], output_ids: list[int], banned: set[int] | None = None) -> int:
     """Draws the next token for one sequence from its row of logits (V,)."""
     logits = apply_penalties(logits.float(), params, prompt_ids, output_ids)
-    if banned:
-        logits[list(banned)] = float("-inf")
+    if banned:  # out of place: ``logits`` may still be the model's row, whose logprobs are reported
+        logits = logits.index_fill(0, torch.tensor(sorted(banned), device=logits.device), float("-inf"))
     if params.greedy:
         return int(logits.argmax())
     probs = filter_logits(logits, params).softmax(-1)
