@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install serve test lint train-text-tiny clean
+.PHONY: install serve test lint train-text-tiny eval-text bench-text clean
 
 install: $(STAMP)
 
@@ -30,6 +30,14 @@ lint: install
 
 train-text-tiny: install
 	$(BIN)/genserve train text-tiny $(ARGS)
+
+eval-text: install
+	$(OFFLINE) $(BIN)/genserve eval text $(ARGS)
+
+# genserve against `transformers serve --continuous-batching` and sequential generate (docs/benchmarks.md).
+bench-text: install
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	$(OFFLINE) $(BIN)/python benchmarks/text_serving.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

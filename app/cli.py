@@ -30,6 +30,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    if args.target == "text":
+        from models.families import weights_dir
+        from models.llama.evaluate import eval_text, format_table
+
+        path = Path(args.model) if args.model else weights_dir() / "genserve-text-tiny"
+        rows = eval_text(path, tuple(args.quantization), args.max_tokens, args.threads)
+        print(format_table(rows))
+    return 0
+
+
 def load_settings(overrides: dict[str, Any]) -> Settings:
     """Environment first, CLI flags over it; a bad value stops with the variable or flag named."""
     try:
@@ -93,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--minutes", type=float, default=45.0, help="wall-clock training budget")
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_train)
+    ev = sub.add_parser("eval", help="measure a model: held-out perplexity, int8 against full precision")
+    ev.add_argument("target", choices=["text"])
+    ev.add_argument("--model", help="Llama directory (default: the embedded genserve-text-tiny)")
+    ev.add_argument("--quantization", nargs="+", default=["none", "int8"], choices=["none", "int8"],
+                    help="variants to compare; the first is the baseline")
+    ev.add_argument("--max-tokens", type=int, help="evaluate on the first N held-out tokens only")
+    ev.add_argument("--threads", type=int, help="torch threads")
+    ev.set_defaults(func=_eval)
     return parser
 
 

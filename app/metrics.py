@@ -41,6 +41,13 @@ class Metrics:
                                        [*m, "finished_reason"], registry=r)
         self.batch_size = Histogram("genserve_batch_size", "Items per batched model call", m,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.kv_cache_usage = Gauge("genserve_kv_cache_usage_perc",
+                                    "Share of the KV cache's blocks in use (1 = full)", m, registry=r)
+        self.num_preemptions = Counter("genserve_num_preemptions", "Sequences preempted (to recompute later) "
+                                       "because the KV cache was full", m, registry=r)
+        self.iteration_tokens = Histogram("genserve_iteration_tokens_total", "Tokens (prefill + decode) in one "
+                                          "engine step", m, buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048,
+                                                                     4096, 8192), registry=r)
         self.model_ready = Gauge("genserve_model_ready", "1 when the model is loaded and serving", m,
                                  registry=r)
 

@@ -58,9 +58,18 @@ class ModelEntry(BaseModel):
     tasks: list[str] = Field(default_factory=list)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_batch_size: int = Field(8, ge=1, le=1024)
+    max_batch_size: int = Field(None, ge=1, le=1024, description="largest batch: sequences per engine step "
+                                "for text (default 64), items per model call otherwise (default 8)")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000)
     max_waiting: int = Field(64, ge=1, description="queued requests beyond which new ones get 429")
+    kv_cache_tokens: int | None = Field(None, ge=16, description="text engine: KV cache size in tokens over "
+                                        "all sequences, allocated once (default: max_batch_size full contexts, "
+                                        "at most 32768)")
+    kv_block_size: int = Field(16, ge=1, le=256, description="text engine: tokens per KV cache block")
+    max_num_batched_tokens: int | None = Field(None, ge=16, description="text engine: prefill + decode tokens "
+                                               "in one step (default: max(2048, context + max_batch_size))")
+    quantization: Literal["none", "int8"] = Field("none", description="weight-only quantization of the "
+                                                  "linear layers (text models)")
     request_timeout_s: float | None = Field(None, gt=0, description="deadline (default: the setting)")
     limits: Limits = Field(default_factory=Limits)
     # Filled by the loader: the path the source resolved to, or None for a hub id / remote.
@@ -79,6 +88,8 @@ class ModelEntry(BaseModel):
             raise ValueError("a remote model needs 'url'")
         if not self.tasks:
             self.tasks = list(DEFAULT_TASKS[self.modality])
+        if self.max_batch_size is None:
+            self.max_batch_size = 64 if self.modality == "text" else 8
         return self
 
 

@@ -56,9 +56,19 @@ def local_dir(source: Path | str) -> Path:
                                 "cache, and downloading is off (HF_HUB_OFFLINE)") from exc
 
 
-def load_family(family: str, source: Path | str, device: str = "auto", dtype: str = "auto") -> Any:
+# Families whose load() takes ``quantization`` (weight-only int8 of the linear layers).
+QUANTIZABLE = {"llama"}
+
+
+def load_family(family: str, source: Path | str, device: str = "auto", dtype: str = "auto",
+                quantization: str = "none") -> Any:
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; known: {', '.join(sorted(FAMILIES))}")
     dev = resolve_device(device)
     module = importlib.import_module(FAMILIES[family][1])
-    return module.load(local_dir(source), dev, resolve_dtype(dtype, dev))
+    if quantization == "none":
+        return module.load(local_dir(source), dev, resolve_dtype(dtype, dev))
+    if family not in QUANTIZABLE:
+        raise ValueError(f"family {family!r} does not support quantization={quantization!r}; "
+                         f"families that do: {', '.join(sorted(QUANTIZABLE))}")
+    return module.load(local_dir(source), dev, resolve_dtype(dtype, dev), quantization=quantization)

@@ -98,7 +98,7 @@ def _text_entry(mid: str, **extra: object) -> str:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     registry = "models:\n" + "".join([
-        _text_entry("tiny-queue1", max_waiting=1),
+        _text_entry("tiny-queue1", max_waiting=1, max_batch_size=1),  # one sequence at a time
         _text_entry("tiny-deadline", request_timeout_s=0.3),
         _text_entry("tiny-disconnect"),
     ])

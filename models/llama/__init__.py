@@ -7,16 +7,23 @@ from pathlib import Path
 
 import torch
 
+from kernels.int8 import quantize_linears_int8
 from models.llama.model import load_llama
 from models.text.generate import TextModel
 
 
-def load(path: Path, device: torch.device, dtype: torch.dtype) -> TextModel:
-    """Loads a Hugging Face Llama directory with our own network and its tokenizer."""
+def load(path: Path, device: torch.device, dtype: torch.dtype, quantization: str = "none") -> TextModel:
+    """Loads a Hugging Face Llama directory with our own network and its tokenizer; with
+    ``quantization="int8"`` every linear layer but a tied ``lm_head`` keeps int8 weights."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = load_llama(path, device=device, dtype=dtype)
+    if quantization == "int8":
+        tied = model.config.tie_word_embeddings  # quantizing it would keep a second copy of the embedding
+        quantize_linears_int8(model, skip=lambda name, _: tied and name == "lm_head")
+    elif quantization != "none":
+        raise ValueError(f"unsupported quantization {quantization!r}; supported: none, int8")
     eos = set()
     for name in ("generation_config.json", "config.json"):
         if (path / name).is_file():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
+
+from kernels.attention import decode_attention, prefill_attention
 
 
 @dataclass
@@ -115,6 +117,27 @@ class KVCache:
         self.length = 0
 
 
+@dataclass
+class PagedBatch:
+    """One engine step's tokens, flattened: every decoding sequence's next token first, then the
+    whole prompt of every sequence being prefilled (vLLM's layout).
+
+    The KV cache of layer ``i`` is a pair of (num_blocks, block_size, n_kv, head_dim) tensors;
+    token ``j`` writes its key and value at flat slot ``slot_mapping[j]`` of it.
+    """
+
+    input_ids: torch.Tensor  # (T,)
+    positions: torch.Tensor  # (T,)
+    slot_mapping: torch.Tensor  # (T,) int64
+    num_decode: int
+    block_tables: torch.Tensor  # (num_decode, max_blocks) int32: the decoding sequences' blocks
+    context_lens: torch.Tensor  # (num_decode,) int32: cached tokens after this step's write
+    cu_seqlens: torch.Tensor  # (num_prefill + 1,) int32: prompt boundaries after the decode tokens
+    max_seqlen: int
+    logits_index: torch.Tensor  # (S,): the token whose logits each sequence samples from
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -146,6 +169,28 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, n_head*hd)
         return self.o_proj(y)
 
+    def forward_paged(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      kv: tuple[torch.Tensor, torch.Tensor], batch: PagedBatch) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.n_head, self.head_dim)  # (T, n_head, hd)
+        k = self.k_proj(x).view(T, self.n_kv, self.head_dim)  # (T, n_kv, hd)
+        v = self.v_proj(x).view(T, self.n_kv, self.head_dim)  # (T, n_kv, hd)
+        cos, sin = cos[:, None], sin[:, None]  # (T, 1, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k_cache, v_cache = kv
+        k_cache.view(-1, self.n_kv, self.head_dim).index_copy_(0, batch.slot_mapping, k)
+        v_cache.view(-1, self.n_kv, self.head_dim).index_copy_(0, batch.slot_mapping, v)
+        nd = batch.num_decode
+        if nd == T:
+            y = decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens)
+        elif nd == 0:  # prompts start empty (no prefix cache), so their own keys are all they see
+            y = prefill_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen)
+        else:
+            y = torch.cat([decode_attention(q[:nd], k_cache, v_cache, batch.block_tables, batch.context_lens),
+                           prefill_attention(q[nd:], k[nd:], v[nd:], batch.cu_seqlens, batch.max_seqlen)])
+        return self.o_proj(y.reshape(T, self.n_head * self.head_dim))
+
 
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
@@ -169,6 +214,11 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None, start: int) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_paged(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      kv: tuple[torch.Tensor, torch.Tensor], batch: PagedBatch) -> torch.Tensor:
+        x = x + self.self_attn.forward_paged(self.input_layernorm(x), cos, sin, kv, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -199,8 +249,11 @@ class LlamaForCausalLM(nn.Module):
                 nn.init.normal_(p, std=std * scale)
 
     def rope(self, start: int, T: int, device: torch.device, dtype: torch.dtype):
-        pos = torch.arange(start, start + T, device=device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq.to(device))  # (T, hd/2)
+        return self.rope_at(torch.arange(start, start + T, device=device), dtype)
+
+    def rope_at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (T, hd) for the absolute ``positions`` (T,)."""
+        freqs = torch.outer(positions.float(), self.inv_freq.to(positions.device))  # (T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -220,8 +273,25 @@ class LlamaForCausalLM(nn.Module):
             cache.length = start + T
         return self.lm_head(self.model.norm(x))
 
+    def forward_paged(self, batch: PagedBatch) -> torch.Tensor:
+        """Logits (S, vocab) at ``batch.logits_index`` for one engine step over the paged cache."""
+        x = self.model.embed_tokens(batch.input_ids)  # (T, C)
+        cos, sin = self.rope_at(batch.positions, x.dtype)
+        for layer, kv in zip(self.model.layers, batch.kv_caches, strict=True):
+            x = layer.forward_paged(x, cos, sin, kv, batch)
+        x = x.index_select(0, batch.logits_index)  # (S, C): only the rows that are sampled
+        return self.lm_head(self.model.norm(x))
+
+    def new_paged_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The engine's KV memory, allocated once: per layer, keys and values of
+        (num_blocks, block_size, n_kv, head_dim)."""
+        c, p = self.config, self.model.embed_tokens.weight
+        shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        return [(torch.zeros(shape, device=p.device, dtype=p.dtype), torch.zeros(shape, device=p.device, dtype=p.dtype))
+                for _ in range(c.num_hidden_layers)]
+
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        p = self.lm_head.weight
+        p = self.model.embed_tokens.weight  # lm_head may be quantized; the embedding never is
         return KVCache(self.config, batch, max_len, p.device, p.dtype)
 
 

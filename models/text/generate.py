@@ -53,7 +53,7 @@ class SampleOutput:
 
 
 @dataclass
-class _Sample:
+class SampleState:
     detok: IncrementalDetokenizer
     stops: StopMatcher
     output_ids: list[int] = field(default_factory=list)
@@ -68,7 +68,7 @@ def generate(tm: TextModel, prompt_ids: list[int], params: SamplingParams,
     n, device, max_tokens = params.n, tm.device, params.max_tokens
     cache = tm.model.new_cache(n, len(prompt_ids) + max_tokens)
     gens = make_generators(params, device)  # a CUDA draw needs a CUDA generator
-    samples = [_Sample(IncrementalDetokenizer(tm.tokenizer, prompt_ids), StopMatcher(params.stop))
+    samples = [SampleState(IncrementalDetokenizer(tm.tokenizer, prompt_ids), StopMatcher(params.stop))
                for _ in range(n)]
     if should_abort():
         return
@@ -86,7 +86,7 @@ def generate(tm: TextModel, prompt_ids: list[int], params: SamplingParams,
             info = TokenInfo(tok)
             if params.logprobs is not None:
                 info.logprob, info.top = top_logprobs(row, tok, params.logprobs)
-            outs.append(_advance(s, tok, tm.eos_ids, params, last=step == max_tokens - 1, index=i,
+            outs.append(advance(s, tok, tm.eos_ids, params, last=step == max_tokens - 1, index=i,
                                  info=info))
             next_ids.append(tok)
         yield outs
@@ -95,7 +95,7 @@ def generate(tm: TextModel, prompt_ids: list[int], params: SamplingParams,
         logits = tm.model(torch.tensor(next_ids, device=device).view(n, 1), cache)[:, -1]
 
 
-def _advance(s: _Sample, tok: int, eos_ids: set[int], params: SamplingParams, last: bool,
+def advance(s: SampleState, tok: int, eos_ids: set[int], params: SamplingParams, last: bool,
              index: int, info: TokenInfo) -> SampleOutput:
     if tok in eos_ids and not params.ignore_eos:
         s.done = True

@@ -72,34 +72,89 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p on one row (V,); removed entries become -inf."""
-    logits = logits / params.temperature
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop = (cum - sorted_logits.softmax(-1)) >= params.top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    if params.min_p > 0.0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
-    return logits
+    return filter_batch(logits[None], [params])[0]
+
+
+def filter_batch(logits: torch.Tensor, params: list[SamplingParams], prefix: int = 256) -> torch.Tensor:
+    """``filter_logits`` for a batch (B, V) whose rows each have their own parameters.
+
+    Each filter becomes a per-row threshold on the tempered logits: top-k keeps what reaches the
+    k-th largest, top-p what reaches the smallest value of the shortest prefix whose renormalised
+    mass reaches p (the first token always stays), min-p what has at least ``min_p`` times the top
+    probability. The sorted prefix comes from ``topk`` over the first ``prefix`` entries, which is
+    several times cheaper than a full sort on CPU; a row whose top-p mass is not reached there is
+    redone with the whole vocabulary.
+    """
+    B, V = logits.shape
+    dev, dt = logits.device, logits.dtype
+    x = logits / torch.tensor([p.temperature for p in params], device=dev, dtype=dt)[:, None]  # (B, V)
+    ks = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params], device=dev)
+    top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=dt)
+    min_p = torch.tensor([p.min_p for p in params], device=dev, dtype=dt)
+    use_k, use_p = bool((ks < V).any()), bool((top_p < 1.0).any())
+    thr = torch.full((B,), float("-inf"), device=dev, dtype=dt)
+    if use_k or use_p:
+        width = V if prefix >= V else min(V, max(int(ks[ks < V].max()) if use_k else 0, prefix if use_p else 0))
+        vals = torch.topk(x, width, dim=-1).values  # (B, width), descending
+        rank = torch.arange(width, device=dev)
+        vals = vals.masked_fill(rank[None] >= ks[:, None], float("-inf"))  # top-k
+        # Top-p renormalises over what top-k left: that is the prefix when top-k is on, else all of V.
+        lse = torch.where(ks < V, vals.logsumexp(-1), x.logsumexp(-1))
+        probs = (vals - lse[:, None]).exp()
+        before = probs.cumsum(-1) - probs  # mass strictly ahead of each entry
+        keep = ((before < top_p[:, None]) | (top_p[:, None] >= 1.0)) & (vals > float("-inf"))
+        if width < V and bool(((top_p < 1.0) & (ks == V) & keep.all(-1)).any()):
+            return filter_batch(logits, params, prefix=V)  # some row's top-p cut lies beyond the prefix
+        thr = vals.masked_fill(~keep, float("inf")).min(-1).values  # (B,): smallest kept value
+    top = x.max(-1).values
+    thr = torch.maximum(thr, torch.where(min_p > 0, top + min_p.log(), torch.full_like(thr, float("-inf"))))
+    if not (use_k or use_p or bool((min_p > 0).any())):
+        return x
+    return x.masked_fill(x < thr[:, None], float("-inf"))
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
            prompt_ids: list[int], output_ids: list[int], banned: set[int] | None = None) -> int:
     """Draws the next token for one sequence from its row of logits (V,)."""
-    logits = apply_penalties(logits.float(), params, prompt_ids, output_ids)
-    if banned:  # out of place: ``logits`` may still be the model's row, whose logprobs are reported
-        logits = logits.index_fill(0, torch.tensor(sorted(banned), device=logits.device), float("-inf"))
-    if params.greedy:
-        return int(logits.argmax())
-    probs = filter_logits(logits, params).softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return sample_batch(logits[None], [SampleRow(params, generator, prompt_ids, output_ids, banned)])[0]
 
 
+@dataclass
+class SampleRow:
+    """What the sampler needs to know about one sequence of a batch."""
+
+    params: SamplingParams
+    generator: torch.Generator
+    prompt_ids: list[int]
+    output_ids: list[int]
+    banned: set[int] | None = None
+
+
+def sample_batch(logits: torch.Tensor, rows: list[SampleRow]) -> list[int]:
+    """Draws the next token of every sequence in a batch from its row of ``logits`` (B, V).
+
+    Penalties and bans apply per row; the filters run batched. The draw is an exponential race
+    (argmax of p / E with E ~ Exp(1), which picks i with probability p_i) whose noise comes from
+    each row's own generator, so a seeded sequence draws the same tokens whatever else is in the batch.
+    """
+    logits = logits.float()
+    own = list(logits.unbind(0))
+    adjusted = [apply_penalties(own[i], r.params, r.prompt_ids, r.output_ids) for i, r in enumerate(rows)]
+    for i, r in enumerate(rows):
+        if r.banned:  # out of place: the row may still be the model's, whose logprobs are reported
+            adjusted[i] = adjusted[i].index_fill(0, torch.tensor(sorted(r.banned), device=logits.device),
+                                                 float("-inf"))
+    x = torch.stack(adjusted) if any(a is not o for a, o in zip(adjusted, own, strict=True)) else logits
+    tokens = x.argmax(-1).tolist()
+    drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if drawn:
+        cdf = filter_batch(x[drawn], [rows[i].params for i in drawn]).softmax(-1).cumsum(-1)  # (b, V)
+        # u in (0, 1], so a token of zero probability (a flat stretch of the CDF) is never hit.
+        u = 1.0 - torch.cat([torch.rand(1, generator=rows[i].generator, device=cdf.device) for i in drawn])
+        picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_max(cdf.shape[-1] - 1)  # (b, 1)
+        for i, tok in zip(drawn, picks[:, 0].tolist(), strict=True):
+            tokens[i] = tok
+    return tokens
 def top_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
     """The chosen token's logprob and the ``k`` most likely tokens with theirs, from raw logits."""
     logp = torch.log_softmax(logits.float(), -1)

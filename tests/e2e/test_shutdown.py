@@ -21,6 +21,7 @@ models:
     backend: local
     family: llama
     source: {TEXT_DIR}
+    max_batch_size: 1  # one sequence per step, so the others wait in the queue
 """
     srv = start_server(tmp_path, "drain", registry, {})
     body = {"model": "tiny-drain", "prompt": "The json module", "max_tokens": 300, "ignore_eos": True}
@@ -32,7 +33,7 @@ models:
     try:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             running = pool.submit(post, 0)
-            time.sleep(0.3)  # the first request is on the runner
+            time.sleep(0.3)  # the first request is in the engine's batch
             queued = [pool.submit(post, i) for i in range(1, 4)]
             time.sleep(0.3)  # the others are in its queue
             sent = time.monotonic()

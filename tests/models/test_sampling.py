@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from models.text.detokenize import IncrementalDetokenizer, StopMatcher
-from models.text.sampling import SamplingParams, apply_penalties, filter_logits, make_generators, sample
+from models.text.sampling import SamplingParams, apply_penalties, filter_batch, filter_logits, make_generators, sample
 from tests.conftest import TEXT_DIR
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
@@ -79,3 +79,37 @@ def test_sampling_on_cuda() -> None:
     g = make_generators(params, "cuda")[0]
     tok = sample(LOGITS.cuda(), params, g, prompt_ids=[0], output_ids=[1, 1])
     assert 0 <= tok < 5
+
+
+def reference_filter(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The textbook order on one row with a full sort: temperature, top-k, top-p, min-p."""
+    x = row / p.temperature
+    if 0 < p.top_k < x.numel():
+        x = x.masked_fill(x < torch.topk(x, p.top_k).values[-1], float("-inf"))
+    if p.top_p < 1.0:
+        s, order = torch.sort(x, descending=True)
+        probs = s.softmax(-1)
+        drop = (probs.cumsum(-1) - probs) >= p.top_p
+        x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    if p.min_p > 0:
+        probs = x.softmax(-1)
+        x = x.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+    return x
+
+
+def test_batched_filters_equal_the_textbook_order_row_by_row() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(7, 4096) * 3
+    params = [SamplingParams(top_p=0.9), SamplingParams(top_k=7), SamplingParams(top_p=0.5, top_k=100, temperature=0.7),
+              SamplingParams(min_p=0.05, top_p=0.8), SamplingParams(), SamplingParams(top_p=0.9999),  # beyond prefix
+              SamplingParams(top_k=3000, top_p=0.95, temperature=1.5)]
+    batched = filter_batch(logits, params)
+    for row, p, got in zip(logits, params, batched, strict=True):
+        want = reference_filter(row, p)
+        differ = got.isinf() != want.isinf()
+        if differ.any():  # only where the mass ahead equals top_p up to float summation order
+            x = row / p.temperature
+            ahead = x.softmax(-1)[x > x[differ].max()].sum()
+            assert p.top_k == 0 and differ.sum() == 1 and abs(ahead - p.top_p) < 1e-5, p
+        kept = ~got.isinf() & ~want.isinf()
+        assert torch.allclose(got[kept], want[kept])

@@ -1,0 +1,46 @@
+"""Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter.
+
+``TRITON_INTERPRET`` is read when ``@triton.jit`` decorates a kernel, that is when
+``kernels._triton_attention`` or ``kernels._triton_int8`` is first imported. The public functions
+import those modules only for CUDA tensors, so on a CPU machine nothing has imported them before
+this file is collected, whatever other test packages imported ``kernels``; the fixtures below fail
+loudly if that ever stops being true. With a GPU the same tests run the compiled kernels on it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+# Triton's interpreter keeps bfloat16 as raw uint16 and tl.dot multiplies those bit patterns
+# (triton-lang/triton#11584; the debugging guide lists bfloat16 as unsupported), so bfloat16
+# kernels are checked on a GPU only.
+BF16_NEEDS_GPU = pytest.mark.skipif(not HAS_CUDA, reason="Triton's interpreter has no bfloat16 tl.dot")
+
+
+def _triton_module(name: str) -> ModuleType:
+    pytest.importorskip("triton", reason="Triton is not installed (pip install -e '.[dev]' installs it on Linux)")
+    module = importlib.import_module(name)
+    if not HAS_CUDA and not module._INTERPRET:
+        pytest.fail(f"{name} was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on CPU")
+    return module
+
+
+@pytest.fixture(scope="session")
+def triton_attention() -> ModuleType:
+    return _triton_module("kernels._triton_attention")
+
+
+@pytest.fixture(scope="session")
+def triton_int8() -> ModuleType:
+    return _triton_module("kernels._triton_int8")
