@@ -68,6 +68,8 @@ class ModelEntry(BaseModel):
     kv_block_size: int = Field(16, ge=1, le=256, description="text engine: tokens per KV cache block")
     max_num_batched_tokens: int | None = Field(None, ge=16, description="text engine: prefill + decode tokens "
                                                "in one step (default: max(2048, context + max_batch_size))")
+    threads: int | None = Field(None, ge=1, le=1024, description="text engine: CPU threads of its process "
+                                "(default: all cores but one, which the HTTP side keeps)")
     quantization: Literal["none", "int8"] = Field("none", description="weight-only quantization of the "
                                                   "linear layers (text models)")
     request_timeout_s: float | None = Field(None, gt=0, description="deadline (default: the setting)")

@@ -60,6 +60,13 @@ def local_dir(source: Path | str) -> Path:
 QUANTIZABLE = {"llama"}
 
 
+def load_family_info(family: str, source: Path | str, device: str = "auto") -> Any:
+    """A text family's tokenizer and limits without its weights (the module's ``load_info``)."""
+    if family not in FAMILIES or not hasattr(module := importlib.import_module(FAMILIES[family][1]), "load_info"):
+        raise ValueError(f"family {family!r} has no load_info; text families need one")
+    return module.load_info(local_dir(source), resolve_device(device))
+
+
 def load_family(family: str, source: Path | str, device: str = "auto", dtype: str = "auto",
                 quantization: str = "none") -> Any:
     if family not in FAMILIES:

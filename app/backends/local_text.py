@@ -1,9 +1,10 @@
-"""In-process text generation on the continuous-batching engine (``models.text.engine``).
+"""Local text generation on the continuous-batching engine (``models.text.engine``).
 
-Requests are tokenized on the event loop's side (one worker thread, so the tokenizer never sees
-concurrent calls), then handed to the engine, whose thread steps the whole batch and posts each
-request's events back to its asyncio queue. A request whose client leaves is aborted: it drops out
-of the batch at the next step and its KV blocks are freed.
+The engine runs in a child process (``engine_process``); this side tokenizes (one worker thread,
+so the tokenizer never sees concurrent calls), checks limits, sends requests over, and posts each
+step's events to the requests' asyncio queues, one wake-up of the event loop per step. A request
+whose client leaves is aborted: it drops out of the batch at the child's next step and its KV
+blocks are freed.
 """
 
 from __future__ import annotations
@@ -11,20 +12,30 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from app.backends.base import STALL_SECONDS, Backend, Delta, TextRequest, TokenLogprob, Usage, check_token_ids
+from app.backends.engine_process import EngineClient, EngineSpec
 from app.errors import InvalidRequestError, RateLimitError, UnavailableError
 from app.metrics import Metrics
 from app.registry import ModelEntry
-from models.families import load_family
-from models.text.engine import EngineConfig, EngineError, LLMEngine, RequestEvent, StepStats
+from models.families import load_family_info
+from models.text.engine import EngineConfig, EngineError, EngineShutdown, RequestEvent, StepStats
 from models.text.generate import SampleOutput, TextModel
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    meter: Callable[[RequestEvent], None]
 
 
 class LocalTextBackend(Backend):
@@ -33,56 +44,55 @@ class LocalTextBackend(Backend):
     def __init__(self, entry: ModelEntry, metrics: Metrics) -> None:
         super().__init__(entry)
         self.metrics = metrics
-        self.tm: TextModel | None = None
-        self.engine: LLMEngine | None = None
+        self.tm: TextModel | None = None  # tokenizer and limits; the weights live in the engine process
+        self.engine: EngineClient | None = None
+        self.config: EngineConfig | None = None
         self._waiting = 0  # admitted, not yet started: tokenizing, or queued in the engine
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._stopped = False
-        self._step_started: float | None = None
+        self._pending: dict[str, _Pending] = {}  # requests sent to the engine and not finished
         # Off the event loop: a prompt at the body cap takes most of a second to tokenize. One
         # thread, so the tokenizer never sees concurrent calls.
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tokenize-{entry.id}")
         self._chars_per_token = 0  # the most characters one token decodes to (+1 for a joining space)
         self._draining = False
         self._ids = itertools.count()  # engine ids: one HTTP request may send several prompts
-        self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, RequestEvent]] = []  # engine thread
 
     # lifecycle --------------------------------------------------------------------------------
     def setup(self) -> None:
         e = self.entry
-        self.tm = load_family(e.family or "", e.resolved_source or e.source or "", e.device, e.dtype,
-                              quantization=e.quantization)
+        source = str(e.resolved_source or e.source or "")
+        self.tm = load_family_info(e.family or "", source, e.device)
         tok = self.tm.tokenizer
         self._chars_per_token = 1 + max(map(len, tok.batch_decode([[i] for i in range(len(tok))])))
-        config = EngineConfig.for_model(self.tm.context, e.kv_cache_tokens, e.kv_block_size, e.max_batch_size,
-                                        e.max_num_batched_tokens)
-        self.engine = LLMEngine(self.tm, config)
-        log.info("%s: KV cache of %d blocks x %d tokens (%.1f MiB), %d sequences and %d tokens per step",
-                 e.id, config.num_blocks, config.block_size, self.engine.kv_cache_bytes() / 2**20,
-                 config.max_num_seqs, config.max_num_batched_tokens)
-        self._thread = threading.Thread(target=self._loop, name=f"engine-{e.id}", daemon=True)
-        self._thread.start()
+        # One core stays with the HTTP side unless the registry says otherwise.
+        threads = e.threads or max(1, (os.cpu_count() or 2) - 1)
+        spec = EngineSpec(e.family or "", source, e.device, e.dtype, e.quantization, threads, e.kv_cache_tokens,
+                          e.kv_block_size, e.max_batch_size, e.max_num_batched_tokens)
+        self.engine = EngineClient(spec, e.id, self._on_step)
+        self.engine.start()
+        c = self.config = self.engine.info["config"]
+        log.info("%s: engine process %d, %d threads; KV cache of %d blocks x %d tokens (%.1f MiB), "
+                 "%d sequences and %d tokens per step", e.id, self.engine.process.pid, threads, c.num_blocks,
+                 c.block_size, self.engine.info["kv_cache_bytes"] / 2**20, c.max_num_seqs, c.max_num_batched_tokens)
         self.loaded = True
 
     def ready(self) -> bool:
-        if not self.loaded or self._thread is None or not self._thread.is_alive():
+        if not self.loaded or self.engine is None or not self.engine.alive():
             return False
-        started = self._step_started
-        return started is None or time.monotonic() - started < STALL_SECONDS
+        return not self._pending or time.monotonic() - self.engine.last_message < STALL_SECONDS
 
     def drain(self) -> None:
         self._draining = True
         if self.engine is not None:
-            self.engine.fail_waiting(UnavailableError("The server is shutting down.", headers={"Retry-After": "5"}))
+            self.engine.fail_waiting()
 
     async def close(self) -> None:
-        """Fails what is still queued and stops the engine after its current step."""
+        """Fails what is still queued and stops the engine process after its current step."""
         self.drain()
-        self._stopped = True
-        if self.engine is not None:
-            self.engine.wake()
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        if self.engine is not None:
+            self.engine.stop()
+            await asyncio.to_thread(self.engine.join, 10.0)
 
     def describe(self) -> dict:
         return {"context_length": self.tm.context if self.tm else None}
@@ -110,6 +120,12 @@ class LocalTextBackend(Backend):
             if self.entry.limits.max_tokens is not None:
                 params.max_tokens = min(params.max_tokens, self.entry.limits.max_tokens)
         self._check_length(len(ids), params.max_tokens, param)
+        kv = self.config.num_blocks * self.config.block_size if self.config else None
+        if kv is not None and len(ids) + params.max_tokens > kv:
+            raise InvalidRequestError(
+                f"This request needs up to {len(ids) + params.max_tokens} tokens of KV cache ({len(ids)} in the "
+                f"{param}, {params.max_tokens} for the completion); the model's whole cache holds {kv}. "
+                f"Reduce max_tokens to at most {kv - len(ids)}.", param="max_tokens", code="context_length_exceeded")
         return ids
 
     def _check_chars(self, request: TextRequest) -> None:
@@ -152,11 +168,10 @@ class LocalTextBackend(Backend):
             prompt_ids = await loop.run_in_executor(self._tokenizer_pool, self.tokenize, request)
             if self._draining or self.engine is None:
                 raise UnavailableError("The server is shutting down.", headers={"Retry-After": "5"})
-            self.engine.add_request(rid, prompt_ids, request.params,
-                                    self._on_event(loop, out, len(prompt_ids)))
+            with self._lock:
+                self._pending[rid] = _Pending(loop, out, self._meter(len(prompt_ids)))
+            self.engine.add(rid, prompt_ids, request.params)
             added = True
-        except EngineError as exc:
-            raise InvalidRequestError(str(exc), param="max_tokens", code="context_length_exceeded") from exc
         finally:
             if not added:
                 self._count_waiting(-1)
@@ -171,7 +186,7 @@ class LocalTextBackend(Backend):
                 deltas: dict[int, Delta] = {}
                 for ev in events:
                     if ev.error is not None:
-                        raise ev.error
+                        raise _client_error(ev.error)
                     for o in ev.outputs:
                         d = self._delta(o, request.params.logprobs)
                         if (prev := deltas.get(d.index)) is None:
@@ -198,14 +213,13 @@ class LocalTextBackend(Backend):
             self._waiting += delta
             self.metrics.num_requests_waiting.labels(self.entry.id).set(self._waiting)
 
-    # engine thread ----------------------------------------------------------------------------
-    def _on_event(self, loop: asyncio.AbstractEventLoop, out: asyncio.Queue,
-                  prompt_tokens: int) -> Callable[[RequestEvent], None]:
-        """The request's callback on the engine thread: meters the event, then posts it to the loop."""
+    # reader thread: the engine's events ------------------------------------------------------
+    def _meter(self, prompt_tokens: int) -> Callable[[RequestEvent], None]:
+        """Meters one request's events as they arrive (tokens, queue time, finish reasons)."""
         m, mid = self.metrics, self.entry.id
         started = False
 
-        def on_event(ev: RequestEvent) -> None:
+        def meter(ev: RequestEvent) -> None:
             nonlocal started
             if not started:
                 started = True
@@ -219,36 +233,30 @@ class LocalTextBackend(Backend):
             for o in ev.outputs:
                 if o.finish_reason:
                     m.request_success.labels(mid, o.finish_reason).inc()
-            self._outbox.append((loop, out, ev))
 
-        return on_event
+        return meter
 
-    def _flush(self) -> None:
-        """Posts the step's events: one wake-up of each event loop per step, not one per request."""
-        batch, self._outbox = self._outbox, []
+    def _on_step(self, events: list[tuple[str, RequestEvent]] | None, stats: StepStats) -> None:
+        """One engine step's events, posted with one wake-up per event loop; ``None``: the engine died."""
+        if events is None:
+            with self._lock:
+                pending, self._pending = self._pending, {}
+            events = [(rid, RequestEvent([], finished=True, error=RuntimeError("the engine process exited")))
+                      for rid in pending]
+        else:
+            with self._lock:
+                pending = {rid: self._pending[rid] for rid, ev in events if rid in self._pending}
+                for rid, ev in events:
+                    if ev.finished:
+                        self._pending.pop(rid, None)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestEvent]]] = {}
-        for loop, out, ev in batch:
-            by_loop.setdefault(loop, []).append((out, ev))
+        for rid, ev in events:
+            if (p := pending.get(rid)) is not None:
+                p.meter(ev)
+                by_loop.setdefault(p.loop, []).append((p.out, ev))
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
-
-    def _loop(self) -> None:
-        engine = self.engine
-        assert engine is not None
-        while not self._stopped:
-            if not engine.wait_for_work(timeout=1.0):
-                continue
-            self._step_started = time.monotonic()
-            try:
-                stats = engine.step()
-            except Exception as exc:  # reaches the clients as a 500; the engine starts over empty
-                log.exception("engine step failed for %s", self.entry.id)
-                engine.fail_all(exc)
-                continue
-            finally:
-                self._step_started = None
-                self._flush()
-            self._record(stats)
+        self._record(stats)
 
     def _record(self, stats: StepStats) -> None:
         m, mid = self.metrics, self.entry.id
@@ -267,6 +275,15 @@ class LocalTextBackend(Backend):
             lp = [TokenLogprob(dec([o.token.token_id]), o.token.logprob or 0.0,
                                [(dec([t]), v) for t, v in o.token.top])]
         return Delta(o.index, o.text, lp, o.finish_reason)
+
+
+def _client_error(error: BaseException) -> BaseException:
+    """The engine's error as the client should see it."""
+    if isinstance(error, EngineShutdown):
+        return UnavailableError("The server is shutting down.", headers={"Retry-After": "5"})
+    if isinstance(error, EngineError):
+        return InvalidRequestError(str(error), param="max_tokens", code="context_length_exceeded")
+    return error
 
 
 def _put_all(items: list[tuple[asyncio.Queue, RequestEvent]]) -> None:

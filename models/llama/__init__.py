@@ -8,22 +8,16 @@ from pathlib import Path
 import torch
 
 from kernels.int8 import quantize_linears_int8
-from models.llama.model import load_llama
+from models.llama.model import LlamaConfig, load_llama
 from models.text.generate import TextModel
 
 
-def load(path: Path, device: torch.device, dtype: torch.dtype, quantization: str = "none") -> TextModel:
-    """Loads a Hugging Face Llama directory with our own network and its tokenizer; with
-    ``quantization="int8"`` every linear layer but a tied ``lm_head`` keeps int8 weights."""
+def load_info(path: Path, device: torch.device) -> TextModel:
+    """The tokenizer, end-of-sequence ids and context of a Hugging Face Llama directory, without
+    its weights (``model`` is None): what a gateway needs to check and tokenize requests."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = load_llama(path, device=device, dtype=dtype)
-    if quantization == "int8":
-        tied = model.config.tie_word_embeddings  # quantizing it would keep a second copy of the embedding
-        quantize_linears_int8(model, skip=lambda name, _: tied and name == "lm_head")
-    elif quantization != "none":
-        raise ValueError(f"unsupported quantization {quantization!r}; supported: none, int8")
     eos = set()
     for name in ("generation_config.json", "config.json"):
         if (path / name).is_file():
@@ -31,5 +25,19 @@ def load(path: Path, device: torch.device, dtype: torch.dtype, quantization: str
             eos.update(ids if isinstance(ids, list) else [ids] if ids is not None else [])
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
-    return TextModel(model=model, tokenizer=tokenizer, eos_ids=eos,
-                     context=model.config.max_position_embeddings, device=torch.device(device))
+    config = LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
+    return TextModel(model=None, tokenizer=tokenizer, eos_ids=eos, context=config.max_position_embeddings,
+                     device=torch.device(device))
+
+
+def load(path: Path, device: torch.device, dtype: torch.dtype, quantization: str = "none") -> TextModel:
+    """Loads a Hugging Face Llama directory with our own network and its tokenizer; with
+    ``quantization="int8"`` every linear layer but a tied ``lm_head`` keeps int8 weights."""
+    tm = load_info(path, device)
+    tm.model = load_llama(path, device=device, dtype=dtype)
+    if quantization == "int8":
+        tied = tm.model.config.tie_word_embeddings  # quantizing it would keep a second copy of the embedding
+        quantize_linears_int8(tm.model, skip=lambda name, _: tied and name == "lm_head")
+    elif quantization != "none":
+        raise ValueError(f"unsupported quantization {quantization!r}; supported: none, int8")
+    return tm

@@ -62,6 +62,10 @@ class EngineError(ValueError):
     """A request this engine can never run (for example, longer than its whole KV budget)."""
 
 
+class EngineShutdown(RuntimeError):
+    """The error of requests failed by ``fail_waiting``: the server is shutting down."""
+
+
 @dataclass
 class RequestEvent:
     """What one step produced for one request, delivered to the request's callback."""

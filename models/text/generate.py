@@ -30,7 +30,7 @@ class CausalLM(Protocol):
 class TextModel:
     """A loaded decoder with what serving needs to know about it."""
 
-    model: CausalLM
+    model: CausalLM | None  # None where only the tokenizer is loaded (a gateway beside an engine process)
     tokenizer: Any  # a transformers PreTrainedTokenizerFast
     eos_ids: set[int]
     context: int
