@@ -54,7 +54,7 @@ GENSERVE_ENTRY = "genserve-text-tiny"
 # --cb-num-blocks, transformers sizes its paged KV cache from free *system* memory on CPU: gigabytes,
 # allocated on the first request, and slower decoding while they are touched. 64 pages of the
 # default 256 tokens hold every stream of the sweep (one page each at up to 256 tokens).
-TRANSFORMERS_FLAGS = "--dtype float32 --cb-num-blocks 64"
+TRANSFORMERS_FLAGS = "--cb-num-blocks 64"
 
 
 class BenchError(RuntimeError):
@@ -272,19 +272,20 @@ def log_tail(path: Path, lines: int = 40) -> str:
     return f"--- last {len(tail)} lines of {path.name} ---\n" + "\n".join(tail)
 
 
-def genserve_command(model_dir: Path, port: int, workdir: Path) -> list[str]:
+def genserve_command(model_dir: Path, port: int, workdir: Path, dtype: str) -> list[str]:
     """``genserve serve`` with a registry holding only the text model: the built-in
-    ``genserve-text-tiny`` entry (its batching and queue settings) pointed at ``model_dir``."""
+    ``genserve-text-tiny`` entry (its batching and queue settings) pointed at ``model_dir``. Its
+    engine process keeps its own default thread count (all cores but one)."""
     builtin = yaml.safe_load((REPO / "models" / "registry.yaml").read_text())["models"]
     entry = next(e for e in builtin if e["id"] == GENSERVE_ENTRY)
-    entry.update(id=model_dir.name, source=str(model_dir))
+    entry.update(id=model_dir.name, source=str(model_dir), dtype=dtype)
     registry = workdir / "registry.yaml"
     registry.write_text(yaml.safe_dump({"include_defaults": False, "models": [entry]}))
     return [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
             "--config", str(registry), "--log-level", "warning"]
 
 
-def transformers_command(model_dir: Path, port: int, flags: str) -> list[str]:
+def transformers_command(model_dir: Path, port: int, flags: str, dtype: str) -> list[str]:
     # `transformers serve` loads onto a device through a device_map, which needs accelerate, and on
     # CPU sizes its KV cache from psutil's view of memory: both come with `transformers[serving]`.
     missing = [m for m in ("accelerate", "psutil") if importlib.util.find_spec(m) is None]
@@ -292,19 +293,19 @@ def transformers_command(model_dir: Path, port: int, flags: str) -> list[str]:
         raise BenchError(f"transformers serve needs {' and '.join(missing)}: pip install 'transformers[serving]'")
     return [sys.executable, "-m", "transformers.cli.transformers", "serve", "--continuous-batching",
             "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-            *shlex.split(flags), str(model_dir)]
+            "--dtype", dtype, *shlex.split(flags), str(model_dir)]
 
 
 def bench_managed(kind: str, args: argparse.Namespace, prompts: Sequence[str], workdir: Path) -> list[LevelResult]:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     if kind == "genserve":
-        cmd, ready = genserve_command(args.model_dir, port, workdir), f"{base}/health/ready"
+        cmd, ready = genserve_command(args.model_dir, port, workdir, args.dtype), f"{base}/health/ready"
         target = Target("genserve", base, args.model_dir.name, {"ignore_eos": True})
     else:
         # transformers serve rejects unknown fields (422) such as ignore_eos, but takes a whole
         # GenerationConfig as JSON; an EOS id of -1 turns the stop off in its continuous batching.
-        cmd, ready = transformers_command(args.model_dir, port, args.transformers_flags), f"{base}/health"
+        cmd, ready = transformers_command(args.model_dir, port, args.transformers_flags, args.dtype), f"{base}/health"
         config = json.dumps({"eos_token_id": -1, "do_sample": False})
         target = Target("transformers", base, str(args.model_dir), {"generation_config": config})
     log = workdir / f"{kind}.log"
@@ -331,7 +332,8 @@ class TokenClock:
         pass
 
 
-def bench_generate(model_dir: Path, prompts: Sequence[str], max_tokens: int, threads: int) -> LevelResult:
+def bench_generate(model_dir: Path, prompts: Sequence[str], max_tokens: int, threads: int,
+                   dtype: str) -> LevelResult:
     """Transformers ``generate`` on one prompt at a time, greedy, exactly ``max_tokens`` new tokens;
     TTFT and ITL come from the streamer's per-token callbacks."""
     import torch
@@ -339,7 +341,7 @@ def bench_generate(model_dir: Path, prompts: Sequence[str], max_tokens: int, thr
 
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
 
     def one(prompt: str) -> RequestResult:
         clock = TokenClock()
@@ -365,8 +367,9 @@ def bench_generate(model_dir: Path, prompts: Sequence[str], max_tokens: int, thr
 def header(args: argparse.Namespace) -> list[str]:
     versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("torch", "transformers"))
     return [f"date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-            f"machine: {platform.system()} {platform.machine()}, {cpu_name()}, {os.cpu_count()} CPUs, torch threads "
-            f"per server: {args.threads}; python {platform.python_version()}, {versions}",
+            f"machine: {platform.system()} {platform.machine()}, {cpu_name()}, {os.cpu_count()} CPUs; OMP/torch "
+            f"threads: {args.threads} for transformers serve and generate, genserve's engine process its default "
+            f"(cores - 1); dtype {args.dtype}; python {platform.python_version()}, {versions}",
             f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}",
             f"requests: {args.max_tokens} output tokens each (EOS ignored), greedy, prompts from pydoc_data.topics "
             f"seed {args.seed}; {args.warmup} warm-up requests per server"]
@@ -440,6 +443,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="picks the prompts")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="OMP/torch threads for every server and for generate (default: all cores)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype of every managed server and of generate")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds a managed server may take to start")
     p.add_argument("--transformers-flags", default=TRANSFORMERS_FLAGS,
                    help=f"extra flags for transformers serve (default: {TRANSFORMERS_FLAGS!r})")
@@ -483,7 +488,8 @@ def run(args: argparse.Namespace) -> int:
         for kind in args.serve:
             levels += bench_managed(kind, args, prompts, Path(tmp))
     if args.sequential_generate:
-        levels.append(bench_generate(args.model_dir, prompts[:args.generate_prompts], args.max_tokens, args.threads))
+        levels.append(bench_generate(args.model_dir, prompts[:args.generate_prompts], args.max_tokens, args.threads,
+                                     args.dtype))
     lines = [*head, f"wall time: {time.perf_counter() - began:.0f} s", "", *table(levels), "",
              *ratios(levels, max(args.concurrency))]
     print("\n".join(lines))
