@@ -50,6 +50,7 @@ class LocalTextBackend(Backend):
         self._waiting = 0  # admitted, not yet started: tokenizing, or queued in the engine
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}  # requests sent to the engine and not finished
+        self._engine_exited = False
         # Off the event loop: a prompt at the body cap takes most of a second to tokenize. One
         # thread, so the tokenizer never sees concurrent calls.
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tokenize-{entry.id}")
@@ -77,7 +78,7 @@ class LocalTextBackend(Backend):
         self.loaded = True
 
     def ready(self) -> bool:
-        if not self.loaded or self.engine is None or not self.engine.alive():
+        if not self.loaded or self.engine is None or self._engine_exited or not self.engine.alive():
             return False
         return not self._pending or time.monotonic() - self.engine.last_message < STALL_SECONDS
 
@@ -169,6 +170,9 @@ class LocalTextBackend(Backend):
             if self._draining or self.engine is None:
                 raise UnavailableError("The server is shutting down.", headers={"Retry-After": "5"})
             with self._lock:
+                if self._engine_exited:
+                    raise UnavailableError(f"The engine of model '{self.entry.id}' has stopped; the server needs "
+                                           "a restart.")
                 self._pending[rid] = _Pending(loop, out, self._meter(len(prompt_ids)))
             self.engine.add(rid, prompt_ids, request.params)
             added = True
@@ -240,6 +244,7 @@ class LocalTextBackend(Backend):
         """One engine step's events, posted with one wake-up per event loop; ``None``: the engine died."""
         if events is None:
             with self._lock:
+                self._engine_exited = True
                 pending, self._pending = self._pending, {}
             events = [(rid, RequestEvent([], finished=True, error=RuntimeError("the engine process exited")))
                       for rid in pending]

@@ -4,8 +4,13 @@ and its gauges and histograms reach /metrics."""
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import signal
+from pathlib import Path
 
-from tests.conftest import Server
+import httpx
+
+from tests.conftest import API_KEY, TEXT_DIR, Server, start_server, stop_server
 
 MODEL = "genserve-text-tiny"
 
@@ -37,3 +42,37 @@ def test_concurrent_requests_share_engine_steps_and_seeds_hold(server: Server) -
     assert server.metric("genserve_iteration_tokens_total_count", model_name=MODEL) >= steps
     assert server.metric("genserve_kv_cache_usage_perc", model_name=MODEL) == 0.0  # all freed
     assert server.metric("genserve_num_requests_running", model_name=MODEL) == 0.0
+
+
+def engine_children(server_pid: int) -> list[int]:
+    """The server's engine processes: multiprocessing children started with spawn."""
+    kids = [k for t in Path(f"/proc/{server_pid}/task").iterdir() for k in (t / "children").read_text().split()]
+    return [int(k) for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+def test_a_dead_engine_fails_requests_fast_and_turns_readiness_off(tmp_path: Path) -> None:
+    registry = f"""include_defaults: false
+models:
+  - id: tiny-crash
+    modality: text
+    backend: local
+    family: llama
+    source: {TEXT_DIR}
+"""
+    srv = start_server(tmp_path, "crash", registry, {})
+    try:
+        (child,) = engine_children(srv.proc.pid)
+        with httpx.stream("POST", srv.url + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                          json={"model": "tiny-crash", "prompt": "The json module", "max_tokens": 480,
+                                "ignore_eos": True, "stream": True}, timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))
+            os.kill(child, signal.SIGKILL)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and '"error"' in rest[-2]  # the stream ends with an error event
+        assert httpx.get(srv.url + "/health/ready", timeout=5).status_code == 503
+        r = httpx.post(srv.url + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                       json={"model": "tiny-crash", "prompt": "x", "max_tokens": 4}, timeout=10)
+        assert r.status_code == 503 and "engine" in r.json()["error"]["message"]
+    finally:
+        stop_server(srv)
