@@ -8,6 +8,7 @@ local directory: hub ids are resolved to the Hugging Face cache first.
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,25 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
+def resolve_dtype(dtype: str, device: torch.device, path: Path | None = None) -> torch.dtype:
+    """``auto``: bfloat16 on CUDA; on a CPU, bfloat16 when the checkpoint is stored in it and the CPU
+    computes it natively (AVX512-BF16 or AMX: about 1.4x the decode throughput of float32 there),
+    else float32 (emulated bfloat16 is slower than float32)."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cuda":
+        return torch.bfloat16
+    stored = None
+    if path is not None and (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        stored = config.get("dtype") or config.get("torch_dtype")
+    return torch.bfloat16 if stored == "bfloat16" and cpu_has_bf16() else torch.float32
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX)."""
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private, hence the guard
+    return bool(check and check()) or bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 # What a hub snapshot needs for our families: configs, tokenizers, safetensors. Never pickles.
@@ -74,8 +90,8 @@ def load_family(family: str, source: Path | str, device: str = "auto", dtype: st
     dev = resolve_device(device)
     module = importlib.import_module(FAMILIES[family][1])
     if quantization == "none":
-        return module.load(local_dir(source), dev, resolve_dtype(dtype, dev))
+        return module.load(path := local_dir(source), dev, resolve_dtype(dtype, dev, path))
     if family not in QUANTIZABLE:
         raise ValueError(f"family {family!r} does not support quantization={quantization!r}; "
                          f"families that do: {', '.join(sorted(QUANTIZABLE))}")
-    return module.load(local_dir(source), dev, resolve_dtype(dtype, dev), quantization=quantization)
+    return module.load(path := local_dir(source), dev, resolve_dtype(dtype, dev, path), quantization=quantization)

@@ -40,6 +40,7 @@ class EngineSpec:
     dtype: str
     quantization: str
     threads: int
+    wide_threads: int  # for steps with a burst of prompts (EngineConfig.wide_step_threads); 0: never
     kv_cache_tokens: int | None
     block_size: int
     max_num_seqs: int
@@ -57,7 +58,7 @@ def engine_main(conn: Connection, spec: EngineSpec) -> None:
         torch.set_num_threads(spec.threads)
         tm = load_family(spec.family, spec.source, spec.device, spec.dtype, quantization=spec.quantization)
         config = EngineConfig.for_model(tm.context, spec.kv_cache_tokens, spec.block_size, spec.max_num_seqs,
-                                        spec.max_num_batched_tokens)
+                                        spec.max_num_batched_tokens, spec.wide_threads)
         engine = LLMEngine(tm, config)
     except Exception:
         conn.send(("failed", traceback.format_exc(limit=3)))

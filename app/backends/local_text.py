@@ -65,10 +65,13 @@ class LocalTextBackend(Backend):
         self.tm = load_family_info(e.family or "", source, e.device)
         tok = self.tm.tokenizer
         self._chars_per_token = 1 + max(map(len, tok.batch_decode([[i] for i in range(len(tok))])))
-        # One core stays with the HTTP side unless the registry says otherwise.
-        threads = e.threads or max(1, (os.cpu_count() or 2) - 1)
-        spec = EngineSpec(e.family or "", source, e.device, e.dtype, e.quantization, threads, e.kv_cache_tokens,
-                          e.kv_block_size, e.max_batch_size, e.max_num_batched_tokens)
+        # One core stays with the HTTP side unless the registry says otherwise; steps that prefill a
+        # burst of prompts borrow it (the HTTP side is waiting for their first tokens then).
+        cores = os.cpu_count() or 2
+        threads = e.threads or max(1, cores - 1)
+        spec = EngineSpec(e.family or "", source, e.device, e.dtype, e.quantization, threads,
+                          cores if threads < cores else 0, e.kv_cache_tokens, e.kv_block_size, e.max_batch_size,
+                          e.max_num_batched_tokens)
         self.engine = EngineClient(spec, e.id, self._on_step)
         self.engine.start()
         c = self.config = self.engine.info["config"]

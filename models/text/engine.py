@@ -47,15 +47,22 @@ class EngineConfig:
     num_blocks: int = 1024  # the KV budget: num_blocks * block_size tokens over all sequences
     max_num_seqs: int = 64  # sequences in one step
     max_num_batched_tokens: int = 2048  # decode tokens + prefill tokens in one step
+    # CPU: intra-op threads for steps with at least ``wide_step_tokens`` prefill tokens (others use
+    # torch's current setting). Decode steps are too small to gain from a second thread that the
+    # HTTP side needs; a burst of prompts is not. 0: never change the thread count.
+    wide_step_threads: int = 0
+    wide_step_tokens: int = 256
 
     @classmethod
     def for_model(cls, context: int, kv_cache_tokens: int | None = None, block_size: int = 16,
-                  max_num_seqs: int = 64, max_num_batched_tokens: int | None = None) -> EngineConfig:
+                  max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
+                  wide_step_threads: int = 0) -> EngineConfig:
         """A config whose token budget fits at least one full-context prompt; by default a KV budget
         of ``max_num_seqs`` full contexts, capped at 32k tokens."""
         tokens = kv_cache_tokens or min(max_num_seqs * context, 32768)
         return cls(block_size=block_size, num_blocks=-(-tokens // block_size), max_num_seqs=max_num_seqs,
-                   max_num_batched_tokens=max(max_num_batched_tokens or 2048, context + max_num_seqs))
+                   max_num_batched_tokens=max(max_num_batched_tokens or 2048, context + max_num_seqs),
+                   wide_step_threads=wide_step_threads)
 
 
 class EngineError(ValueError):
@@ -218,7 +225,15 @@ class LLMEngine:
         decodes, prefills = self._schedule(stats)
         seqs = decodes + prefills
         if seqs:
-            logits = self.tm.model.forward_paged(self._prepare(decodes, prefills))  # (S, V)
+            wide = self.config.wide_step_threads and sum(s.num_tokens for s in prefills) >= self.config.wide_step_tokens
+            narrow = torch.get_num_threads()
+            if wide:
+                torch.set_num_threads(self.config.wide_step_threads)
+            try:
+                logits = self.tm.model.forward_paged(self._prepare(decodes, prefills))  # (S, V)
+            finally:
+                if wide:
+                    torch.set_num_threads(narrow)
             self.last_logits, self.last_scheduled = logits, [(s.request.request_id, s.index) for s in seqs]
             self._emit(seqs, logits)
         stats.num_seqs = len(seqs)
