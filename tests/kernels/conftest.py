@@ -25,7 +25,8 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 # Triton's interpreter keeps bfloat16 as raw uint16 and tl.dot multiplies those bit patterns
 # (triton-lang/triton#11584; the debugging guide lists bfloat16 as unsupported), so bfloat16
 # kernels are checked on a GPU only: marked gpu, so CPU runs deselect them like the other GPU tests.
-BF16_NEEDS_GPU = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="Triton's interpreter has no bfloat16 tl.dot")]
+BF16_NEEDS_GPU = [pytest.mark.gpu,
+                  pytest.mark.skipif(not HAS_CUDA, reason="Triton's interpreter has no bfloat16 tl.dot")]
 
 
 def _triton_module(name: str) -> ModuleType:
