@@ -75,7 +75,7 @@ class LocalTextBackend(Backend):
         self.engine = EngineClient(spec, e.id, self._on_step)
         self.engine.start()
         c = self.config = self.engine.info["config"]
-        log.info("%s: engine process %d, %d threads; KV cache of %d blocks x %d tokens (%.1f MiB), "
+        log.info("%s: engine process %d, threads=%d; KV cache of %d blocks x %d tokens (%.1f MiB), "
                  "%d sequences and %d tokens per step", e.id, self.engine.process.pid, threads, c.num_blocks,
                  c.block_size, self.engine.info["kv_cache_bytes"] / 2**20, c.max_num_seqs, c.max_num_batched_tokens)
         self.loaded = True

@@ -190,3 +190,17 @@ def test_config_defaults_fit_a_full_context() -> None:
     c = EngineConfig.for_model(512, max_num_seqs=64)
     assert c.num_blocks * c.block_size == 32768 and c.max_num_batched_tokens >= 512 + 64
     assert json.dumps(c.__dict__)  # plain numbers, loggable
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_engine_on_cuda_follows_cpu(tm: TextModel, quantization: str) -> None:
+    """The Triton paths (varlen prefill, paged decode, int8 matmul) drive the engine on a GPU: greedy
+    tokens as on the CPU in float32, logits within float32 rounding of the GPU's matmuls."""
+    gpu = load(TEXT_DIR, torch.device("cuda"), torch.float32, quantization=quantization)
+    cpu = tm if quantization == "none" else load(TEXT_DIR, torch.device("cpu"), torch.float32, quantization="int8")
+    requests = {f"r{i}": (p, greedy(24)) for i, p in enumerate(PROMPTS)}
+    on_gpu = run_all(LLMEngine(gpu, EngineConfig.for_model(gpu.context)), requests, gpu)
+    on_cpu = run_all(LLMEngine(cpu, EngineConfig.for_model(cpu.context)), requests, cpu)
+    assert on_gpu.tokens == on_cpu.tokens
