@@ -106,6 +106,8 @@ def filter_batch(logits: torch.Tensor, params: list[SamplingParams], prefix: int
         if width < V and bool(((top_p < 1.0) & (ks == V) & keep.all(-1)).any()):
             return filter_batch(logits, params, prefix=V)  # some row's top-p cut lies beyond the prefix
         thr = vals.masked_fill(~keep, float("inf")).min(-1).values  # (B,): smallest kept value
+        # A row with neither filter keeps everything, whatever width its neighbours needed.
+        thr = torch.where((ks < V) | (top_p < 1.0), thr, torch.full_like(thr, float("-inf")))
     top = x.max(-1).values
     thr = torch.maximum(thr, torch.where(min_p > 0, top + min_p.log(), torch.full_like(thr, float("-inf"))))
     if not (use_k or use_p or bool((min_p > 0).any())):
@@ -133,9 +135,9 @@ class SampleRow:
 def sample_batch(logits: torch.Tensor, rows: list[SampleRow]) -> list[int]:
     """Draws the next token of every sequence in a batch from its row of ``logits`` (B, V).
 
-    Penalties and bans apply per row; the filters run batched. The draw is an exponential race
-    (argmax of p / E with E ~ Exp(1), which picks i with probability p_i) whose noise comes from
-    each row's own generator, so a seeded sequence draws the same tokens whatever else is in the batch.
+    Penalties and bans apply per row; the filters run batched. The draw inverts each row's CDF at
+    one uniform number from the row's own generator, so a seeded sequence draws the same tokens
+    whatever else is in the batch.
     """
     logits = logits.float()
     own = list(logits.unbind(0))

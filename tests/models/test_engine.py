@@ -120,9 +120,13 @@ def mixed_batch() -> dict[str, tuple[str, SamplingParams]]:
     return {f"other{i}": (PROMPTS[i % len(PROMPTS)] * (1 + i % 3), kinds[i % len(kinds)]) for i in range(15)}
 
 
-def test_seeded_request_draws_the_same_tokens_alone_and_in_a_batch_of_16(tm: TextModel) -> None:
-    params = SamplingParams(max_tokens=48, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True,
-                            n=2, repetition_penalty=1.1)
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=48, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True, n=2,
+                   repetition_penalty=1.1),
+    SamplingParams(max_tokens=48, seed=7, ignore_eos=True, n=2),  # no filter of its own, beside filtered rows
+], ids=["filtered", "plain"])
+def test_seeded_request_draws_the_same_tokens_alone_and_in_a_batch_of_16(tm: TextModel,
+                                                                          params: SamplingParams) -> None:
     alone = run_all(LLMEngine(tm, EngineConfig.for_model(tm.context)), {"me": ("The json module", params)}, tm)
     batch = mixed_batch() | {"me": ("The json module", params)}
     together = run_all(LLMEngine(tm, EngineConfig.for_model(tm.context)), batch, tm)

@@ -97,6 +97,16 @@ def reference_filter(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return x
 
 
+def test_an_unfiltered_row_keeps_its_whole_vocabulary_beside_filtered_ones() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(4, 4096)
+    plain = SamplingParams(temperature=0.9)
+    for neighbour in (SamplingParams(top_k=5), SamplingParams(top_p=0.5), SamplingParams(min_p=0.2)):
+        out = filter_batch(logits, [plain, neighbour, SamplingParams(min_p=0.05), plain])
+        assert not out[0].isinf().any() and not out[3].isinf().any(), neighbour
+        assert torch.equal(out[1], filter_batch(logits[1:2], [neighbour])[0])
+
+
 def test_batched_filters_equal_the_textbook_order_row_by_row() -> None:
     torch.manual_seed(0)
     logits = torch.randn(7, 4096) * 3
