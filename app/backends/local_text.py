@@ -120,17 +120,16 @@ class LocalTextBackend(Backend):
             raise InvalidRequestError("The prompt is empty.", param=param)
         params = request.params
         if params.max_tokens is None:
-            params.max_tokens = max(tm.context - len(ids), 1)
+            params.max_tokens = max(self._max_len() - len(ids), 1)
             if self.entry.limits.max_tokens is not None:
                 params.max_tokens = min(params.max_tokens, self.entry.limits.max_tokens)
         self._check_length(len(ids), params.max_tokens, param)
-        kv = self.config.num_blocks * self.config.block_size if self.config else None
-        if kv is not None and len(ids) + params.max_tokens > kv:
-            raise InvalidRequestError(
-                f"This request needs up to {len(ids) + params.max_tokens} tokens of KV cache ({len(ids)} in the "
-                f"{param}, {params.max_tokens} for the completion); the model's whole cache holds {kv}. "
-                f"Reduce max_tokens to at most {kv - len(ids)}.", param="max_tokens", code="context_length_exceeded")
         return ids
+
+    def _max_len(self) -> int:
+        """Tokens one sequence may reach: the context, or less when the whole KV cache is smaller."""
+        ctx = self.tm.context if self.tm else 0
+        return min(ctx, self.config.num_blocks * self.config.block_size) if self.config else ctx
 
     def _check_chars(self, request: TextRequest) -> None:
         """A text of N characters is at least N / chars_per_token tokens: one that cannot fit the
@@ -149,15 +148,19 @@ class LocalTextBackend(Backend):
                 code="context_length_exceeded")
 
     def _check_length(self, prompt_len: int, max_tokens: int, param: str) -> None:
-        ctx = self.tm.context if self.tm else 0
+        ctx = self._max_len()
+        if self.tm is not None and ctx < self.tm.context:
+            ctx_words = f"{ctx} tokens (its whole KV cache; the model's context is {self.tm.context})"
+        else:
+            ctx_words = f"{ctx} tokens"
         if prompt_len >= ctx:
             raise InvalidRequestError(
-                f"This model's maximum context length is {ctx} tokens, and your {param} has "
+                f"This model's maximum context length is {ctx_words}, and your {param} has "
                 f"{prompt_len} tokens; leave room for at least one generated token.", param=param,
                 code="context_length_exceeded")
         if prompt_len + max_tokens > ctx:
             raise InvalidRequestError(
-                f"This model's maximum context length is {ctx} tokens. However, you requested "
+                f"This model's maximum context length is {ctx_words}. However, you requested "
                 f"{prompt_len + max_tokens} tokens ({prompt_len} in the {param}, {max_tokens} for the "
                 f"completion). Reduce max_tokens to at most {ctx - prompt_len}.", param="max_tokens",
                 code="context_length_exceeded")

@@ -100,3 +100,19 @@ def test_stream_queued_then_abandoned_never_runs(server: Server) -> None:
         assert busy.result().status_code == 200
     _wait_for_abort(server, model, aborts)
     assert server.metric("genserve_generation_tokens_total", model_name=model) - tokens == busy_tokens
+
+
+def test_a_kv_cache_smaller_than_the_context_bounds_requests(server: Server) -> None:
+    """64 tokens of KV cache: the default max_tokens fills what is left of it, more is a 400."""
+    with server.client() as client:
+        r = client.post("/v1/chat/completions", json={"model": "tiny-smallkv", "ignore_eos": True,
+                                                      "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == 64
+        r = client.post("/v1/completions", json={"model": "tiny-smallkv", "prompt": "The json module",
+                                                 "max_tokens": 100})
+        assert_openai_error(r, 400, "max_tokens")
+        assert "64 tokens (its whole KV cache; the model's context is 512)" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", json={"model": "tiny-smallkv", "prompt": "word " * 80})
+        assert_openai_error(r, 400, "prompt")
