@@ -101,8 +101,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         _text_entry("tiny-queue1", max_waiting=1, max_batch_size=1),  # one sequence at a time
         _text_entry("tiny-deadline", request_timeout_s=0.3),
         _text_entry("tiny-disconnect"),
-        _text_entry("tiny-fp32", dtype="float32"),
-        _text_entry("tiny-smallkv", kv_cache_tokens=64, kv_block_size=16),  # a cache smaller than the context  # the shipped model as transformers computes it by default
+        _text_entry("tiny-fp32", dtype="float32"),  # the shipped model as transformers computes it by default
+        _text_entry("tiny-smallkv", kv_cache_tokens=64, kv_block_size=16),  # a cache smaller than the context
     ])
     srv = start_server(tmp_path_factory.mktemp("server"), "server", registry, {})
     yield srv

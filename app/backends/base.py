@@ -34,6 +34,7 @@ class Delta:
     text: str
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    num_tokens: int = 1  # tokens this text came from (a backend may merge several into one delta)
 
 
 @dataclass

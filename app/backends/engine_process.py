@@ -83,7 +83,9 @@ def engine_main(conn: Connection, spec: EngineSpec) -> None:
                 engine.abort(cmd[1])
             elif cmd[0] == "fail_waiting":
                 engine.fail_waiting(EngineShutdown("the server is shutting down"))
-            elif cmd[0] == "stop":
+            elif cmd[0] == "stop":  # whatever is still in the engine learns why before the child exits
+                engine.fail_all(EngineShutdown("the server is shutting down"))
+                conn.send(("step", events, StepStats()))
                 return
         try:
             stats = engine.step()
@@ -150,16 +152,21 @@ class EngineClient:
             try:
                 self._conn.send(cmd)
             except (BrokenPipeError, OSError):
-                return
+                return  # the child is gone; the reader reports it
+            except Exception:  # one bad command must not silence every later one
+                log.exception("could not send %r to the engine of %s", cmd[0], self.name)
 
     def _recv_loop(self) -> None:
         while True:
             try:
-                kind, events, stats = self._conn.recv()
+                _, events, stats = self._conn.recv()  # ("step", events, stats)
             except (EOFError, OSError):
+                self.process.join(5)
                 log.error("engine process for %s exited (code %s)", self.name, self.process.exitcode)
                 self.on_step(None, StepStats())
                 return
             self.last_message = time.monotonic()
-            if kind == "step":
+            try:
                 self.on_step(events, stats)
+            except Exception:  # a failing callback must not leave every later request waiting
+                log.exception("handling a step of the engine of %s failed", self.name)

@@ -91,7 +91,7 @@ class LocalTextBackend(Backend):
             self.engine.fail_waiting()
 
     async def close(self) -> None:
-        """Fails what is still queued and stops the engine process after its current step."""
+        """Stops the engine process after its current step; requests still in it get a 503."""
         self.drain()
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         if self.engine is not None:
@@ -194,9 +194,11 @@ class LocalTextBackend(Backend):
                 while not out.empty():
                     events.append(out.get_nowait())
                 deltas: dict[int, Delta] = {}
+                error: BaseException | None = None
                 for ev in events:
                     if ev.error is not None:
-                        raise _client_error(ev.error)
+                        error = _client_error(ev.error)
+                        break
                     for o in ev.outputs:
                         d = self._delta(o, request.params.logprobs)
                         if (prev := deltas.get(d.index)) is None:
@@ -204,11 +206,14 @@ class LocalTextBackend(Backend):
                         else:
                             prev.text += d.text
                             prev.finish_reason = d.finish_reason
+                            prev.num_tokens += 1
                             if prev.logprobs is not None:
                                 prev.logprobs += d.logprobs or []
                     finished = finished or ev.finished
                 for d in deltas.values():
                     yield d
+                if error is not None:  # after what came before it, so a stream shows all it produced
+                    raise error
                 if finished:
                     yield Usage(events[-1].prompt_tokens, events[-1].completion_tokens)
         finally:
@@ -252,8 +257,8 @@ class LocalTextBackend(Backend):
             with self._lock:
                 self._engine_exited = True
                 pending, self._pending = self._pending, {}
-            events = [(rid, RequestEvent([], finished=True, error=RuntimeError("the engine process exited")))
-                      for rid in pending]
+            gone = UnavailableError(f"The engine of model '{self.entry.id}' has stopped; the server needs a restart.")
+            events = [(rid, RequestEvent([], finished=True, error=gone)) for rid in pending]
         else:
             with self._lock:
                 pending = {rid: self._pending[rid] for rid, ev in events if rid in self._pending}

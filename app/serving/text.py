@@ -203,8 +203,9 @@ class TextServing:
                 if isinstance(event, Delta):
                     if not last:
                         ttft.observe(t - start)
-                    elif event.index in last:
-                        itl.observe(t - last[event.index])
+                    elif event.index in last:  # k merged tokens: k gaps of a k-th of the wait each
+                        for _ in range(event.num_tokens):
+                            itl.observe((t - last[event.index]) / event.num_tokens)
                     last[event.index] = t
                     if count and event.finish_reason:
                         m.request_success.labels(mid, event.finish_reason).inc()

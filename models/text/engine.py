@@ -180,7 +180,12 @@ class LLMEngine:
         """Queues a request; ``callback`` gets its events on the engine's thread."""
         if params.max_tokens is None:
             raise ValueError("the engine needs params.max_tokens")
-        need = self._blocks_for(len(prompt_ids) + params.max_tokens)
+        longest = len(prompt_ids) + params.max_tokens
+        if longest > min(self.tm.context, self.config.max_num_batched_tokens):
+            # A recomputed sequence is prefilled whole, so it must fit one step's budget and the context.
+            raise EngineError(f"this request needs up to {longest} tokens per sequence; the engine runs at most "
+                              f"{min(self.tm.context, self.config.max_num_batched_tokens)}")
+        need = self._blocks_for(longest)
         if need > self.config.num_blocks:
             raise EngineError(f"this request needs up to {len(prompt_ids) + params.max_tokens} tokens of KV cache "
                               f"per sequence; the model's whole cache holds "

@@ -188,6 +188,8 @@ def test_a_request_beyond_the_whole_cache_is_refused(tm: TextModel) -> None:
     engine = LLMEngine(tm, EngineConfig(block_size=16, num_blocks=4, max_num_batched_tokens=tm.context))
     with pytest.raises(EngineError, match="whole cache holds 64"):
         engine.add_request("x", [1, 2, 3], greedy(100), lambda ev: None)
+    with pytest.raises(EngineError, match="runs at most 512"):  # would wait at the head of the queue forever
+        engine.add_request("y", [1] * 600, greedy(1), lambda ev: None)
 
 
 def test_config_defaults_fit_a_full_context() -> None:
