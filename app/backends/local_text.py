@@ -51,6 +51,7 @@ class LocalTextBackend(Backend):
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}  # requests sent to the engine and not finished
         self._engine_exited = False
+        self._restarts = 0  # engine processes started after the first one died
         # Off the event loop: a prompt at the body cap takes most of a second to tokenize. One
         # thread, so the tokenizer never sees concurrent calls.
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tokenize-{entry.id}")
@@ -72,6 +73,7 @@ class LocalTextBackend(Backend):
         spec = EngineSpec(e.family or "", source, e.device, e.dtype, e.quantization, threads,
                           cores if threads < cores else 0, e.kv_cache_tokens, e.kv_block_size, e.max_batch_size,
                           e.max_num_batched_tokens)
+        self._spec = spec
         self.engine = EngineClient(spec, e.id, self._on_step)
         self.engine.start()
         c = self.config = self.engine.info["config"]
@@ -177,8 +179,8 @@ class LocalTextBackend(Backend):
                 raise UnavailableError("The server is shutting down.", headers={"Retry-After": "5"})
             with self._lock:
                 if self._engine_exited:
-                    raise UnavailableError(f"The engine of model '{self.entry.id}' has stopped; the server needs "
-                                           "a restart.")
+                    raise UnavailableError(f"The engine of model '{self.entry.id}' stopped and is restarting; "
+                                           "retry shortly.", headers={"Retry-After": "5"})
                 self._pending[rid] = _Pending(loop, out, self._meter(len(prompt_ids)))
             self.engine.add(rid, prompt_ids, request.params)
             added = True
@@ -257,7 +259,11 @@ class LocalTextBackend(Backend):
             with self._lock:
                 self._engine_exited = True
                 pending, self._pending = self._pending, {}
-            gone = UnavailableError(f"The engine of model '{self.entry.id}' has stopped; the server needs a restart.")
+            gone = UnavailableError(f"The engine of model '{self.entry.id}' stopped; retry shortly.",
+                                    headers={"Retry-After": "5"})
+            if not self._draining:
+                threading.Thread(target=self._restart_engine, name=f"engine-restart-{self.entry.id}",
+                                 daemon=True).start()
             events = [(rid, RequestEvent([], finished=True, error=gone)) for rid in pending]
         else:
             with self._lock:
@@ -273,6 +279,25 @@ class LocalTextBackend(Backend):
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
         self._record(stats)
+
+    def _restart_engine(self) -> None:
+        """A new engine process after the last one died (killed, out of memory, a crashed kernel):
+        its requests have failed with 503; new ones get 503 until it is loaded. Backs off 1, 2, 4 ...
+        60 s between attempts, so a model that crashes at once does not spin."""
+        while not self._draining:
+            time.sleep(min(60.0, 2.0 ** self._restarts))
+            self._restarts += 1
+            client = EngineClient(self._spec, self.entry.id, self._on_step)
+            try:
+                client.start()
+            except Exception as exc:  # logged; the next attempt waits longer
+                log.error("restarting the engine of %s failed: %s", self.entry.id, exc)
+                continue
+            with self._lock:
+                self.engine, self._engine_exited = client, False
+            log.warning("engine of %s restarted (process %d, restart %d)", self.entry.id, client.process.pid,
+                        self._restarts)
+            return
 
     def _record(self, stats: StepStats) -> None:
         m, mid = self.metrics, self.entry.id

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -50,7 +51,7 @@ def engine_children(server_pid: int) -> list[int]:
     return [int(k) for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
 
 
-def test_a_dead_engine_fails_requests_fast_and_turns_readiness_off(tmp_path: Path) -> None:
+def test_a_dead_engine_fails_its_requests_fast_and_comes_back(tmp_path: Path) -> None:
     registry = f"""include_defaults: false
 models:
   - id: tiny-crash
@@ -73,6 +74,15 @@ models:
         assert httpx.get(srv.url + "/health/ready", timeout=5).status_code == 503
         r = httpx.post(srv.url + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
                        json={"model": "tiny-crash", "prompt": "x", "max_tokens": 4}, timeout=10)
-        assert r.status_code == 503 and "engine" in r.json()["error"]["message"]
+        assert r.status_code == 503 and "restarting" in r.json()["error"]["message"]
+        assert r.headers["retry-after"] == "5"
+        deadline = time.monotonic() + 60  # a new engine process loads after a 1 s back-off
+        while httpx.get(srv.url + "/health/ready", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, "the engine did not come back"
+            time.sleep(0.5)
+        assert engine_children(srv.proc.pid) not in ([], [child])
+        r = httpx.post(srv.url + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                       json={"model": "tiny-crash", "prompt": "x", "max_tokens": 4}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     finally:
         stop_server(srv)
