@@ -104,10 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--minutes", type=float, default=45.0, help="wall-clock training budget")
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_train)
-    ev = sub.add_parser("eval", help="measure a model: held-out perplexity, int8 against full precision")
+    ev = sub.add_parser("eval", help="measure a model: held-out perplexity, int8 and int4 against full precision")
     ev.add_argument("target", choices=["text"])
     ev.add_argument("--model", help="Llama directory (default: the embedded genserve-text-tiny)")
-    ev.add_argument("--quantization", nargs="+", default=["none", "int8"], choices=["none", "int8"],
+    ev.add_argument("--quantization", nargs="+", default=["none", "int8", "int4"], choices=["none", "int8", "int4"],
                     help="variants to compare; the first is the baseline")
     ev.add_argument("--max-tokens", type=int, help="evaluate on the first N held-out tokens only")
     ev.add_argument("--threads", type=int, help="torch threads")

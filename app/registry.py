@@ -70,8 +70,8 @@ class ModelEntry(BaseModel):
                                                "in one step (default: max(2048, context + max_batch_size))")
     threads: int | None = Field(None, ge=1, le=1024, description="text engine: CPU threads of its process "
                                 "(default: all cores but one, which the HTTP side keeps)")
-    quantization: Literal["none", "int8"] = Field("none", description="weight-only quantization of the "
-                                                  "linear layers (text models)")
+    quantization: Literal["none", "int8", "int4"] = Field("none", description="weight-only quantization of "
+                                                          "the linear layers (text models)")
     request_timeout_s: float | None = Field(None, gt=0, description="deadline (default: the setting)")
     limits: Limits = Field(default_factory=Limits)
     # Filled by the loader: the path the source resolved to, or None for a hub id / remote.

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels._backend import use_triton
+from kernels._modules import replace_linears
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # bfloat16 inputs with at most this many rows take torch._weight_int8pack_mm on CPU.
@@ -187,12 +188,4 @@ def quantize_linears_int8(model: nn.Module, skip: Callable[[str, nn.Linear], boo
     another parameter (an ``lm_head`` sharing the embedding matrix) is always kept: quantizing it
     would keep the float matrix alive for the other user and save nothing.
     """
-    uses: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        uses[id(p)] = uses.get(id(p), 0) + 1
-    targets = [(name, m) for name, m in model.named_modules()
-               if name and isinstance(m, nn.Linear) and uses[id(m.weight)] == 1 and not (skip and skip(name, m))]
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, Int8Linear.from_linear(linear))
-    return len(targets)
+    return replace_linears(model, Int8Linear.from_linear, skip)

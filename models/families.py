@@ -72,7 +72,7 @@ def local_dir(source: Path | str) -> Path:
                                 "cache, and downloading is off (HF_HUB_OFFLINE)") from exc
 
 
-# Families whose load() takes ``quantization`` (weight-only int8 of the linear layers).
+# Families whose load() takes ``quantization`` (weight-only int8 or int4 of the linear layers).
 QUANTIZABLE = {"llama"}
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.int4 import quantize_linears_int4
 from kernels.int8 import quantize_linears_int8
 from models.llama.model import LlamaConfig, load_llama
 from models.text.generate import TextModel
@@ -31,13 +32,21 @@ def load_info(path: Path, device: torch.device) -> TextModel:
 
 
 def load(path: Path, device: torch.device, dtype: torch.dtype, quantization: str = "none") -> TextModel:
-    """Loads a Hugging Face Llama directory with our own network and its tokenizer; with
-    ``quantization="int8"`` every linear layer but a tied ``lm_head`` keeps int8 weights."""
+    """Loads a Hugging Face Llama directory with our own network and its tokenizer.
+
+    ``quantization="int8"``: every linear layer but a tied ``lm_head`` keeps int8 weights with one
+    scale per output channel. ``"int4"``: 4-bit weights with a scale and zero-point per group of 64
+    inputs, or of 32 or 16 where the layer's width is not a multiple of 64.
+    """
     tm = load_info(path, device)
     tm.model = load_llama(path, device=device, dtype=dtype)
+    tied = tm.model.config.tie_word_embeddings  # quantizing it would keep a second copy of the embedding
+    skip = lambda name, _: tied and name == "lm_head"  # noqa: E731
     if quantization == "int8":
-        tied = tm.model.config.tie_word_embeddings  # quantizing it would keep a second copy of the embedding
-        quantize_linears_int8(tm.model, skip=lambda name, _: tied and name == "lm_head")
+        quantize_linears_int8(tm.model, skip=skip)
+    elif quantization == "int4":
+        for group_size in (64, 32, 16):  # each pass takes the float layers the previous one could not
+            quantize_linears_int4(tm.model, skip=skip, group_size=group_size)
     elif quantization != "none":
-        raise ValueError(f"unsupported quantization {quantization!r}; supported: none, int8")
+        raise ValueError(f"unsupported quantization {quantization!r}; supported: none, int8, int4")
     return tm

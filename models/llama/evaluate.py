@@ -1,4 +1,5 @@
-"""``genserve eval text``: held-out perplexity and linear-weight memory, full precision against int8.
+"""``genserve eval text``: held-out perplexity and linear-weight memory, full precision against int8
+and int4.
 
 The held-out documents are those the training run set aside (``Doc.held_out``), rendered and
 tokenized the same way; each variant loads the same directory through ``models.llama.load``, the
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kernels.int4 import Int4Linear
 from kernels.int8 import Int8Linear
 from models.llama import load
 from models.llama.corpus import documents
@@ -31,6 +33,8 @@ def linear_weight_bytes(model: nn.Module) -> int:
         tensors = []
         if isinstance(module, Int8Linear):
             tensors = [module.qweight, module.scales]
+        elif isinstance(module, Int4Linear):
+            tensors = [module.qweight, module.scales, module.zeros]
         elif isinstance(module, nn.Linear):
             tensors = [module.weight]
         for t in tensors:
@@ -44,7 +48,7 @@ def _embeddings(model: nn.Module) -> list[torch.Tensor]:
     return [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
 
 
-def eval_text(path: Path, quantizations: tuple[str, ...] = ("none", "int8"), max_tokens: int | None = None,
+def eval_text(path: Path, quantizations: tuple[str, ...] = ("none", "int8", "int4"), max_tokens: int | None = None,
               threads: int | None = None) -> list[dict]:
     """One row per quantization: held-out NLL and perplexity (fp32 activations), linear-weight bytes."""
     if threads:

@@ -45,3 +45,8 @@ def triton_attention() -> ModuleType:
 @pytest.fixture(scope="session")
 def triton_int8() -> ModuleType:
     return _triton_module("kernels._triton_int8")
+
+
+@pytest.fixture(scope="session")
+def triton_int4() -> ModuleType:
+    return _triton_module("kernels._triton_int4")
