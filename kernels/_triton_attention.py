@@ -18,13 +18,14 @@ in Triton's interpreter, one small configuration instead of the autotuned ones.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from kernels._triton_common import INTERPRET
+
+_INTERPRET = INTERPRET  # the tests check it
 _LOG2E = 1.4426950408889634
 
 # (BLOCK_M, BLOCK_N) pairs with BLOCK_M % BLOCK_N == 0, so the unmasked stage ends on a block edge.

@@ -14,24 +14,16 @@ Triton's interpreter with one small configuration.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from kernels._triton_common import INTERPRET, MATMUL_CONFIGS
 
-_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
-    for bn, bk, warps, stages in (
-        (32, 128, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3),
-        (128, 64, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3), (256, 64, 8, 3),
-    )
-] if not _INTERPRET else [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=1, num_stages=1)]
+_INTERPRET = INTERPRET  # the tests check it
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "K", "BLOCK_M"], cache_results=True)
+@triton.autotune(configs=MATMUL_CONFIGS, key=["N", "K", "BLOCK_M"], cache_results=True)
 @triton.jit
 def _int8_matmul_kernel(X, W, Scales, Bias, Y, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
                         stride_ym, stride_yn, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
