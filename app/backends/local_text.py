@@ -80,6 +80,9 @@ class LocalTextBackend(Backend):
         log.info("%s: engine process %d, threads=%d; KV cache of %d blocks x %d tokens (%.1f MiB), "
                  "%d sequences and %d tokens per step", e.id, self.engine.process.pid, threads, c.num_blocks,
                  c.block_size, self.engine.info["kv_cache_bytes"] / 2**20, c.max_num_seqs, c.max_num_batched_tokens)
+        m = self.metrics  # series exist from the start, at zero, as Prometheus expects of counters
+        m.num_preemptions.labels(e.id)
+        m.kv_cache_usage.labels(e.id).set(0)
         self.loaded = True
 
     def ready(self) -> bool:
