@@ -1,7 +1,8 @@
 """The model families genserve can load in process, by the ``family`` name a registry entry uses.
 
 Adding a family: write ``models/<family>`` with a ``load(path, device, dtype)`` that returns the
-modality's model object, add it here, and a registry entry can serve it. ``path`` is always a
+modality's model object (text families also a ``load_info(path, device)``: the tokenizer and
+limits without weights), add it here, and a registry entry can serve it. ``path`` is always a
 local directory: hub ids are resolved to the Hugging Face cache first.
 """
 
