@@ -198,24 +198,9 @@ class LocalTextBackend(Backend):
                 events = [await out.get()]
                 while not out.empty():
                     events.append(out.get_nowait())
-                deltas: dict[int, Delta] = {}
-                error: BaseException | None = None
-                for ev in events:
-                    if ev.error is not None:
-                        error = _client_error(ev.error)
-                        break
-                    for o in ev.outputs:
-                        d = self._delta(o, request.params.logprobs)
-                        if (prev := deltas.get(d.index)) is None:
-                            deltas[d.index] = d
-                        else:
-                            prev.text += d.text
-                            prev.finish_reason = d.finish_reason
-                            prev.num_tokens += 1
-                            if prev.logprobs is not None:
-                                prev.logprobs += d.logprobs or []
-                    finished = finished or ev.finished
-                for d in deltas.values():
+                deltas, error, done = self._merge(events, request.params.logprobs)
+                finished = finished or done
+                for d in deltas:
                     yield d
                 if error is not None:  # after what came before it, so a stream shows all it produced
                     raise error
@@ -224,6 +209,27 @@ class LocalTextBackend(Backend):
         finally:
             if not finished:  # the client left, or the deadline passed: out of the batch at the next step
                 self.engine.abort(rid)
+
+    def _merge(self, events: list[RequestEvent], logprobs: int | None
+               ) -> tuple[list[Delta], BaseException | None, bool]:
+        """One delta per choice from consecutive events; the first error stops the merge."""
+        deltas: dict[int, Delta] = {}
+        finished = False
+        for ev in events:
+            if ev.error is not None:
+                return list(deltas.values()), _client_error(ev.error), finished
+            for o in ev.outputs:
+                d = self._delta(o, logprobs)
+                if (prev := deltas.get(d.index)) is None:
+                    deltas[d.index] = d
+                    continue
+                prev.text += d.text
+                prev.finish_reason = d.finish_reason
+                prev.num_tokens += 1
+                if prev.logprobs is not None:
+                    prev.logprobs += d.logprobs or []
+            finished = finished or ev.finished
+        return list(deltas.values()), None, finished
 
     def _count_waiting(self, delta: int, limit: int | None = None) -> None:
         with self._lock:
