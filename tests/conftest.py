@@ -89,7 +89,7 @@ def stop_server(server: Server) -> None:
         server.proc.kill()
 
 
-def _text_entry(mid: str, **extra: object) -> str:
+def text_entry(mid: str, **extra: object) -> str:
     lines = [f"  - id: {mid}", "    modality: text", "    backend: local", "    family: llama",
              f"    source: {TEXT_DIR}"] + [f"    {k}: {v}" for k, v in extra.items()]
     return "\n".join(lines) + "\n"
@@ -98,11 +98,11 @@ def _text_entry(mid: str, **extra: object) -> str:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     registry = "models:\n" + "".join([
-        _text_entry("tiny-queue1", max_waiting=1, max_batch_size=1),  # one sequence at a time
-        _text_entry("tiny-deadline", request_timeout_s=0.3),
-        _text_entry("tiny-disconnect"),
-        _text_entry("tiny-fp32", dtype="float32"),  # the shipped model as transformers computes it by default
-        _text_entry("tiny-smallkv", kv_cache_tokens=64, kv_block_size=16),  # a cache smaller than the context
+        text_entry("tiny-queue1", max_waiting=1, max_batch_size=1),  # one sequence at a time
+        text_entry("tiny-deadline", request_timeout_s=0.3),
+        text_entry("tiny-disconnect"),
+        text_entry("tiny-fp32", dtype="float32"),  # the shipped model as transformers computes it by default
+        text_entry("tiny-smallkv", kv_cache_tokens=64, kv_block_size=16),  # a cache smaller than the context
     ])
     srv = start_server(tmp_path_factory.mktemp("server"), "server", registry, {})
     yield srv

@@ -29,6 +29,7 @@ def heldout_ids(tokenizer, seed: int = 0) -> torch.Tensor:
 def linear_weight_bytes(model: nn.Module) -> int:
     """Bytes of the decoder's linear weights (and int8 scales); a tied lm_head is the embedding's."""
     total, seen = 0, set()
+    embeddings = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     for module in model.modules():
         tensors = []
         if isinstance(module, Int8Linear):
@@ -38,14 +39,10 @@ def linear_weight_bytes(model: nn.Module) -> int:
         elif isinstance(module, nn.Linear):
             tensors = [module.weight]
         for t in tensors:
-            if t.data_ptr() not in seen and not any(t is e for e in _embeddings(model)):
+            if t.data_ptr() not in seen and not any(t is e for e in embeddings):
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
     return total
-
-
-def _embeddings(model: nn.Module) -> list[torch.Tensor]:
-    return [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
 
 
 def eval_text(path: Path, quantizations: tuple[str, ...] = ("none", "int8", "int4"), max_tokens: int | None = None,

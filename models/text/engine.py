@@ -92,7 +92,6 @@ class RequestEvent:
 @dataclass
 class StepStats:
     running: int = 0  # requests with a sequence in the batch
-    waiting: int = 0  # requests not yet (or no longer) admitted
     num_seqs: int = 0
     num_tokens: int = 0  # prefill + decode tokens in the forward pass
     num_preemptions: int = 0
@@ -218,8 +217,9 @@ class LLMEngine:
         stats = StepStats()
         decodes, prefills = self._schedule(stats)
         seqs = decodes + prefills
+        prefill_tokens = sum(s.num_tokens for s in prefills)
         if seqs:
-            wide = self.config.wide_step_threads and sum(s.num_tokens for s in prefills) >= self.config.wide_step_tokens
+            wide = self.config.wide_step_threads and prefill_tokens >= self.config.wide_step_tokens
             narrow = torch.get_num_threads()
             if wide:
                 torch.set_num_threads(self.config.wide_step_threads)
@@ -231,9 +231,8 @@ class LLMEngine:
             self.last_logits, self.last_scheduled = logits, [(s.request.request_id, s.index) for s in seqs]
             self._emit(seqs, logits)
         stats.num_seqs = len(seqs)
-        stats.num_tokens = len(decodes) + sum(s.num_tokens for s in prefills)
+        stats.num_tokens = len(decodes) + prefill_tokens
         stats.running = len({id(s.request) for s in self.running})
-        stats.waiting = len({id(s.request) for s in self.waiting})
         stats.kv_usage = 1.0 - self.allocator.num_free / self.config.num_blocks
         return stats
 

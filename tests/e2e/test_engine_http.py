@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import API_KEY, TEXT_DIR, Server, start_server, stop_server
+from tests.conftest import API_KEY, Server, start_server, stop_server, text_entry
 
 MODEL = "genserve-text-tiny"
 
@@ -52,14 +52,7 @@ def engine_children(server_pid: int) -> list[int]:
 
 
 def test_a_dead_engine_fails_its_requests_fast_and_comes_back(tmp_path: Path) -> None:
-    registry = f"""include_defaults: false
-models:
-  - id: tiny-crash
-    modality: text
-    backend: local
-    family: llama
-    source: {TEXT_DIR}
-"""
+    registry = "include_defaults: false\nmodels:\n" + text_entry("tiny-crash")
     srv = start_server(tmp_path, "crash", registry, {})
     try:
         (child,) = engine_children(srv.proc.pid)

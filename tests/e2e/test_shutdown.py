@@ -9,20 +9,13 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import API_KEY, TEXT_DIR, start_server
+from tests.conftest import API_KEY, start_server, text_entry
 from tests.e2e.test_errors import assert_openai_error
 
 
 def test_sigterm_drains_the_queue_and_finishes_running_work(tmp_path: Path) -> None:
-    registry = f"""include_defaults: false
-models:
-  - id: tiny-drain
-    modality: text
-    backend: local
-    family: llama
-    source: {TEXT_DIR}
-    max_batch_size: 1  # one sequence per step, so the others wait in the queue
-"""
+    # One sequence per step, so the others wait in the queue.
+    registry = "include_defaults: false\nmodels:\n" + text_entry("tiny-drain", max_batch_size=1)
     srv = start_server(tmp_path, "drain", registry, {})
     body = {"model": "tiny-drain", "prompt": "The json module", "max_tokens": 300, "ignore_eos": True}
 
