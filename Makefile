@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install serve test lint train-text-tiny eval-text bench-text clean
+.PHONY: install serve test lint train-text-tiny train-mol eval-text eval-molecules bench-text bench-molecules clean
 
 install: $(STAMP)
 
@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps molsets==0.3.1  # MOSES data only; see pyproject's mol extra
 	touch $(STAMP)
 
 serve: install
@@ -30,6 +31,13 @@ lint: install
 
 train-text-tiny: install
 	$(BIN)/genserve train text-tiny $(ARGS)
+
+train-mol: install
+	$(BIN)/genserve train mol $(ARGS)
+	$(BIN)/genserve train mol-vae $(ARGS)
+
+eval-molecules: install
+	$(OFFLINE) $(BIN)/genserve eval molecules $(ARGS)
 
 eval-text: install
 	$(OFFLINE) $(BIN)/genserve eval text $(ARGS)

@@ -27,6 +27,15 @@ def _train(args: argparse.Namespace) -> int:
         report = train_text_tiny(Path(args.out), cfg)
         log.info("saved %s: held-out perplexity %.2f after %d steps", args.out,
                  report["heldout_ppl"], report["steps"])
+    elif args.target == "mol":
+        from models.molecule.train_generator import MolTrainConfig, train_mol
+
+        train_mol(Path(args.out), MolTrainConfig(minutes=args.minutes, seed=args.seed, threads=args.threads,
+                                                 train_molecules=args.molecules))
+    elif args.target == "mol-vae":
+        from models.molecule.vae import train_mol_vae
+
+        train_mol_vae(Path(args.out), args.minutes, args.seed, threads=args.threads)
     return 0
 
 
@@ -38,6 +47,16 @@ def _eval(args: argparse.Namespace) -> int:
         path = Path(args.model) if args.model else weights_dir() / "genserve-text-tiny"
         rows = eval_text(path, tuple(args.quantization), args.max_tokens, args.threads)
         print(format_table(rows))
+    elif args.target == "molecules":
+        from models.families import weights_dir
+        from models.molecule.evaluate import eval_molecules, write_card
+        from models.molecule.evaluate import format_table as molecule_table
+
+        path = Path(args.model) if args.model else weights_dir() / "genserve-mol"
+        report = eval_molecules(path, args.samples, Path(args.out) if args.out else path / "eval", args.seed)
+        print(molecule_table(report["metrics"]))
+        if args.out is None and (path / "training_report.json").is_file():
+            write_card(path, report)  # the model card carries the numbers of its own directory's eval
     return 0
 
 
@@ -99,18 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=_serve)
     train = sub.add_parser("train", help="train an embedded model and save it under models/weights/")
-    train.add_argument("target", choices=["text-tiny"])
+    train.add_argument("target", choices=["text-tiny", "mol", "mol-vae"])
     train.add_argument("--out", default=None, help="output directory (default: the shipped one)")
     train.add_argument("--minutes", type=float, default=45.0, help="wall-clock training budget")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=2, help="torch threads (mol, mol-vae)")
+    train.add_argument("--molecules", type=int, help="mol: train on a random subset of this many molecules")
     train.set_defaults(func=_train)
     ev = sub.add_parser("eval", help="measure a model: held-out perplexity, int8 and int4 against full precision")
-    ev.add_argument("target", choices=["text"])
-    ev.add_argument("--model", help="Llama directory (default: the embedded genserve-text-tiny)")
+    ev.add_argument("target", choices=["text", "molecules"])
+    ev.add_argument("--model", help="model directory (default: the embedded genserve-text-tiny or genserve-mol)")
     ev.add_argument("--quantization", nargs="+", default=["none", "int8", "int4"], choices=["none", "int8", "int4"],
                     help="variants to compare; the first is the baseline")
     ev.add_argument("--max-tokens", type=int, help="evaluate on the first N held-out tokens only")
     ev.add_argument("--threads", type=int, help="torch threads")
+    ev.add_argument("--samples", type=int, default=30_000, help="molecules: how many to sample")
+    ev.add_argument("--seed", type=int, default=0, help="molecules: sampling seed")
+    ev.add_argument("--out", help="molecules: where plots and results go (default: MODEL/eval)")
     ev.set_defaults(func=_eval)
     return parser
 

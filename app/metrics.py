@@ -48,6 +48,12 @@ class Metrics:
         self.iteration_tokens = Histogram("genserve_iteration_tokens_total", "Tokens (prefill + decode) in one "
                                           "engine step", m, buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048,
                                                                      4096, 8192), registry=r)
+        # Molecules: validity rate = 1 - invalid / sampled; constraint rejection rate = rejected / sampled.
+        self.molecules_sampled = Counter("genserve_molecules_sampled", "Strings a molecule generator sampled",
+                                         m, registry=r)
+        self.molecules = Counter("genserve_molecules", "Sampled molecules by outcome: returned, invalid, "
+                                 "duplicate, rejected (by constraints), withheld (by moderation)",
+                                 [*m, "outcome"], registry=r)
         self.model_ready = Gauge("genserve_model_ready", "1 when the model is loaded and serving", m,
                                  registry=r)
 

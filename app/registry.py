@@ -41,6 +41,8 @@ class Limits(BaseModel):
     max_tokens: int | None = Field(None, ge=1, description="cap on generated tokens (context if unset)")
     max_top_logprobs: int = Field(20, ge=0, le=20)
     max_inputs: int = Field(2048, ge=1, description="inputs in one /v1/embeddings request")
+    max_samples: int = Field(20_000, ge=1, description="molecule generators: strings sampled for one request "
+                             "at most (the default and cap of its max_samples)")
 
 
 class ModelEntry(BaseModel):

@@ -19,6 +19,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     # family name: (modality, module with load())
     "llama": ("text", "models.llama"),
     "sentence-transformers": ("embedding", "models.embedding"),
+    "selfies-llama": ("molecule", "models.molecule.generator"),
+    "mol-vae": ("molecule", "models.molecule.vae"),
 }
 
 
@@ -74,7 +76,7 @@ def local_dir(source: Path | str) -> Path:
 
 
 # Families whose load() takes ``quantization`` (weight-only int8 or int4 of the linear layers).
-QUANTIZABLE = {"llama"}
+QUANTIZABLE = {"llama", "selfies-llama"}
 
 
 def load_family_info(family: str, source: Path | str, device: str = "auto") -> Any:

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from app.backends.base import STALL_SECONDS, Backend
 from app.errors import RateLimitError, UnavailableError
 
 T = TypeVar("T")
@@ -141,3 +142,22 @@ def _fail(items: list[_Item]) -> None:
         if not item.future.done():
             item.future.set_exception(UnavailableError("The server is shutting down.",
                                                        headers={"Retry-After": "5"}))
+
+
+class BatchedBackend(Backend):
+    """A backend whose model runs behind one ``DynamicBatcher`` (set in ``start``): ready while the
+    batcher's worker lives and is not stuck; draining fails the queue; closing stops the worker."""
+
+    batcher: DynamicBatcher | None = None
+
+    def ready(self) -> bool:
+        b = self.batcher
+        return self.loaded and b is not None and b.alive() and not b.stalled(STALL_SECONDS)
+
+    def drain(self) -> None:
+        if self.batcher is not None:
+            self.batcher.fail_waiting()
+
+    async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.close()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from app.backends.base import STALL_SECONDS, Backend, EmbeddingResult, check_token_ids
-from app.backends.batching import DynamicBatcher
+from app.backends.base import EmbeddingResult, check_token_ids
+from app.backends.batching import BatchedBackend, DynamicBatcher
 from app.errors import InvalidRequestError
 from app.metrics import Metrics
 from app.registry import ModelEntry
@@ -14,7 +14,7 @@ from models.embedding import EmbeddingModel
 from models.families import load_family
 
 
-class LocalEmbeddingBackend(Backend):
+class LocalEmbeddingBackend(BatchedBackend):
     def __init__(self, entry: ModelEntry, metrics: Metrics) -> None:
         super().__init__(entry)
         self.metrics = metrics
@@ -40,17 +40,6 @@ class LocalEmbeddingBackend(Backend):
                                       on_batch=on_batch)
         self.batcher.start()
 
-    def ready(self) -> bool:
-        b = self.batcher
-        return self.loaded and b is not None and b.alive() and not b.stalled(STALL_SECONDS)
-
-    def drain(self) -> None:
-        if self.batcher is not None:
-            self.batcher.fail_waiting()
-
-    async def close(self) -> None:
-        if self.batcher is not None:
-            await self.batcher.close()
 
     def describe(self) -> dict:
         return {"context_length": self.model.max_tokens if self.model else None}

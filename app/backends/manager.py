@@ -8,6 +8,7 @@ import logging
 
 from app.backends.base import Backend
 from app.backends.local_embedding import LocalEmbeddingBackend
+from app.backends.local_molecule import LocalMoleculeBackend, LocalMolVAEBackend
 from app.backends.local_text import LocalTextBackend
 from app.backends.remote import RemoteBackend
 from app.errors import InvalidRequestError, ModelNotFoundError, UnavailableError
@@ -18,7 +19,9 @@ from models.families import FAMILIES
 
 log = logging.getLogger(__name__)
 
-LOCAL_BACKENDS: dict[str, type] = {"text": LocalTextBackend, "embedding": LocalEmbeddingBackend}
+# The backend that runs a local model: by family where the family says, else by modality.
+LOCAL_BACKENDS: dict[str, type] = {"text": LocalTextBackend, "embedding": LocalEmbeddingBackend,
+                                   "molecule": LocalMoleculeBackend, "mol-vae": LocalMolVAEBackend}
 
 
 def build_backend(entry: ModelEntry, settings: Settings, metrics: Metrics) -> Backend:
@@ -31,7 +34,7 @@ def build_backend(entry: ModelEntry, settings: Settings, metrics: Metrics) -> Ba
     if family[0] != entry.modality:
         raise ConfigError(f"model {entry.id!r}: family {entry.family!r} serves {family[0]}, "
                           f"not {entry.modality}")
-    return LOCAL_BACKENDS[entry.modality](entry, metrics)
+    return LOCAL_BACKENDS.get(entry.family or "", LOCAL_BACKENDS[entry.modality])(entry, metrics)
 
 
 class ModelManager:

@@ -297,15 +297,17 @@ class LlamaForCausalLM(nn.Module):
 
 def load_llama(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """Builds the model from a Hugging Face directory (``config.json`` + ``*.safetensors``)."""
+    """Builds the model from a Hugging Face directory (``config.json`` + ``model*.safetensors``)."""
     path = Path(path)
     config = LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     state: dict[str, torch.Tensor] = {}
-    shards = sorted(path.glob("*.safetensors"))
+    # Hugging Face's names (model.safetensors, model-00001-of-00002.safetensors); other safetensors
+    # files in the directory (a molecule model's training-set hashes) are not weights.
+    shards = sorted(path.glob("model*.safetensors"))
     if not shards:
-        raise FileNotFoundError(f"no *.safetensors file in {path}")
+        raise FileNotFoundError(f"no model*.safetensors file in {path}")
     for shard in shards:
         state.update(load_file(shard, device=str(device)))
     if config.tie_word_embeddings:

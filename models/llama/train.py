@@ -180,32 +180,35 @@ def train_text_tiny(out: Path, cfg: TrainConfig) -> dict:
     return report
 
 
-def save_hf(model: LlamaForCausalLM, tok, out: Path) -> None:
+def save_hf(model: LlamaForCausalLM, tok, out: Path, bos: str = BOS, eos: tuple[str, ...] = (BOS, IM_END),
+            chat_template: str | None = CHAT_TEMPLATE) -> None:
+    """Saves a Hugging Face directory: bf16 safetensors, config, generation config, tokenizer."""
     from transformers import GenerationConfig
     from transformers import LlamaConfig as HFLlamaConfig
 
     out.mkdir(parents=True, exist_ok=True)
     c = model.config
-    bos, im_end = tok.convert_tokens_to_ids(BOS), tok.convert_tokens_to_ids(IM_END)
+    bos_id, eos_ids = tok.convert_tokens_to_ids(bos), [tok.convert_tokens_to_ids(t) for t in eos]
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
     HFLlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
                   intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
                   num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
                   max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
                   rope_theta=c.rope_theta, tie_word_embeddings=c.tie_word_embeddings,
-                  bos_token_id=bos, eos_token_id=bos, pad_token_id=bos,
+                  bos_token_id=bos_id, eos_token_id=eos_ids[0], pad_token_id=pad_id,
                   torch_dtype="bfloat16").save_pretrained(out)
-    GenerationConfig(bos_token_id=bos, eos_token_id=[bos, im_end], pad_token_id=bos).save_pretrained(out)
+    GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_ids, pad_token_id=pad_id).save_pretrained(out)
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()
              if not (c.tie_word_embeddings and k == "lm_head.weight")}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     tok.save_pretrained(out)
-    make_portable(out)
+    make_portable(out, chat_template)
 
 
-def make_portable(out: Path) -> None:
+def make_portable(out: Path, chat_template: str | None = CHAT_TEMPLATE) -> None:
     """Writes the spellings that transformers 4.x and vLLM read beside transformers 5's own:
     ``architectures`` (vLLM picks the model class by it), ``torch_dtype`` and a top-level
-    ``rope_theta``; the generic fast-tokenizer class; the chat template inline in
+    ``rope_theta``; the generic fast-tokenizer class; the chat template (if any) inline in
     ``tokenizer_config.json`` rather than only in ``chat_template.jinja``."""
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -214,9 +217,10 @@ def make_portable(out: Path) -> None:
     cfg_path.write_text(json.dumps(dict(sorted(cfg.items())), indent=2) + "\n")
     tc_path = out / "tokenizer_config.json"
     tc = json.loads(tc_path.read_text())
-    tc.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=CHAT_TEMPLATE,
-              model_max_length=cfg["max_position_embeddings"],
-              additional_special_tokens=tc.get("extra_special_tokens", [IM_START, IM_END]))
+    tc.update(tokenizer_class="PreTrainedTokenizerFast", model_max_length=cfg["max_position_embeddings"])
+    if chat_template is not None:
+        tc.update(chat_template=chat_template,
+                  additional_special_tokens=tc.get("extra_special_tokens", [IM_START, IM_END]))
     tc_path.write_text(json.dumps(tc, indent=2) + "\n")
 
 

@@ -8,6 +8,7 @@ stop string, even one that straddles token boundaries.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 # Context tokens decoded before the new ones, so that tokenizers which drop a leading space
@@ -15,9 +16,20 @@ from typing import Any
 CONTEXT_TOKENS = 6
 
 
+def fast_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
+    """``ids -> text`` without special tokens. For a fast tokenizer that cleans up no spaces, the Rust
+    tokenizer's own ``decode``: the same text as ``tokenizer.decode`` at about a third of its cost,
+    which is a few percent of an engine step at 32 sequences."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, prompt_ids: list[int]) -> None:
-        self.tok = tokenizer
+    def __init__(self, tokenizer: Any, prompt_ids: list[int],
+                 decode: Callable[[list[int]], str] | None = None) -> None:
+        self.decode = decode or fast_decoder(tokenizer)
         self.ids = list(prompt_ids[-CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
@@ -25,8 +37,8 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Text newly readable after ``token_id`` (often empty mid-character)."""
         self.ids.append(token_id)
-        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-        full = self.tok.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        prefix = self.decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self.decode(self.ids[self.prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             new = full[len(prefix):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)

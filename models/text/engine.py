@@ -37,7 +37,7 @@ from itertools import pairwise
 import torch
 
 from models.llama.model import PagedBatch
-from models.text.detokenize import IncrementalDetokenizer, StopMatcher
+from models.text.detokenize import IncrementalDetokenizer, StopMatcher, fast_decoder
 from models.text.generate import SampleOutput, SampleState, TextModel, TokenInfo, advance
 from models.text.sampling import SampleRow, SamplingParams, make_generators, sample_batch, top_logprobs
 
@@ -157,6 +157,7 @@ class LLMEngine:
             raise ValueError(f"max_num_batched_tokens={config.max_num_batched_tokens} must hold a full context "
                              f"({tm.context} tokens): prompts are prefilled in one step")
         self.tm, self.config = tm, config
+        self._decode = fast_decoder(tm.tokenizer)
         self.kv_caches = tm.model.new_paged_cache(config.num_blocks, config.block_size)
         self.allocator = BlockAllocator(config.num_blocks)
         self.waiting: deque[_Sequence] = deque()
@@ -192,7 +193,8 @@ class LLMEngine:
         req = _Request(request_id, list(prompt_ids), params, callback)
         gens = make_generators(params, self.tm.device)
         for i in range(params.n):
-            state = SampleState(IncrementalDetokenizer(self.tm.tokenizer, prompt_ids), StopMatcher(params.stop))
+            state = SampleState(IncrementalDetokenizer(self.tm.tokenizer, prompt_ids, self._decode),
+                                StopMatcher(params.stop))
             req.seqs.append(_Sequence(req, i, state, gens[i]))
         with self._lock:
             self._inbox.append(req)

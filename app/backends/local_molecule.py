@@ -1,0 +1,105 @@
+"""Local molecule models.
+
+``LocalMoleculeBackend`` samples a SELFIES decoder (family ``selfies-llama``) on the text engine:
+a round of ``count`` molecules is one engine request with ``n = count`` sequences, each started
+from the beginning-of-molecule token with its own seed, so rounds share engine steps with each
+other and with every other request. ``LocalMolVAEBackend`` runs the molecular VAE's latent
+interpolation (family ``mol-vae``) through a dynamic batcher.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from app.backends.base import Backend, Delta, TextRequest, Usage
+from app.backends.batching import BatchedBackend, DynamicBatcher
+from app.backends.local_text import LocalTextBackend
+from app.errors import InvalidRequestError
+from app.metrics import Metrics
+from app.registry import ModelEntry
+from models.families import load_family, local_dir
+from models.molecule.generator import TrainingSet
+from models.text.sampling import SamplingParams
+
+
+class LocalMoleculeBackend(Backend):
+    def __init__(self, entry: ModelEntry, metrics: Metrics) -> None:
+        super().__init__(entry)
+        self.text = LocalTextBackend(entry, metrics)  # the engine process, its limits and metrics
+        self.training_set: TrainingSet | None = None
+        self.bos_id = 0
+
+    def setup(self) -> None:
+        self.text.setup()
+        tm = self.text.tm
+        assert tm is not None and tm.tokenizer.bos_token_id is not None, "a SELFIES model needs a bos token"
+        self.bos_id = tm.tokenizer.bos_token_id
+        self.training_set = TrainingSet.load(local_dir(self.entry.resolved_source or self.entry.source or ""))
+        self.loaded = True
+
+    def ready(self) -> bool:
+        return self.loaded and self.text.ready()
+
+    def drain(self) -> None:
+        self.text.drain()
+
+    async def close(self) -> None:
+        await self.text.close()
+
+    def describe(self) -> dict:
+        return {"context_length": None, "training_set_size": len(self.training_set) if self.training_set else None}
+
+    async def sample_selfies(self, request_id: str, count: int, temperature: float, top_k: int,
+                             seed: int) -> tuple[list[str], int]:
+        """``count`` SELFIES strings, sample ``i`` from seed ``seed + i * stride`` (the engine's ``n``
+        derivation), and the tokens generated for them."""
+        tm = self.text.tm
+        assert tm is not None
+        params = SamplingParams(n=count, temperature=temperature, top_k=top_k, seed=seed,
+                                max_tokens=self.text._max_len() - 1)
+        texts, tokens = [""] * count, 0
+        async for ev in self.text.generate(TextRequest(request_id, params, prompt=[self.bos_id])):
+            if isinstance(ev, Delta):
+                texts[ev.index] += ev.text
+            elif isinstance(ev, Usage):
+                tokens = ev.completion_tokens
+        return texts, tokens
+
+
+class LocalMolVAEBackend(BatchedBackend):
+    def __init__(self, entry: ModelEntry, metrics: Metrics) -> None:
+        super().__init__(entry)
+        self.metrics = metrics
+        self.model = None
+        self.batcher: DynamicBatcher | None = None
+
+    def setup(self) -> None:
+        e = self.entry
+        self.model = load_family(e.family or "", Path(e.resolved_source or e.source or ""), e.device, e.dtype)
+        self.loaded = True
+
+    async def start(self) -> None:
+        from models.molecule.vae import MoleculeInputError, interpolate
+
+        e, model = self.entry, self.model
+
+        def run(items: list[tuple[str, str, int, str]]) -> list[list[str] | InvalidRequestError]:
+            out: list[list[str] | InvalidRequestError] = []
+            for start, end, steps, method in items:
+                try:
+                    out.append(interpolate(model, start, end, steps, method))
+                except MoleculeInputError as exc:  # the caller's molecule, not the batch, is at fault
+                    out.append(InvalidRequestError(str(exc), param=exc.param))
+            return out
+
+        self.batcher = DynamicBatcher(run, max_batch_size=e.max_batch_size, max_wait_ms=e.max_wait_ms,
+                                      max_waiting=e.max_waiting)
+        self.batcher.start()
+
+
+    async def interpolate(self, start: str, end: str, steps: int, method: str) -> list[str]:
+        assert self.batcher is not None
+        (result,) = await self.batcher.submit_many([(start, end, steps, method)])
+        if isinstance(result, InvalidRequestError):
+            raise result
+        return result

@@ -1,0 +1,210 @@
+"""Molecules: generation with constraints and honest stats, properties, and latent interpolation.
+
+Generation samples SELFIES strings from the model in rounds, turns each into a canonical molecule,
+and keeps it unless it is invalid, a repeat (``unique``), outside the constraints, or withheld by
+moderation, until ``n`` are kept or ``max_samples`` strings have been drawn. Sample ``k`` of a
+seeded request always comes from the same per-sequence seed, whatever the round sizes, so the same
+request returns the same molecules; rounds grow with the observed acceptance rate, so an easy
+request costs one round and an impossible one stops at ``max_samples``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from app.backends.base import Backend
+from app.backends.manager import ModelManager
+from app.errors import InvalidRequestError
+from app.metrics import Metrics
+from app.schemas.base import UsageInfo
+from app.schemas.molecules import (
+    GeneratedMolecule,
+    GenerationStats,
+    InterpolatedMolecule,
+    MoleculeGenerationRequest,
+    MoleculeGenerationResponse,
+    MoleculeInterpolationRequest,
+    MoleculeInterpolationResponse,
+    MoleculePropertiesItem,
+    MoleculePropertiesRequest,
+    MoleculePropertiesResponse,
+)
+from app.serving.common import Deadline, now, request_id, response_id, unless_disconnected
+from app.settings import Settings
+from models.molecule import chem
+
+# Golden-ratio stride between the seeds of consecutive samples (as ``make_generators`` derives them).
+SEED_STRIDE = 0x9E3779B97F4A7C15
+SEED_MASK = 0x7FFF_FFFF_FFFF_FFFF
+MAX_ROUND = 1024  # strings sampled in one round at most
+MIN_ROUND = 16
+
+
+@dataclass
+class _Tally:
+    sampled: int = 0
+    invalid: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    withheld: int = 0
+    tokens: int = 0
+    kept: list[GeneratedMolecule] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+
+
+class MoleculeServing:
+    def __init__(self, manager: ModelManager, metrics: Metrics, settings: Settings) -> None:
+        self.manager, self.metrics, self.settings = manager, metrics, settings
+        # RDKit work off the event loop; its C++ releases the GIL for much of it.
+        self._chem = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
+                                        thread_name_prefix="chemistry")
+
+    # generation -------------------------------------------------------------------------------
+    async def generate(self, body: MoleculeGenerationRequest, raw: Request) -> Any:
+        backend = self.manager.get(body.model, "generation")
+        compiled = _compile(body)
+        cap = backend.entry.limits.max_samples
+        if body.max_samples is not None and body.max_samples > cap:
+            raise InvalidRequestError(f"max_samples={body.max_samples} exceeds this model's limit of {cap}.",
+                                      param="max_samples")
+        budget = body.max_samples or cap
+        seed = body.seed if body.seed is not None else int.from_bytes(os.urandom(8), "little") & SEED_MASK
+        deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
+        rid = request_id(raw)
+
+        async def run() -> MoleculeGenerationResponse:
+            tally = await deadline.run(self._sample(backend, body, compiled, budget, seed, rid))
+            return self._response(body, tally, budget)
+
+        return await unless_disconnected(raw, run())
+
+    async def _sample(self, backend: Backend, body: MoleculeGenerationRequest, compiled: chem.CompiledConstraints,
+                      budget: int, seed: int, rid: str) -> _Tally:
+        tally, loop = _Tally(), asyncio.get_running_loop()
+        while len(tally.kept) < body.n and tally.sampled < budget:
+            count = _round_size(body.n - len(tally.kept), tally, budget)
+            round_seed = (seed + SEED_STRIDE * tally.sampled) & SEED_MASK
+            strings, tokens = await backend.sample_selfies(f"{rid}-{tally.sampled}", count, body.temperature,
+                                                           body.top_k, round_seed)
+            tally.tokens += tokens
+            await loop.run_in_executor(self._chem, self._screen, backend, body, compiled, strings, tally)
+        self._meter(body.model, tally)
+        return tally
+
+    def _screen(self, backend: Backend, body: MoleculeGenerationRequest, compiled: chem.CompiledConstraints,
+                strings: list[str], tally: _Tally) -> None:
+        """Classifies one round's strings in sample order, keeping at most ``n`` molecules."""
+        wants_props = "properties" in body.include or compiled.constraints != chem.Constraints()
+        training_set = getattr(backend, "training_set", None)
+        for s in strings:
+            if len(tally.kept) == body.n:
+                break  # samples after the n-th kept one count as never drawn: the stats stay exact
+            tally.sampled += 1
+            smiles = chem.selfies_to_smiles(s)
+            mol = chem.mol_from_smiles(smiles) if smiles else None
+            if mol is None:
+                tally.invalid += 1
+                continue
+            if body.unique and smiles in tally.seen:
+                tally.duplicates += 1
+                continue
+            exact = chem.properties(mol, decimals=None) if wants_props else None
+            if exact is not None and not compiled.check(mol, exact):
+                tally.rejected += 1
+                continue
+            tally.seen.add(smiles)
+            shown = chem.round_properties(exact) if exact is not None and "properties" in body.include else None
+            tally.kept.append(GeneratedMolecule(
+                smiles=smiles, selfies=s, properties=shown,
+                novel=None if training_set is None else smiles not in training_set,
+                similarity=_round(compiled.similarity(mol)), svg=chem.svg(mol) if "svg" in body.include else None))
+
+    def _response(self, body: MoleculeGenerationRequest, tally: _Tally, budget: int) -> MoleculeGenerationResponse:
+        stats = GenerationStats(requested=body.n, returned=len(tally.kept), sampled=tally.sampled,
+                                invalid=tally.invalid, duplicates=tally.duplicates,
+                                rejected_by_constraints=tally.rejected, withheld_by_moderation=tally.withheld,
+                                stopped_by="n" if len(tally.kept) == body.n else "max_samples")
+        return MoleculeGenerationResponse(
+            id=response_id("mol"), created=now(), model=body.model, data=tally.kept, stats=stats,
+            usage=UsageInfo(prompt_tokens=tally.sampled, completion_tokens=tally.tokens,
+                            total_tokens=tally.sampled + tally.tokens))
+
+    def _meter(self, model: str, tally: _Tally) -> None:
+        m = self.metrics.molecules
+        for outcome, count in (("returned", len(tally.kept)), ("invalid", tally.invalid),
+                               ("duplicate", tally.duplicates), ("rejected", tally.rejected),
+                               ("withheld", tally.withheld)):
+            if count:
+                m.labels(model, outcome).inc(count)
+        self.metrics.molecules_sampled.labels(model).inc(tally.sampled)
+
+    # properties -------------------------------------------------------------------------------
+    async def properties(self, body: MoleculePropertiesRequest, raw: Request) -> Any:
+        work = asyncio.get_running_loop().run_in_executor(self._chem, _describe_all, body)
+        return await unless_disconnected(raw, work)
+
+    # interpolation ----------------------------------------------------------------------------
+    async def interpolate(self, body: MoleculeInterpolationRequest, raw: Request) -> Any:
+        backend = self.manager.get(body.model, "interpolation")
+        deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
+
+        async def run() -> MoleculeInterpolationResponse:
+            path = await deadline.run(backend.interpolate(body.start, body.end, body.steps, body.method))
+            data = await asyncio.get_running_loop().run_in_executor(self._chem, _path_items, path, body)
+            return MoleculeInterpolationResponse(created=now(), model=body.model, data=data)
+
+        return await unless_disconnected(raw, run())
+
+
+def _compile(body: MoleculeGenerationRequest) -> chem.CompiledConstraints:
+    given = body.constraints.model_dump() if body.constraints is not None else {}
+    try:
+        return chem.compile_constraints(chem.Constraints(**given))
+    except chem.ConstraintError as exc:
+        raise InvalidRequestError(str(exc), param=exc.param) from None
+
+
+def _round_size(missing: int, tally: _Tally, budget: int) -> int:
+    """Enough samples for the ``missing`` molecules at the acceptance rate seen so far (plus 20%)."""
+    rate = len(tally.kept) / tally.sampled if tally.sampled else 1.0
+    want = math.ceil(missing * 1.2 / max(rate, 0.01))
+    return max(1, min(budget - tally.sampled, MAX_ROUND, max(MIN_ROUND, want)))
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, chem.PROPERTY_DECIMALS)
+
+
+def _describe_all(body: MoleculePropertiesRequest) -> MoleculePropertiesResponse:
+    return MoleculePropertiesResponse(data=[_describe(i, s, body.include) for i, s in enumerate(body.smiles)])
+
+
+def _describe(index: int, smiles: str, include: list[str]) -> MoleculePropertiesItem:
+    mol = chem.mol_from_smiles(smiles) if smiles.strip() else None
+    if mol is None:
+        return MoleculePropertiesItem(index=index, input=smiles, valid=False,
+                                      error="not a valid SMILES string (RDKit could not parse it)")
+    return MoleculePropertiesItem(
+        index=index, input=smiles, valid=True, smiles=chem.canonical_smiles(smiles),
+        properties=chem.properties(mol) if "properties" in include else None,
+        alerts=chem.alerts(mol) if "alerts" in include else None,
+        svg=chem.svg(mol) if "svg" in include else None)
+
+
+def _path_items(path: list[str], body: MoleculeInterpolationRequest) -> list[InterpolatedMolecule]:
+    items = []
+    for i, s in enumerate(path):
+        smiles = chem.selfies_to_smiles(s)
+        mol = chem.mol_from_smiles(smiles) if smiles else None
+        items.append(InterpolatedMolecule(
+            index=i, t=i / (len(path) - 1), smiles=smiles if mol is not None else None, selfies=s,
+            properties=chem.properties(mol) if mol is not None and "properties" in body.include else None,
+            svg=chem.svg(mol) if mol is not None and "svg" in body.include else None))
+    return items

@@ -1,0 +1,1 @@
+"""Molecule generation: SELFIES generators, a molecular VAE, chemistry and MOSES metrics."""
