@@ -19,6 +19,7 @@ from models.families import FAMILIES
 
 log = logging.getLogger(__name__)
 
+REMOTE_MODALITIES = ("text", "embedding")  # what RemoteBackend forwards (OpenAI's endpoints)
 # The backend that runs a local model: by family where the family says, else by modality.
 LOCAL_BACKENDS: dict[str, type] = {"text": LocalTextBackend, "embedding": LocalEmbeddingBackend,
                                    "molecule": LocalMoleculeBackend, "mol-vae": LocalMolVAEBackend}
@@ -26,6 +27,9 @@ LOCAL_BACKENDS: dict[str, type] = {"text": LocalTextBackend, "embedding": LocalE
 
 def build_backend(entry: ModelEntry, settings: Settings, metrics: Metrics) -> Backend:
     if entry.backend == "remote":
+        if entry.modality not in REMOTE_MODALITIES:
+            raise ConfigError(f"model {entry.id!r}: remote backends serve {' and '.join(REMOTE_MODALITIES)} "
+                              f"models; a {entry.modality} model must be local")
         return RemoteBackend(entry, entry.timeout_s(settings.request_timeout_s))
     family = FAMILIES.get(entry.family or "")
     if family is None:

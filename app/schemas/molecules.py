@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from app.schemas.base import SEED_RANGE, OpenAIBaseModel, UsageInfo
 
@@ -51,11 +51,13 @@ class MoleculeGenerationRequest(OpenAIBaseModel):
     include: list[Include] = Field(default_factory=lambda: ["properties"])
     user: str | None = None
 
-    @model_validator(mode="after")
-    def _max_samples(self) -> MoleculeGenerationRequest:
-        if self.max_samples is not None and self.max_samples < self.n:
-            raise ValueError(f"max_samples ({self.max_samples}) is smaller than n ({self.n})")
-        return self
+    @field_validator("max_samples")
+    @classmethod
+    def _max_samples(cls, value: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if value is not None and value < n:
+            raise ValueError(f"max_samples ({value}) is smaller than n ({n})")
+        return value
 
 
 class MoleculeProperties(OpenAIBaseModel):
@@ -72,7 +74,7 @@ class MoleculeProperties(OpenAIBaseModel):
 
 class GeneratedMolecule(OpenAIBaseModel):
     smiles: str = Field(description="canonical SMILES (RDKit)")
-    selfies: str
+    selfies: str = Field(description="SELFIES of the canonical molecule")
     properties: MoleculeProperties | None = None
     novel: bool | None = Field(None, description="not in the model's training set (null if unknown)")
     similarity: float | None = Field(None, description="Tanimoto similarity to constraints.similar_to")

@@ -54,6 +54,7 @@ class _Tally:
     duplicates: int = 0
     rejected: int = 0
     withheld: int = 0
+    drawn: int = 0  # strings the model generated, including those after the n-th kept molecule
     tokens: int = 0
     kept: list[GeneratedMolecule] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
@@ -93,7 +94,7 @@ class MoleculeServing:
             round_seed = (seed + SEED_STRIDE * tally.sampled) & SEED_MASK
             strings, tokens = await backend.sample_selfies(f"{rid}-{tally.sampled}", count, body.temperature,
                                                            body.top_k, round_seed)
-            tally.tokens += tokens
+            tally.tokens, tally.drawn = tally.tokens + tokens, tally.drawn + count
             await loop.run_in_executor(self._chem, self._screen, backend, body, compiled, strings, tally)
         self._meter(body.model, tally)
         return tally
@@ -122,7 +123,7 @@ class MoleculeServing:
             tally.seen.add(smiles)
             shown = chem.round_properties(exact) if exact is not None and "properties" in body.include else None
             tally.kept.append(GeneratedMolecule(
-                smiles=smiles, selfies=s, properties=shown,
+                smiles=smiles, selfies=chem.smiles_to_selfies(smiles) or s, properties=shown,
                 novel=None if training_set is None else smiles not in training_set,
                 similarity=_round(compiled.similarity(mol)), svg=chem.svg(mol) if "svg" in body.include else None))
 
@@ -133,8 +134,8 @@ class MoleculeServing:
                                 stopped_by="n" if len(tally.kept) == body.n else "max_samples")
         return MoleculeGenerationResponse(
             id=response_id("mol"), created=now(), model=body.model, data=tally.kept, stats=stats,
-            usage=UsageInfo(prompt_tokens=tally.sampled, completion_tokens=tally.tokens,
-                            total_tokens=tally.sampled + tally.tokens))
+            usage=UsageInfo(prompt_tokens=tally.drawn, completion_tokens=tally.tokens,
+                            total_tokens=tally.drawn + tally.tokens))
 
     def _meter(self, model: str, tally: _Tally) -> None:
         m = self.metrics.molecules

@@ -132,6 +132,7 @@ def heldout_nll(model: LlamaForCausalLM, seqs: list[list[int]], pad: int) -> tup
 
 def train_mol(out: Path, cfg: MolTrainConfig) -> dict:
     from models.molecule.data import moses_smiles
+    from models.molecule.generator import save_training_set
 
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -184,12 +185,14 @@ def train_mol(out: Path, cfg: MolTrainConfig) -> dict:
     if best[1] is not None:
         model.load_state_dict(best[1])
     save_hf(model, tok, out, bos=BOS, eos=(EOS,), chat_template=None)
+    # Novelty at serving time: hashes of all of MOSES train (its SMILES are RDKit-canonical already).
+    save_training_set(moses_smiles("train"), out)
     shipped = load_llama(out)  # what ships: bf16 weights, read back through our loader, fp32 compute
     nll, per_mol = heldout_nll(shipped, held_ids, pad)
     report = {"steps": step, "best_step": best[2], "minutes": (time.time() - t0) / 60, "parameters": n_params,
               "train_molecules": len(train_ids), "molecules_seen": seen, "heldout_molecules": len(held_ids),
               "heldout_nll_per_token": nll, "heldout_nll_per_molecule": per_mol, "vocab_size": len(tok),
-              "machine": f"{platform.machine()}, {cfg.threads} threads, torch {torch.__version__}",
+              "machine": f"{platform.machine()}, {cfg.threads} thread(s), torch {torch.__version__}",
               "config": asdict(cfg)}
     (out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("saved %s: held-out NLL %.4f per token (perplexity %.3f), %.2f per molecule",

@@ -443,7 +443,7 @@ class MolVAETrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    beta_final: float = 0.5
+    beta_final: float = 0.05  # 0.5 gave KL 4.7 nats and no exact reconstructions in 30 min
     beta_warmup: float = 0.3  # fraction of the budget over which beta rises linearly from 0
     free_bits: float = 0.05  # nats per latent dimension
     eval_every: int = 250

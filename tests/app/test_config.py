@@ -47,7 +47,7 @@ def test_bad_registry_names_the_field(tmp_path: Path, text: str, expected: str) 
 
 def test_user_registry_extends_replaces_and_overrides(tmp_path: Path) -> None:
     default_ids = [e.id for e in load_registry()]
-    assert default_ids == ["genserve-text-tiny", "all-minilm-l6-v2"]
+    assert default_ids == ["genserve-text-tiny", "all-minilm-l6-v2", "genserve-mol", "genserve-mol-vae"]
     extra = "  - id: up\n    modality: text\n    backend: remote\n    url: http://h:8000/v1\n"
     assert [e.id for e in load_registry(write(tmp_path, "models:\n" + extra))] == [*default_ids, "up"]
     only = load_registry(write(tmp_path, "include_defaults: false\nmodels:\n" + extra))
@@ -124,3 +124,14 @@ def test_keys_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     s = Settings(api_keys_file=keys)
     assert s.keys() == ["k1", "k2", "k-file-1", "k-file-2"]
     assert Settings(host="::1").binds_loopback_only() and not Settings(host="0.0.0.0").binds_loopback_only()
+
+
+def test_remote_molecule_model_is_refused_at_start():
+    from app.backends.manager import build_backend
+    from app.metrics import Metrics
+    from app.registry import ConfigError, ModelEntry
+    from app.settings import Settings
+
+    entry = ModelEntry(id="far-mol", modality="molecule", backend="remote", url="http://gpu:8000/v1")
+    with pytest.raises(ConfigError, match=r"far-mol.*must be local"):
+        build_backend(entry, Settings(), Metrics())

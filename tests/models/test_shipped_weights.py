@@ -31,3 +31,34 @@ def test_model_card_states_measured_perplexity() -> None:
     report = json.loads((TEXT_DIR / "training_report.json").read_text())
     card = (TEXT_DIR / "README.md").read_text()
     assert f"**{report['heldout_ppl']:.2f}**" in card and "PSF-2.0" in card
+
+
+MOL_DIR = WEIGHTS / "genserve-mol"
+MOL_VAE_DIR = WEIGHTS / "genserve-mol-vae"
+
+
+def test_mol_generator_loads_in_transformers_with_our_logits() -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from models.llama.model import load_llama
+
+    tok = AutoTokenizer.from_pretrained(MOL_DIR)
+    ids = tok("[C][C][=Branch1][C][=O][O][C][=C][C][=C][C][=C][Ring1][=Branch1]", return_tensors="pt")["input_ids"]
+    assert ids[0, 0] == tok.bos_token_id and tok.unk_token_id not in ids[0].tolist()
+    theirs = AutoModelForCausalLM.from_pretrained(MOL_DIR, dtype=torch.float32).eval()
+    ours = load_llama(MOL_DIR)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_mol_cards_carry_their_measured_numbers() -> None:
+    from models.molecule.generator import TrainingSet
+
+    ev = json.loads((MOL_DIR / "eval" / "moses_eval.json").read_text())
+    card = (MOL_DIR / "README.md").read_text()
+    assert f"{ev['metrics']['FCD/Test']:.3f}" in card and f"{ev['metrics']['Novelty']:.3f}" in card
+    assert (MOL_DIR / "eval" / "property_distributions.png").is_file()
+    assert len(TrainingSet.load(MOL_DIR)) > 1_500_000  # all of MOSES train
+    report = json.loads((MOL_VAE_DIR / "training_report.json").read_text())
+    assert f"{report['reconstruction_accuracy']:.3f}" in (MOL_VAE_DIR / "README.md").read_text()

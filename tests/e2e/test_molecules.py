@@ -1,0 +1,175 @@
+"""``/v1/molecules/*`` over HTTP against the shipped ``genserve-mol`` and ``genserve-mol-vae``.
+
+Every returned molecule is re-checked here with RDKit directly (not through genserve's chemistry
+module), so a constraint that genserve checks wrongly fails the test.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import pytest
+
+Chem = pytest.importorskip("rdkit.Chem")
+from rdkit.Chem import QED, Crippen, Descriptors, rdFingerprintGenerator, rdMolDescriptors  # noqa: E402
+from rdkit.DataStructs import TanimotoSimilarity  # noqa: E402
+
+MOL = "genserve-mol"
+VAE = "genserve-mol-vae"
+ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
+CAFFEINE = "Cn1c(=O)c2c(ncn2C)n(C)c1=O"
+
+
+def generate(server, **body):
+    with server.client() as c:
+        return c.post("/v1/molecules/generations", json={"model": MOL, **body})
+
+
+def check_stats(out: dict, n: int) -> None:
+    s = out["stats"]
+    assert s["requested"] == n and s["returned"] == len(out["data"])
+    assert s["sampled"] == (s["returned"] + s["invalid"] + s["duplicates"] + s["rejected_by_constraints"]
+                            + s["withheld_by_moderation"])
+    assert s["stopped_by"] == ("n" if s["returned"] == n else "max_samples")
+
+
+def test_generation_returns_n_distinct_canonical_molecules(server):
+    r = generate(server, n=50, seed=3, include=["properties", "svg"])
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "molecule.generation" and out["model"] == MOL and out["id"].startswith("mol-")
+    check_stats(out, 50)
+    assert out["stats"]["returned"] == 50
+    smiles = [m["smiles"] for m in out["data"]]
+    assert len(set(smiles)) == 50
+    for m in out["data"]:
+        mol = Chem.MolFromSmiles(m["smiles"])
+        assert mol is not None and Chem.MolToSmiles(mol) == m["smiles"]  # canonical
+        assert m["properties"]["mw"] == pytest.approx(Descriptors.MolWt(mol), abs=1e-3)
+        assert m["properties"]["hbd"] == rdMolDescriptors.CalcNumHBD(mol)
+        assert isinstance(m["novel"], bool)
+        assert ET.fromstring(m["svg"]).tag.endswith("svg")
+    assert out["usage"]["prompt_tokens"] >= out["stats"]["sampled"]  # one start token per string drawn
+    assert out["usage"]["completion_tokens"] > out["stats"]["sampled"]
+
+
+def test_same_seed_same_molecules_whatever_else_runs(server):
+    import concurrent.futures
+
+    body = {"n": 20, "seed": 11, "temperature": 1.0, "include": []}
+    alone = generate(server, **body).json()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(generate, server, **body) for _ in range(3)]
+        futures.append(pool.submit(generate, server, n=40, seed=12))
+        together = [f.result().json() for f in futures]
+    for out in together[:3]:
+        assert [m["smiles"] for m in out["data"]] == [m["smiles"] for m in alone["data"]]
+        assert out["stats"] == alone["stats"]
+    assert [m["smiles"] for m in together[3]["data"]] != [m["smiles"] for m in alone["data"]]
+
+
+def test_every_molecule_satisfies_its_constraints(server):
+    constraints = {"qed_min": 0.7, "mw_min": 250, "mw_max": 330, "logp_min": 1.0, "logp_max": 4.0,
+                   "tpsa_max": 90, "substructure": "c1ccccc1", "similar_to": ASPIRIN, "similarity_min": 0.1}
+    r = generate(server, n=10, seed=5, constraints=constraints, max_samples=1500)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    check_stats(out, 10)
+    assert out["stats"]["returned"] >= 1
+    benzene = Chem.MolFromSmarts("c1ccccc1")
+    gen = rdFingerprintGenerator.GetMorganGenerator(radius=2, fpSize=2048)
+    ref = gen.GetFingerprint(Chem.MolFromSmiles(ASPIRIN))
+    for m in out["data"]:
+        mol = Chem.MolFromSmiles(m["smiles"])
+        assert QED.qed(mol) >= 0.7
+        assert 250 <= Descriptors.MolWt(mol) <= 330
+        assert 1.0 <= Crippen.MolLogP(mol) <= 4.0
+        assert rdMolDescriptors.CalcTPSA(mol) <= 90
+        assert mol.HasSubstructMatch(benzene)
+        assert TanimotoSimilarity(ref, gen.GetFingerprint(mol)) >= 0.1
+        assert m["similarity"] == pytest.approx(TanimotoSimilarity(ref, gen.GetFingerprint(mol)), abs=1e-4)
+
+
+def test_impossible_constraints_stop_at_max_samples(server):
+    r = generate(server, n=5, seed=1, constraints={"mw_min": 5000}, max_samples=200)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    check_stats(out, 5)
+    assert out["data"] == [] and out["stats"]["sampled"] == 200 and out["stats"]["stopped_by"] == "max_samples"
+    assert out["stats"]["rejected_by_constraints"] == 200 - out["stats"]["invalid"] - out["stats"]["duplicates"]
+
+
+@pytest.mark.parametrize(("constraints", "param"), [
+    ({"substructure": "c1ccc("}, "constraints.substructure"),
+    ({"similar_to": "not-a-smiles(", "similarity_min": 0.5}, "constraints.similar_to"),
+    ({"similarity_min": 0.5}, "constraints.similarity_min"),
+    ({"mw_min": 400, "mw_max": 300}, "constraints.mw_min"),
+])
+def test_bad_constraints_get_400_naming_the_field(server, constraints, param):
+    r = generate(server, n=1, constraints=constraints)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize(("body", "param"), [({"n": 1001}, "n"), ({"n": 10, "max_samples": 5}, "max_samples"),
+                                             ({"n": 1, "max_samples": 10**9}, "max_samples"),
+                                             ({"n": 1, "temperature": 0}, "temperature")])
+def test_bad_generation_fields_get_400(server, body, param):
+    r = generate(server, **body)
+    assert r.status_code == 400, r.text
+    assert param in (r.json()["error"]["param"] or r.json()["error"]["message"])
+
+
+def test_properties_per_item_errors_never_5xx(server):
+    with server.client() as c:
+        r = c.post("/v1/molecules/properties", json={"smiles": [ASPIRIN, "C1CC", "", CAFFEINE],
+                                                    "include": ["properties", "alerts", "svg"]})
+    assert r.status_code == 200, r.text
+    items = r.json()["data"]
+    assert [i["valid"] for i in items] == [True, False, False, True]
+    assert items[0]["smiles"] == Chem.MolToSmiles(Chem.MolFromSmiles(ASPIRIN))
+    assert items[0]["properties"]["hba"] == rdMolDescriptors.CalcNumHBA(Chem.MolFromSmiles(ASPIRIN))
+    assert items[0]["properties"]["lipinski_violations"] == 0
+    assert "error" in items[1] and "properties" not in items[1]
+    assert ET.fromstring(items[3]["svg"]).tag.endswith("svg")
+    assert isinstance(items[0]["alerts"], list)
+
+
+def test_properties_flags_a_pains_alert(server):
+    rhodanine_ene = "O=C1NC(=S)SC1=Cc1ccccc1"
+    with server.client() as c:
+        r = c.post("/v1/molecules/properties", json={"smiles": [rhodanine_ene], "include": ["alerts"]})
+    catalogs = {a["catalog"] for a in r.json()["data"][0]["alerts"]}
+    assert "PAINS" in catalogs
+
+
+def test_interpolation_walks_from_start_to_end(server):
+    with server.client() as c:
+        r = c.post("/v1/molecules/interpolations", json={"model": VAE, "start": ASPIRIN, "end": CAFFEINE,
+                                                         "steps": 6})
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert len(data) == 6 and data[0]["t"] == 0 and data[-1]["t"] == 1
+    assert all(d["smiles"] is None or Chem.MolFromSmiles(d["smiles"]) is not None for d in data)
+    assert sum(d["smiles"] is not None for d in data) >= 4
+
+
+def test_interpolation_rejects_a_bad_end_by_name(server):
+    with server.client() as c:
+        r = c.post("/v1/molecules/interpolations", json={"model": VAE, "start": ASPIRIN, "end": "C1CC", "steps": 4})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "end"
+
+
+def test_generation_model_cannot_interpolate(server):
+    with server.client() as c:
+        r = c.post("/v1/molecules/interpolations", json={"model": MOL, "start": ASPIRIN, "end": CAFFEINE})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_supported"
+
+
+def test_molecule_metrics_count_what_was_sampled(server):
+    before = server.metric("genserve_molecules_sampled_total", model_name=MOL)
+    out = generate(server, n=7, seed=21, include=[]).json()
+    after = server.metric("genserve_molecules_sampled_total", model_name=MOL)
+    assert after - before == out["stats"]["sampled"]
+    assert server.metric("genserve_molecules_total", model_name=MOL, outcome="returned") >= 7
