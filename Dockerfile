@@ -53,11 +53,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
     HF_HOME=/home/genserve/.cache/huggingface
 
+# RDKit's wheel (molecule endpoints) links libXrender and libXext, which the slim image lacks.
+# Unpinned: the versions follow the base image's Debian release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libxrender1 libxext6 \
+    && rm -rf /var/lib/apt/lists/*
+
 RUN groupadd --system --gid 10001 genserve \
     && useradd --system --uid 10001 --gid genserve --create-home --home-dir /home/genserve \
        --shell /usr/sbin/nologin genserve
 
 COPY --from=builder /opt/venv /opt/venv
+# Fail the build, not the first request, if a native library is missing.
+RUN python -c "import rdkit.Chem.Draw.rdMolDraw2D, torch"
 
 USER 10001:10001
 WORKDIR /home/genserve
