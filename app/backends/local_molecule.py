@@ -9,9 +9,10 @@ interpolation (family ``mol-vae``) through a dynamic batcher.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-from app.backends.base import Backend, Delta, TextRequest, Usage
+from app.backends.base import Backend, TextRequest, Usage
 from app.backends.batching import BatchedBackend, DynamicBatcher
 from app.backends.local_text import LocalTextBackend
 from app.errors import InvalidRequestError
@@ -49,21 +50,21 @@ class LocalMoleculeBackend(Backend):
     def describe(self) -> dict:
         return {"context_length": None, "training_set_size": len(self.training_set) if self.training_set else None}
 
-    async def sample_selfies(self, request_id: str, count: int, temperature: float, top_k: int,
-                             seed: int) -> tuple[list[str], int]:
-        """``count`` SELFIES strings, sample ``i`` from seed ``seed + i * stride`` (the engine's ``n``
-        derivation), and the tokens generated for them."""
-        tm = self.text.tm
-        assert tm is not None
+    async def stream_selfies(self, request_id: str, count: int, temperature: float, top_k: int,
+                             seed: int) -> AsyncIterator[list[tuple[int, str]] | int]:
+        """``count`` SELFIES strings, string ``i`` from seed ``seed + i * stride`` (the engine's ``n``
+        derivation): yields ``(i, string)`` pairs as the engine finishes them, a list per engine
+        event, then the number of tokens generated."""
         params = SamplingParams(n=count, temperature=temperature, top_k=top_k, seed=seed,
                                 max_tokens=self.text._max_len() - 1)
-        texts, tokens = [""] * count, 0
+        texts = [""] * count
         async for ev in self.text.generate(TextRequest(request_id, params, prompt=[self.bos_id])):
-            if isinstance(ev, Delta):
-                texts[ev.index] += ev.text
-            elif isinstance(ev, Usage):
-                tokens = ev.completion_tokens
-        return texts, tokens
+            if isinstance(ev, Usage):
+                yield ev.completion_tokens
+                continue
+            texts[ev.index] += ev.text
+            if ev.finish_reason is not None:
+                yield [(ev.index, texts[ev.index])]
 
 
 class LocalMolVAEBackend(BatchedBackend):

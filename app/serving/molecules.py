@@ -89,43 +89,23 @@ class MoleculeServing:
     async def _sample(self, backend: Backend, body: MoleculeGenerationRequest, compiled: chem.CompiledConstraints,
                       budget: int, seed: int, rid: str) -> _Tally:
         tally, loop = _Tally(), asyncio.get_running_loop()
+        training_set = getattr(backend, "training_set", None)
         while len(tally.kept) < body.n and tally.sampled < budget:
             count = _round_size(body.n - len(tally.kept), tally, budget)
             round_seed = (seed + SEED_STRIDE * tally.sampled) & SEED_MASK
-            strings, tokens = await backend.sample_selfies(f"{rid}-{tally.sampled}", count, body.temperature,
-                                                           body.top_k, round_seed)
-            tally.tokens, tally.drawn = tally.tokens + tokens, tally.drawn + count
-            await loop.run_in_executor(self._chem, self._screen, backend, body, compiled, strings, tally)
+            # RDKit works on the strings the engine has finished while it samples the rest.
+            work: list[asyncio.Future] = []
+            stream = backend.stream_selfies(f"{rid}-{tally.sampled}", count, body.temperature, body.top_k, round_seed)
+            async for item in stream:
+                if isinstance(item, int):
+                    tally.tokens += item
+                    continue
+                work.append(loop.run_in_executor(self._chem, _analyse_all, item, body, compiled, training_set))
+            analysed = dict(pair for batch in await asyncio.gather(*work) for pair in batch)
+            tally.drawn += count
+            _select([analysed[i] for i in range(count)], body, tally)
         self._meter(body.model, tally)
         return tally
-
-    def _screen(self, backend: Backend, body: MoleculeGenerationRequest, compiled: chem.CompiledConstraints,
-                strings: list[str], tally: _Tally) -> None:
-        """Classifies one round's strings in sample order, keeping at most ``n`` molecules."""
-        wants_props = "properties" in body.include or compiled.constraints != chem.Constraints()
-        training_set = getattr(backend, "training_set", None)
-        for s in strings:
-            if len(tally.kept) == body.n:
-                break  # samples after the n-th kept one count as never drawn: the stats stay exact
-            tally.sampled += 1
-            smiles = chem.selfies_to_smiles(s)
-            mol = chem.mol_from_smiles(smiles) if smiles else None
-            if mol is None:
-                tally.invalid += 1
-                continue
-            if body.unique and smiles in tally.seen:
-                tally.duplicates += 1
-                continue
-            exact = chem.properties(mol, decimals=None) if wants_props else None
-            if exact is not None and not compiled.check(mol, exact):
-                tally.rejected += 1
-                continue
-            tally.seen.add(smiles)
-            shown = chem.round_properties(exact) if exact is not None and "properties" in body.include else None
-            tally.kept.append(GeneratedMolecule(
-                smiles=smiles, selfies=chem.smiles_to_selfies(smiles) or s, properties=shown,
-                novel=None if training_set is None else smiles not in training_set,
-                similarity=_round(compiled.similarity(mol)), svg=chem.svg(mol) if "svg" in body.include else None))
 
     def _response(self, body: MoleculeGenerationRequest, tally: _Tally, budget: int) -> MoleculeGenerationResponse:
         stats = GenerationStats(requested=body.n, returned=len(tally.kept), sampled=tally.sampled,
@@ -162,6 +142,57 @@ class MoleculeServing:
             return MoleculeInterpolationResponse(created=now(), model=body.model, data=data)
 
         return await unless_disconnected(raw, run())
+
+
+@dataclass
+class _Analysis:
+    """One sampled string, examined: what selection needs, and the molecule as it would be returned."""
+
+    smiles: str | None  # None: not a molecule
+    accepted: bool = False  # within the constraints
+    molecule: GeneratedMolecule | None = None
+
+
+def _analyse_all(items: list[tuple[int, str]], body: MoleculeGenerationRequest,
+                 compiled: chem.CompiledConstraints, training_set: Any) -> list[tuple[int, _Analysis]]:
+    return [(i, _analyse(s, body, compiled, training_set)) for i, s in items]
+
+
+def _analyse(s: str, body: MoleculeGenerationRequest, compiled: chem.CompiledConstraints,
+             training_set: Any) -> _Analysis:
+    """Decodes, checks and describes one string; independent of every other string, so strings are
+    analysed in whatever order the engine finishes them."""
+    smiles = chem.selfies_to_smiles(s)
+    mol = chem.mol_from_smiles(smiles) if smiles else None
+    if mol is None:
+        return _Analysis(None)
+    wants_props = "properties" in body.include or compiled.constraints != chem.Constraints()
+    exact = chem.properties(mol, decimals=None) if wants_props else None
+    if exact is not None and not compiled.check(mol, exact):  # exact values: no rounding lets one slip
+        return _Analysis(smiles)
+    shown = chem.round_properties(exact) if exact is not None and "properties" in body.include else None
+    return _Analysis(smiles, True, GeneratedMolecule(
+        smiles=smiles, selfies=chem.smiles_to_selfies(smiles) or s, properties=shown,
+        novel=None if training_set is None else smiles not in training_set,
+        similarity=_round(compiled.similarity(mol)), svg=chem.svg(mol) if "svg" in body.include else None))
+
+
+def _select(round_: list[_Analysis], body: MoleculeGenerationRequest, tally: _Tally) -> None:
+    """Counts one round's strings in sample order, keeping at most ``n`` molecules. Strings after the
+    n-th kept one count as never drawn, so the stats (and the next round's seeds) are exact."""
+    for a in round_:
+        if len(tally.kept) == body.n:
+            break
+        tally.sampled += 1
+        if a.smiles is None:
+            tally.invalid += 1
+        elif body.unique and a.smiles in tally.seen:
+            tally.duplicates += 1
+        elif not a.accepted:
+            tally.rejected += 1
+        else:
+            tally.seen.add(a.smiles)
+            tally.kept.append(a.molecule)
 
 
 def _compile(body: MoleculeGenerationRequest) -> chem.CompiledConstraints:
