@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.text_serving import cpu_name, free_port, managed_server, server_env  # noqa: E402
+from models.families import resolve_dtype  # noqa: E402
 from models.molecule import chem  # noqa: E402
 
 
@@ -70,7 +71,7 @@ def bench_generate(model_dir: Path, n: int, batch: int, threads: int, seed: int)
 
     torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if _bf16() else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=served_dtype(model_dir))
     model.eval()
     torch.manual_seed(seed)
     bos = torch.tensor([[tok.bos_token_id]])
@@ -95,10 +96,9 @@ def bench_generate(model_dir: Path, n: int, batch: int, threads: int, seed: int)
             "invalid": invalid, "duplicates": sampled - invalid - len(seen)}
 
 
-def _bf16() -> bool:
-    from models.families import cpu_has_bf16
-
-    return cpu_has_bf16()
+def served_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype genserve's ``dtype: auto`` serves this directory in here, so both sides compute alike."""
+    return resolve_dtype("auto", torch.device("cpu"), model_dir)
 
 
 def main() -> int:
@@ -115,7 +115,7 @@ def main() -> int:
     rows.append(bench_generate(args.model_dir, args.sequential, 1, args.threads, seed=0))
     rows.append(bench_generate(args.model_dir, args.n, args.batch, args.threads, seed=0))
     print(f"date: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}; {cpu_name()}, {platform.machine()}, "
-          f"torch {torch.__version__}; generate in {'bfloat16' if _bf16() else 'float32'}, {args.threads} threads")
+          f"torch {torch.__version__}; generate in {served_dtype(args.model_dir)}, {args.threads} threads")
     print(f"command: python benchmarks/molecule_serving.py {' '.join(sys.argv[1:])}\n")
     print("| method | valid unique molecules | sampled | invalid | duplicates | seconds | molecules/s |")
     print("|---|---:|---:|---:|---:|---:|---:|")

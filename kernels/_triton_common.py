@@ -1,4 +1,5 @@
-"""What the Triton matmul kernels share: whether they run in the interpreter, and their autotune space.
+"""What the Triton matmul kernels share: whether they run in the interpreter, their autotune space and
+their launch geometry.
 
 Imported only by the ``_triton_*`` kernel modules, so only where Triton runs.
 """
@@ -6,7 +7,9 @@ Imported only by the ``_triton_*`` kernel modules, so only where Triton runs.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
+import torch
 import triton
 
 # Read when the first kernel module is imported: tests set it before that, on CPU-only machines.
@@ -21,3 +24,17 @@ MATMUL_CONFIGS = [
         (128, 64, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3), (256, 64, 8, 3),
     )
 ] if not INTERPRET else [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=1, num_stages=1)]
+
+
+def matmul_launch(x: torch.Tensor, n: int) -> tuple[torch.Tensor, int, Callable[[dict], tuple[int, int]], str]:
+    """What a weight-only matmul launch of ``x`` (M, K) against N output channels needs: the (M, N)
+    output in x's dtype, BLOCK_M for M rows (decode steps have few, prefill many), the grid over
+    (N tiles, M tiles), and tl.dot's input precision (exact for fp32, tensor cores otherwise)."""
+    m = x.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    block_m = min(128, max(16, triton.next_power_of_2(m)))
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m)
+
+    return y, block_m, grid, "ieee" if x.dtype == torch.float32 else "tf32"

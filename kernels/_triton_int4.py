@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_common import INTERPRET, MATMUL_CONFIGS
+from kernels._triton_common import INTERPRET, MATMUL_CONFIGS, matmul_launch
 
 _INTERPRET = INTERPRET  # the tests check it
 
@@ -72,18 +72,13 @@ def int4_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     """x (M, K) -> (M, N) on inputs ``kernels.int4.int4_linear`` has checked."""
     M, K = x.shape
     N = qweight.shape[0]
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    y, block_m, grid, precision = matmul_launch(x, N)
     if M == 0:
         return y
-    block_m = min(128, max(16, triton.next_power_of_2(M)))
-
-    def grid(meta: dict) -> tuple[int, int]:
-        return triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, block_m)
-
     bias = None if bias is None else bias.contiguous()
     _int4_matmul_kernel[grid](
         x, qweight, scales, zeros, bias, y, M, N, K, x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1),
         scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1), y.stride(0), y.stride(1),
         GROUP_SIZE=group_size, HAS_BIAS=bias is not None,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=block_m)
+        PRECISION=precision, BLOCK_M=block_m)
     return y

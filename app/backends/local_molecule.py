@@ -33,7 +33,8 @@ class LocalMoleculeBackend(Backend):
     def setup(self) -> None:
         self.text.setup()
         tm = self.text.tm
-        assert tm is not None and tm.tokenizer.bos_token_id is not None, "a SELFIES model needs a bos token"
+        if tm is None or tm.tokenizer.bos_token_id is None:
+            raise ValueError(f"{self.entry.source}: a SELFIES generator's tokenizer needs a bos_token to sample from")
         self.bos_id = tm.tokenizer.bos_token_id
         self.training_set = TrainingSet.load(local_dir(self.entry.resolved_source or self.entry.source or ""))
         self.loaded = True
@@ -56,7 +57,7 @@ class LocalMoleculeBackend(Backend):
         derivation): yields ``(i, string)`` pairs as the engine finishes them, a list per engine
         event, then the number of tokens generated."""
         params = SamplingParams(n=count, temperature=temperature, top_k=top_k, seed=seed,
-                                max_tokens=self.text._max_len() - 1)
+                                max_tokens=self.text.max_len() - 1)
         texts = [""] * count
         async for ev in self.text.generate(TextRequest(request_id, params, prompt=[self.bos_id])):
             if isinstance(ev, Usage):

@@ -125,13 +125,13 @@ class LocalTextBackend(Backend):
             raise InvalidRequestError("The prompt is empty.", param=param)
         params = request.params
         if params.max_tokens is None:
-            params.max_tokens = max(self._max_len() - len(ids), 1)
+            params.max_tokens = max(self.max_len() - len(ids), 1)
             if self.entry.limits.max_tokens is not None:
                 params.max_tokens = min(params.max_tokens, self.entry.limits.max_tokens)
         self._check_length(len(ids), params.max_tokens, param)
         return ids
 
-    def _max_len(self) -> int:
+    def max_len(self) -> int:
         """Tokens one sequence may reach: the context, or less when the whole KV cache is smaller."""
         ctx = self.tm.context if self.tm else 0
         return min(ctx, self.config.num_blocks * self.config.block_size) if self.config else ctx
@@ -153,7 +153,7 @@ class LocalTextBackend(Backend):
                 code="context_length_exceeded")
 
     def _check_length(self, prompt_len: int, max_tokens: int, param: str) -> None:
-        ctx = self._max_len()
+        ctx = self.max_len()
         if self.tm is not None and ctx < self.tm.context:
             ctx_words = f"{ctx} tokens (its whole KV cache; the model's context is {self.tm.context})"
         else:

@@ -39,10 +39,8 @@ from app.schemas.molecules import (
 from app.serving.common import Deadline, now, request_id, response_id, unless_disconnected
 from app.settings import Settings
 from models.molecule import chem
+from models.text.sampling import SEED_MASK, SEED_STRIDE  # string k of a round: the engine's sample k
 
-# Golden-ratio stride between the seeds of consecutive samples (as ``make_generators`` derives them).
-SEED_STRIDE = 0x9E3779B97F4A7C15
-SEED_MASK = 0x7FFF_FFFF_FFFF_FFFF
 MAX_ROUND = 1024  # strings sampled in one round at most
 MIN_ROUND = 16
 
@@ -82,7 +80,7 @@ class MoleculeServing:
 
         async def run() -> MoleculeGenerationResponse:
             tally = await deadline.run(self._sample(backend, body, compiled, budget, seed, rid))
-            return self._response(body, tally, budget)
+            return self._response(body, tally)
 
         return await unless_disconnected(raw, run())
 
@@ -107,7 +105,7 @@ class MoleculeServing:
         self._meter(body.model, tally)
         return tally
 
-    def _response(self, body: MoleculeGenerationRequest, tally: _Tally, budget: int) -> MoleculeGenerationResponse:
+    def _response(self, body: MoleculeGenerationRequest, tally: _Tally) -> MoleculeGenerationResponse:
         stats = GenerationStats(requested=body.n, returned=len(tally.kept), sampled=tally.sampled,
                                 invalid=tally.invalid, duplicates=tally.duplicates,
                                 rejected_by_constraints=tally.rejected, withheld_by_moderation=tally.withheld,

@@ -26,6 +26,7 @@ from models.llama.corpus import Doc, documents
 from models.llama.model import LlamaConfig, LlamaForCausalLM, load_llama
 from models.text.generate import TextModel, generate
 from models.text.sampling import SamplingParams
+from models.training import adamw, lr_at, set_lr, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +101,6 @@ def encode(docs: list[Doc], tok, seed: int) -> tuple[torch.Tensor, torch.Tensor]
     return torch.tensor(train, dtype=torch.long), torch.tensor(held, dtype=torch.long)
 
 
-def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
-
-
 @torch.no_grad()
 def heldout_nll(model: LlamaForCausalLM, ids: torch.Tensor, context: int) -> float:
     """Mean next-token negative log-likelihood over consecutive windows of the held-out tokens."""
@@ -140,16 +134,12 @@ def train_text_tiny(out: Path, cfg: TrainConfig) -> dict:
     model.init_weights()
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters", n_params / 1e6)
-    decay = [p for p in model.parameters() if p.dim() == 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(cfg.seed)
     best = (float("inf"), None, 0)
     step, start, budget = 0, time.time(), cfg.minutes * 60
     while (elapsed := time.time() - start) < budget:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step, elapsed / budget)
+        set_lr(opt, lr_at(cfg, step, elapsed / budget))
         offsets = torch.randint(0, len(train_ids) - cfg.context - 1, (cfg.batch_size,), generator=gen)
         batch = torch.stack([train_ids[o:o + cfg.context + 1] for o in offsets.tolist()])
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -163,7 +153,7 @@ def train_text_tiny(out: Path, cfg: TrainConfig) -> dict:
         if step % cfg.eval_every == 0:
             nll = heldout_nll(model, held_ids, cfg.context)
             if nll < best[0]:
-                best = (nll, {k: v.detach().clone() for k, v in model.state_dict().items()}, step)
+                best = (nll, snapshot(model), step)
             log.info("step %d  %.0fs  train loss %.3f  held-out nll %.3f (ppl %.1f)  lr %.2e",
                      step, elapsed, loss.item(), nll, math.exp(nll), opt.param_groups[0]["lr"])
     if best[1] is not None:

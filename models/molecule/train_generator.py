@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from models.llama.model import LlamaConfig, LlamaForCausalLM, load_llama
-from models.llama.train import lr_at, save_hf
+from models.llama.train import save_hf
+from models.training import adamw, lr_at, set_lr, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -157,17 +158,13 @@ def train_mol(out: Path, cfg: MolTrainConfig) -> dict:
     model.init_weights()
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters", n_params / 1e6)
-    decay = [p for p in model.parameters() if p.dim() == 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.95))
     best: tuple[float, dict | None, int] = (float("inf"), None, 0)
     step, seen, start, budget = 0, 0, time.time(), cfg.minutes * 60
     for batch in batches(train_ids, cfg.batch_size, pad, rng):
         if (elapsed := time.time() - start) >= budget:
             break
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step, elapsed / budget)
+        set_lr(opt, lr_at(cfg, step, elapsed / budget))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = sequence_loss(model, batch, pad)
         opt.zero_grad(set_to_none=True)
@@ -179,7 +176,7 @@ def train_mol(out: Path, cfg: MolTrainConfig) -> dict:
         if step % cfg.eval_every == 0:
             nll, _ = heldout_nll(model, held_ids, pad)
             if nll < best[0]:
-                best = (nll, {k: v.detach().clone() for k, v in model.state_dict().items()}, step)
+                best = (nll, snapshot(model), step)
             log.info("step %d  %.0fs  %d molecules  train loss %.4f  held-out nll %.4f  lr %.2e",
                      step, elapsed, seen, loss.item(), nll, opt.param_groups[0]["lr"])
     if best[1] is not None:

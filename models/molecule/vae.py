@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from models.molecule import chem
+from models.training import adamw, lr_at, set_lr, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -483,13 +484,9 @@ def _fit(model: MolVAE, train_ids: list[list[int]], held_selfies: list[str], cfg
          rng: random.Random) -> dict:
     """Trains in place for the budget (or ``max_steps``); returns the best state by held-out negative ELBO,
     its step and value, the loss curve (means over each ``eval_every`` steps), steps and molecules seen."""
-    from models.llama.train import lr_at
     from models.molecule.train_generator import batches
 
-    decay = [p for p in model.parameters() if p.dim() == 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
     best: dict = {"neg_elbo": float("inf"), "state": None, "step": 0}
     curve: list[dict] = []
     window: list[tuple[float, float, float]] = []
@@ -498,8 +495,7 @@ def _fit(model: MolVAE, train_ids: list[list[int]], held_selfies: list[str], cfg
     model.train()
     for batch in batches(train_ids, cfg.batch_size, PAD_ID, rng):
         progress = (time.time() - start) / budget
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step, progress)
+        set_lr(opt, lr_at(cfg, step, progress))
         beta = beta_at(cfg, progress)
         total, recon, kl = model.loss(batch, beta, cfg.free_bits)
         opt.zero_grad(set_to_none=True)
@@ -523,8 +519,7 @@ def _checkpoint(model: MolVAE, held_selfies: list[str], best: dict, step: int,
     """Held-out evaluation: updates ``best`` in place and returns this point of the loss curve."""
     recon, kl = heldout_elbo(model, held_selfies, seed)
     if recon + kl < best["neg_elbo"]:
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        best.update(neg_elbo=recon + kl, step=step, state=state)
+        best.update(neg_elbo=recon + kl, step=step, state=snapshot(model))
     train = [sum(x[i] for x in window) / len(window) for i in range(3)]
     point = {"step": step, "seconds": round(seconds, 1), "beta": round(beta, 4), "train_loss": train[0],
              "train_recon": train[1], "train_kl": train[2], "heldout_recon": recon, "heldout_kl": kl}

@@ -37,13 +37,19 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+# Sample i of a request with seed s draws from seed (s + i * SEED_STRIDE) & SEED_MASK: a golden-ratio
+# stride keeps the n seeds of one request far apart.
+SEED_STRIDE = 0x9E3779B97F4A7C15
+SEED_MASK = 0x7FFF_FFFF_FFFF_FFFF
+
+
 def make_generators(params: SamplingParams, device: torch.device | str = "cpu") -> list[torch.Generator]:
     """One generator per sample, so sample ``i`` draws the same numbers whatever else runs."""
     base = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
     gens = []
     for i in range(params.n):
         g = torch.Generator(device=device)
-        g.manual_seed((base + 0x9E3779B97F4A7C15 * i) & 0x7FFF_FFFF_FFFF_FFFF)
+        g.manual_seed((base + SEED_STRIDE * i) & SEED_MASK)
         gens.append(g)
     return gens
 
