@@ -53,11 +53,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
     HF_HOME=/home/genserve/.cache/huggingface
 
-# RDKit's wheel (molecule endpoints) links libXrender and libXext, which the slim image lacks.
-# Unpinned: the versions follow the base image's Debian release.
+# RDKit's wheel (molecule endpoints) links libXrender and libXext, which the slim image lacks;
+# espeak-ng is genserve-speech's synthesiser. Unpinned: the versions follow the base image's
+# Debian release.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libxrender1 libxext6 \
+    && apt-get install -y --no-install-recommends libxrender1 libxext6 espeak-ng \
     && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --system --gid 10001 genserve \
@@ -66,7 +67,8 @@ RUN groupadd --system --gid 10001 genserve \
 
 COPY --from=builder /opt/venv /opt/venv
 # Fail the build, not the first request, if a native library is missing.
-RUN python -c "import rdkit.Chem.Draw.rdMolDraw2D, torch"
+RUN python -c "import rdkit.Chem.Draw.rdMolDraw2D, torch, av" \
+    && espeak-ng --version
 
 USER 10001:10001
 WORKDIR /home/genserve

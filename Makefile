@@ -5,9 +5,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install serve test lint train-text-tiny train-mol eval-text eval-molecules bench-text bench-molecules clean
+.PHONY: install system-deps serve test lint train-text-tiny train-mol train-music eval-text eval-molecules eval-music \
+        bench-text bench-molecules bench-audio clean
 
-install: $(STAMP)
+install: system-deps $(STAMP)
 
 # torch first, pinned, so the package's `torch>=` requirement is already met by the CPU wheel.
 $(STAMP): pyproject.toml
@@ -17,6 +18,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	$(BIN)/pip install --quiet --no-deps molsets==0.3.1  # MOSES data only; see pyproject's mol extra
 	touch $(STAMP)
+
+# Debian packages the embedded models need: espeak-ng (genserve-speech). Installed when missing and
+# this user can (root with apt-get, as in CI and the Docker image); otherwise the command to run.
+SYSTEM_PACKAGES := espeak-ng
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+		else echo "missing:$$missing; install with: sudo apt-get install$$missing" >&2; exit 1; fi; \
+	fi
 
 serve: install
 	$(OFFLINE) $(BIN)/genserve serve $(ARGS)
@@ -36,6 +48,12 @@ train-mol: install
 	$(BIN)/genserve train mol $(ARGS)
 	$(BIN)/genserve train mol-vae $(ARGS)
 
+train-music: install
+	$(BIN)/genserve train music $(ARGS)
+
+eval-music: install
+	$(OFFLINE) $(BIN)/genserve eval music $(ARGS)
+
 eval-molecules: install
 	$(OFFLINE) $(BIN)/genserve eval molecules $(ARGS)
 
@@ -46,6 +64,14 @@ eval-text: install
 bench-text: install
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
 	$(OFFLINE) $(BIN)/python benchmarks/text_serving.py $(ARGS)
+
+# Valid unique molecules/s against transformers generate, one at a time and batched.
+bench-molecules: install
+	$(OFFLINE) $(BIN)/python benchmarks/molecule_serving.py $(ARGS)
+
+# Real-time factor of speech and music, sequential and concurrent.
+bench-audio: install
+	$(OFFLINE) $(BIN)/python benchmarks/audio_serving.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -14,8 +14,9 @@ from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
 from app.registry import ModelEntry, load_registry
-from app.routers import docs, embeddings, models, molecules, ops, text
+from app.routers import audio, docs, embeddings, models, molecules, ops, text
 from app.security import ApiKeyMiddleware, ApiKeys
+from app.serving.audio import AudioServing
 from app.serving.embeddings import EmbeddingServing
 from app.serving.models import ModelsServing
 from app.serving.molecules import MoleculeServing
@@ -44,9 +45,11 @@ def create_app(settings: Settings, entries: list[ModelEntry] | None = None) -> F
     app.state.text = TextServing(manager, metrics, settings)
     app.state.embeddings = EmbeddingServing(manager, metrics, settings)
     app.state.molecules = MoleculeServing(manager, metrics, settings)
+    app.state.audio = AudioServing(manager, metrics, settings)
 
     install_error_handlers(app)
-    for router in (text.router, embeddings.router, molecules.router, models.router, ops.router, docs.router):
+    for router in (text.router, embeddings.router, audio.router, molecules.router, models.router, ops.router,
+                   docs.router):
         app.include_router(router)
     app.mount(docs.STATIC_PREFIX, StaticFiles(directory=docs.STATIC_DIR), name="docs-assets")
     # Added innermost first: request id, then metrics (401s and early 413s count under the route

@@ -54,6 +54,12 @@ class Metrics:
         self.molecules = Counter("genserve_molecules", "Sampled molecules by outcome: returned, invalid, "
                                  "duplicate, rejected (by constraints), withheld (by moderation)",
                                  [*m, "outcome"], registry=r)
+        # Audio: real-time factor = seconds of compute per second of audio (below 1: faster than real time).
+        self.audio_seconds = Counter("genserve_audio_seconds", "Seconds of audio generated", m, registry=r)
+        self.audio_real_time_factor = Histogram("genserve_audio_real_time_factor", "Wall time of a request "
+                                                "divided by the seconds of audio it produced", m,
+                                                buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
+                                                registry=r)
         self.model_ready = Gauge("genserve_model_ready", "1 when the model is loaded and serving", m,
                                  registry=r)
 

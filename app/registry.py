@@ -21,7 +21,7 @@ DEFAULT_TASKS: dict[str, list[str]] = {
     "text": ["completion", "chat"],
     "embedding": ["embedding"],
     "image": ["generation"],
-    "audio": ["speech"],
+    "audio": ["speech"],  # music models: tasks: [music]
     "molecule": ["generation", "properties"],
     "moderation": ["moderation"],
 }
@@ -43,6 +43,9 @@ class Limits(BaseModel):
     max_inputs: int = Field(2048, ge=1, description="inputs in one /v1/embeddings request")
     max_samples: int = Field(20_000, ge=1, description="molecule generators: strings sampled for one request "
                              "at most (the default and cap of its max_samples)")
+    max_input_chars: int = Field(4096, ge=1, description="speech: characters of input text")
+    max_audio_seconds: float = Field(1200.0, gt=0, description="audio one request may produce; speech past it "
+                                     "is cut off, music longer than it is refused")
 
 
 class ModelEntry(BaseModel):

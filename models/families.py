@@ -21,6 +21,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "sentence-transformers": ("embedding", "models.embedding"),
     "selfies-llama": ("molecule", "models.molecule.generator"),
     "mol-vae": ("molecule", "models.molecule.vae"),
+    "espeak-ng": ("audio", "models.audio.espeak"),
+    "transformers-tts": ("audio", "models.audio.transformers_tts"),
+    "chorale": ("audio", "models.music"),
 }
 
 

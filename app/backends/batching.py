@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -76,6 +76,23 @@ class DynamicBatcher(Generic[T, R]):
 
     async def submit_many(self, values: list[T]) -> list[R]:
         """Queues all of ``values`` or none (429 when the queue cannot take them all)."""
+        items = self._enqueue(values)
+        try:
+            return list(await asyncio.gather(*(i.future for i in items)))
+        finally:
+            _abandon(items)
+
+    async def submit_stream(self, values: list[T]) -> AsyncIterator[R]:
+        """Queues all of ``values`` or none, as ``submit_many``, and yields each result in order as
+        soon as it and those before it are ready; items not yet run are dropped if the caller stops."""
+        items = self._enqueue(values)
+        try:
+            for item in items:
+                yield await item.future
+        finally:
+            _abandon(items)
+
+    def _enqueue(self, values: list[T]) -> list[_Item[T]]:
         if len(self._waiting) + len(values) > self.max_waiting:
             raise RateLimitError(f"Too many requests waiting for this model ({len(self._waiting)} "
                                  f"queued, limit {self.max_waiting}); retry shortly.",
@@ -84,11 +101,7 @@ class DynamicBatcher(Generic[T, R]):
         items = [_Item(v, loop.create_future()) for v in values]
         self._waiting.extend(items)
         self._wakeup.set()
-        try:
-            return list(await asyncio.gather(*(i.future for i in items)))
-        finally:
-            for i in items:
-                i.future.cancel()  # no-op when done; marks the rest as abandoned
+        return items
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -135,6 +148,10 @@ class DynamicBatcher(Generic[T, R]):
         first = self.key(live[0].value)
         return [i for i in live if self.key(i.value) == first]
 
+
+def _abandon(items: list[_Item]) -> None:
+    for item in items:
+        item.future.cancel()  # no-op when done; marks the rest as abandoned
 
 
 def _fail(items: list[_Item]) -> None:

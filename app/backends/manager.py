@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 from app.backends.base import Backend
+from app.backends.local_audio import LocalMusicBackend, LocalSpeechBackend
 from app.backends.local_embedding import LocalEmbeddingBackend
 from app.backends.local_molecule import LocalMoleculeBackend, LocalMolVAEBackend
 from app.backends.local_text import LocalTextBackend
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 REMOTE_MODALITIES = ("text", "embedding")  # what RemoteBackend forwards (OpenAI's endpoints)
 # The backend that runs a local model: by family where the family says, else by modality.
 LOCAL_BACKENDS: dict[str, type] = {"text": LocalTextBackend, "embedding": LocalEmbeddingBackend,
-                                   "molecule": LocalMoleculeBackend, "mol-vae": LocalMolVAEBackend}
+                                   "molecule": LocalMoleculeBackend, "mol-vae": LocalMolVAEBackend,
+                                   "audio": LocalSpeechBackend, "chorale": LocalMusicBackend}
 
 
 def build_backend(entry: ModelEntry, settings: Settings, metrics: Metrics) -> Backend:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from app.schemas.base import OpenAIBaseModel
 
 
@@ -17,6 +19,8 @@ class ModelCard(OpenAIBaseModel):
     ready: bool
     backend: str
     context_length: int | None = None
+    sample_rate: int | None = Field(None, description="audio models: samples per second of the audio the model "
+                                    "makes (speech is resampled to 24 kHz on the way out)")
 
 
 class ModelList(OpenAIBaseModel):

@@ -25,5 +25,7 @@ class ModelsServing:
 
 def _card(backend: Backend, ready: bool) -> ModelCard:
     e = backend.entry
+    facts = backend.describe()
     return ModelCard(id=e.id, created=backend.created, modality=e.modality, tasks=e.tasks, ready=ready,
-                     backend=e.backend, context_length=backend.describe().get("context_length"))
+                     backend=e.backend, context_length=facts.get("context_length"),
+                     sample_rate=facts.get("sample_rate"))

@@ -82,3 +82,28 @@ def test_errors_reach_every_caller_and_cancelled_items_are_skipped() -> None:
 
     run(main())
     assert seen == [[1, 2]]
+
+
+def test_submit_stream_yields_in_order_as_batches_finish_and_drops_the_rest_when_left() -> None:
+    batches: list[list[int]] = []
+
+    def fn(items: list[int]) -> list[int]:
+        batches.append(items)
+        return [x * 10 for x in items]
+
+    async def main() -> tuple[list[int], list[int]]:
+        b = DynamicBatcher(fn, max_batch_size=2, max_wait_ms=0, max_waiting=100)
+        b.start()
+        whole = [x async for x in b.submit_stream([1, 2, 3, 4, 5])]
+        stream = b.submit_stream([6, 7, 8, 9, 10, 11])
+        first = await anext(stream)
+        await stream.aclose()  # the caller leaves after its first result
+        await asyncio.sleep(0.05)
+        await b.close()
+        return whole, [first]
+
+    whole, first = run(main())
+    assert whole == [10, 20, 30, 40, 50] and first == [60]
+    assert all(len(x) <= 2 for x in batches)
+    ran = [x for batch in batches for x in batch]
+    assert ran[:5] == [1, 2, 3, 4, 5] and 11 not in ran, "items of a stream that was left must not run"

@@ -1,0 +1,149 @@
+"""Audio out: float samples in, encoded bytes out, as they are produced.
+
+``AudioEncoder`` pushes mono float32 chunks through one FFmpeg filter graph (tempo change without
+pitch change, resampling to the output rate, 16-bit samples) and then an encoder and container,
+both from FFmpeg through PyAV, returning whatever bytes each chunk completes. Every format streams
+except FLAC, whose header (STREAMINFO: the total length) is only right once the audio has ended, so
+FLAC comes out whole when ``finish`` is called (decoders such as libsndfile refuse a FLAC stream
+without its length).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+import numpy as np
+
+OUTPUT_RATE = 24_000  # OpenAI's speech API: pcm is 24 kHz signed 16-bit little-endian mono
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    container: str | None  # FFmpeg muxer; None: raw samples
+    codec: str | None
+    media_type: str
+    streams: bool = True
+
+
+FORMATS: dict[str, AudioFormat] = {
+    "mp3": AudioFormat("mp3", "libmp3lame", "audio/mpeg"),
+    "opus": AudioFormat("ogg", "libopus", "audio/ogg"),
+    "aac": AudioFormat("adts", "aac", "audio/aac"),
+    "flac": AudioFormat("flac", "flac", "audio/flac", streams=False),
+    "wav": AudioFormat("wav", "pcm_s16le", "audio/wav"),
+    "pcm": AudioFormat(None, None, "audio/pcm"),
+}
+ATEMPO_RANGE = (0.5, 2.0)  # one atempo filter's range; larger changes chain several
+
+
+def atempo_chain(tempo: float) -> list[float]:
+    """Factors within ``ATEMPO_RANGE`` whose product is ``tempo``."""
+    lo, hi = ATEMPO_RANGE
+    factors = []
+    while tempo < lo or tempo > hi:
+        step = lo if tempo < lo else hi
+        factors.append(step)
+        tempo /= step
+    return [*factors, tempo] if abs(tempo - 1.0) > 1e-6 else factors
+
+
+class _Sink(io.RawIOBase):
+    """A write-only, non-seekable file that hands over what was written since the last ``take``."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self.buf += data
+        return len(data)
+
+    def take(self) -> bytes:
+        out, self.buf = bytes(self.buf), bytearray()
+        return out
+
+
+class AudioEncoder:
+    """``feed(samples)`` → bytes ready now; ``finish()`` → the rest. ``samples`` are mono float32 at
+    ``in_rate``; output is at ``out_rate`` (default: unchanged), played ``tempo`` times faster."""
+
+    def __init__(self, fmt: str, in_rate: int, out_rate: int | None = None, tempo: float = 1.0) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown audio format {fmt!r}; supported: {', '.join(FORMATS)}")
+        self.format, self.in_rate, self.out_rate = FORMATS[fmt], in_rate, out_rate or in_rate
+        self.samples_in = 0
+        self.samples_out = 0
+        self._graph = self._build_graph(tempo)
+        self._sink: _Sink | io.BytesIO | None = None
+        self._container = self._stream = None
+        if self.format.container is not None:
+            self._sink = _Sink() if self.format.streams else io.BytesIO()
+            options = {"page_duration": "100000"} if self.format.container == "ogg" else {}
+            self._container = av.open(self._sink, "w", format=self.format.container, options=options)
+            self._stream = self._container.add_stream(self.format.codec, rate=self.out_rate)
+            self._stream.layout = "mono"
+
+    def _build_graph(self, tempo: float) -> av.filter.Graph:
+        graph = av.filter.Graph()
+        chain = [graph.add_abuffer(format="flt", sample_rate=self.in_rate, layout="mono",
+                                   time_base=Fraction(1, self.in_rate))]
+        chain += [graph.add("atempo", f"{f:.6f}") for f in atempo_chain(tempo)]
+        chain += [graph.add("aresample", str(self.out_rate)),
+                  graph.add("aformat", f"sample_fmts=s16:channel_layouts=mono:sample_rates={self.out_rate}"),
+                  graph.add("abuffersink")]
+        for a, b in itertools.pairwise(chain):
+            a.link_to(b)
+        graph.configure()
+        return graph
+
+    def feed(self, samples: np.ndarray) -> bytes:
+        samples = np.clip(np.asarray(samples, dtype=np.float32).reshape(1, -1), -1.0, 1.0)
+        if samples.size == 0:
+            return b""
+        frame = av.AudioFrame.from_ndarray(samples, format="flt", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = self.in_rate, self.samples_in, Fraction(1, self.in_rate)
+        self.samples_in += samples.shape[1]
+        self._graph.push(frame)
+        return self._drain()
+
+    def finish(self) -> bytes:
+        self._graph.push(None)
+        out = self._drain()
+        if self._container is None:
+            return out
+        for packet in self._stream.encode(None):
+            self._container.mux(packet)
+        self._container.close()
+        if isinstance(self._sink, io.BytesIO):
+            return self._sink.getvalue()
+        return out + self._sink.take()
+
+    def _drain(self) -> bytes:
+        raw = bytearray()
+        while True:
+            try:
+                frame = self._graph.pull()
+            except (BlockingIOError, EOFError):
+                break
+            self.samples_out += frame.samples
+            if self._container is None:
+                raw += frame.to_ndarray().astype("<i2").tobytes()
+                continue
+            frame.pts = None  # the encoder numbers its own frames
+            for packet in self._stream.encode(frame):
+                self._container.mux(packet)
+        if isinstance(self._sink, _Sink):
+            return bytes(raw) + self._sink.take()
+        return bytes(raw)
+
+
+def encode(samples: np.ndarray, fmt: str, in_rate: int, out_rate: int | None = None, tempo: float = 1.0) -> bytes:
+    """The whole of ``samples`` in ``fmt`` in one go."""
+    encoder = AudioEncoder(fmt, in_rate, out_rate, tempo)
+    return encoder.feed(samples) + encoder.finish()

@@ -1,0 +1,163 @@
+"""``POST /v1/audio/speech`` on a live server: the OpenAI SDK in every format, streaming, errors, and
+what pocketsphinx hears.
+
+The word error rate bound: pocketsphinx's acoustic model was trained on recorded human speech, and
+espeak-ng is a formant synthesiser, so even perfect espeak-ng speech is misheard often. Measured
+on these ten sentences through this server (wav → 16 kHz), voice ``sage`` scores a WER of 0.36 and
+``alloy`` 0.50, while the same transcripts scored against the wrong sentences (a control for
+"audio that is not these words") score 0.96–1.07. The bound of 0.65 sits between the two with room
+for decoder drift across versions, and fails for silence, noise, wrong text or a mangled encoding.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import av
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.conftest import API_KEY
+
+SPEECH = "genserve-speech"
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Please call me back when you get home tonight.",
+    "The weather today is sunny with a light breeze.",
+    "She bought three red apples at the market.",
+    "We will meet at the station at seven o'clock.",
+    "Open the door and turn on the light.",
+    "My brother plays the piano every evening.",
+    "The train to the city leaves in ten minutes.",
+    "I would like a cup of coffee with milk.",
+    "They walked along the river after dinner.",
+]
+WER_BOUND = 0.65
+
+
+def speech(server, **body) -> httpx.Response:
+    with server.client() as c:
+        return c.post("/v1/audio/speech", json={"model": SPEECH, "voice": "alloy", **body})
+
+
+def decode(data: bytes, fmt: str) -> tuple[np.ndarray, int]:
+    if fmt == "pcm":
+        return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768, 24_000
+    if fmt == "aac":
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.audio[0]
+            return np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(stream)]), stream.rate
+    samples, rate = sf.read(io.BytesIO(data), dtype="float32")
+    return samples, rate
+
+
+@pytest.mark.parametrize("fmt", ["mp3", "opus", "aac", "flac", "wav", "pcm"])
+def test_openai_sdk_gets_each_format_at_24_khz(openai_client, fmt):
+    response = openai_client.audio.speech.create(model=SPEECH, voice="alloy", response_format=fmt,
+                                                 input="Hello from genserve. Every format decodes.")
+    samples, rate = decode(response.content, fmt)
+    assert rate == 24_000
+    assert 1.5 < len(samples) / rate < 5.0  # about 2.6 s of speech at 160 words per minute
+    assert np.abs(samples).max() > 0.1
+
+
+def test_speed_changes_duration(openai_client):
+    durations = {}
+    for speed in (0.25, 1.0, 4.0):
+        data = openai_client.audio.speech.create(model=SPEECH, voice="alloy", input="Time flies like an arrow.",
+                                                 response_format="pcm", speed=speed).content
+        durations[speed] = len(data) / 2 / 24_000
+    assert durations[0.25] / durations[1.0] == pytest.approx(4.0, rel=0.25)
+    assert durations[1.0] / durations[4.0] == pytest.approx(4.0, rel=0.25)
+
+
+def test_long_input_streams_in_chunks_before_it_ends(server):
+    text = " ".join(f"This is sentence {i} of a long text." for i in range(80))
+    with server.client() as c, c.stream("POST", "/v1/audio/speech",
+                                        json={"model": SPEECH, "voice": "alloy", "input": text,
+                                              "response_format": "pcm"}) as r:
+        assert r.status_code == 200 and r.headers["content-type"] == "audio/pcm"
+        sizes = [len(chunk) for chunk in r.iter_raw()]
+    assert len(sizes) > 10 and sum(sizes) / 2 / 24_000 > 120
+
+
+def test_same_request_same_bytes(server):
+    a = speech(server, input="Determinism matters.", response_format="mp3")
+    b = speech(server, input="Determinism matters.", response_format="mp3")
+    assert a.status_code == 200 and a.content == b.content
+
+
+def words(text: str) -> list[str]:
+    return re.sub(r"[^a-z' ]", " ", text.lower()).split()
+
+
+def edit_distance(ref: list[str], hyp: list[str]) -> int:
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        diagonal, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (r != h))
+    return row[-1]
+
+
+def transcribe(wav: bytes) -> str:
+    from pocketsphinx import Decoder
+    from scipy.signal import resample_poly
+
+    samples, rate = sf.read(io.BytesIO(wav), dtype="float32")
+    assert rate == 24_000
+    pcm = (np.clip(resample_poly(samples, 2, 3), -1, 1) * 32767).astype(np.int16).tobytes()  # 16 kHz
+    decoder = Decoder(samprate=16_000)
+    decoder.start_utt()
+    decoder.process_raw(pcm, full_utt=True)
+    decoder.end_utt()
+    return decoder.hyp().hypstr if decoder.hyp() else ""
+
+
+def test_pocketsphinx_hears_the_words(server):
+    hyps = [transcribe(speech(server, voice="sage", input=s, response_format="wav").content) for s in SENTENCES]
+    total = sum(len(words(s)) for s in SENTENCES)
+    wer = sum(edit_distance(words(s), words(h)) for s, h in zip(SENTENCES, hyps, strict=True)) / total
+    control = sum(edit_distance(words(s), words(h)) for s, h in zip(SENTENCES, hyps[1:] + hyps[:1],
+                                                                     strict=True)) / total
+    assert control > 0.9, "scored against the wrong sentences, the transcripts must look wrong"
+    assert wer < WER_BOUND, f"WER {wer:.3f}: {hyps}"
+
+
+@pytest.mark.parametrize(("body", "param", "text"), [
+    ({"voice": "robot"}, "voice", "alloy"),
+    ({"response_format": "ogg"}, "response_format", "mp3, opus, aac, flac, wav, pcm"),
+    ({"speed": 5.0}, "speed", "4"),
+    ({"input": "x" * 4097}, "input", "4096"),
+    ({"input": ""}, "input", ""),
+    ({"instructions": "whisper"}, "instructions", "instructions"),
+    ({"stream_format": "sse"}, "stream_format", "audio"),
+])
+def test_bad_speech_requests_get_400_naming_the_field(server, body, param, text):
+    r = speech(server, **{"input": "hello", **body})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and text in error["message"]
+
+
+def test_speech_model_is_not_a_music_model(server):
+    with server.client() as c:
+        r = c.post("/v1/audio/music", json={"model": SPEECH, "seconds": 2})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_supported"
+
+
+def test_speech_metrics_count_audio_seconds(server):
+    before = server.metric("genserve_audio_seconds_total", model_name=SPEECH)
+    data = speech(server, input="Counting seconds.", response_format="pcm").content
+    after = server.metric("genserve_audio_seconds_total", model_name=SPEECH)
+    assert after - before == pytest.approx(len(data) / 2 / 24_000, abs=1e-3)
+    assert server.metric("genserve_audio_real_time_factor_count", model_name=SPEECH) >= 1
+
+
+def test_speech_needs_an_api_key(server):
+    r = httpx.post(f"{server.url}/v1/audio/speech", json={"model": SPEECH, "voice": "alloy", "input": "hi"})
+    assert r.status_code == 401
+    assert API_KEY not in r.text

@@ -1,0 +1,133 @@
+"""Speech families: espeak-ng as shipped, and transformers' VITS through a tiny randomly initialised
+model that the test builds and saves, so the real loading, batching and generation path runs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.backends.local_audio import LocalSpeechBackend
+from app.metrics import Metrics
+from app.registry import ModelEntry
+from models.audio import SpeechSpec, split_text
+from models.audio.espeak import read_wav_header
+from models.families import load_family, weights_dir
+
+SPEECH_DIR = weights_dir() / "genserve-speech"
+
+
+@pytest.fixture(scope="module")
+def espeak():
+    return load_family("espeak-ng", SPEECH_DIR)
+
+
+def test_espeak_maps_every_openai_voice_and_accepts_its_own(espeak):
+    for name in ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse"):
+        assert espeak.resolve_voice(name) == espeak.voices[name]
+    assert espeak.resolve_voice("en-gb+f3") == "en-gb+f3"
+    for bad in ("robot", "en-us+no-such-variant", "xx-yy", "en-us; rm -rf /"):
+        with pytest.raises(ValueError, match="unknown voice"):
+            espeak.resolve_voice(bad)
+
+
+def test_espeak_speed_uses_its_rate_range_then_the_encoder(espeak):
+    base = espeak.words_per_minute
+    assert espeak.words_per_minute_for(1.0) == round(base) and espeak.residual_tempo(1.0) == 1.0
+    assert espeak.words_per_minute_for(0.25) == 80  # espeak-ng's slowest
+    assert espeak.residual_tempo(0.25) == pytest.approx(base * 0.25 / 80)
+    assert espeak.words_per_minute_for(4.0) == round(4 * base) and espeak.residual_tempo(4.0) == 1.0
+
+
+def test_espeak_speaks_deterministically_and_faster_means_shorter(espeak):
+    text = "Hello world, this is genserve speaking."
+    one = espeak.synthesize(SpeechSpec(text, espeak.resolve_voice("alloy")))
+    assert np.array_equal(one, espeak.synthesize(SpeechSpec(text, espeak.resolve_voice("alloy"))))
+    fast = espeak.synthesize(SpeechSpec(text, espeak.resolve_voice("alloy"), speed=2.0))
+    assert 0.4 < len(fast) / len(one) < 0.6
+    assert espeak.sample_rate == 22_050 and 0.1 < np.abs(one).max() <= 1.0
+
+
+def test_wav_header_parser_waits_for_enough_bytes():
+    header = (b"RIFF\xff\xff\xff\xffWAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00\x22\x56\x00\x00"
+              b"\x44\xac\x00\x00\x02\x00\x10\x00data\xff\xff\xff\xff")
+    assert read_wav_header(header[:20]) is None
+    assert read_wav_header(header) == (22_050, 44)
+    with pytest.raises(RuntimeError):
+        read_wav_header(b"ID3\x04" + header[4:])
+
+
+def test_split_text_keeps_every_word_in_order_within_the_limit():
+    text = "First sentence here. Second one!\nA third, much longer sentence that must be cut somewhere. " * 5
+    pieces = split_text(text, 40)
+    assert all(0 < len(p) <= 40 for p in pieces)
+    assert " ".join(pieces).split() == text.split()
+
+
+# transformers: a tiny VITS ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_vits(tmp_path_factory) -> Path:
+    from transformers import VitsConfig, VitsModel, VitsTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-vits")
+    chars = list(" abcdefghijklmnopqrstuvwxyz'.,?!-")
+    (path / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(["<pad>", *chars])}))
+    tokenizer = VitsTokenizer(str(path / "vocab.json"), language=None, add_blank=True, normalize=True,
+                              phonemize=False, pad_token="<pad>", unk_token="<pad>")
+    torch.manual_seed(0)
+    config = VitsConfig(vocab_size=len(chars) + 1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        ffn_dim=32, flow_size=16, spectrogram_bins=33, upsample_initial_channel=16,
+                        upsample_rates=[8, 8], upsample_kernel_sizes=[16, 16], resblock_kernel_sizes=[3],
+                        resblock_dilation_sizes=[[1, 3]], prior_encoder_num_flows=1,
+                        prior_encoder_num_wavenet_layers=1, posterior_encoder_num_wavenet_layers=1,
+                        duration_predictor_num_flows=1, duration_predictor_filter_channels=16,
+                        depth_separable_num_layers=1, sampling_rate=16_000, num_speakers=2,
+                        speaker_embedding_size=8)
+    VitsModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_vits_batch_rows_are_cut_to_their_own_length(tiny_vits):
+    model = load_family("transformers-tts", tiny_vits, device="cpu", dtype="float32")
+    assert model.sample_rate == 16_000 and model.resolve_voice("ash") == "speaker-1"
+    short, long = SpeechSpec("hi", "speaker-0"), SpeechSpec("a much longer sentence than the first", "speaker-0")
+    a, b = model.synthesize([short, long])
+    assert 0 < len(a) < len(b)
+    slow = model.synthesize([SpeechSpec(long.text, "speaker-0", speed=0.5, seed=1)])[0]
+    fast = model.synthesize([SpeechSpec(long.text, "speaker-0", speed=2.0, seed=1)])[0]
+    assert len(slow) > 2 * len(fast) * 0.8
+    with pytest.raises(ValueError, match="speaker-0"):
+        model.resolve_voice("speaker-7")
+
+
+def test_vits_seeded_text_is_the_same_alone_or_batched_through_the_backend(tiny_vits):
+    entry = ModelEntry(id="tiny-vits", modality="audio", backend="local", family="transformers-tts",
+                       source=str(tiny_vits), device="cpu", max_batch_size=8, max_wait_ms=50)
+    metrics = Metrics()
+    backend = LocalSpeechBackend(entry, metrics)
+    backend.setup()
+    text = "Seeded speech is repeatable. Even when it is cut into pieces."
+
+    async def speak(spec: SpeechSpec) -> np.ndarray:
+        return np.concatenate([c async for c in backend.speak(spec)])
+
+    async def scenario() -> tuple[np.ndarray, list[np.ndarray]]:
+        await backend.start()
+        alone = await speak(SpeechSpec(text, "speaker-0", seed=42))
+        crowd = await asyncio.gather(speak(SpeechSpec(text, "speaker-0", seed=42)),
+                                     *(speak(SpeechSpec(f"other text number {i}.", "speaker-0")) for i in range(5)),
+                                     speak(SpeechSpec(text, "speaker-0", seed=42)))
+        await backend.close()
+        return alone, list(crowd)
+
+    alone, crowd = asyncio.run(scenario())
+    assert np.array_equal(alone, crowd[0]) and np.array_equal(alone, crowd[-1])
+    items = metrics.registry.get_sample_value("genserve_batch_size_sum", {"model_name": "tiny-vits"})
+    calls = metrics.registry.get_sample_value("genserve_batch_size_count", {"model_name": "tiny-vits"})
+    assert items == 8 and calls <= 3, f"8 pieces in {calls} model calls: concurrent pieces must share calls"
