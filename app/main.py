@@ -14,10 +14,11 @@ from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
 from app.registry import ModelEntry, load_registry
-from app.routers import audio, docs, embeddings, models, molecules, ops, text
+from app.routers import audio, docs, embeddings, images, models, molecules, ops, text
 from app.security import ApiKeyMiddleware, ApiKeys
 from app.serving.audio import AudioServing
 from app.serving.embeddings import EmbeddingServing
+from app.serving.images import ImageServing
 from app.serving.models import ModelsServing
 from app.serving.molecules import MoleculeServing
 from app.serving.text import TextServing
@@ -46,16 +47,18 @@ def create_app(settings: Settings, entries: list[ModelEntry] | None = None) -> F
     app.state.embeddings = EmbeddingServing(manager, metrics, settings)
     app.state.molecules = MoleculeServing(manager, metrics, settings)
     app.state.audio = AudioServing(manager, metrics, settings)
+    app.state.images = ImageServing(manager, metrics, settings)
 
     install_error_handlers(app)
-    for router in (text.router, embeddings.router, audio.router, molecules.router, models.router, ops.router,
-                   docs.router):
+    for router in (text.router, embeddings.router, images.router, images.files_router, audio.router,
+                   molecules.router, models.router, ops.router, docs.router):
         app.include_router(router)
     app.mount(docs.STATIC_PREFIX, StaticFiles(directory=docs.STATIC_DIR), name="docs-assets")
     # Added innermost first: request id, then metrics (401s and early 413s count under the route
     # "unmatched": they are answered before routing), then the key check, then the body cap, so
     # nothing is read for a caller without a key.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       upload_paths={"/v1/images/edits": settings.max_upload_bytes})
     app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(settings.keys()))
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)

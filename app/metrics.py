@@ -54,6 +54,10 @@ class Metrics:
         self.molecules = Counter("genserve_molecules", "Sampled molecules by outcome: returned, invalid, "
                                  "duplicate, rejected (by constraints), withheld (by moderation)",
                                  [*m, "outcome"], registry=r)
+        # Images: denoising step latency is per batched step (one step of every image in the batch).
+        self.images = Counter("genserve_images", "Images generated", m, registry=r)
+        self.denoising_step_seconds = Histogram("genserve_denoising_step_seconds", "Latency of one denoising "
+                                                "step of a batch", m, buckets=(*TOKEN_BUCKETS, 10.0), registry=r)
         # Audio: real-time factor = seconds of compute per second of audio (below 1: faster than real time).
         self.audio_seconds = Counter("genserve_audio_seconds", "Seconds of audio generated", m, registry=r)
         self.audio_real_time_factor = Histogram("genserve_audio_real_time_factor", "Wall time of a request "

@@ -57,19 +57,28 @@ class RequestIdMiddleware:
                 await send_json(send_with_id, internal_error(rid))
 
 
+def route_path(scope: Scope) -> str:
+    """The path without the ASGI ``root_path`` prefix, as routing matches it."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root):] or "/"
+    return path
+
+
 class BodyLimitMiddleware:
     """413 for bodies over ``max_bytes``: by ``Content-Length`` up front, or while a chunked body
     streams in."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_paths: dict[str, int] | None = None) -> None:
+        self.app, self.max_bytes, self.upload_paths = app, max_bytes, upload_paths or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.upload_paths.get(route_path(scope), self.max_bytes)  # file uploads get their own cap
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._reject(send)
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await send_json(send, PayloadTooLargeError(_message(limit)))
         seen = 0
 
         async def limited_receive() -> Message:
@@ -77,18 +86,16 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     # An HTTPException, because FastAPI turns other errors in body reading into 400.
-                    raise HTTPException(413, detail=self._message())
+                    raise HTTPException(413, detail=_message(limit))
             return message
 
         await self.app(scope, limited_receive, send)
 
-    def _message(self) -> str:
-        return f"Request body exceeds the limit of {self.max_bytes} bytes."
 
-    async def _reject(self, send: Send) -> None:
-        await send_json(send, PayloadTooLargeError(self._message()))
+def _message(limit: int) -> str:
+    return f"Request body exceeds the limit of {limit} bytes."
 
 
 class MetricsMiddleware:

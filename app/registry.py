@@ -20,7 +20,7 @@ Modality = Literal["text", "embedding", "image", "audio", "molecule", "moderatio
 DEFAULT_TASKS: dict[str, list[str]] = {
     "text": ["completion", "chat"],
     "embedding": ["embedding"],
-    "image": ["generation"],
+    "image": ["generation"],  # diffusion: [generation, edit]; GAN, VAE, flow: [generation, interpolation]
     "audio": ["speech"],  # music models: tasks: [music]
     "molecule": ["generation", "properties"],
     "moderation": ["moderation"],
@@ -43,6 +43,11 @@ class Limits(BaseModel):
     max_inputs: int = Field(2048, ge=1, description="inputs in one /v1/embeddings request")
     max_samples: int = Field(20_000, ge=1, description="molecule generators: strings sampled for one request "
                              "at most (the default and cap of its max_samples)")
+    max_image_pixels: int = Field(1024 * 1024, ge=1, description="images: width x height of one output image")
+    max_steps: int = Field(150, ge=1, description="diffusion: num_inference_steps")
+    max_upload_bytes: int = Field(8 << 20, ge=1, description="image edits: bytes of each uploaded file")
+    max_upload_pixels: int = Field(2048 * 2048, ge=1, description="image edits: pixels of each uploaded image, "
+                                   "checked from its header before it is decoded")
     max_input_chars: int = Field(4096, ge=1, description="speech: characters of input text")
     max_audio_seconds: float = Field(1200.0, gt=0, description="audio one request may produce; speech past it "
                                      "is cut off, music longer than it is refused")
@@ -77,6 +82,7 @@ class ModelEntry(BaseModel):
                                 "(default: all cores but one, which the HTTP side keeps)")
     quantization: Literal["none", "int8", "int4"] = Field("none", description="weight-only quantization of "
                                                           "the linear layers (text models)")
+    compile: bool = Field(False, description="diffusers: torch.compile the denoiser at load")
     request_timeout_s: float | None = Field(None, gt=0, description="deadline (default: the setting)")
     limits: Limits = Field(default_factory=Limits)
     # Filled by the loader: the path the source resolved to, or None for a hub id / remote.

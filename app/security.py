@@ -20,10 +20,10 @@ from fastapi.security import HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import AuthenticationError
-from app.middleware import send_json
+from app.middleware import route_path, send_json
 
 OPEN_PATHS = {"/health/live", "/health/ready", "/metrics", "/docs", "/redoc", "/openapi.json"}
-OPEN_PREFIXES = ("/static/",)
+OPEN_PREFIXES = ("/static/", "/v1/images/files/")  # image URLs: the unguessable id is the credential
 bearer = HTTPBearer(auto_error=False, scheme_name="APIKey",
                     description="A key from GENSERVE_API_KEYS or GENSERVE_API_KEYS_FILE.")
 
@@ -59,14 +59,6 @@ class ApiKeyMiddleware:
             except AuthenticationError as err:
                 return await send_json(send, err)
         await self.app(scope, receive, send)
-
-
-def route_path(scope: Scope) -> str:
-    """The path without the ASGI ``root_path`` prefix, as routing matches it."""
-    path, root = scope.get("path", ""), scope.get("root_path", "")
-    if root and path.startswith(root):
-        return path[len(root):] or "/"
-    return path
 
 
 def is_open(path: str) -> bool:

@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(None, description="file with one API key per line")
     allow_unauthenticated: bool = False
     max_body_bytes: int = Field(1 << 20, gt=0, description="largest request body accepted (413 above)")
+    max_upload_bytes: int = Field(16 << 20, gt=0, description="largest multipart body of an image edit "
+                                  "(files and fields; each model's limits cap the files further)")
+    image_url_ttl_s: float = Field(3600.0, gt=0, description="how long an image made with response_format=url "
+                                   "stays downloadable")
+    image_store_bytes: int = Field(256 << 20, gt=0, description="memory for those images; the oldest go first")
     request_timeout_s: float = Field(300.0, gt=0, description="default deadline of a request (504 after)")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long running requests may "
                                     "finish (queued ones get 503 at once)")

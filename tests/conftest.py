@@ -7,6 +7,7 @@ process whose models are ``remote`` entries pointing at ``server``.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -89,6 +90,63 @@ def stop_server(server: Server) -> None:
         server.proc.kill()
 
 
+def build_tiny_vits(path: Path) -> Path:
+    """A randomly initialised two-speaker VITS (16 kHz) and its character tokenizer, saved in ``path``
+    as transformers saves them, so the real loading and generation path runs in tests."""
+    import torch
+    from transformers import VitsConfig, VitsModel, VitsTokenizer
+
+    chars = list(" abcdefghijklmnopqrstuvwxyz'.,?!-")
+    (path / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(["<pad>", *chars])}))
+    tokenizer = VitsTokenizer(str(path / "vocab.json"), language=None, add_blank=True, normalize=True,
+                              phonemize=False, pad_token="<pad>", unk_token="<pad>")
+    torch.manual_seed(0)
+    config = VitsConfig(vocab_size=len(chars) + 1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        ffn_dim=32, flow_size=16, spectrogram_bins=33, upsample_initial_channel=16,
+                        upsample_rates=[8, 8], upsample_kernel_sizes=[16, 16], resblock_kernel_sizes=[3],
+                        resblock_dilation_sizes=[[1, 3]], prior_encoder_num_flows=1,
+                        prior_encoder_num_wavenet_layers=1, posterior_encoder_num_wavenet_layers=1,
+                        duration_predictor_num_flows=1, duration_predictor_filter_channels=16,
+                        depth_separable_num_layers=1, sampling_rate=16_000, num_speakers=2,
+                        speaker_embedding_size=8)
+    VitsModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_tiny_sd(path: Path) -> Path:
+    """A randomly initialised Stable Diffusion pipeline (CLIP text encoder, 4-channel UNet, KL VAE:
+    32x32 images from 8x8 latents) with a character-level CLIP tokenizer, saved as diffusers saves
+    one, so the generic ``diffusers`` family runs its real loading and sampling path."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    chars = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {c: i for i, c in enumerate([*chars, *(c + "</w>" for c in chars)])}
+    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=16)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, norm_num_groups=8, cross_attention_dim=16, attention_head_dim=4,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    vae = AutoencoderKL(block_out_channels=(8, 16), norm_num_groups=8, latent_channels=4, sample_size=32,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    vae.config.scaling_factor = 1.0
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                                        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                                        pad_token_id=vocab["<|endoftext|>"]))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(path / "sd", safe_serialization=True)
+    return path / "sd"
+
+
 def text_entry(mid: str, **extra: object) -> str:
     lines = [f"  - id: {mid}", "    modality: text", "    backend: local", "    family: llama",
              f"    source: {TEXT_DIR}"] + [f"    {k}: {v}" for k, v in extra.items()]
@@ -103,6 +161,25 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         text_entry("tiny-disconnect"),
         text_entry("tiny-fp32", dtype="float32"),  # the shipped model as transformers computes it by default
         text_entry("tiny-smallkv", kv_cache_tokens=64, kv_block_size=16),  # a cache smaller than the context
+        f"""  - id: tiny-vits
+    modality: audio
+    backend: local
+    family: transformers-tts
+    source: {build_tiny_vits(tmp_path_factory.mktemp("tiny-vits"))}
+    device: cpu
+    max_wait_ms: 20
+""",
+        f"""  - id: tiny-sd
+    modality: image
+    backend: local
+    family: diffusers
+    source: {build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))}
+    tasks: [generation, edit]
+    device: cpu
+    max_batch_size: 4
+    max_wait_ms: 50
+    limits: {{max_n: 4, max_steps: 20, max_upload_bytes: 20000, max_upload_pixels: 4096}}
+""",
     ])
     srv = start_server(tmp_path_factory.mktemp("server"), "server", registry, {})
     yield srv

@@ -9,6 +9,7 @@ import logging
 from app.backends.base import Backend
 from app.backends.local_audio import LocalMusicBackend, LocalSpeechBackend
 from app.backends.local_embedding import LocalEmbeddingBackend
+from app.backends.local_image import LocalImageBackend
 from app.backends.local_molecule import LocalMoleculeBackend, LocalMolVAEBackend
 from app.backends.local_text import LocalTextBackend
 from app.backends.remote import RemoteBackend
@@ -24,7 +25,8 @@ REMOTE_MODALITIES = ("text", "embedding")  # what RemoteBackend forwards (OpenAI
 # The backend that runs a local model: by family where the family says, else by modality.
 LOCAL_BACKENDS: dict[str, type] = {"text": LocalTextBackend, "embedding": LocalEmbeddingBackend,
                                    "molecule": LocalMoleculeBackend, "mol-vae": LocalMolVAEBackend,
-                                   "audio": LocalSpeechBackend, "chorale": LocalMusicBackend}
+                                   "audio": LocalSpeechBackend, "chorale": LocalMusicBackend,
+                                   "image": LocalImageBackend}
 
 
 def build_backend(entry: ModelEntry, settings: Settings, metrics: Metrics) -> Backend:

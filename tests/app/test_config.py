@@ -47,7 +47,8 @@ def test_bad_registry_names_the_field(tmp_path: Path, text: str, expected: str) 
 
 def test_user_registry_extends_replaces_and_overrides(tmp_path: Path) -> None:
     default_ids = [e.id for e in load_registry()]
-    assert default_ids == ["genserve-text-tiny", "all-minilm-l6-v2", "genserve-mol", "genserve-mol-vae"]
+    assert default_ids == ["genserve-text-tiny", "all-minilm-l6-v2", "genserve-mol", "genserve-mol-vae",
+                           "genserve-speech", "genserve-music"]
     extra = "  - id: up\n    modality: text\n    backend: remote\n    url: http://h:8000/v1\n"
     assert [e.id for e in load_registry(write(tmp_path, "models:\n" + extra))] == [*default_ids, "up"]
     only = load_registry(write(tmp_path, "include_defaults: false\nmodels:\n" + extra))
@@ -68,7 +69,7 @@ def test_cli_reports_bad_registry(tmp_path: Path, capsys: pytest.CaptureFixture)
 
 
 @pytest.mark.parametrize(("entry", "expected"), [
-    ("    backend: local\n    family: nope\n    source: .\n", "model 'x': unknown family 'nope'; known: llama"),
+    ("    backend: local\n    family: nope\n    source: .\n", "model 'x': unknown family 'nope'; known: chorale, espeak-ng, llama"),
     ("    backend: local\n    family: sentence-transformers\n    source: .\n",
      "model 'x': family 'sentence-transformers' serves embedding, not text"),
     ("    backend: remote\n    url: http://h/v1\n    api_key_env: GENSERVE_TEST_UNSET_KEY\n",

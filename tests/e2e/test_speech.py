@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import av
 import httpx
@@ -161,3 +162,20 @@ def test_speech_needs_an_api_key(server):
     r = httpx.post(f"{server.url}/v1/audio/speech", json={"model": SPEECH, "voice": "alloy", "input": "hi"})
     assert r.status_code == 401
     assert API_KEY not in r.text
+
+
+def test_transformers_tts_model_serves_through_the_same_endpoint(openai_client, server):
+    """``tiny-vits``: a random VITS the fixture saved with transformers, loaded by the
+    ``transformers-tts`` family; a seed gives the same audio alone or among concurrent requests."""
+    def say(text: str, seed: int | None = None) -> bytes:
+        extra = {"seed": seed} if seed is not None else {}
+        return openai_client.audio.speech.create(model="tiny-vits", voice="ash", input=text, response_format="wav",
+                                                 extra_body=extra).content
+
+    samples, rate = decode(say("a seeded sentence.", seed=9), "wav")
+    assert rate == 24_000 and len(samples) > 0  # the model's 16 kHz, resampled
+    alone = say("a seeded sentence. and a second one!", seed=9)
+    with ThreadPoolExecutor(6) as pool:
+        crowd = list(pool.map(lambda i: say("a seeded sentence. and a second one!", seed=9) if i % 2 else
+                              say(f"unseeded text {i}."), range(6)))
+    assert all(crowd[i] == alone for i in (1, 3, 5))

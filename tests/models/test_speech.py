@@ -4,12 +4,10 @@ model that the test builds and saves, so the real loading, batching and generati
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from app.backends.local_audio import LocalSpeechBackend
 from app.metrics import Metrics
@@ -17,6 +15,7 @@ from app.registry import ModelEntry
 from models.audio import SpeechSpec, split_text
 from models.audio.espeak import read_wav_header
 from models.families import load_family, weights_dir
+from tests.conftest import build_tiny_vits
 
 SPEECH_DIR = weights_dir() / "genserve-speech"
 
@@ -72,25 +71,7 @@ def test_split_text_keeps_every_word_in_order_within_the_limit():
 
 @pytest.fixture(scope="module")
 def tiny_vits(tmp_path_factory) -> Path:
-    from transformers import VitsConfig, VitsModel, VitsTokenizer
-
-    path = tmp_path_factory.mktemp("tiny-vits")
-    chars = list(" abcdefghijklmnopqrstuvwxyz'.,?!-")
-    (path / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(["<pad>", *chars])}))
-    tokenizer = VitsTokenizer(str(path / "vocab.json"), language=None, add_blank=True, normalize=True,
-                              phonemize=False, pad_token="<pad>", unk_token="<pad>")
-    torch.manual_seed(0)
-    config = VitsConfig(vocab_size=len(chars) + 1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        ffn_dim=32, flow_size=16, spectrogram_bins=33, upsample_initial_channel=16,
-                        upsample_rates=[8, 8], upsample_kernel_sizes=[16, 16], resblock_kernel_sizes=[3],
-                        resblock_dilation_sizes=[[1, 3]], prior_encoder_num_flows=1,
-                        prior_encoder_num_wavenet_layers=1, posterior_encoder_num_wavenet_layers=1,
-                        duration_predictor_num_flows=1, duration_predictor_filter_channels=16,
-                        depth_separable_num_layers=1, sampling_rate=16_000, num_speakers=2,
-                        speaker_embedding_size=8)
-    VitsModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return build_tiny_vits(tmp_path_factory.mktemp("tiny-vits"))
 
 
 def test_vits_batch_rows_are_cut_to_their_own_length(tiny_vits):

@@ -1,0 +1,304 @@
+"""In-process image models behind one ``DynamicBatcher`` each.
+
+A request becomes one ``ImageJob`` per image; jobs that can share a forward pass (same size, steps,
+scheduler, guidance, and kind) are batched by the batcher's key. Every job carries its own seed and
+the model draws its noise from a generator of that seed alone, and the model's batch-variant layers
+run row by row (``models.batch_invariance``), so a job gives the same pixels alone or batched.
+
+Two runners adapt models to jobs:
+
+- ``DiffusionRunner``: any diffusers pipeline (``genserve-diffusion``, Stable Diffusion, …) for
+  text-to-image, and inpainting (the pipeline's own ``image``/``mask_image`` arguments);
+- ``LatentRunner``: genserve's GAN, VAE and flow modules (``models.image``): sampling and
+  interpolation between the latents of two seeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.backends.batching import BatchedBackend, DynamicBatcher
+from app.errors import InvalidRequestError
+from app.metrics import Metrics
+from app.registry import ModelEntry
+from models.batch_invariance import make_batch_invariant
+from models.families import load_family
+
+log = logging.getLogger(__name__)
+
+# Scheduler names of the API → diffusers classes and the config changes that make them what the name says.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+}
+UPSCALES = (1, 2, 4, 8)  # pixel models serve their native size and these nearest-neighbour enlargements
+LATENT_SIZES = (256, 512, 768, 1024)  # latent models: these squares within half to twice their native size
+
+
+@dataclass
+class ImageJob:
+    """One image to make."""
+
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    negative_prompt: str | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    scheduler: str | None = None
+    class_index: int | None = None
+    image: np.ndarray | None = None  # edits: (H, W, 3) uint8 at the model's native size
+    mask: np.ndarray | None = None   # edits: (H, W) float in [0, 1], 1 = repaint
+    on_step: Callable[[int, int], None] | None = field(default=None, compare=False)
+
+    def key(self) -> tuple:
+        return (self.width, self.height, self.steps, self.scheduler, self.guidance_scale, self.image is None)
+
+
+def upscale(images: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(B, h, w, C) → (B, height, width, C) by repeating pixels (integer factors only)."""
+    fy, fx = height // images.shape[1], width // images.shape[2]
+    return images.repeat(fy, axis=1).repeat(fx, axis=2) if (fy, fx) != (1, 1) else images
+
+
+class DiffusionRunner:
+    def __init__(self, pipe: Any, max_rows: int) -> None:
+        from diffusers.utils.torch_utils import randn_tensor  # noqa: F401  (diffusers must be importable)
+
+        self.pipe = pipe
+        self.device = pipe.device
+        params = inspect.signature(pipe.__call__).parameters
+        self.takes_size = "height" in params and "width" in params
+        self.inpaint = pipe if "mask_image" in params and "image" in params else _inpaint_pipeline(pipe)
+        self.default_scheduler = next((name for name, (cls, _) in SCHEDULERS.items()
+                                       if cls == type(pipe.scheduler).__name__), None)
+        self._base_scheduler_config = dict(pipe.scheduler.config)
+        denoiser = getattr(pipe, "unet", None) or pipe.transformer
+        scale = getattr(pipe, "vae_scale_factor", 1) if getattr(pipe, "vae", None) is not None else 1
+        native = int(denoiser.config.sample_size) * scale
+        self.native = (native, native)
+        self.pixel_space = scale == 1
+        self.default_steps = int(getattr(pipe, "default_num_inference_steps", 50))
+        self.invariant = self._probe(max_rows)
+
+    @property
+    def can_edit(self) -> bool:
+        return self.inpaint is not None
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        w, h = self.native
+        if self.pixel_space:
+            return [(w * f, h * f) for f in UPSCALES]
+        return sorted({(w, h)} | {(s, s) for s in LATENT_SIZES if w // 2 <= s <= 2 * w})
+
+    def _probe(self, max_rows: int) -> bool:
+        """Batch invariance of the denoiser at its native size, for up to ``max_rows`` rows (a batch
+        of requests doubles with classifier-free guidance). Transformer denoisers (FLUX, SD3) are not
+        probed yet: they run one image at a time."""
+        unet = getattr(self.pipe, "unet", None)
+        if unet is None:
+            return False
+        g = torch.Generator().manual_seed(0)
+        c = unet.config
+        size = int(c.sample_size)
+        x = torch.randn(max_rows, c.in_channels, size, size, generator=g).to(self.device, unet.dtype)
+        ctx_dim = c.cross_attention_dim if isinstance(c.cross_attention_dim, int) else c.cross_attention_dim[0]
+        ctx = torch.randn(max_rows, 8, ctx_dim, generator=g).to(self.device, unet.dtype)
+        t = torch.full((max_rows,), 500, device=self.device)
+
+        def probe(n: int) -> torch.Tensor:
+            rows = slice(0, n) if n > 0 else slice(-n - 1, -n)
+            return unet(x[rows], t[rows], encoder_hidden_states=ctx[rows]).sample
+
+        _, invariant = make_batch_invariant(unet, probe, max_rows)
+        return invariant
+
+    def _scheduler(self, name: str | None) -> Any:
+        import diffusers
+
+        if name is None or name == self.default_scheduler:
+            return self.pipe.scheduler
+        cls, changes = SCHEDULERS[name]
+        return getattr(diffusers, cls).from_config({**self._base_scheduler_config, **changes})
+
+    @torch.inference_mode()
+    def run(self, jobs: list[ImageJob], on_step: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+        first = jobs[0]
+        steps = first.steps or self.default_steps
+        kwargs: dict[str, Any] = {
+            "prompt": [j.prompt for j in jobs],
+            "negative_prompt": [j.negative_prompt or "" for j in jobs],
+            "num_inference_steps": steps,
+            "generator": [torch.Generator(device=self.device).manual_seed(j.seed) for j in jobs],
+            "output_type": "np",
+        }
+        if first.guidance_scale is not None:
+            kwargs["guidance_scale"] = first.guidance_scale
+        if self.takes_size and not self.pixel_space:
+            kwargs["height"], kwargs["width"] = first.height, first.width
+        if first.image is not None:
+            kwargs["image"] = [j.image for j in jobs]
+            kwargs["mask_image"] = [j.mask for j in jobs]
+        callbacks = [cb for cb in (on_step, *(j.on_step for j in jobs)) if cb is not None]
+
+        def on_step_end(_pipe: Any, step: int, _t: Any, _kw: dict) -> dict:
+            for cb in callbacks:
+                cb(step + 1, steps)
+            return {}
+
+        kwargs["callback_on_step_end"] = on_step_end
+        pipe = self.pipe if first.image is None else self.inpaint
+        pipe.scheduler, default = self._scheduler(first.scheduler), pipe.scheduler
+        try:
+            images = pipe(**kwargs).images  # (B, H, W, 3) floats in [0, 1]
+        finally:
+            pipe.scheduler = default
+        pixels = (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
+        if first.image is not None:  # outside the mask the caller's pixels come back exactly
+            keep = np.stack([j.mask for j in jobs])[..., None] < 0.5
+            pixels = np.where(keep, np.stack([j.image for j in jobs]), pixels)
+        if self.pixel_space:
+            pixels = upscale(pixels, first.width, first.height)
+        return list(pixels)
+
+
+def _inpaint_pipeline(pipe: Any) -> Any:
+    """The inpainting pipeline that shares ``pipe``'s weights, if diffusers has one for its kind."""
+    from diffusers import AutoPipelineForInpainting
+
+    try:
+        return AutoPipelineForInpainting.from_pipe(pipe)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class LatentRunner:
+    """genserve's GAN, VAE and flow (``models.image``): ``sample``, ``latents`` and ``decode``."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        h, w = model.size
+        self.native = (w, h)
+        self.sizes = [(w * f, h * f) for f in UPSCALES]
+        self.class_names: list[str] = list(model.class_names)
+
+    def run(self, jobs: list[ImageJob], on_step: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+        first = jobs[0]  # one network pass: no steps to report
+        images = self.model.sample([j.seed for j in jobs], [j.class_index for j in jobs])
+        return list(_rgb(upscale(images, first.width, first.height)))
+
+    def interpolate(self, seed_start: int, seed_end: int, frames: int, method: str, class_index: int | None,
+                    width: int, height: int) -> np.ndarray:
+        ends = self.model.latents([seed_start, seed_end])
+        weights = torch.linspace(0, 1, frames, dtype=ends.dtype)
+        path = slerp(ends[0], ends[1], weights) if method == "slerp" else torch.lerp(
+            ends[0][None], ends[1][None], weights[:, None])
+        classes = [class_index] * frames
+        return _rgb(upscale(self.model.decode(path, classes), width, height))
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Points on the great circle from ``a`` to ``b`` (norms interpolated linearly), (frames, dim)."""
+    na, nb = a.norm(), b.norm()
+    cos = torch.clamp(torch.dot(a / na, b / nb), -1.0, 1.0)
+    omega = torch.arccos(cos)
+    if omega.abs() < 1e-6:
+        return torch.lerp(a[None], b[None], weights[:, None])
+    w = weights[:, None]
+    direction = (torch.sin((1 - w) * omega) * (a / na) + torch.sin(w * omega) * (b / nb)) / torch.sin(omega)
+    return direction * torch.lerp(na, nb, w)
+
+
+def _rgb(images: np.ndarray) -> np.ndarray:
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+
+
+class LocalImageBackend(BatchedBackend):
+    def __init__(self, entry: ModelEntry, metrics: Metrics) -> None:
+        super().__init__(entry)
+        self.metrics = metrics
+        self.runner: DiffusionRunner | LatentRunner | None = None
+        self.batcher: DynamicBatcher | None = None
+
+    def setup(self) -> None:
+        e = self.entry
+        model = load_family(e.family or "", Path(e.resolved_source or e.source or ""), e.device, e.dtype)
+        self.runner = DiffusionRunner(model, 2 * e.max_batch_size) if hasattr(model, "scheduler") else \
+            LatentRunner(model)
+        if e.compile and isinstance(self.runner, DiffusionRunner):
+            from models.diffusion.loading import compile_denoiser
+
+            compile_denoiser(model)
+        self.loaded = True
+
+    async def start(self) -> None:
+        e, m, runner = self.entry, self.metrics, self.runner
+        assert runner is not None
+
+        def on_batch(size: int, waits: list[float]) -> None:
+            m.batch_size.labels(e.id).observe(size)
+            for w in waits:
+                m.request_queue_time.labels(e.id).observe(w)
+
+        # A diffusers model whose rows stayed batch-variant (see the load log) runs one image at a time.
+        batch = e.max_batch_size if getattr(runner, "invariant", True) else 1
+        self.batcher = DynamicBatcher(self._timed(runner.run), max_batch_size=batch, max_wait_ms=e.max_wait_ms,
+                                      max_waiting=e.max_waiting, key=ImageJob.key, on_batch=on_batch)
+        self.batcher.start()
+
+    def _timed(self, run: Callable[..., list[np.ndarray]]) -> Callable[[list[ImageJob]], list[np.ndarray]]:
+        """``run`` reporting each denoising step's latency to the metrics."""
+        hist, mid = self.metrics.denoising_step_seconds, self.entry.id
+
+        def timed(jobs: list[ImageJob]) -> list[np.ndarray]:
+            last = time.perf_counter()
+
+            def tick(_step: int, _total: int) -> None:
+                nonlocal last
+                now = time.perf_counter()
+                hist.labels(mid).observe(now - last)
+                last = now
+
+            return run(jobs, tick)
+
+        return timed
+
+    def describe(self) -> dict:
+        r = self.runner
+        return {"sizes": [f"{w}x{h}" for w, h in r.sizes]} if r is not None else {}
+
+    def class_index(self, name: str) -> int | None:
+        """``name``'s class for a class-conditional module (None for 'random'); 400 otherwise."""
+        names = getattr(self.runner, "class_names", [])
+        if not names or name.strip().lower() == "random":
+            return None
+        if name.strip() in names:
+            return names.index(name.strip())
+        raise InvalidRequestError(f"'{name}' is not a class of this model; use one of {', '.join(names)} or "
+                                  "'random'.", param="prompt")
+
+    async def generate(self, jobs: list[ImageJob]) -> list[np.ndarray]:
+        assert self.batcher is not None
+        return await self.batcher.submit_many(jobs)
+
+    async def interpolate(self, *args: Any) -> np.ndarray:
+        runner = self.runner
+        if not isinstance(runner, LatentRunner):
+            raise InvalidRequestError("Interpolation needs a GAN, VAE or flow model.", param="model")
+        return await asyncio.to_thread(runner.interpolate, *args)
+

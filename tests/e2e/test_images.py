@@ -1,0 +1,149 @@
+"""``/v1/images/*`` on a live server, through a Stable Diffusion pipeline that the fixture builds
+with random weights and saves as diffusers does (``tiny-sd``: the generic ``diffusers`` family)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+SD = "tiny-sd"
+SIZE = 16  # tiny-sd: 8x8 latents, a VAE that doubles them
+
+
+def generate(server, **body) -> httpx.Response:
+    with server.client() as c:
+        return c.post("/v1/images/generations", json={"model": SD, "prompt": "red apple", "num_inference_steps": 4,
+                                                      **body})
+
+
+def pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def test_openai_sdk_generates_pngs_at_the_requested_size(openai_client):
+    out = openai_client.images.generate(model=SD, prompt="red apple", n=2, size=f"{SIZE}x{SIZE}",
+                                        response_format="b64_json", extra_body={"num_inference_steps": 3, "seed": 1})
+    images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in out.data]
+    assert [(i.format, i.size, i.mode) for i in images] == [("PNG", (SIZE, SIZE), "RGB")] * 2
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1])), "image k uses seed + k"
+
+
+def test_four_concurrent_same_seed_requests_are_batched_and_byte_identical_to_alone(server):
+    body = {"seed": 1234, "guidance_scale": 5.0, "scheduler": "ddim"}
+    alone = generate(server, **body).json()["data"][0]["b64_json"]
+    before = server.metric("genserve_batch_size_count", model_name=SD)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: generate(server, **body), range(4)))
+    batches = server.metric("genserve_batch_size_count", model_name=SD) - before
+    assert [r.json()["data"][0]["b64_json"] for r in results] == [alone] * 4
+    assert batches < 4, f"4 requests ran in {batches} batches: they must share forward passes"
+
+
+def test_a_seeded_image_does_not_depend_on_its_batch_neighbours(server):
+    alone = generate(server, seed=77, prompt="rocket").json()["data"][0]["b64_json"]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: generate(server, seed=77 if i == 2 else i, prompt="rocket" if i == 2
+                                                   else f"prompt {i}"), range(4)))
+    assert results[2].json()["data"][0]["b64_json"] == alone
+
+
+def test_url_format_serves_the_png_without_a_key_until_it_is_gone(server):
+    out = generate(server, seed=3, response_format="url").json()
+    url = out["data"][0]["url"]
+    r = httpx.get(url)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).size == (SIZE, SIZE)
+    missing = httpx.get(url[:-4] + "0000")
+    assert missing.status_code == 404 and "expired" in missing.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm++", "euler", "euler_a"])
+def test_every_scheduler_by_name(server, scheduler):
+    r = generate(server, seed=5, scheduler=scheduler)
+    assert r.status_code == 200 and pixels(r.json()["data"][0]["b64_json"]).shape == (SIZE, SIZE, 3)
+
+
+@pytest.mark.parametrize(("body", "param", "text"), [
+    ({"size": "1024x1024"}, "size", f"supported: {SIZE}x{SIZE}"),
+    ({"size": "big"}, "size", ""),
+    ({"n": 5}, "n", "limit of 4"),
+    ({"num_inference_steps": 21}, "num_inference_steps", "limit of 20"),
+    ({"scheduler": "heun"}, "scheduler", ""),
+    ({"response_format": "png"}, "response_format", ""),
+    ({"prompt": ""}, "prompt", ""),
+])
+def test_bad_generation_requests_get_400_naming_the_field(server, body, param, text):
+    r = generate(server, **body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and text in r.json()["error"]["message"]
+
+
+def test_a_molecule_model_is_not_an_image_model(server):
+    with server.client() as c:
+        r = c.post("/v1/images/generations", json={"model": "genserve-mol", "prompt": "x"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_supported"
+
+
+def test_stream_sends_each_denoising_step_then_the_images(server):
+    with server.client() as c, c.stream("POST", "/v1/images/generations", json={
+            "model": SD, "prompt": "cat face", "num_inference_steps": 5, "seed": 2, "stream": True}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    parsed = [json.loads(e) for e in events[:-1]]
+    steps = [e["step"] for e in parsed if e["type"] == "image_generation.progress"]
+    assert steps == [1, 2, 3, 4, 5] and parsed[-1]["type"] == "image_generation.completed"
+    assert pixels(parsed[-1]["data"][0]["b64_json"]).shape == (SIZE, SIZE, 3)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_openai_sdk_edit_repaints_the_transparent_part_and_keeps_the_rest(openai_client):
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+    mask = np.full((SIZE, SIZE, 4), 255, dtype=np.uint8)
+    mask[4:12, 4:12, 3] = 0  # transparent: repaint
+    out = openai_client.images.edit(model=SD, image=("in.png", png_bytes(picture), "image/png"),
+                                    mask=("mask.png", png_bytes(mask), "image/png"), prompt="rocket",
+                                    response_format="b64_json", extra_body={"num_inference_steps": 3, "seed": 4})
+    edited = pixels(out.data[0].b64_json)
+    keep = mask[..., 3] == 255
+    assert edited.shape == (SIZE, SIZE, 3)
+    assert np.array_equal(edited[keep], picture[keep]) and not np.array_equal(edited[~keep], picture[~keep])
+
+
+def test_edit_without_transparency_asks_for_a_mask(server):
+    picture = png_bytes(np.zeros((SIZE, SIZE, 3), dtype=np.uint8))
+    with server.client() as c:
+        r = c.post("/v1/images/edits", data={"model": SD, "prompt": "x"}, files={"image": ("a.png", picture)})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+
+
+def test_uploads_are_capped_before_decoding(server):
+    huge = png_bytes(np.zeros((100, 100, 4), dtype=np.uint8))  # 10000 pixels > the entry's 4096
+    noisy = png_bytes(np.random.default_rng(1).integers(0, 255, (120, 120, 4), dtype=np.uint8))  # > 20000 bytes
+    with server.client() as c:
+        r = c.post("/v1/images/edits", data={"model": SD, "prompt": "x"}, files={"image": ("a.png", huge)})
+        assert r.status_code == 400 and "at most 4096 pixels" in r.json()["error"]["message"]
+        r = c.post("/v1/images/edits", data={"model": SD, "prompt": "x"}, files={"image": ("a.png", noisy)})
+        assert r.status_code == 413
+        r = c.post("/v1/images/edits", data={"model": SD, "prompt": "x"}, files={"image": ("a.png", b"not a png")})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+
+
+def test_image_metrics_count_images_and_steps(server):
+    before = server.metric("genserve_images_total", model_name=SD)
+    steps_before = server.metric("genserve_denoising_step_seconds_count", model_name=SD)
+    generate(server, n=2, seed=9, num_inference_steps=3)
+    assert server.metric("genserve_images_total", model_name=SD) - before == 2
+    assert server.metric("genserve_denoising_step_seconds_count", model_name=SD) - steps_before == 3
