@@ -36,11 +36,29 @@ def _train(args: argparse.Namespace) -> int:
         from models.molecule.vae import train_mol_vae
 
         train_mol_vae(Path(args.out), args.minutes, args.seed, threads=args.threads)
+    elif args.target == "music":
+        from models.music.train import MusicTrainConfig, train_music
+
+        train_music(Path(args.out), MusicTrainConfig(minutes=args.minutes, seed=args.seed, threads=args.threads))
+    elif args.target in ("gan", "vae", "flow", "digits-classifier"):
+        from models.image.train import train_image_model
+
+        train_image_model(args.target, Path(args.out), args.minutes, args.seed, threads=args.threads)
+    elif args.target == "diffusion":
+        from models.diffusion.train import DiffusionTrainConfig, train_diffusion
+
+        cfg = DiffusionTrainConfig(minutes=args.minutes, seed=args.seed, threads=args.threads)
+        train_diffusion(Path(args.out), cfg)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    if args.target == "text":
+    if args.target == "images":
+        from models.image.evaluate import eval_images
+        from models.image.evaluate import format_table as image_table
+
+        print(image_table(eval_images(args.model or "all", args.samples or 2000, args.seed)))
+    elif args.target == "text":
         from models.families import weights_dir
         from models.llama.evaluate import eval_text, format_table
 
@@ -53,10 +71,19 @@ def _eval(args: argparse.Namespace) -> int:
         from models.molecule.evaluate import format_table as molecule_table
 
         path = Path(args.model) if args.model else weights_dir() / "genserve-mol"
-        report = eval_molecules(path, args.samples, Path(args.out) if args.out else path / "eval", args.seed)
+        report = eval_molecules(path, args.samples or 30_000, Path(args.out) if args.out else path / "eval", args.seed)
         print(molecule_table(report["metrics"]))
         if args.out is None and (path / "training_report.json").is_file():
             write_card(path, report)  # the model card carries the numbers of its own directory's eval
+    elif args.target == "music":
+        from models.families import weights_dir
+        from models.music.evaluate import eval_music, format_table, write_card
+
+        path = Path(args.model) if args.model else weights_dir() / "genserve-music"
+        report = eval_music(path, Path(args.out) if args.out else path / "eval", args.seed, args.threads or 1)
+        print(format_table(report["metrics"]))
+        if args.out is None and (path / "training_report.json").is_file():
+            write_card(path, report)
     return 0
 
 
@@ -118,23 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=_serve)
     train = sub.add_parser("train", help="train an embedded model and save it under models/weights/")
-    train.add_argument("target", choices=["text-tiny", "mol", "mol-vae"])
+    train.add_argument("target", choices=["text-tiny", "mol", "mol-vae", "music", "diffusion", "gan", "vae", "flow",
+                                          "digits-classifier"])
     train.add_argument("--out", default=None, help="output directory (default: the shipped one)")
     train.add_argument("--minutes", type=float, default=45.0, help="wall-clock training budget")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--threads", type=int, default=2, help="torch threads (mol, mol-vae)")
+    train.add_argument("--threads", type=int, default=2, help="torch threads (mol, mol-vae, music, diffusion)")
     train.add_argument("--molecules", type=int, help="mol: train on a random subset of this many molecules")
     train.set_defaults(func=_train)
     ev = sub.add_parser("eval", help="measure a model: held-out perplexity, int8 and int4 against full precision")
-    ev.add_argument("target", choices=["text", "molecules"])
-    ev.add_argument("--model", help="model directory (default: the embedded genserve-text-tiny or genserve-mol)")
+    ev.add_argument("target", choices=["text", "molecules", "music", "images"])
+    ev.add_argument("--model", help="model directory (default: the embedded genserve-text-tiny, genserve-mol or "
+                    "genserve-music); images: genserve-gan, genserve-vae, genserve-flow or all (default)")
     ev.add_argument("--quantization", nargs="+", default=["none", "int8", "int4"], choices=["none", "int8", "int4"],
                     help="variants to compare; the first is the baseline")
     ev.add_argument("--max-tokens", type=int, help="evaluate on the first N held-out tokens only")
     ev.add_argument("--threads", type=int, help="torch threads")
-    ev.add_argument("--samples", type=int, default=30_000, help="molecules: how many to sample")
-    ev.add_argument("--seed", type=int, default=0, help="molecules: sampling seed")
-    ev.add_argument("--out", help="molecules: where plots and results go (default: MODEL/eval)")
+    ev.add_argument("--samples", type=int, help="molecules (default 30000), images (default 2000): how many to sample")
+    ev.add_argument("--seed", type=int, default=0, help="molecules, music: sampling seed")
+    ev.add_argument("--out", help="molecules, music: where plots and results go (default: MODEL/eval)")
     ev.set_defaults(func=_eval)
     return parser
 
@@ -145,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train" and args.out is None:
         from models.families import weights_dir
 
-        args.out = str(weights_dir() / f"genserve-{args.target}")
+        name = args.target if args.target == "digits-classifier" else f"genserve-{args.target}"
+        args.out = str(weights_dir() / name)
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -221,7 +221,9 @@ def slerp(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor) -> torch.Tens
         return torch.lerp(a[None], b[None], weights[:, None])
     w = weights[:, None]
     direction = (torch.sin((1 - w) * omega) * (a / na) + torch.sin(w * omega) * (b / nb)) / torch.sin(omega)
-    return direction * torch.lerp(na, nb, w)
+    path = direction * torch.lerp(na, nb, w)
+    path[weights == 0], path[weights == 1] = a, b  # the ends exactly: the two seeds' own images
+    return path
 
 
 def _rgb(images: np.ndarray) -> np.ndarray:

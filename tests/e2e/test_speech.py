@@ -3,10 +3,12 @@ what pocketsphinx hears.
 
 The word error rate bound: pocketsphinx's acoustic model was trained on recorded human speech, and
 espeak-ng is a formant synthesiser, so even perfect espeak-ng speech is misheard often. Measured
-on these ten sentences through this server (wav → 16 kHz), voice ``sage`` scores a WER of 0.36 and
-``alloy`` 0.50, while the same transcripts scored against the wrong sentences (a control for
-"audio that is not these words") score 0.96–1.07. The bound of 0.65 sits between the two with room
-for decoder drift across versions, and fails for silence, noise, wrong text or a mangled encoding.
+on these ten sentences (84 words) through this server (wav → 16 kHz), voice ``alloy`` (espeak-ng
+``en-us+f5``, the variant pocketsphinx understands best of the 30 tried) scores a WER of 0.274;
+the thirteen OpenAI voices score 0.27–0.95, and the same transcripts scored against the wrong
+sentences (a control for "audio that is not these words") 0.96–1.07. The bound of 0.45 sits
+between with room for decoder drift across versions (about 15 more misheard words), and fails for
+silence, noise, wrong text, the wrong sample rate or a mangled encoding.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ SENTENCES = [
     "I would like a cup of coffee with milk.",
     "They walked along the river after dinner.",
 ]
-WER_BOUND = 0.65
+WER_BOUND = 0.45
 
 
 def speech(server, **body) -> httpx.Response:
@@ -119,7 +121,7 @@ def transcribe(wav: bytes) -> str:
 
 
 def test_pocketsphinx_hears_the_words(server):
-    hyps = [transcribe(speech(server, voice="sage", input=s, response_format="wav").content) for s in SENTENCES]
+    hyps = [transcribe(speech(server, voice="alloy", input=s, response_format="wav").content) for s in SENTENCES]
     total = sum(len(words(s)) for s in SENTENCES)
     wer = sum(edit_distance(words(s), words(h)) for s, h in zip(SENTENCES, hyps, strict=True)) / total
     control = sum(edit_distance(words(s), words(h)) for s, h in zip(SENTENCES, hyps[1:] + hyps[:1],
