@@ -69,7 +69,8 @@ def test_cli_reports_bad_registry(tmp_path: Path, capsys: pytest.CaptureFixture)
 
 
 @pytest.mark.parametrize(("entry", "expected"), [
-    ("    backend: local\n    family: nope\n    source: .\n", "model 'x': unknown family 'nope'; known: chorale, diffusers, espeak-ng, flow, gan, image-vae, llama"),
+    ("    backend: local\n    family: nope\n    source: .\n",
+     "model 'x': unknown family 'nope'; known: chorale, diffusers, espeak-ng, flow, gan, image-vae, llama"),
     ("    backend: local\n    family: sentence-transformers\n    source: .\n",
      "model 'x': family 'sentence-transformers' serves embedding, not text"),
     ("    backend: remote\n    url: http://h/v1\n    api_key_env: GENSERVE_TEST_UNSET_KEY\n",
