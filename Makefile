@@ -5,8 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install system-deps serve test lint train-text-tiny train-mol train-music eval-text eval-molecules eval-music \
-        bench-text bench-molecules bench-audio clean
+.PHONY: install system-deps serve test lint train-text-tiny train-mol train-music train-images eval-text eval-molecules eval-music eval-images \
+        bench-text bench-molecules bench-audio bench-images clean
 
 install: system-deps $(STAMP)
 
@@ -51,6 +51,16 @@ train-mol: install
 train-music: install
 	$(BIN)/genserve train music $(ARGS)
 
+# The digit classifier first: the others' FID uses its features.
+train-images: install
+	$(BIN)/genserve train digits-classifier --minutes 1.5 --threads 1
+	$(BIN)/genserve train vae --minutes 5 --threads 1
+	$(BIN)/genserve train flow --minutes 5 --threads 1
+	$(BIN)/genserve train gan --minutes 10 --threads 1
+
+eval-images: install
+	$(OFFLINE) $(BIN)/genserve eval images $(ARGS)
+
 eval-music: install
 	$(OFFLINE) $(BIN)/genserve eval music $(ARGS)
 
@@ -68,6 +78,10 @@ bench-text: install
 # Valid unique molecules/s against transformers generate, one at a time and batched.
 bench-molecules: install
 	$(OFFLINE) $(BIN)/python benchmarks/molecule_serving.py $(ARGS)
+
+# Images/s of the embedded diffusion model, batched and not (needs models/weights/genserve-diffusion).
+bench-images: install
+	$(OFFLINE) $(BIN)/python benchmarks/image_serving.py $(ARGS)
 
 # Real-time factor of speech and music, sequential and concurrent.
 bench-audio: install

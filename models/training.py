@@ -18,8 +18,9 @@ class Schedule(Protocol):
 
 def adamw(model: nn.Module, lr: float, weight_decay: float,
           betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
-    """AdamW that decays weight matrices and leaves norms, biases and other vectors alone."""
-    decay = [p for p in model.parameters() if p.dim() == 2]
+    """AdamW that decays weight matrices and convolution kernels (every parameter of two or more
+    dimensions) and leaves norms, biases and other vectors alone; every parameter is optimised."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)

@@ -125,7 +125,11 @@ class DiffusionRunner:
             rows = slice(0, n) if n > 0 else slice(-n - 1, -n)
             return unet(x[rows], t[rows], encoder_hidden_states=ctx[rows]).sample
 
-        _, invariant = make_batch_invariant(unet, probe, max_rows)
+        try:
+            _, invariant = make_batch_invariant(unet, probe, max_rows)
+        except (TypeError, ValueError, RuntimeError) as exc:  # a UNet that needs more inputs than these
+            log.warning("could not probe %s for batch invariance (%s): one image at a time", type(unet).__name__, exc)
+            return False
         return invariant
 
     def _scheduler(self, name: str | None) -> Any:

@@ -1,4 +1,4 @@
-"""The pieces every trainer shares: decay on matrices only, the learning-rate schedule, snapshots."""
+"""The pieces every trainer shares: decay on matrices and kernels, the learning-rate schedule, snapshots."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from torch import nn
 from models.training import adamw, lr_at, set_lr, snapshot
 
 
-def test_adamw_decays_matrices_only():
-    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+def test_adamw_decays_matrices_and_kernels_and_optimises_every_parameter():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4, 3), nn.LayerNorm(3))
     opt = adamw(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
     decayed, plain = opt.param_groups
-    assert decayed["weight_decay"] == 0.1 and [p.dim() for p in decayed["params"]] == [2]
+    assert decayed["weight_decay"] == 0.1 and [p.dim() for p in decayed["params"]] == [4, 2]
+    assert sorted(id(p) for g in opt.param_groups for p in g["params"]) == sorted(id(p) for p in model.parameters())
     assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])
     assert decayed["betas"] == (0.9, 0.95)
     set_lr(opt, 5e-4)

