@@ -47,7 +47,8 @@ def _train(args: argparse.Namespace) -> int:
     elif args.target == "diffusion":
         from models.diffusion.train import DiffusionTrainConfig, train_diffusion
 
-        cfg = DiffusionTrainConfig(minutes=args.minutes, seed=args.seed, threads=args.threads)
+        cfg = DiffusionTrainConfig(minutes=args.minutes, seed=args.seed, threads=args.threads,
+                                   init_from=Path(args.init_from) if args.init_from else None)
         train_diffusion(Path(args.out), cfg)
     return 0
 
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=2, help="torch threads (mol, mol-vae, music, diffusion)")
     train.add_argument("--molecules", type=int, help="mol: train on a random subset of this many molecules")
+    train.add_argument("--init-from", help="diffusion: continue from this saved pipeline directory's UNet")
     train.set_defaults(func=_train)
     ev = sub.add_parser("eval", help="measure a model: held-out perplexity, int8 and int4 against full precision")
     ev.add_argument("target", choices=["text", "molecules", "music", "images"])

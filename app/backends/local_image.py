@@ -16,6 +16,7 @@ Two runners adapt models to jobs:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -44,6 +45,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
 }
+PIPELINE_SCHEDULER_NAMES = {"dpm++": "dpmsolver++"}  # API name → genserve-diffusion's scheduler_named
 UPSCALES = (1, 2, 4, 8)  # pixel models serve their native size and these nearest-neighbour enlargements
 LATENT_SIZES = (256, 512, 768, 1024)  # latent models: these squares within half to twice their native size
 
@@ -92,8 +94,11 @@ class DiffusionRunner:
         native = int(denoiser.config.sample_size) * scale
         self.native = (native, native)
         self.pixel_space = scale == 1
-        self.default_steps = int(getattr(pipe, "default_num_inference_steps", 50))
+        steps = params.get("num_inference_steps")
+        self.default_steps = steps.default if steps is not None and isinstance(steps.default, int) else 50
         self.invariant = self._probe(max_rows)
+        # A pipeline that can isolate samples itself (genserve's own) need not, once the probe holds.
+        self.extra = {"batch_invariant": not self.invariant} if "batch_invariant" in params else {}
 
     @property
     def can_edit(self) -> bool:
@@ -120,10 +125,15 @@ class DiffusionRunner:
         ctx_dim = c.cross_attention_dim if isinstance(c.cross_attention_dim, int) else c.cross_attention_dim[0]
         ctx = torch.randn(max_rows, 8, ctx_dim, generator=g).to(self.device, unet.dtype)
         t = torch.full((max_rows,), 500, device=self.device)
+        labels = None  # a projected class embedding (genserve-diffusion's pooled text vector)
+        if c.get("class_embed_type") == "projection":
+            labels = torch.randn(max_rows, c.projection_class_embeddings_input_dim, generator=g).to(self.device,
+                                                                                                    unet.dtype)
 
         def probe(n: int) -> torch.Tensor:
             rows = slice(0, n) if n > 0 else slice(-n - 1, -n)
-            return unet(x[rows], t[rows], encoder_hidden_states=ctx[rows]).sample
+            extra = {"class_labels": labels[rows]} if labels is not None else {}
+            return unet(x[rows], t[rows], encoder_hidden_states=ctx[rows], **extra).sample
 
         try:
             _, invariant = make_batch_invariant(unet, probe, max_rows)
@@ -137,6 +147,10 @@ class DiffusionRunner:
 
         if name is None or name == self.default_scheduler:
             return self.pipe.scheduler
+        own = getattr(self.pipe, "scheduler_named", None)  # a pipeline's own settings for a sampler win
+        if own is not None:
+            with contextlib.suppress(ValueError):
+                return own(PIPELINE_SCHEDULER_NAMES.get(name, name))
         cls, changes = SCHEDULERS[name]
         return getattr(diffusers, cls).from_config({**self._base_scheduler_config, **changes})
 
@@ -150,6 +164,7 @@ class DiffusionRunner:
             "num_inference_steps": steps,
             "generator": [torch.Generator(device=self.device).manual_seed(j.seed) for j in jobs],
             "output_type": "np",
+            **self.extra,
         }
         if first.guidance_scale is not None:
             kwargs["guidance_scale"] = first.guidance_scale

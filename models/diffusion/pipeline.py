@@ -159,8 +159,8 @@ class GenserveEmojiPipeline(DiffusionPipeline):
             raise ValueError(f"negative_prompt has {len(negative_prompt)} entries for {len(prompt)} prompts")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if not guidance_scale >= 1.0:
-            raise ValueError(f"guidance_scale must be at least 1.0, got {guidance_scale!r}")
+        if not guidance_scale >= 0.0:
+            raise ValueError(f"guidance_scale must not be negative, got {guidance_scale!r} (1 or less: no guidance)")
         if generator is not None and (not isinstance(generator, list) or len(generator) != len(prompt)):
             raise ValueError(f"generator must be a list of one torch.Generator per prompt ({len(prompt)}), "
                              f"got {generator!r}")
@@ -172,17 +172,50 @@ class GenserveEmojiPipeline(DiffusionPipeline):
         accepts = inspect.signature(self.scheduler.step).parameters
         return {"generator": generator} if "generator" in accepts else {}
 
+    def prepare_inpainting(self, image: list[np.ndarray] | None, mask_image: list[np.ndarray] | None,
+                           shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(known image in [-1, 1], mask with 1 = repaint), each (B, C or 1, H, W), or None."""
+        if image is None and mask_image is None:
+            return None
+        if image is None or mask_image is None or len(image) != shape[0] or len(mask_image) != shape[0]:
+            raise ValueError("inpainting needs one image and one mask_image per prompt")
+        x0 = torch.stack([torch.as_tensor(np.asarray(i), dtype=torch.float32) for i in image])  # (B, H, W, 3)
+        mask = torch.stack([torch.as_tensor(np.asarray(m), dtype=torch.float32) for m in mask_image])  # (B, H, W)
+        if x0.shape[1:3] != shape[2:] or mask.shape[1:] != shape[2:]:
+            raise ValueError(f"image and mask_image must be {shape[3]}x{shape[2]}")
+        x0 = (x0.permute(0, 3, 1, 2) / 127.5 - 1.0).to(device, self.unet.dtype)  # (B, 3, H, W)
+        return x0, mask[:, None].to(device, self.unet.dtype)  # (B, 1, H, W)
+
+    def keep_known(self, latents: torch.Tensor, known: tuple[torch.Tensor, torch.Tensor], next_t: torch.Tensor | None,
+                   generator: list[torch.Generator] | None) -> torch.Tensor:
+        """``latents`` inside the mask; outside it, the known image at the noise level of ``next_t``
+        (the image itself after the last step)."""
+        x0, mask = known
+        if next_t is None:
+            target = x0
+        else:
+            noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            target = self.scheduler.add_noise(x0, noise, next_t.reshape(1))
+        return mask * latents + (1 - mask) * target
+
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                  num_inference_steps: int = 25, guidance_scale: float = 4.0,
                  generator: list[torch.Generator] | None = None, output_type: str = "pil",
                  callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
                  callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
-                 batch_invariant: bool = True, return_dict: bool = True) -> ImagePipelineOutput | tuple:
+                 batch_invariant: bool = True, return_dict: bool = True,
+                 image: list[np.ndarray] | None = None,
+                 mask_image: list[np.ndarray] | None = None) -> ImagePipelineOutput | tuple:
         """Images for ``prompt``. Sample ``i`` draws its initial noise and every noise of the sampler
         from ``generator[i]`` alone and, with ``batch_invariant`` (the default), runs through the UNet
         alone, so a seeded prompt gives the same pixels in any batch; ``batch_invariant=False`` runs
-        the batch in one UNet call (faster on a GPU; equal to within float rounding)."""
+        the batch in one UNet call (faster on a GPU; equal to within float rounding).
+
+        Inpainting (``image``: (H, W, 3) uint8 per prompt, ``mask_image``: (H, W) with 1 where to
+        repaint): after every step the pixels outside the mask are replaced by the known image noised
+        to the next step's level (the replacement of RePaint, Lugmayr et al. 2022, without its
+        resampling jumps), with noise from the sample's own generator."""
         # 1. Check inputs
         prompt = [prompt] if isinstance(prompt, str) else list(prompt)
         if isinstance(negative_prompt, str):
@@ -203,14 +236,19 @@ class GenserveEmojiPipeline(DiffusionPipeline):
         latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         latents = latents * self.scheduler.init_noise_sigma
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
+        known = self.prepare_inpainting(image, mask_image, shape, device)
 
         # 5. Denoising loop
         for i, t in enumerate(self.progress_bar(timesteps)):
             model_input = self.scheduler.scale_model_input(latents, t)
             noise_pred = self.predict_noise(model_input, t, cond, uncond, guidance_scale, batch_invariant)
             latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
+            if known is not None:
+                next_t = timesteps[i + 1] if i + 1 < len(timesteps) else None
+                latents = self.keep_known(latents, known, next_t, generator)
             if callback_on_step_end is not None:
-                tensors = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
+                scope = locals()  # (a comprehension has locals of its own)
+                tensors = {name: scope[name] for name in callback_on_step_end_tensor_inputs}
                 latents = callback_on_step_end(self, i, t, tensors).pop("latents", latents)
 
         # 6. Post-process: [-1, 1] → [0, 1], then the requested type

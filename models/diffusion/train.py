@@ -63,6 +63,7 @@ class DiffusionTrainConfig:
     max_steps: int | None = None  # stop early (tests); None: the wall-clock budget only
     seed: int = 0
     threads: int = 1
+    init_from: Path | None = None  # a saved pipeline directory whose UNet (same shape) training continues from
 
 
 def build_unet(cfg: DiffusionTrainConfig) -> UNet2DConditionModel:
@@ -179,6 +180,9 @@ def train_diffusion(out: Path, cfg: DiffusionTrainConfig) -> dict:
     log.info("data: %d training and %d held-out emoji, text encoded in %.0fs", n, len(heldout.names), time.time() - t0)
 
     unet, scheduler = build_unet(cfg), build_scheduler()
+    if cfg.init_from is not None:  # continue a run: its (EMA) weights start both the model and the average
+        unet.load_state_dict(load_file(str(Path(cfg.init_from) / "unet" / "diffusion_pytorch_model.safetensors")))
+        log.info("continuing from %s", cfg.init_from)
     ema = copy.deepcopy(unet).requires_grad_(False)
     encoder, tokenizer = load_text_encoder(MINILM)
     preview = GenserveEmojiPipeline(ema, DDIMScheduler.from_config(scheduler.config), encoder, tokenizer,

@@ -115,7 +115,7 @@ def test_guidance_and_negative_prompt_change_the_image(pipe: GenserveEmojiPipeli
     ({"prompt": []}, "prompt"),
     ({"prompt": ["a"], "generator": gens(0, 1)}, "generator"),
     ({"prompt": ["a"], "num_inference_steps": 0}, "num_inference_steps"),
-    ({"prompt": ["a"], "guidance_scale": 0.5}, "guidance_scale"),
+    ({"prompt": ["a"], "guidance_scale": -0.5}, "guidance_scale"),
     ({"prompt": ["a"], "output_type": "latent"}, "output_type"),
     ({"prompt": ["a"], "negative_prompt": ["b", "c"]}, "negative_prompt"),
 ])
@@ -150,3 +150,26 @@ def test_emoji_render_with_their_names():
         assert not data.is_heldout(name)
     assert 0x1F1E6 not in codepoints and 0x1F3FB not in codepoints  # regional indicator, skin tone
     assert data.is_heldout("aubergine") == data.is_heldout("aubergine")
+
+
+def test_inpainting_keeps_the_known_pixels_and_repaints_the_hole(pipe: GenserveEmojiPipeline):
+    known = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    hole = np.zeros((32, 32), dtype=np.float32)
+    hole[8:24, 8:24] = 1
+    out = run(pipe, ["rocket"], [3], image=[known], mask_image=[hole])[0]
+    keep = hole == 0
+    assert np.array_equal(out[keep], known[keep]) and not np.array_equal(out[~keep], known[~keep])
+    with pytest.raises(ValueError, match="one image and one mask_image"):
+        run(pipe, ["rocket", "cat face"], [3, 4], image=[known], mask_image=[hole])
+
+
+def test_step_callback_sees_each_step_and_the_latents(pipe: GenserveEmojiPipeline):
+    seen = []
+
+    def callback(_pipe, step: int, _t, tensors: dict) -> dict:
+        seen.append((step, tuple(tensors["latents"].shape)))
+        return {}
+
+    run(pipe, ["cat face"], [1], callback_on_step_end=callback)
+    assert [s for s, _ in seen] == list(range(len(seen))) and len(seen) > 1
+    assert seen[0][1] == (1, 3, 32, 32)
