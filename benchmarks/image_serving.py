@@ -31,6 +31,9 @@ sys.path.insert(0, str(REPO))
 from benchmarks.text_serving import cpu_name, free_port, managed_server, server_env  # noqa: E402
 
 MODEL = "genserve-diffusion"
+# The registry entry used until genserve-diffusion ships in models/registry.yaml.
+DEFAULT_ENTRY = {"modality": "image", "backend": "local", "family": "diffusers", "source": "weights/genserve-diffusion",
+                 "tasks": ["generation", "edit"], "max_batch_size": 8, "max_wait_ms": 10}
 PROMPTS = ("red apple", "rocket", "cat face", "grinning face", "red heart", "sun", "pizza", "dog face")
 
 
@@ -66,10 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="requests per client at each level")
     parser.add_argument("--steps", type=int, default=25, help="num_inference_steps of every request")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
+    parser.add_argument("--model-dir", type=Path, help="a diffusers pipeline directory to serve instead of the "
+                        "embedded genserve-diffusion")
     args = parser.parse_args(argv)
-    builtin = yaml.safe_load((REPO / "models" / "registry.yaml").read_text())["models"]
-    entry = next(e for e in builtin if e["id"] == MODEL)
-    entry["source"] = str(REPO / "models" / entry["source"])
+    builtin = {e["id"]: e for e in yaml.safe_load((REPO / "models" / "registry.yaml").read_text())["models"]}
+    entry = builtin.get(MODEL, DEFAULT_ENTRY) | {"id": MODEL}
+    entry["source"] = str(args.model_dir or REPO / "models" / entry["source"])
     entries = [entry, {**entry, "id": "unbatched", "max_batch_size": 1}]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
