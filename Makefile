@@ -19,16 +19,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps molsets==0.3.1  # MOSES data only; see pyproject's mol extra
 	touch $(STAMP)
 
-# Debian packages the embedded models need: espeak-ng (genserve-speech). Installed when missing and
-# this user can (root with apt-get, as in CI and the Docker image); otherwise the command to run.
-SYSTEM_PACKAGES := espeak-ng
+# Debian packages the embedded models need: espeak-ng (genserve-speech) and the Noto Color Emoji font
+# (genserve-diffusion's training data). Installed when missing and this user can (root with apt-get,
+# as in CI and the Docker image); otherwise the command to run is printed.
+SYSTEM_PACKAGES := espeak-ng fonts-noto-color-emoji
 system-deps:
-	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
-		else echo "missing:$$missing; install with: sudo apt-get install$$missing" >&2; exit 1; fi; \
-	fi
+	@if command -v dpkg >/dev/null; then \
+		missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+		if [ -n "$$missing" ]; then \
+			if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+				apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+			else echo "missing:$$missing; install with: sudo apt-get install$$missing" >&2; exit 1; fi; \
+		fi; \
+	elif ! command -v espeak-ng >/dev/null; then echo "install espeak-ng with your package manager" >&2; exit 1; fi
 
 serve: install
 	$(OFFLINE) $(BIN)/genserve serve $(ARGS)
