@@ -43,6 +43,12 @@ def run_rows_alone(module: nn.Module) -> None:
     module.forward = forward  # type: ignore[method-assign]
 
 
+def probe_rows(n: int) -> slice:
+    """The rows of the probe's fixed inputs that ``probe(n)`` runs: the first ``n`` for n > 0, row
+    ``-n - 1`` alone for n < 0."""
+    return slice(0, n) if n > 0 else slice(-n - 1, -n)
+
+
 def probe_sizes(max_rows: int) -> list[int]:
     """Batch sizes a probe compares: the small ones, where kernels switch, and a spread above."""
     return sorted({n for n in (2, 3, 4, 5, 7, 8, 12, 16, max_rows - 1, max_rows) if 2 <= n <= max_rows})
@@ -90,7 +96,7 @@ def make_batch_invariant(model: nn.Module, probe: Callable[[int], torch.Tensor],
             continue
 
         def sliced(n: int, layer: nn.Module = layer, x: torch.Tensor = x) -> torch.Tensor:
-            return layer(x[:n]) if n > 0 else layer(x[-n - 1:-n])
+            return layer(x[probe_rows(n)])
 
         if _varies(sliced, rows):
             run_rows_alone(layer)

@@ -15,10 +15,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 from app.backends.base import STALL_SECONDS, Backend
 from app.errors import RateLimitError, UnavailableError
+from app.metrics import Metrics
+from app.registry import ModelEntry
+from models.families import load_family
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -162,10 +166,36 @@ def _fail(items: list[_Item]) -> None:
 
 
 class BatchedBackend(Backend):
-    """A backend whose model runs behind one ``DynamicBatcher`` (set in ``start``): ready while the
-    batcher's worker lives and is not stuck; draining fails the queue; closing stops the worker."""
+    """A backend whose model runs behind one ``DynamicBatcher`` (``start_batcher`` in ``start``):
+    ready while the batcher's worker lives and is not stuck; draining fails the queue; closing stops
+    the worker. ``setup`` loads the entry's model with ``load_model``."""
 
     batcher: DynamicBatcher | None = None
+
+    def __init__(self, entry: ModelEntry, metrics: Metrics) -> None:
+        super().__init__(entry)
+        self.metrics = metrics
+        self.model: Any = None
+
+    def load_model(self) -> Any:
+        e = self.entry
+        return load_family(e.family or "", Path(e.resolved_source or e.source or ""), e.device, e.dtype)
+
+    def start_batcher(self, fn: Callable[[list], Sequence], key: Callable[[Any], Hashable] = lambda _: None,
+                      max_batch_size: int | None = None) -> DynamicBatcher:
+        """The entry's batcher around ``fn``, started, observing batch sizes and queue times."""
+        e, m = self.entry, self.metrics
+
+        def on_batch(size: int, waits: list[float]) -> None:
+            m.batch_size.labels(e.id).observe(size)
+            for w in waits:
+                m.request_queue_time.labels(e.id).observe(w)
+
+        self.batcher = DynamicBatcher(fn, max_batch_size=max_batch_size or e.max_batch_size,
+                                      max_wait_ms=e.max_wait_ms, max_waiting=e.max_waiting, key=key,
+                                      on_batch=on_batch)
+        self.batcher.start()
+        return self.batcher
 
     def ready(self) -> bool:
         b = self.batcher

@@ -14,46 +14,22 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from app.backends.batching import BatchedBackend, DynamicBatcher
-from app.metrics import Metrics
-from app.registry import ModelEntry
+from app.backends.batching import BatchedBackend
 from models.audio import SpeechSpec, split_text
 from models.audio.espeak import pcm16_to_float, read_wav_header
-from models.families import load_family
 from models.text.sampling import SEED_MASK
 
 READ_BYTES = 16_384  # espeak-ng output read at a time: about 0.37 s of 22.05 kHz audio
 
 
 class _AudioBackend(BatchedBackend):
-    def __init__(self, entry: ModelEntry, metrics: Metrics) -> None:
-        super().__init__(entry)
-        self.metrics = metrics
-        self.model: Any = None
-        self.batcher: DynamicBatcher | None = None
-
     def setup(self) -> None:
-        e = self.entry
-        self.model = load_family(e.family or "", Path(e.resolved_source or e.source or ""), e.device, e.dtype)
+        self.model = self.load_model()
         self.loaded = True
-
-    def _batcher(self, fn: Any, key: Any = lambda _: None) -> DynamicBatcher:
-        e, m = self.entry, self.metrics
-
-        def on_batch(size: int, waits: list[float]) -> None:
-            m.batch_size.labels(e.id).observe(size)
-            for w in waits:
-                m.request_queue_time.labels(e.id).observe(w)
-
-        batcher = DynamicBatcher(fn, max_batch_size=e.max_batch_size, max_wait_ms=e.max_wait_ms,
-                                 max_waiting=e.max_waiting, key=key, on_batch=on_batch)
-        batcher.start()
-        return batcher
 
     def describe(self) -> dict:
         return {"sample_rate": getattr(self.model, "sample_rate", None)}
@@ -64,7 +40,7 @@ class LocalSpeechBackend(_AudioBackend):
         if self.model.streams:
             self._processes = asyncio.Semaphore(self.entry.max_batch_size)
         else:
-            self.batcher = self._batcher(self.model.synthesize, key=lambda s: (s.voice, s.speed))
+            self.start_batcher(self.model.synthesize, key=lambda s: (s.voice, s.speed))
 
     def ready(self) -> bool:
         return self.loaded if self.model is not None and self.model.streams else super().ready()
@@ -122,7 +98,7 @@ class LocalSpeechBackend(_AudioBackend):
 
 class LocalMusicBackend(_AudioBackend):
     async def start(self) -> None:
-        self.batcher = self._batcher(self.model.generate)
+        self.start_batcher(self.model.generate)
 
     @property
     def sample_rate(self) -> int:

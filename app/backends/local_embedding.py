@@ -6,39 +6,21 @@ from __future__ import annotations
 import asyncio
 
 from app.backends.base import EmbeddingResult, check_token_ids
-from app.backends.batching import BatchedBackend, DynamicBatcher
+from app.backends.batching import BatchedBackend
 from app.errors import InvalidRequestError
-from app.metrics import Metrics
-from app.registry import ModelEntry
 from models.embedding import EmbeddingModel
-from models.families import load_family
 
 
 class LocalEmbeddingBackend(BatchedBackend):
-    def __init__(self, entry: ModelEntry, metrics: Metrics) -> None:
-        super().__init__(entry)
-        self.metrics = metrics
-        self.model: EmbeddingModel | None = None
-        self.batcher: DynamicBatcher[list[int], list[float]] | None = None
+    model: EmbeddingModel | None
 
     def setup(self) -> None:
-        e = self.entry
-        self.model = load_family(e.family or "", e.resolved_source or e.source or "", e.device, e.dtype)
+        self.model = self.load_model()
         self.loaded = True
 
     async def start(self) -> None:
         assert self.model is not None
-        e, m = self.entry, self.metrics
-
-        def on_batch(size: int, waits: list[float]) -> None:
-            m.batch_size.labels(e.id).observe(size)
-            for w in waits:
-                m.request_queue_time.labels(e.id).observe(w)
-
-        self.batcher = DynamicBatcher(self.model.embed, max_batch_size=e.max_batch_size,
-                                      max_wait_ms=e.max_wait_ms, max_waiting=e.max_waiting,
-                                      on_batch=on_batch)
-        self.batcher.start()
+        self.start_batcher(self.model.embed)
 
 
     def describe(self) -> dict:

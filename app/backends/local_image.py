@@ -22,18 +22,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from app.backends.batching import BatchedBackend, DynamicBatcher
+from app.backends.batching import BatchedBackend
 from app.errors import InvalidRequestError
-from app.metrics import Metrics
-from app.registry import ModelEntry
-from models.batch_invariance import make_batch_invariant
-from models.families import load_family
+from models.batch_invariance import make_batch_invariant, probe_rows
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +75,6 @@ def upscale(images: np.ndarray, width: int, height: int) -> np.ndarray:
 
 class DiffusionRunner:
     def __init__(self, pipe: Any, max_rows: int) -> None:
-        from diffusers.utils.torch_utils import randn_tensor  # noqa: F401  (diffusers must be importable)
-
         self.pipe = pipe
         self.device = pipe.device
         params = inspect.signature(pipe.__call__).parameters
@@ -131,7 +125,7 @@ class DiffusionRunner:
                                                                                                     unet.dtype)
 
         def probe(n: int) -> torch.Tensor:
-            rows = slice(0, n) if n > 0 else slice(-n - 1, -n)
+            rows = probe_rows(n)
             extra = {"class_labels": labels[rows]} if labels is not None else {}
             return unet(x[rows], t[rows], encoder_hidden_states=ctx[rows], **extra).sample
 
@@ -250,15 +244,11 @@ def _rgb(images: np.ndarray) -> np.ndarray:
 
 
 class LocalImageBackend(BatchedBackend):
-    def __init__(self, entry: ModelEntry, metrics: Metrics) -> None:
-        super().__init__(entry)
-        self.metrics = metrics
-        self.runner: DiffusionRunner | LatentRunner | None = None
-        self.batcher: DynamicBatcher | None = None
+    runner: DiffusionRunner | LatentRunner | None = None
 
     def setup(self) -> None:
         e = self.entry
-        model = load_family(e.family or "", Path(e.resolved_source or e.source or ""), e.device, e.dtype)
+        model = self.load_model()
         self.runner = DiffusionRunner(model, 2 * e.max_batch_size) if hasattr(model, "scheduler") else \
             LatentRunner(model)
         if e.compile and isinstance(self.runner, DiffusionRunner):
@@ -268,19 +258,11 @@ class LocalImageBackend(BatchedBackend):
         self.loaded = True
 
     async def start(self) -> None:
-        e, m, runner = self.entry, self.metrics, self.runner
+        runner = self.runner
         assert runner is not None
-
-        def on_batch(size: int, waits: list[float]) -> None:
-            m.batch_size.labels(e.id).observe(size)
-            for w in waits:
-                m.request_queue_time.labels(e.id).observe(w)
-
         # A diffusers model whose rows stayed batch-variant (see the load log) runs one image at a time.
-        batch = e.max_batch_size if getattr(runner, "invariant", True) else 1
-        self.batcher = DynamicBatcher(self._timed(runner.run), max_batch_size=batch, max_wait_ms=e.max_wait_ms,
-                                      max_waiting=e.max_waiting, key=ImageJob.key, on_batch=on_batch)
-        self.batcher.start()
+        batch = None if getattr(runner, "invariant", True) else 1
+        self.start_batcher(self._timed(runner.run), key=ImageJob.key, max_batch_size=batch)
 
     def _timed(self, run: Callable[..., list[np.ndarray]]) -> Callable[[list[ImageJob]], list[np.ndarray]]:
         """``run`` reporting each denoising step's latency to the metrics."""

@@ -10,15 +10,14 @@ interpolation (family ``mol-vae``) through a dynamic batcher.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from app.backends.base import Backend, TextRequest, Usage
-from app.backends.batching import BatchedBackend, DynamicBatcher
+from app.backends.batching import BatchedBackend
 from app.backends.local_text import LocalTextBackend
 from app.errors import InvalidRequestError
 from app.metrics import Metrics
 from app.registry import ModelEntry
-from models.families import load_family, local_dir
+from models.families import local_dir
 from models.molecule.generator import TrainingSet
 from models.text.sampling import SamplingParams
 
@@ -69,21 +68,14 @@ class LocalMoleculeBackend(Backend):
 
 
 class LocalMolVAEBackend(BatchedBackend):
-    def __init__(self, entry: ModelEntry, metrics: Metrics) -> None:
-        super().__init__(entry)
-        self.metrics = metrics
-        self.model = None
-        self.batcher: DynamicBatcher | None = None
-
     def setup(self) -> None:
-        e = self.entry
-        self.model = load_family(e.family or "", Path(e.resolved_source or e.source or ""), e.device, e.dtype)
+        self.model = self.load_model()
         self.loaded = True
 
     async def start(self) -> None:
         from models.molecule.vae import MoleculeInputError, interpolate
 
-        e, model = self.entry, self.model
+        model = self.model
 
         def run(items: list[tuple[str, str, int, str]]) -> list[list[str] | InvalidRequestError]:
             out: list[list[str] | InvalidRequestError] = []
@@ -94,9 +86,7 @@ class LocalMolVAEBackend(BatchedBackend):
                     out.append(InvalidRequestError(str(exc), param=exc.param))
             return out
 
-        self.batcher = DynamicBatcher(run, max_batch_size=e.max_batch_size, max_wait_ms=e.max_wait_ms,
-                                      max_waiting=e.max_waiting)
-        self.batcher.start()
+        self.start_batcher(run)
 
 
     async def interpolate(self, start: str, end: str, steps: int, method: str) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,11 +22,10 @@ from app.backends.manager import ModelManager
 from app.errors import InvalidRequestError
 from app.metrics import Metrics
 from app.schemas.audio import MusicRequest, SpeechRequest
-from app.serving.common import Deadline, unless_disconnected
+from app.serving.common import Deadline, seed_or_random, unless_disconnected
 from app.settings import Settings
 from models.audio import SpeechSpec
 from models.audio.codec import FORMATS, OUTPUT_RATE, AudioEncoder, encode
-from models.text.sampling import SEED_MASK
 
 log = logging.getLogger(__name__)
 SEED_HEADER = "x-genserve-seed"
@@ -98,7 +96,7 @@ class AudioServing:
             backend.parse_key(body.key)
         except ValueError as exc:
             raise InvalidRequestError(str(exc), param="key") from None
-        seed = body.seed if body.seed is not None else int.from_bytes(os.urandom(8), "little") & SEED_MASK
+        seed = seed_or_random(body.seed)
         spec = MusicSpec(seconds=body.seconds, tempo=body.tempo, key=body.key, temperature=body.temperature,
                          seed=seed)
         deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))

@@ -12,7 +12,6 @@ import asyncio
 import base64
 import io
 import json
-import os
 import time
 import uuid
 from collections import OrderedDict
@@ -37,7 +36,7 @@ from app.schemas.images import (
     ImageInterpolationRequest,
     ImagesResponse,
 )
-from app.serving.common import Deadline, now, unless_disconnected
+from app.serving.common import Deadline, now, seed_or_random, unless_disconnected
 from app.settings import Settings
 from models.text.sampling import SEED_MASK
 
@@ -68,9 +67,9 @@ class ImageStore:
         return (item[0], item[1]) if item else None
 
     def _expire(self) -> None:
-        t = time.monotonic()
-        for key in [k for k, (_, _, expires) in self._items.items() if expires <= t]:
-            self._drop(key)
+        t = time.monotonic()  # one TTL for all: the oldest item expires first
+        while self._items and next(iter(self._items.values()))[2] <= t:
+            self._drop(next(iter(self._items)))
 
     def _drop(self, key: str) -> None:
         data, _, _ = self._items.pop(key)
@@ -133,7 +132,7 @@ class ImageServing:
                     raise InvalidRequestError(f"{knob} applies to diffusion models; '{backend.entry.id}' makes "
                                               "an image in one pass.", param=knob)
             class_index = backend.class_index(prompt)
-        seed = body.seed if body.seed is not None else int.from_bytes(os.urandom(8), "little") & SEED_MASK
+        seed = seed_or_random(body.seed)
         return [ImageJob(prompt=prompt, seed=(seed + k) & SEED_MASK, width=width, height=height,
                          negative_prompt=body.negative_prompt, steps=body.num_inference_steps,
                          guidance_scale=body.guidance_scale, scheduler=body.scheduler, class_index=class_index)

@@ -36,7 +36,7 @@ from app.schemas.molecules import (
     MoleculePropertiesRequest,
     MoleculePropertiesResponse,
 )
-from app.serving.common import Deadline, now, request_id, response_id, unless_disconnected
+from app.serving.common import Deadline, now, request_id, response_id, seed_or_random, unless_disconnected
 from app.settings import Settings
 from models.molecule import chem
 from models.text.sampling import SEED_MASK, SEED_STRIDE  # string k of a round: the engine's sample k
@@ -74,7 +74,7 @@ class MoleculeServing:
             raise InvalidRequestError(f"max_samples={body.max_samples} exceeds this model's limit of {cap}.",
                                       param="max_samples")
         budget = body.max_samples or cap
-        seed = body.seed if body.seed is not None else int.from_bytes(os.urandom(8), "little") & SEED_MASK
+        seed = seed_or_random(body.seed)
         deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
         rid = request_id(raw)
 

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.batch_invariance import make_batch_invariant
+from models.batch_invariance import make_batch_invariant, probe_rows
 
 SIZE = (8, 8)
 MAX_ROWS = 64  # rows decoded in one forward pass (and probed for batch invariance at load)
@@ -74,7 +74,7 @@ class ImageGenerator:
         y = torch.arange(MAX_ROWS, device=self.device) % len(self.class_names)
 
         def probe(n: int) -> torch.Tensor:
-            rows = slice(0, n) if n > 0 else slice(-n - 1, -n)
+            rows = probe_rows(n)
             return self.net.images(z[rows], y[rows])
 
         _, invariant = make_batch_invariant(self.net, probe, MAX_ROWS)

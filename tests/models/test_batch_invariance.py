@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.batch_invariance import make_batch_invariant, probe_sizes, run_rows_alone
+from models.batch_invariance import make_batch_invariant, probe_rows, probe_sizes, run_rows_alone
 
 
 class SmallNet(nn.Module):
@@ -35,7 +35,7 @@ def test_rows_are_identical_alone_and_in_every_batch_size_after_probing():
     net, x, t = make(12)
 
     def probe(n: int) -> torch.Tensor:
-        rows = slice(0, n) if n > 0 else slice(-n - 1, -n)
+        rows = probe_rows(n)
         return net(x[rows], t[rows])
 
     wrapped, invariant = make_batch_invariant(net, probe, 12)
