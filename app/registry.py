@@ -83,6 +83,9 @@ class ModelEntry(BaseModel):
     quantization: Literal["none", "int8", "int4"] = Field("none", description="weight-only quantization of "
                                                           "the linear layers (text models)")
     compile: bool = Field(False, description="diffusers: torch.compile the denoiser at load")
+    attention: Literal["sdpa", "genserve"] = Field("sdpa", description="diffusers: the attention of the denoiser: "
+                                                   "PyTorch SDPA or genserve's Triton kernel (CUDA; CPU tensors "
+                                                   "take SDPA either way)")
     request_timeout_s: float | None = Field(None, gt=0, description="deadline (default: the setting)")
     limits: Limits = Field(default_factory=Limits)
     # Filled by the loader: the path the source resolved to, or None for a hub id / remote.

@@ -4,7 +4,13 @@ Each module pairs Triton kernels (CUDA, imported only when a CUDA tensor arrives
 path that serves everywhere else, and a slow reference the tests compare both against.
 """
 
-from kernels.attention import decode_attention, prefill_attention, reference_attention
+from kernels.attention import (
+    decode_attention,
+    dense_attention,
+    prefill_attention,
+    reference_attention,
+    reference_dense_attention,
+)
 from kernels.int4 import Int4Linear, int4_linear, quantize_int4, quantize_linears_int4
 from kernels.int8 import Int8Linear, int8_linear, quantize_int8, quantize_linears_int8
 
@@ -12,6 +18,7 @@ __all__ = [
     "Int4Linear",
     "Int8Linear",
     "decode_attention",
+    "dense_attention",
     "int4_linear",
     "int8_linear",
     "prefill_attention",
@@ -20,4 +27,5 @@ __all__ = [
     "quantize_linears_int4",
     "quantize_linears_int8",
     "reference_attention",
+    "reference_dense_attention",
 ]

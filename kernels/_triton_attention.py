@@ -1,4 +1,5 @@
-"""Triton kernels behind ``kernels.attention``: varlen causal prefill and paged split-K decode.
+"""Triton kernels behind ``kernels.attention``: varlen causal prefill, paged split-K decode and dense
+(non-causal) attention.
 
 Prefill is FlashAttention-2 (Dao, 2023, arXiv:2307.08691) laid out as in Triton's
 ``06-fused-attention`` tutorial: one program per (query block, query head, sequence), an online
@@ -7,6 +8,15 @@ block with one. Decode follows PagedAttention (Kwon et al., 2023, arXiv:2309.061
 Flash-Decoding's split over the context (Dao et al., 2023): one program per (sequence, key/value
 head, split) reads the split's tokens through the block table for all the query heads of its
 group at once, and a second kernel merges the splits by their log-sum-exp.
+
+Dense attention, for diffusion denoisers (self-attention over image positions, cross-attention
+from them to text tokens), is the same FlashAttention-2 loop without the causal mask: one program
+per (query block, batch x head) over (B, H, L, D) inputs of any strides but a unit last one, every
+key block but the last unmasked and the last masked by ``cols < Lk``, so neither Lq nor Lk need
+be a multiple of the blocks (query rows past Lq are computed on zeros and not stored). Its
+autotuning is keyed on the head size and both lengths, not the batch, so a row's result does not
+depend on the rest of its batch. The output is written (B, Lq, H, D) and returned as a
+(B, H, Lq, D) view, the layout diffusers merges heads from without a copy.
 
 Accumulation is fp32 for every input dtype; fp32 inputs multiply in IEEE fp32, not TF32. Head size
 must be a power of two in 16..256 (``kernels.attention`` sends other sizes to PyTorch).
@@ -36,6 +46,8 @@ _PREFILL_CONFIGS = [
     for bm, bn in ((128, 64), (128, 32), (64, 64), (64, 32))
     for warps in (4, 8)
 ] if not _INTERPRET else [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+# Dense attention has no diagonal to end on, so it takes the same pairs without that constraint.
+_DENSE_CONFIGS = _PREFILL_CONFIGS
 # Tokens of context per decode loop step, and the shortest context a split is given.
 _DECODE_BLOCK_N = 16 if _INTERPRET else 64
 _DECODE_MIN_SPLIT_TOKENS = 256
@@ -43,7 +55,11 @@ _DECODE_MIN_SPLIT_TOKENS = 256
 
 @triton.jit
 def _prefill_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n, lo, hi, seq_len,
-                   qk_scale, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                   qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """Key blocks ``lo .. hi`` of the online softmax. MASKED blocks load no key at or past ``seq_len``
+    and hide keys from scores: those right of the diagonal if CAUSAL (this also hides the keys past
+    ``seq_len`` from every stored row), else those past ``seq_len``."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         if MASKED:
@@ -52,7 +68,10 @@ def _prefill_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_
             k = tl.load(k_ptrs + start_n * stride_kt)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
-            qk = tl.where(offs_m[:, None] >= cols[None, :], qk, float("-inf"))
+            if CAUSAL:
+                qk = tl.where(offs_m[:, None] >= cols[None, :], qk, float("-inf"))
+            else:
+                qk = tl.where(cols[None, :] < seq_len, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -94,12 +113,44 @@ def _prefill_kernel(Q, K, V, Out, cu_seqlens, qk_scale,
     # Key blocks wholly left of this query block need no mask; the diagonal block needs the causal one.
     diag = start_m * BLOCK_M
     acc, l_i, m_i = _prefill_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n,
-                                   0, diag, seq_len, qk_scale, False, BLOCK_N, PRECISION)
+                                   0, diag, seq_len, qk_scale, False, True, BLOCK_N, PRECISION)
     acc, l_i, m_i = _prefill_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n,
-                                   diag, tl.minimum(diag + BLOCK_M, seq_len), seq_len, qk_scale, True, BLOCK_N,
-                                   PRECISION)
+                                   diag, tl.minimum(diag + BLOCK_M, seq_len), seq_len, qk_scale, True, True,
+                                   BLOCK_N, PRECISION)
     acc = acc / l_i[:, None]
     tl.store(Out + (seq_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             acc.to(Out.dtype.element_ty), mask=row_ok)
+
+
+@triton.autotune(configs=_DENSE_CONFIGS, key=["HEAD_DIM", "Lq", "Lk"], cache_results=True)
+@triton.jit
+def _dense_kernel(Q, K, V, Out, Lq, Lk, heads, qk_scale,
+                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                  stride_ob, stride_oh, stride_om,
+                  HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)
+    h = (bh % heads).to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m[:, None] < Lq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok, other=0.0)
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # Whole key blocks need no mask; the last, partial one (if any) hides the keys past Lk.
+    full = (Lk // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _prefill_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
+                                   0, full, Lk, qk_scale, False, False, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _prefill_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
+                                   full, Lk, Lk, qk_scale, True, False, BLOCK_N, PRECISION)
+    acc = acc / l_i[:, None]
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
              acc.to(Out.dtype.element_ty), mask=row_ok)
 
 
@@ -188,6 +239,27 @@ def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         q, k, v, out, cu_seqlens, scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         GROUP=Hq // k.shape[1], HEAD_DIM=D, PRECISION=_precision(q.dtype))
+    return out
+
+
+def dense_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Launches the dense kernel on inputs ``kernels.attention.dense_attention`` has checked; returns
+    a (B, H, Lq, D) view of a contiguous (B, Lq, H, D) tensor."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, H, Lq, D)
+    if B * H * Lq == 0:
+        return out
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(Lq, meta["BLOCK_M"]), B * H
+
+    _dense_kernel[grid](
+        q, k, v, out, Lq, Lk, H, scale * _LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        HEAD_DIM=D, PRECISION=_precision(q.dtype))
     return out
 
 

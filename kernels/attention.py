@@ -1,4 +1,5 @@
-"""Attention for the text engine: causal prefill over packed prompts and decode over a paged cache.
+"""Attention for the text engine (causal prefill over packed prompts, decode over a paged cache) and
+for diffusion denoisers (dense attention, no mask, query and key lengths free).
 
 FlashAttention-2 (Dao, 2023, arXiv:2307.08691) computes exact attention block by block with an
 online softmax; PagedAttention (Kwon et al., 2023, arXiv:2309.06180, vLLM) keeps each sequence's
@@ -8,7 +9,8 @@ keys and values in fixed-size blocks found through a block table; grouped-query 
 Each public function checks its inputs, then runs the Triton kernels of
 ``kernels._triton_attention`` for CUDA tensors when Triton imports, and otherwise the PyTorch path
 built on ``F.scaled_dot_product_attention`` (the engine's CPU path, so it is the fast one there).
-``reference_attention`` is the slow explicit-softmax version the tests compare both against.
+``reference_attention`` (``reference_dense_attention`` for the dense layout) is the slow
+explicit-softmax version the tests compare both against.
 """
 
 from __future__ import annotations
@@ -83,16 +85,45 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return _decode_sdpa(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_dim: int | None) -> None:
-    """Shared checks: dtypes, devices, head counts and head size; ``token_dim`` must agree in length."""
-    if q.dim() != 3:
-        raise ValueError(f"q must be 3-D (tokens, Hq, D), got shape {tuple(q.shape)}")
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Attention of every query to every key, no mask: softmax(q k^T * scale) v, as diffusion
+    denoisers use it for self-attention over image positions and cross-attention to text tokens.
+
+    q: (B, H, Lq, D); k, v: (B, H, Lk, D), Lk >= 1 (the layout of ``F.scaled_dot_product_attention``;
+    strided views such as ``x.view(B, L, H, D).transpose(1, 2)`` are read in place). ``scale``
+    defaults to 1/sqrt(D). Returns (B, H, Lq, D) in q's dtype; from the Triton path a view of a
+    (B, Lq, H, D) tensor, so ``out.transpose(1, 2).reshape(B, Lq, H * D)`` copies nothing.
+    """
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be 4-D (B, H, L, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+    _check_same_kind(q, k, v)
+    if k.shape[:2] != q.shape[:2] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} need the same batch, heads and head size")
+    if k.shape[2] == 0:
+        raise ValueError(f"k must hold at least one key, got {tuple(k.shape)}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if use_triton(q) and q.shape[-1] in TRITON_HEAD_DIMS:
+        from kernels._triton_attention import dense_attention_triton
+
+        return dense_attention_triton(q, k, v, scale)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _check_same_kind(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """k and v of one shape, and q, k, v of one float dtype on one device."""
     if k.shape != v.shape:
         raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
     if q.dtype not in _FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one of {_FLOAT_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_dim: int | None) -> None:
+    """Shared checks: dtypes, devices, head counts and head size; ``token_dim`` must agree in length."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be 3-D (tokens, Hq, D), got shape {tuple(q.shape)}")
+    _check_same_kind(q, k, v)
     if k.shape[-1] != q.shape[-1] or q.shape[1] % k.shape[-2]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} need the same head size and "
                          f"a query head count that is a multiple of the key/value head count")
@@ -169,3 +200,14 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
         scores = scores.masked_fill(~visible, -math.inf)
     probs = scores.softmax(dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, v32).to(q.dtype)  # (Lq, Hq, D)
+
+
+def reference_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              scale: float | None = None) -> torch.Tensor:
+    """``dense_attention`` written out in fp32 by ``reference_attention``, one batch row at a time.
+
+    q: (B, H, Lq, D); k, v: (B, H, Lk, D). Returns (B, H, Lq, D) in q's dtype.
+    """
+    rows = [reference_attention(qb.transpose(0, 1), kb.transpose(0, 1), vb.transpose(0, 1), scale=scale,
+                                causal=False).transpose(0, 1) for qb, kb, vb in zip(q, k, v, strict=True)]
+    return torch.stack(rows) if rows else torch.empty_like(q)

@@ -1,14 +1,16 @@
 """In-process image models behind one ``DynamicBatcher`` each.
 
 A request becomes one ``ImageJob`` per image; jobs that can share a forward pass (same size, steps,
-scheduler, guidance, and kind) are batched by the batcher's key. Every job carries its own seed and
-the model draws its noise from a generator of that seed alone, and the model's batch-variant layers
-run row by row (``models.batch_invariance``), so a job gives the same pixels alone or batched.
+scheduler, guidance, kind and strength) are batched by the batcher's key. Every job carries its own
+seed and the model draws its noise from a generator of that seed alone, and the model's
+batch-variant layers run row by row (``models.batch_invariance``), so a job gives the same pixels
+alone or batched.
 
 Two runners adapt models to jobs:
 
 - ``DiffusionRunner``: any diffusers pipeline (``genserve-diffusion``, Stable Diffusion, …) for
-  text-to-image, and inpainting (the pipeline's own ``image``/``mask_image`` arguments);
+  text-to-image, image-to-image and inpainting (the pipeline's own ``image``/``mask_image``/
+  ``strength`` arguments, or the pipelines diffusers derives from it with ``from_pipe``);
 - ``LatentRunner``: genserve's GAN, VAE and flow modules (``models.image``): sampling and
   interpolation between the latents of two seeds.
 """
@@ -26,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from app.backends.batching import BatchedBackend
 from app.errors import InvalidRequestError
@@ -59,12 +62,14 @@ class ImageJob:
     guidance_scale: float | None = None
     scheduler: str | None = None
     class_index: int | None = None
-    image: np.ndarray | None = None  # edits: (H, W, 3) uint8 at the model's native size
-    mask: np.ndarray | None = None   # edits: (H, W) float in [0, 1], 1 = repaint
+    image: np.ndarray | None = None  # edits: (H, W, 3) uint8 at the size the pipeline takes
+    mask: np.ndarray | None = None   # inpainting: (H, W) float in [0, 1], 1 = repaint; None: image-to-image
+    strength: float | None = None    # edits: how much of the image is redone (default: the pipeline's)
     on_step: Callable[[int, int], None] | None = field(default=None, compare=False)
 
     def key(self) -> tuple:
-        return (self.width, self.height, self.steps, self.scheduler, self.guidance_scale, self.image is None)
+        kind = "generate" if self.image is None else "image-to-image" if self.mask is None else "inpaint"
+        return (self.width, self.height, self.steps, self.scheduler, self.guidance_scale, kind, self.strength)
 
 
 def upscale(images: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -79,7 +84,9 @@ class DiffusionRunner:
         self.device = pipe.device
         params = inspect.signature(pipe.__call__).parameters
         self.takes_size = "height" in params and "width" in params
-        self.inpaint = pipe if "mask_image" in params and "image" in params else _inpaint_pipeline(pipe)
+        own = "mask_image" in params and "image" in params  # genserve-diffusion does all three itself
+        self.inpaint = pipe if own else _derived_pipeline(pipe, "AutoPipelineForInpainting")
+        self.img2img = pipe if own and "strength" in params else _derived_pipeline(pipe, "AutoPipelineForImage2Image")
         self.default_scheduler = next((name for name, (cls, _) in SCHEDULERS.items()
                                        if cls == type(pipe.scheduler).__name__), None)
         self._base_scheduler_config = dict(pipe.scheduler.config)
@@ -97,6 +104,10 @@ class DiffusionRunner:
     @property
     def can_edit(self) -> bool:
         return self.inpaint is not None
+
+    @property
+    def can_vary(self) -> bool:
+        return self.img2img is not None
 
     @property
     def sizes(self) -> list[tuple[int, int]]:
@@ -164,9 +175,12 @@ class DiffusionRunner:
             kwargs["guidance_scale"] = first.guidance_scale
         if self.takes_size and not self.pixel_space:
             kwargs["height"], kwargs["width"] = first.height, first.width
-        if first.image is not None:
-            kwargs["image"] = [j.image for j in jobs]
-            kwargs["mask_image"] = [j.mask for j in jobs]
+        if first.image is not None:  # PIL images: what every diffusers pipeline reads as [0, 255] RGB
+            kwargs["image"] = [Image.fromarray(j.image) for j in jobs]
+            if first.mask is not None:
+                kwargs["mask_image"] = [Image.fromarray((j.mask * 255).round().astype(np.uint8), "L") for j in jobs]
+            if first.strength is not None:
+                kwargs["strength"] = first.strength
         callbacks = [cb for cb in (on_step, *(j.on_step for j in jobs)) if cb is not None]
 
         def on_step_end(_pipe: Any, step: int, _t: Any, _kw: dict) -> dict:
@@ -175,14 +189,14 @@ class DiffusionRunner:
             return {}
 
         kwargs["callback_on_step_end"] = on_step_end
-        pipe = self.pipe if first.image is None else self.inpaint
+        pipe = self.pipe if first.image is None else self.img2img if first.mask is None else self.inpaint
         pipe.scheduler, default = self._scheduler(first.scheduler), pipe.scheduler
         try:
             images = pipe(**kwargs).images  # (B, H, W, 3) floats in [0, 1]
         finally:
             pipe.scheduler = default
         pixels = (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
-        if first.image is not None:  # outside the mask the caller's pixels come back exactly
+        if first.mask is not None:  # outside the mask the caller's pixels come back exactly
             keep = np.stack([j.mask for j in jobs])[..., None] < 0.5
             pixels = np.where(keep, np.stack([j.image for j in jobs]), pixels)
         if self.pixel_space:
@@ -190,12 +204,13 @@ class DiffusionRunner:
         return list(pixels)
 
 
-def _inpaint_pipeline(pipe: Any) -> Any:
-    """The inpainting pipeline that shares ``pipe``'s weights, if diffusers has one for its kind."""
-    from diffusers import AutoPipelineForInpainting
+def _derived_pipeline(pipe: Any, auto_class: str) -> Any:
+    """The inpainting or image-to-image pipeline (``AutoPipelineForInpainting`` or
+    ``AutoPipelineForImage2Image``) that shares ``pipe``'s weights, if diffusers has one for its kind."""
+    import diffusers
 
     try:
-        return AutoPipelineForInpainting.from_pipe(pipe)
+        return getattr(diffusers, auto_class).from_pipe(pipe)
     except (ValueError, KeyError, TypeError):
         return None
 
@@ -249,6 +264,11 @@ class LocalImageBackend(BatchedBackend):
     def setup(self) -> None:
         e = self.entry
         model = self.load_model()
+        if e.attention == "genserve" and hasattr(model, "scheduler"):
+            from models.diffusion.attention import use_genserve_attention
+
+            # Before the runner, whose batch-invariance probe then runs it, and before compile.
+            use_genserve_attention(model)
         self.runner = DiffusionRunner(model, 2 * e.max_batch_size) if hasattr(model, "scheduler") else \
             LatentRunner(model)
         if e.compile and isinstance(self.runner, DiffusionRunner):

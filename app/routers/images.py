@@ -27,8 +27,10 @@ async def edit_image(request: Request, form: Annotated[ImageEditForm, Form()],
                      image: Annotated[UploadFile, File(description="PNG to edit")],
                      mask: Annotated[UploadFile | None, File(description="PNG whose transparent pixels mark what "
                                                              "to repaint (default: the image's alpha)")] = None):
-    """Inpainting (OpenAI's multipart images edit): repaints the transparent part of the mask to fit
-    `prompt`, keeping the rest."""
+    """OpenAI's multipart images edit. Inpainting: the transparent part of `mask` (or, without a
+    mask, of the image's own alpha) is repainted to fit `prompt` and every other pixel comes back
+    as sent. Image-to-image: an image without transparent pixels and no mask is redrawn as a whole
+    toward `prompt`, `strength` (default 0.75) saying how much of it to redo."""
     return await request.app.state.images.edit(form, image, mask, request)
 
 

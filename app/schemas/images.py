@@ -15,6 +15,7 @@ GENERATION_EXAMPLE = {"model": "genserve-diffusion", "prompt": "red apple", "n":
 INTERPOLATION_EXAMPLE = {"model": "genserve-gan", "seed_start": 1, "seed_end": 2, "frames": 8,
                          "method": "slerp", "format": "gif", "class": "7"}
 SCHEDULERS = ("ddpm", "ddim", "dpm++", "euler", "euler_a")
+IMAGE_TO_IMAGE_STRENGTH = 0.75  # an edit without a mask redoes this much of the image unless told otherwise
 ResponseFormat = Literal["b64_json", "url"]
 
 
@@ -60,6 +61,9 @@ class ImageEditForm(DiffusionKnobs):
     size: str | None = Field(None, pattern=r"^(auto|\d{1,5}x\d{1,5})$")
     response_format: ResponseFormat = "b64_json"
     user: str | None = None
+    strength: float | None = Field(None, gt=0, le=1, description="how much of the image to redo, from the "
+                                   f"noise level it is started at: image-to-image (default {IMAGE_TO_IMAGE_STRENGTH}"
+                                   "), or inpainting (default: the pipeline's, 1 for most)")
 
 
 class ImageInterpolationRequest(OpenAIBaseModel):

@@ -1,4 +1,4 @@
-"""Images: generation, inpainting edits and latent interpolation, answered as OpenAI's images
+"""Images: generation, edits (inpainting and image-to-image) and latent interpolation, answered as OpenAI's images
 response (PNG in base64, or a short-lived URL on this server).
 
 Everything a request can get wrong is checked before any model work: the model's kind, the size
@@ -29,6 +29,7 @@ from app.backends.manager import ModelManager
 from app.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
 from app.metrics import Metrics
 from app.schemas.images import (
+    IMAGE_TO_IMAGE_STRENGTH,
     DiffusionKnobs,
     ImageData,
     ImageEditForm,
@@ -192,29 +193,41 @@ class ImageServing:
 
     # edits ------------------------------------------------------------------------------------
     async def edit(self, form: ImageEditForm, image: UploadFile, mask: UploadFile | None, raw: Request) -> Any:
+        """Inpainting where the mask (or, without one, the image's own alpha) is transparent; with
+        neither a mask nor transparent pixels, image-to-image of the whole picture."""
         backend = self._backend(form.model, "edit")
-        if not getattr(backend.runner, "can_edit", False):
-            raise InvalidRequestError(f"The model '{form.model}' has no inpainting pipeline.", param="model",
-                                      code="model_not_supported")
+        runner = backend.runner
+        if not getattr(runner, "can_edit", False) and not getattr(runner, "can_vary", False):
+            raise InvalidRequestError(f"The model '{form.model}' has no image-to-image or inpainting pipeline.",
+                                      param="model", code="model_not_supported")
         jobs = self._jobs(backend, form, form.prompt, form.n, form.size)
         limits = backend.entry.limits
         picture = await self._read_upload(image, "image", limits.max_upload_bytes, limits.max_upload_pixels)
         alpha_from = await self._read_upload(mask, "mask", limits.max_upload_bytes, limits.max_upload_pixels) \
             if mask is not None else picture
-        if "A" not in alpha_from.getbands():
-            raise InvalidRequestError("Inpainting needs a mask: a PNG with transparent pixels where the image is "
-                                      "to be repainted (the mask file, or the image's own alpha).",
-                                      param="mask" if mask is not None else "image")
         if mask is not None and alpha_from.size != picture.size:
             raise InvalidRequestError(f"mask is {alpha_from.size[0]}x{alpha_from.size[1]} but image is "
                                       f"{picture.size[0]}x{picture.size[1]}; they must match.", param="mask")
-        runner = backend.runner
-        assert runner is not None
         native = runner.native if getattr(runner, "pixel_space", True) else (jobs[0].width, jobs[0].height)
         rgb = np.asarray(picture.convert("RGB").resize(native, Image.Resampling.LANCZOS))
-        hole = np.asarray(alpha_from.getchannel("A").resize(native, Image.Resampling.NEAREST)) < 128
+        hole = None
+        if "A" in alpha_from.getbands():
+            hole = np.asarray(alpha_from.getchannel("A").resize(native, Image.Resampling.NEAREST)) < 128
+            hole = hole if hole.any() else None
+        if mask is not None and hole is None:
+            raise InvalidRequestError("mask has no transparent pixels, so nothing would be repainted; leave the "
+                                      "mask out to redo the whole image (image-to-image).", param="mask")
+        if hole is not None and not runner.can_edit:
+            raise InvalidRequestError(f"The model '{form.model}' has no inpainting pipeline; send an opaque image "
+                                      "without a mask for image-to-image.", param="mask", code="model_not_supported")
+        if hole is None and not runner.can_vary:
+            raise InvalidRequestError(f"The model '{form.model}' has no image-to-image pipeline: send a mask (or "
+                                      "transparent pixels) to inpaint.", param="image", code="model_not_supported")
         for job in jobs:
-            job.image, job.mask = rgb, hole.astype(np.float32)
+            job.image, job.strength = rgb, form.strength
+            job.mask = hole.astype(np.float32) if hole is not None else None
+            if hole is None and job.strength is None:
+                job.strength = IMAGE_TO_IMAGE_STRENGTH
         return await unless_disconnected(raw, self._respond(backend, jobs, form.response_format, raw))
 
     @staticmethod

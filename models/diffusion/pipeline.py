@@ -130,11 +130,12 @@ class GenserveEmojiPipeline(DiffusionPipeline):
         hidden, pooled = zip(*(self.encode_prompt([p], device) for p in prompt), strict=True)
         return torch.cat(hidden), torch.cat(pooled)
 
-    def predict_noise(self, latents: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor],
-                      uncond: tuple[torch.Tensor, torch.Tensor] | None, guidance_scale: float,
-                      batch_invariant: bool) -> torch.Tensor:
-        """The guided noise prediction for (B, C, H, W) ``latents``; each sample's conditional and
-        unconditional inputs go through the UNet together. With ``batch_invariant`` every sample is a
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor],
+                uncond: tuple[torch.Tensor, torch.Tensor] | None, guidance_scale: float,
+                batch_invariant: bool) -> torch.Tensor:
+        """The guided prediction (noise or velocity: the scheduler config's ``prediction_type``) for
+        (B, C, H, W) ``latents``; each sample's conditional and unconditional inputs go through the
+        UNet together. With ``batch_invariant`` every sample is a
         UNet call of its own: convolution kernels are chosen by batch size (oneDNN on CPU, cuDNN on
         CUDA), so that is what makes a sample's pixels independent of its batch mates."""
         step = 1 if batch_invariant else latents.shape[0]
@@ -152,11 +153,14 @@ class GenserveEmojiPipeline(DiffusionPipeline):
         return torch.cat(out)
 
     def check_inputs(self, prompt: list[str], negative_prompt: list[str] | None, num_inference_steps: int,
-                     guidance_scale: float, generator: list[torch.Generator] | None, output_type: str) -> None:
+                     strength: float, guidance_scale: float, generator: list[torch.Generator] | None,
+                     output_type: str) -> None:
         if not prompt or not all(isinstance(p, str) for p in prompt):
             raise ValueError(f"prompt must be a non-empty list of strings, got {prompt!r}")
         if negative_prompt is not None and len(negative_prompt) != len(prompt):
             raise ValueError(f"negative_prompt has {len(negative_prompt)} entries for {len(prompt)} prompts")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if not guidance_scale >= 0.0:
@@ -172,19 +176,27 @@ class GenserveEmojiPipeline(DiffusionPipeline):
         accepts = inspect.signature(self.scheduler.step).parameters
         return {"generator": generator} if "generator" in accepts else {}
 
-    def prepare_inpainting(self, image: list[np.ndarray] | None, mask_image: list[np.ndarray] | None,
-                           shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(known image in [-1, 1], mask with 1 = repaint), each (B, C or 1, H, W), or None."""
+    def prepare_image(self, image: list[Any] | None, mask_image: list[Any] | None,
+                      shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(known image in [-1, 1] (B, 3, H, W), mask with 1 = repaint (B, 1, H, W) or None), or None
+        without an image. ``image``: (H, W, 3) uint8 arrays or RGB PIL images; ``mask_image``: (H, W)
+        floats in [0, 1] or "L" PIL images (255 = repaint)."""
         if image is None and mask_image is None:
             return None
-        if image is None or mask_image is None or len(image) != shape[0] or len(mask_image) != shape[0]:
-            raise ValueError("inpainting needs one image and one mask_image per prompt")
-        x0 = torch.stack([torch.as_tensor(np.asarray(i), dtype=torch.float32) for i in image])  # (B, H, W, 3)
-        mask = torch.stack([torch.as_tensor(np.asarray(m), dtype=torch.float32) for m in mask_image])  # (B, H, W)
-        if x0.shape[1:3] != shape[2:] or mask.shape[1:] != shape[2:]:
-            raise ValueError(f"image and mask_image must be {shape[3]}x{shape[2]}")
-        x0 = (x0.permute(0, 3, 1, 2) / 127.5 - 1.0).to(device, self.unet.dtype)  # (B, 3, H, W)
-        return x0, mask[:, None].to(device, self.unet.dtype)  # (B, 1, H, W)
+        if image is None or len(image) != shape[0] or (mask_image is not None and len(mask_image) != shape[0]):
+            raise ValueError("image-to-image needs one image per prompt, inpainting also one mask_image per prompt")
+        x0 = torch.stack([torch.as_tensor(np.array(i), dtype=torch.float32) for i in image])  # (B, H, W, 3)
+        if x0.shape[1:] != (*shape[2:], 3):
+            raise ValueError(f"image must be {shape[3]}x{shape[2]} RGB, got {tuple(x0.shape[1:])}")
+        x0 = (x0.permute(0, 3, 1, 2) / 127.5 - 1.0).to(device, self.unet.dtype)
+        if mask_image is None:
+            return x0, None
+        masks = [np.asarray(m) for m in mask_image]
+        mask = torch.stack([torch.as_tensor(m / 255.0 if m.dtype == np.uint8 else m, dtype=torch.float32)
+                            for m in masks])  # (B, H, W)
+        if mask.shape[1:] != shape[2:]:
+            raise ValueError(f"mask_image must be {shape[3]}x{shape[2]}, got {tuple(mask.shape[1:])}")
+        return x0, mask[:, None].to(device, self.unet.dtype)
 
     def keep_known(self, latents: torch.Tensor, known: tuple[torch.Tensor, torch.Tensor], next_t: torch.Tensor | None,
                    generator: list[torch.Generator] | None) -> torch.Tensor:
@@ -205,47 +217,61 @@ class GenserveEmojiPipeline(DiffusionPipeline):
                  callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
                  callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
                  batch_invariant: bool = True, return_dict: bool = True,
-                 image: list[np.ndarray] | None = None,
-                 mask_image: list[np.ndarray] | None = None) -> ImagePipelineOutput | tuple:
+                 image: list[Any] | None = None, mask_image: list[Any] | None = None,
+                 strength: float = 1.0) -> ImagePipelineOutput | tuple:
         """Images for ``prompt``. Sample ``i`` draws its initial noise and every noise of the sampler
         from ``generator[i]`` alone and, with ``batch_invariant`` (the default), runs through the UNet
         alone, so a seeded prompt gives the same pixels in any batch; ``batch_invariant=False`` runs
         the batch in one UNet call (faster on a GPU; equal to within float rounding).
 
-        Inpainting (``image``: (H, W, 3) uint8 per prompt, ``mask_image``: (H, W) with 1 where to
-        repaint): after every step the pixels outside the mask are replaced by the known image noised
-        to the next step's level (the replacement of RePaint, Lugmayr et al. 2022, without its
-        resampling jumps), with noise from the sample's own generator."""
+        Image-to-image (``image``: an (H, W, 3) uint8 array or RGB PIL image per prompt, no mask):
+        sampling starts from the image noised to the level of step ⌈(1 − ``strength``)·steps⌉ and
+        runs the remaining steps (SDEdit, Meng et al. 2022): ``strength`` 1 ignores the image, small
+        values keep most of it. Inpainting (also ``mask_image``: (H, W) floats with 1 where to
+        repaint, or "L" images with 255): after every step the pixels outside the mask are replaced
+        by the known image noised to the next step's level (the replacement of RePaint, Lugmayr et
+        al. 2022, without its resampling jumps), with noise from the sample's own generator."""
         # 1. Check inputs
         prompt = [prompt] if isinstance(prompt, str) else list(prompt)
         if isinstance(negative_prompt, str):
             negative_prompt = [negative_prompt] * len(prompt)
-        self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, generator, output_type)
+        self.check_inputs(prompt, negative_prompt, num_inference_steps, strength, guidance_scale, generator,
+                          output_type)
         batch_size, device = len(prompt), self._execution_device
 
         # 2. Encode the prompts, and for guidance the negative (or empty) prompts, each on its own
         cond = self.encode_each(prompt, device)  # (B, T, 384), (B, 384)
         uncond = self.encode_each(negative_prompt or [""] * batch_size, device) if guidance_scale > 1.0 else None
 
-        # 3. Prepare timesteps
+        # 3. Prepare timesteps: with an image and strength < 1, only the last ones
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
+        start = num_inference_steps - min(max(round(num_inference_steps * strength), 1), num_inference_steps)
+        if image is not None and start > 0:
+            timesteps = timesteps[start * self.scheduler.order:]
+            if hasattr(self.scheduler, "set_begin_index"):
+                self.scheduler.set_begin_index(start * self.scheduler.order)
 
-        # 4. Prepare the initial noise, one generator per sample
+        # 4. Prepare the initial noise, one generator per sample; with an image and strength < 1, the
+        # image noised to the first timestep's level
         shape = (batch_size, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        known = self.prepare_image(image, mask_image, shape, device)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
-        latents = latents * self.scheduler.init_noise_sigma
+        if known is not None and start > 0:
+            latents = self.scheduler.add_noise(known[0], latents, timesteps[:1])
+        else:
+            latents = latents * self.scheduler.init_noise_sigma
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
-        known = self.prepare_inpainting(image, mask_image, shape, device)
+        inpaint = known if known is not None and known[1] is not None else None
 
         # 5. Denoising loop
         for i, t in enumerate(self.progress_bar(timesteps)):
             model_input = self.scheduler.scale_model_input(latents, t)
-            noise_pred = self.predict_noise(model_input, t, cond, uncond, guidance_scale, batch_invariant)
-            latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
-            if known is not None:
+            model_output = self.predict(model_input, t, cond, uncond, guidance_scale, batch_invariant)
+            latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs).prev_sample
+            if inpaint is not None:
                 next_t = timesteps[i + 1] if i + 1 < len(timesteps) else None
-                latents = self.keep_known(latents, known, next_t, generator)
+                latents = self.keep_known(latents, inpaint, next_t, generator)
             if callback_on_step_end is not None:
                 scope = locals()  # (a comprehension has locals of its own)
                 tensors = {name: scope[name] for name in callback_on_step_end_tensor_inputs}

@@ -31,6 +31,8 @@ BAD_REGISTRIES = [
      "  - id: x\n    modality: text\n    backend: remote\n    url: http://h/v1\n", "id 'x' appears twice"),
     ("models:\n  - id: x\n    modality: text\n    backend: remote\n    url: http://h/v1\n    quantization: int5\n",
      "models[0] (id 'x').quantization: Input should be 'none', 'int8' or 'int4'"),
+    ("models:\n  - id: x\n    modality: image\n    backend: remote\n    url: http://h/v1\n    attention: flash\n",
+     "models[0] (id 'x').attention: Input should be 'sdpa' or 'genserve'"),
     ("models:\n  - id: x\n    modality: text\n    backend: remote\n    url: http://h/v1\n    kv_cache_tokens: 8\n",
      "models[0] (id 'x').kv_cache_tokens: Input should be greater than or equal to 16"),
     ("models: [\n", "cannot read model registry"),

@@ -122,11 +122,30 @@ def test_openai_sdk_edit_repaints_the_transparent_part_and_keeps_the_rest(openai
     assert np.array_equal(edited[keep], picture[keep]) and not np.array_equal(edited[~keep], picture[~keep])
 
 
-def test_edit_without_transparency_asks_for_a_mask(server):
-    picture = png_bytes(np.zeros((SIZE, SIZE, 3), dtype=np.uint8))
+def edit(server, picture: bytes, mask: bytes | None = None, **fields) -> httpx.Response:
+    files = {"image": ("a.png", picture)} | ({"mask": ("m.png", mask)} if mask is not None else {})
     with server.client() as c:
-        r = c.post("/v1/images/edits", data={"model": SD, "prompt": "x"}, files={"image": ("a.png", picture)})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+        return c.post("/v1/images/edits", data={"model": SD, "prompt": "red apple", "num_inference_steps": 4,
+                                                **fields}, files=files)
+
+
+def test_an_edit_without_mask_or_transparency_is_image_to_image(openai_client, server):
+    picture = png_bytes(np.random.default_rng(2).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    out = openai_client.images.edit(model=SD, image=("in.png", picture, "image/png"), prompt="rocket",
+                                    response_format="b64_json", extra_body={"num_inference_steps": 4, "seed": 4})
+    assert pixels(out.data[0].b64_json).shape == (SIZE, SIZE, 3)
+    light, heavy = (edit(server, picture, seed=4, strength=s).json()["data"][0]["b64_json"] for s in (0.3, 0.9))
+    assert light != heavy, "strength changes how much is redone"
+    assert edit(server, picture, seed=4, strength=0.3).json()["data"][0]["b64_json"] == light
+
+
+def test_an_opaque_mask_or_a_bad_strength_gets_a_400(server):
+    picture = png_bytes(np.zeros((SIZE, SIZE, 3), dtype=np.uint8))
+    opaque = png_bytes(np.full((SIZE, SIZE, 4), 255, dtype=np.uint8))
+    r = edit(server, picture, opaque)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "mask" and "no transparent" in r.text
+    r = edit(server, picture, strength=1.5)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "strength"
 
 
 def test_uploads_are_capped_before_decoding(server):

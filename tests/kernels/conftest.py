@@ -1,10 +1,13 @@
 """Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter.
 
 ``TRITON_INTERPRET`` is read when ``@triton.jit`` decorates a kernel, that is when
-``kernels._triton_attention`` or ``kernels._triton_int8`` is first imported. The public functions
-import those modules only for CUDA tensors, so on a CPU machine nothing has imported them before
-this file is collected, whatever other test packages imported ``kernels``; the fixtures below fail
-loudly if that ever stops being true. With a GPU the same tests run the compiled kernels on it.
+``kernels._triton_attention`` or ``kernels._triton_int8`` is first imported, and for Triton's own
+``triton.language`` functions when ``triton`` is. The public functions import those modules only
+for CUDA tensors, so on a CPU machine nothing has imported them before this file is collected,
+whatever other test packages imported ``kernels``; but diffusers imports ``triton``, so test
+directories that import diffusers and run kernels import this file from their own conftest.py
+first (tests/models). The fixtures below fail loudly if any of that stops being true. With a GPU
+the same tests run the compiled kernels on it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,13 @@ def _triton_module(name: str) -> ModuleType:
     module = importlib.import_module(name)
     if not HAS_CUDA and not module._INTERPRET:
         pytest.fail(f"{name} was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on CPU")
+    if not HAS_CUDA:
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(tl.zeros, InterpretedFunction):  # triton.language's own @triton.jit functions
+            pytest.fail("triton was imported (diffusers imports it) before TRITON_INTERPRET=1 was set, so "
+                        "kernels cannot run on CPU: set it in a conftest.py of the test's directory")
     return module
 
 

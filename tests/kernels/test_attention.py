@@ -1,4 +1,4 @@
-"""Prefill and decode attention: Triton kernels and the PyTorch path against the fp32 reference."""
+"""Prefill, decode and dense attention: Triton kernels and the PyTorch path against the fp32 reference."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from kernels.attention import (
     _decode_sdpa,
     _prefill_sdpa,
     decode_attention,
+    dense_attention,
     prefill_attention,
     reference_attention,
+    reference_dense_attention,
 )
 from tests.kernels.conftest import BF16_NEEDS_GPU, DEVICE
 
@@ -194,4 +196,90 @@ def test_decode_bf16_cuda_splits_long_contexts():
     q = torch.randn(len(lens), 32, 128, device=DEVICE, dtype=torch.bfloat16)
     out = decode_attention(q, k_cache, v_cache, tables, ctx)  # default splits: several per sequence on a GPU
     expected = _decode_sdpa(q, k_cache, v_cache, tables, ctx, 128 ** -0.5)
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=0)
+
+
+def dense_inputs(lq: int, lk: int, d: int, dtype: torch.dtype, b: int = 2, h: int = 3, seed: int = 0):
+    """q, k, v as diffusers makes them: (B, L, H, D) projections viewed as (B, H, L, D) by a transpose."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(b, n, h, d, generator=g).to(DEVICE, dtype).transpose(1, 2) for n in (lq, lk, lk))
+
+
+# (Lq, Lk): self-attention over lengths that are no multiple of a block, cross-attention both ways.
+DENSE_CASES = [(33, 33), (40, 7), (7, 40)]
+
+
+@pytest.mark.parametrize("d", [16, 32, 64])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("lq", "lk"), DENSE_CASES)
+def test_dense_triton_matches_reference_and_torch_path(triton_attention: ModuleType, lq, lk, d, dtype):
+    q, k, v = dense_inputs(lq, lk, d, dtype)
+    assert not q.is_contiguous()
+    out = triton_attention.dense_attention_triton(q, k, v, d ** -0.5)
+    assert out.shape == (2, 3, lq, d) and out.dtype == dtype
+    assert out.transpose(1, 2).is_contiguous()  # heads merge without a copy
+    torch.testing.assert_close(out.float(), reference_dense_attention(q, k, v).float(), atol=ATOL[dtype], rtol=0)
+    torch.testing.assert_close(out.float(), dense_attention(q, k, v).float(), atol=ATOL[dtype], rtol=0)
+
+
+def test_dense_triton_reads_any_layout_and_uses_scale(triton_attention: ModuleType):
+    q, k, v = (t.contiguous() for t in dense_inputs(20, 17, 32, torch.float32))
+    v = v.transpose(-1, -2).contiguous().transpose(-1, -2)  # a last stride that is not 1
+    out = triton_attention.dense_attention_triton(q, k, v, 0.3)
+    torch.testing.assert_close(out, reference_dense_attention(q, k, v, scale=0.3), atol=1e-4, rtol=0)
+
+
+def test_dense_triton_rows_do_not_depend_on_their_batch(triton_attention: ModuleType):
+    q, k, v = dense_inputs(24, 9, 16, torch.float32, b=3)
+    batched = triton_attention.dense_attention_triton(q, k, v, 0.25)
+    for i in range(3):
+        alone = triton_attention.dense_attention_triton(q[i:i + 1], k[i:i + 1], v[i:i + 1], 0.25)
+        torch.testing.assert_close(batched[i:i + 1], alone, atol=0, rtol=0)
+
+
+def test_dense_dispatches_to_triton_for_its_head_sizes_only(triton_attention: ModuleType,
+                                                            monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(attention, "use_triton", lambda _x: True)  # as for CUDA tensors
+    q, k, v = dense_inputs(18, 5, 16, torch.float32)
+    out = dense_attention(q, k, v)
+    assert out.transpose(1, 2).is_contiguous()  # the kernel's layout, not SDPA's
+    torch.testing.assert_close(out, triton_attention.dense_attention_triton(q, k, v, 16 ** -0.5), atol=0, rtol=0)
+    q, k, v = dense_inputs(18, 5, 8, torch.float32)  # no tl.dot below 16: SDPA
+    torch.testing.assert_close(dense_attention(q, k, v), reference_dense_attention(q, k, v), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", TORCH_DTYPES)
+@pytest.mark.parametrize(("lq", "lk"), DENSE_CASES)
+def test_dense_torch_path_matches_reference(lq, lk, dtype):
+    q, k, v = dense_inputs(lq, lk, 24, dtype)  # a head size the kernel does not take
+    out = dense_attention(q, k, v, scale=0.2)
+    assert out.shape == (2, 3, lq, 24) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), reference_dense_attention(q, k, v, scale=0.2).float(),
+                               atol=ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda a: {**a, "q": a["q"][0]}, "4-D"),
+    (lambda a: {**a, "v": a["v"][:, :, :3]}, "k and v shapes differ"),
+    (lambda a: {**a, "k": a["k"][:1], "v": a["v"][:1]}, "same batch, heads and head size"),
+    (lambda a: {**a, "k": a["k"][:, :2], "v": a["v"][:, :2]}, "same batch, heads and head size"),
+    (lambda a: {**a, "k": a["k"][..., :8], "v": a["v"][..., :8]}, "same batch, heads and head size"),
+    (lambda a: {**a, "k": a["k"][:, :, :0], "v": a["v"][:, :, :0]}, "at least one key"),
+    (lambda a: {name: t.double() for name, t in a.items()}, "got torch.float64"),
+    (lambda a: {**a, "v": a["v"].half()}, "float32, torch.float16"),
+    (lambda a: {**a, "k": a["k"].to("meta")}, "one device"),
+])
+def test_dense_rejects_bad_inputs(change, message):
+    q, k, v = dense_inputs(6, 5, 16, torch.float32)
+    with pytest.raises(ValueError, match=message):
+        dense_attention(**change({"q": q, "k": k, "v": v}))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("lq", "lk"), [(4096, 77), (1024, 1024), (1000, 333)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dense_cuda_matches_sdpa(lq, lk, dtype):
+    q, k, v = dense_inputs(lq, lk, 64, dtype, b=2, h=8)
+    out = dense_attention(q, k, v)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=0)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
+from PIL import Image
 
 from models.diffusion import GenserveEmojiPipeline, load
 from models.diffusion.pipeline import SCHEDULERS, to_uint8
@@ -159,8 +160,22 @@ def test_inpainting_keeps_the_known_pixels_and_repaints_the_hole(pipe: GenserveE
     out = run(pipe, ["rocket"], [3], image=[known], mask_image=[hole])[0]
     keep = hole == 0
     assert np.array_equal(out[keep], known[keep]) and not np.array_equal(out[~keep], known[~keep])
-    with pytest.raises(ValueError, match="one image and one mask_image"):
-        run(pipe, ["rocket", "cat face"], [3, 4], image=[known], mask_image=[hole])
+    with pytest.raises(ValueError, match="one mask_image per prompt"):
+        run(pipe, ["rocket", "cat face"], [3, 4], image=[known, known], mask_image=[hole])
+    as_pil = run(pipe, ["rocket"], [3], image=[Image.fromarray(known)],
+                 mask_image=[Image.fromarray((hole * 255).astype(np.uint8), "L")])[0]
+    assert np.array_equal(as_pil, out), "PIL inputs (as diffusers pipelines take them) give the same image"
+
+
+def test_image_to_image_strength_sets_how_much_of_the_image_is_redone(pipe: GenserveEmojiPipeline):
+    known = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    plain = run(pipe, ["rocket"], [5])[0]
+    assert np.array_equal(run(pipe, ["rocket"], [5], image=[known], strength=1.0)[0], plain)
+    distance = {s: np.abs(run(pipe, ["rocket"], [5], image=[known], strength=s)[0].astype(int) - known).mean()
+                for s in (0.2, 0.6)}
+    assert distance[0.2] < distance[0.6] < np.abs(plain.astype(int) - known).mean() + 1
+    with pytest.raises(ValueError, match="strength"):
+        run(pipe, ["rocket"], [5], image=[known], strength=0.0)
 
 
 def test_step_callback_sees_each_step_and_the_latents(pipe: GenserveEmojiPipeline):
