@@ -44,11 +44,16 @@ def _train(args: argparse.Namespace) -> int:
         from models.image.train import train_image_model
 
         train_image_model(args.target, Path(args.out), args.minutes, args.seed, threads=args.threads)
+    elif args.target == "emoji-classifier":
+        from models.diffusion.classifier import train_emoji_classifier
+
+        train_emoji_classifier(Path(args.out), args.minutes, args.seed, threads=args.threads)
     elif args.target == "diffusion":
         from models.diffusion.train import DiffusionTrainConfig, train_diffusion
 
         cfg = DiffusionTrainConfig(minutes=args.minutes, seed=args.seed, threads=args.threads,
-                                   init_from=Path(args.init_from) if args.init_from else None)
+                                   init_from=Path(args.init_from) if args.init_from else None,
+                                   prediction_type=args.prediction_type, lr=args.lr or DiffusionTrainConfig.lr)
         train_diffusion(Path(args.out), cfg)
     return 0
 
@@ -58,7 +63,9 @@ def _eval(args: argparse.Namespace) -> int:
         from models.image.evaluate import eval_images
         from models.image.evaluate import format_table as image_table
 
-        print(image_table(eval_images(args.model or "all", args.samples or 2000, args.seed)))
+        sampler = {"scheduler": args.scheduler, "steps": args.steps, "guidance": args.guidance, "names": args.names}
+        diffusion = {k: v for k, v in sampler.items() if v is not None}
+        print(image_table(eval_images(args.model or "all", args.samples or 2000, args.seed, diffusion=diffusion)))
     elif args.target == "text":
         from models.families import weights_dir
         from models.llama.evaluate import eval_text, format_table
@@ -147,18 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
     train = sub.add_parser("train", help="train an embedded model and save it under models/weights/")
     train.add_argument("target", choices=["text-tiny", "mol", "mol-vae", "music", "diffusion", "gan", "vae", "flow",
-                                          "digits-classifier"])
+                                          "digits-classifier", "emoji-classifier"])
     train.add_argument("--out", default=None, help="output directory (default: the shipped one)")
-    train.add_argument("--minutes", type=float, default=45.0, help="wall-clock training budget")
+    train.add_argument("--minutes", type=float, default=None,
+                       help="wall-clock training budget (default 45; emoji-classifier: 3)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--threads", type=int, default=2, help="torch threads (mol, mol-vae, music, diffusion)")
+    train.add_argument("--threads", type=int, default=None,
+                       help="torch threads (mol, mol-vae, music, diffusion, emoji-classifier; default 2, "
+                       "emoji-classifier: 1)")
     train.add_argument("--molecules", type=int, help="mol: train on a random subset of this many molecules")
     train.add_argument("--init-from", help="diffusion: continue from this saved pipeline directory's UNet")
+    train.add_argument("--prediction-type", choices=["v_prediction", "epsilon"], default="v_prediction",
+                       help="diffusion: what the UNet predicts (default v_prediction)")
+    train.add_argument("--lr", type=float, help="diffusion: peak learning rate (default 1e-3)")
     train.set_defaults(func=_train)
     ev = sub.add_parser("eval", help="measure a model: held-out perplexity, int8 and int4 against full precision")
     ev.add_argument("target", choices=["text", "molecules", "music", "images"])
     ev.add_argument("--model", help="model directory (default: the embedded genserve-text-tiny, genserve-mol or "
-                    "genserve-music); images: genserve-gan, genserve-vae, genserve-flow or all (default)")
+                    "genserve-music); images: genserve-gan, genserve-vae, genserve-flow, genserve-diffusion or all "
+                    "(default)")
     ev.add_argument("--quantization", nargs="+", default=["none", "int8", "int4"], choices=["none", "int8", "int4"],
                     help="variants to compare; the first is the baseline")
     ev.add_argument("--max-tokens", type=int, help="evaluate on the first N held-out tokens only")
@@ -166,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--samples", type=int, help="molecules (default 30000), images (default 2000): how many to sample")
     ev.add_argument("--seed", type=int, default=0, help="molecules, music: sampling seed")
     ev.add_argument("--out", help="molecules, music: where plots and results go (default: MODEL/eval)")
+    ev.add_argument("--scheduler", choices=["dpmsolver++", "ddim", "ddpm", "euler"],
+                    help="images, genserve-diffusion: sampler (default dpmsolver++)")
+    ev.add_argument("--steps", type=int, help="images, genserve-diffusion: sampling steps (default 25)")
+    ev.add_argument("--guidance", type=float, help="images, genserve-diffusion: guidance scale (default 4)")
+    ev.add_argument("--names", type=int, help="images, genserve-diffusion: evaluate this many evenly spaced emoji "
+                    "names only (default all 1358)")
     ev.set_defaults(func=_eval)
     return parser
 
@@ -173,10 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        small = args.target == "emoji-classifier"
+        args.minutes = args.minutes if args.minutes is not None else 3.0 if small else 45.0
+        args.threads = args.threads if args.threads is not None else 1 if small else 2
     if args.command == "train" and args.out is None:
         from models.families import weights_dir
 
-        name = args.target if args.target == "digits-classifier" else f"genserve-{args.target}"
+        name = args.target if args.target.endswith("-classifier") else f"genserve-{args.target}"
         args.out = str(weights_dir() / name)
     try:
         return args.func(args)

@@ -18,6 +18,10 @@ digits are balanced) are compared with the held-out split (360 images) through t
 
 Files: ``MODEL/eval/samples.png`` (rows: digits 0..9; columns: seeds 0..9; ×4 nearest upscaling),
 ``MODEL/eval/metrics.json``; the model card ``MODEL/README.md`` is rewritten with the numbers.
+
+``genserve-diffusion`` (the emoji model) is measured the same way through its own classifier,
+``emoji-classifier``, by ``models/diffusion/evaluate.py``: one sample per emoji name, prompt top-1
+and top-5 accuracy, FID against the held-out emoji with its floor and baseline.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from models.image.digits import LEVELS, Split, splits
 log = logging.getLogger(__name__)
 
 MODELS = ("genserve-gan", "genserve-vae", "genserve-flow")
+DIFFUSION = "genserve-diffusion"  # measured by models/diffusion/evaluate.py
 CLASSIFIER = "digits-classifier"
 
 
@@ -196,34 +201,56 @@ def eval_model(name: str, path: Path, classifier: DigitClassifier, refs: dict, s
     return metrics
 
 
-def eval_images(model: str = "all", samples: int = 2000, seed: int = 0, root: Path | None = None) -> list[dict]:
-    """Evaluates ``model`` (a name of MODELS or ``all``) under ``root`` (default models/weights) and
-    rewrites each one's eval/ and model card."""
+def eval_images(model: str = "all", samples: int = 2000, seed: int = 0, root: Path | None = None,
+                diffusion: dict | None = None) -> list[dict]:
+    """Evaluates ``model`` (a name of MODELS, ``genserve-diffusion`` or ``all``) under ``root`` (default
+    models/weights) and rewrites each one's eval/ and model card. ``samples`` is for the digit models (the
+    diffusion model gets one sample per emoji name); ``diffusion``: keyword arguments of ``eval_diffusion``
+    (scheduler, steps, guidance, names)."""
     root = root or weights_dir()
-    names = MODELS if model == "all" else (model,)
-    if any(n not in MODELS for n in names):
-        raise ValueError(f"--model must be one of {', '.join(MODELS)} or all, got {model!r}")
-    classifier = load_classifier(root / CLASSIFIER)
-    train, held = splits()
-    refs = reference_rows(train, held, classifier, samples)
+    names = (*MODELS, DIFFUSION) if model == "all" else (model,)
+    if any(n not in (*MODELS, DIFFUSION) for n in names):
+        raise ValueError(f"--model must be one of {', '.join((*MODELS, DIFFUSION))} or all, got {model!r}")
     results = []
-    for name in names:
+    digits = [n for n in names if n in MODELS]
+    if digits:
+        classifier = load_classifier(root / CLASSIFIER)
+        train, held = splits()
+        refs = reference_rows(train, held, classifier, samples)
+    for name in digits:
         if not (root / name / "model.safetensors").is_file():
             log.warning("%s: no weights under %s, skipped", name, root / name)
             continue
         metrics = eval_model(name, root / name, classifier, refs, samples, seed)
         write_card(root / name, metrics)
         results.append(metrics)
+    if DIFFUSION in names:
+        if not (root / DIFFUSION / "model_index.json").is_file():
+            log.warning("%s: no weights under %s, skipped", DIFFUSION, root / DIFFUSION)
+        else:
+            from models.diffusion import evaluate as diffusion_eval
+
+            path, instrument = root / DIFFUSION, root / diffusion_eval.CLASSIFIER
+            if not (instrument / "model.safetensors").is_file():
+                raise FileNotFoundError(f"{instrument}: no emoji classifier; train it first: "
+                                        "genserve train emoji-classifier")
+            metrics = diffusion_eval.eval_diffusion(path, instrument, seed=seed, **(diffusion or {}))
+            diffusion_eval.write_card(path, metrics)
+            results.append(metrics)
     return results
 
 
 def format_table(results: list[dict]) -> str:
-    lines = [f"{'model':<16} {'FID':>8} {'floor':>7} {'baseline':>9} {'class acc':>9} {'NN-train':>8} {'bits/dim':>8}"]
+    lines = [f"{'model':<18} {'FID':>8} {'floor':>7} {'baseline':>9} {'class acc':>9} {'NN-train':>8} {'bits/dim':>8}"]
     for m in results:
+        g = m["generated"]
         bpd = m.get("heldout_bits_per_dim", m.get("heldout_neg_elbo_bits_per_dim"))
-        lines.append(f"{m['model']:<16} {m['generated']['fid']:>8.2f} {m['real_vs_real_floor']['fid']:>7.2f} "
-                     f"{m['independent_pixels_baseline']['fid']:>9.2f} {m['generated']['class_accuracy']:>9.3f} "
-                     f"{m['generated']['nearest_train_distance']:>8.3f} " + (f"{bpd:>8.3f}" if bpd else f"{'-':>8}"))
+        accuracy = g.get("class_accuracy", g.get("top1"))  # diffusion: prompt top-1 on training names
+        nearest = g.get("nearest_train_distance")
+        lines.append(f"{m['model']:<18} {g['fid']:>8.2f} {m['real_vs_real_floor']['fid']:>7.2f} "
+                     f"{m['independent_pixels_baseline']['fid']:>9.2f} {accuracy:>9.3f} "
+                     + (f"{nearest:>8.3f} " if nearest is not None else f"{'-':>8} ")
+                     + (f"{bpd:>8.3f}" if bpd else f"{'-':>8}"))
     return "\n".join(lines)
 
 ABOUT = {

@@ -188,3 +188,23 @@ def test_step_callback_sees_each_step_and_the_latents(pipe: GenserveEmojiPipelin
     run(pipe, ["cat face"], [1], callback_on_step_end=callback)
     assert [s for s, _ in seen] == list(range(len(seen))) and len(seen) > 1
     assert seen[0][1] == (1, 3, 32, 32)
+
+
+def test_training_runs_saves_a_loadable_pipeline_and_records_its_stages(tmp_path: Path):
+    from models.diffusion import data
+    from models.diffusion.train import DiffusionTrainConfig, train_diffusion
+
+    if not data.FONT.is_file():
+        pytest.skip(f"needs the emoji font: {data.INSTALL_HINT}")
+    cfg = DiffusionTrainConfig(max_steps=2, batch_size=4, block_out_channels=(32, 64), sample_steps=2,
+                               sample_every_s=1e9, samples_dir=tmp_path / "previews")
+    first = train_diffusion(tmp_path / "stage1", DiffusionTrainConfig(**{**cfg.__dict__, "prediction_type": "epsilon"}))
+    second = train_diffusion(tmp_path / "stage2", DiffusionTrainConfig(**{**cfg.__dict__,
+                                                                         "init_from": tmp_path / "stage1"}))
+    assert first["steps"] == second["steps"] == 2 and first["history"] == []
+    assert [h["prediction_type"] for h in second["history"]] == ["epsilon"]
+    pipe = load(tmp_path / "stage2", torch.device("cpu"), torch.float32)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"  # the default a request gets
+    card = (tmp_path / "stage2" / "README.md").read_text()
+    assert (tmp_path / "stage2" / "samples.png").is_file() and "2 stages" in card
