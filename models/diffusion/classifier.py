@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.image import load_net, save_net
-from models.training import adamw, lr_at, set_lr
+from models.training import fit_classifier
 
 log = logging.getLogger(__name__)
 
@@ -137,39 +137,13 @@ def fit(images: torch.Tensor, names: list[str], cfg: EmojiClassifierTrainConfig)
     """Cross-entropy on augmented copies of ``images`` (N, 3, 32, 32) uint8, class i = ``names[i]``,
     for ``cfg.minutes`` (or ``max_steps``); the net and its training report."""
     torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
     net = EmojiClassifier(EmojiClassifierConfig(width=cfg.width, names=list(names)))
-    opt = adamw(net, cfg.lr, cfg.weight_decay)
     x, y = images.float() / 255, torch.arange(len(names))
     fixed = augment(x, torch.Generator().manual_seed(AUGMENTED_SEED), clean=0.0)
-    curve, step, start = [], 0, time.time()
-    while True:
-        progress = (time.time() - start) / (cfg.minutes * 60)
-        set_lr(opt, lr_at(cfg, step, progress))
-        idx = torch.randint(0, len(names), (cfg.batch_size,), generator=g)
-        net.train()
-        loss = F.cross_entropy(net(augment(x[idx], g, cfg.clean)), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        last = step == cfg.max_steps or progress >= 1
-        if step % cfg.eval_every == 0 or last:
-            acc = accuracy(net, fixed, y)
-            curve.append(
-                {
-                    "step": step,
-                    "seconds": round(time.time() - start, 1),
-                    "train_loss": loss.item(),
-                    "augmented_accuracy": acc,
-                }
-            )
-            log.info("step %d  %.0fs  loss %.4f  augmented accuracy %.4f", step, time.time() - start, loss.item(), acc)
-        if last:
-            break
-    seconds = time.time() - start
+    steps, seconds, curve = fit_classifier(net, x, y, lambda batch, g: augment(batch, g, cfg.clean),
+                                           lambda: accuracy(net, fixed, y), "augmented_accuracy", cfg)
     return net.eval(), {
-        "steps": step,
+        "steps": steps,
         "train_seconds": round(seconds, 1),
         "classes": len(names),
         "clean_accuracy": accuracy(net, x, y),

@@ -10,7 +10,6 @@ augmentation; the shipped weights are the last step's (no selection on the held-
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.image.digits import Split, shift_augment
-from models.training import adamw, lr_at, set_lr
+from models.training import fit_classifier
 
 log = logging.getLogger(__name__)
 
@@ -76,30 +75,10 @@ class ClassifierTrainConfig:
 def fit(train: Split, held: Split, cfg: ClassifierTrainConfig) -> tuple[DigitClassifier, dict]:
     """Cross-entropy for ``cfg.minutes`` (or ``max_steps``); returns the net and its training report."""
     torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
     net = DigitClassifier(ClassifierConfig())
-    opt = adamw(net, cfg.lr, cfg.weight_decay)
-    x, y = train.unit(), train.labels
-    curve, step, start = [], 0, time.time()
-    while True:
-        progress = (time.time() - start) / (cfg.minutes * 60)
-        set_lr(opt, lr_at(cfg, step, progress))
-        idx = torch.randint(0, len(train), (cfg.batch_size,), generator=g)
-        net.train()
-        loss = F.cross_entropy(net(shift_augment(x[idx], g)), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        last = step == cfg.max_steps or progress >= 1
-        if step % cfg.eval_every == 0 or last:
-            acc = accuracy(net, held)
-            curve.append({"step": step, "seconds": round(time.time() - start, 1), "train_loss": loss.item(),
-                          "heldout_accuracy": acc})
-            log.info("step %d  loss %.4f  held-out accuracy %.4f", step, loss.item(), acc)
-        if last:
-            break
-    return net.eval(), {"steps": step, "train_seconds": round(time.time() - start, 1),
+    steps, seconds, curve = fit_classifier(net, train.unit(), train.labels, shift_augment, lambda: accuracy(net, held),
+                                           "heldout_accuracy", cfg)
+    return net.eval(), {"steps": steps, "train_seconds": round(seconds, 1),
                         "train_accuracy": accuracy(net, train), "heldout_accuracy": curve[-1]["heldout_accuracy"],
                         "heldout_images": len(held), "curve": curve}
 
