@@ -31,9 +31,6 @@ sys.path.insert(0, str(REPO))
 from benchmarks.text_serving import cpu_name, free_port, managed_server, server_env  # noqa: E402
 
 MODEL = "genserve-diffusion"
-# The registry entry used until genserve-diffusion ships in models/registry.yaml.
-DEFAULT_ENTRY = {"modality": "image", "backend": "local", "family": "diffusers", "source": "weights/genserve-diffusion",
-                 "tasks": ["generation", "edit"], "max_batch_size": 8, "max_wait_ms": 10}
 PROMPTS = ("red apple", "rocket", "cat face", "grinning face", "red heart", "sun", "pizza", "dog face")
 
 
@@ -73,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                         "embedded genserve-diffusion")
     args = parser.parse_args(argv)
     builtin = {e["id"]: e for e in yaml.safe_load((REPO / "models" / "registry.yaml").read_text())["models"]}
-    entry = builtin.get(MODEL, DEFAULT_ENTRY) | {"id": MODEL}
+    entry = builtin[MODEL] | {"id": MODEL}  # as shipped: max_batch_size 8
     entry["source"] = str(args.model_dir or REPO / "models" / entry["source"])
     entries = [entry, {**entry, "id": "unbatched", "max_batch_size": 1}]
     with tempfile.TemporaryDirectory() as tmp:

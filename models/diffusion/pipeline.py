@@ -172,9 +172,15 @@ class GenserveEmojiPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
 
     def prepare_extra_step_kwargs(self, generator: list[torch.Generator] | None) -> dict[str, Any]:
-        """The per-sample generators for schedulers whose ``step`` draws noise (DDPM, DDIM with eta > 0)."""
+        """The per-sample generators for schedulers whose ``step`` draws noise (DDPM, DDIM with eta > 0),
+        and for DDIM ``use_clipped_model_output``: DDIM clips its estimate of the image but by default
+        steps along the unclipped noise, which under guidance 4 drew the same framed tile for every
+        prompt; the noise re-derived from the clipped image keeps the two consistent (as GLIDE did)."""
         accepts = inspect.signature(self.scheduler.step).parameters
-        return {"generator": generator} if "generator" in accepts else {}
+        extra: dict[str, Any] = {"generator": generator} if "generator" in accepts else {}
+        if "use_clipped_model_output" in accepts:
+            extra["use_clipped_model_output"] = True
+        return extra
 
     def prepare_image(self, image: list[Any] | None, mask_image: list[Any] | None,
                       shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None] | None:

@@ -99,6 +99,8 @@ def test_schedulers_swap_in_by_name(pipe: GenserveEmojiPipeline, name: str):
     if name == "dpmsolver++":
         assert scheduler.config.algorithm_type == "dpmsolver++"
     pipe.scheduler = scheduler
+    if name == "ddim":  # steps along the noise re-derived from the clipped image, not the raw one
+        assert pipe.prepare_extra_step_kwargs(None)["use_clipped_model_output"] is True
     images = pipe(PROMPTS, generator=gens(0, 1, 2), num_inference_steps=STEPS, output_type="np").images
     assert images.shape == (3, 32, 32, 3) and np.isfinite(images).all()
     assert np.array_equal(to_uint8(images), run(pipe, PROMPTS, [0, 1, 2]))  # seeded: repeatable
