@@ -1,0 +1,126 @@
+"""The embedded text-to-image model, ``genserve-diffusion``, on a live server: the emoji a prompt
+names, through the OpenAI SDK, alone or batched, inpainted and redrawn.
+
+What a picture shows is judged by ``emoji-classifier`` (the instrument of ``genserve eval images``,
+trained on every emoji): "recognisable" here means the classifier names the prompt's emoji first,
+among all 1358."""
+
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.diffusion.train import SHOWCASE
+
+MODEL = "genserve-diffusion"
+
+
+@pytest.fixture(scope="module")
+def name_of():
+    from models.diffusion.classifier import load_classifier, predict
+    from models.families import weights_dir
+
+    net = load_classifier(weights_dir() / "emoji-classifier")
+
+    def top(image: np.ndarray, k: int = 1) -> list[str]:
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
+        return [net.config.names[i] for i in predict(net, x)[1][0].topk(k).indices.tolist()]
+
+    return top
+
+
+@pytest.fixture(scope="module")
+def emoji():
+    from models.diffusion import data
+
+    if not data.FONT.is_file():
+        pytest.skip(f"needs the emoji font: {data.INSTALL_HINT}")
+    emoji_set = data.load_emoji()
+    return lambda name: emoji_set.images[emoji_set.index(name)].permute(1, 2, 0).numpy()  # (32, 32, 3) uint8
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def png(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+def post(server, **body):
+    with server.client() as c:
+        return c.post("/v1/images/generations", json={"model": MODEL, **body})
+
+
+@pytest.mark.parametrize("prompt", SHOWCASE)
+def test_openai_sdk_draws_the_emoji_the_prompt_names(openai_client, name_of, prompt):
+    out = openai_client.images.generate(model=MODEL, prompt=prompt, response_format="b64_json",
+                                        extra_body={"seed": 0})  # the model's defaults: 32x32, its sampler
+    image = decode(out.data[0].b64_json)
+    assert image.shape == (32, 32, 3)
+    assert name_of(image) == [prompt]
+
+
+def test_larger_sizes_are_the_same_image_enlarged(openai_client):
+    def get(size: str) -> np.ndarray:
+        out = openai_client.images.generate(model=MODEL, prompt="rocket", size=size, response_format="b64_json",
+                                            extra_body={"seed": 1, "num_inference_steps": 8})
+        return decode(out.data[0].b64_json)
+
+    small, large = get("32x32"), get("128x128")
+    assert large.shape == (128, 128, 3) and np.array_equal(large[::4, ::4], small)
+
+
+def test_four_concurrent_same_seed_requests_are_batched_and_equal_to_alone(server):
+    body = {"prompt": "cat face", "seed": 21, "num_inference_steps": 10}
+    alone = post(server, **body).json()["data"][0]["b64_json"]
+    before = server.metric("genserve_batch_size_count", model_name=MODEL)
+    with ThreadPoolExecutor(4) as pool:
+        crowd = list(pool.map(lambda _: post(server, **body), range(4)))
+    batches = server.metric("genserve_batch_size_count", model_name=MODEL) - before
+    assert [r.json()["data"][0]["b64_json"] for r in crowd] == [alone] * 4
+    assert batches < 4, f"4 requests ran in {batches} batches: they must share UNet passes"
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm++", "euler", "euler_a"])
+def test_every_scheduler_by_name(server, scheduler):
+    r = post(server, prompt="fire", seed=2, scheduler=scheduler, num_inference_steps=10)
+    assert r.status_code == 200 and decode(r.json()["data"][0]["b64_json"]).shape == (32, 32, 3)
+
+
+def test_unsupported_size_lists_the_supported_ones(server):
+    r = post(server, prompt="rocket", size="512x512")
+    assert r.status_code == 400 and "32x32, 64x64, 128x128, 256x256" in r.json()["error"]["message"]
+
+
+def test_openai_sdk_inpaints_the_hole_and_keeps_the_rest(openai_client, emoji):
+    picture = np.dstack([emoji("red apple"), np.full((32, 32), 255, np.uint8)])
+    picture[10:22, 10:22, 3] = 0  # transparent: repaint
+    out = openai_client.images.edit(model=MODEL, image=("apple.png", png(picture), "image/png"), prompt="red apple",
+                                    response_format="b64_json", extra_body={"seed": 3})
+    edited = decode(out.data[0].b64_json)
+    keep = picture[..., 3] == 255
+    assert np.array_equal(edited[keep], picture[..., :3][keep])
+    assert not np.array_equal(edited[~keep], picture[..., :3][~keep])
+
+
+def test_image_to_image_redoes_as_much_as_strength_says(openai_client, emoji, name_of):
+    source = emoji("cat face")
+
+    def redraw(prompt: str, strength: float) -> np.ndarray:
+        out = openai_client.images.edit(model=MODEL, image=("cat.png", png(source), "image/png"), prompt=prompt,
+                                        response_format="b64_json", extra_body={"seed": 4, "strength": strength})
+        return decode(out.data[0].b64_json)
+
+    distance = {s: np.abs(redraw("rocket", s).astype(int) - source).mean() for s in (0.1, 0.5, 1.0)}
+    assert distance[0.1] < distance[0.5] < distance[1.0], distance
+    assert name_of(redraw("rocket", 1.0)) == ["rocket"], "strength 1 ignores the image"
+    assert name_of(redraw("cat face", 0.5)) == ["cat face"], "redrawn toward its own name, the cat stays"
