@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT_DIR = ROOT / "models" / "weights" / "genserve-text-tiny"
@@ -28,6 +29,11 @@ EMBED = "all-minilm-l6-v2"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Without a GPU the Triton kernels run in Triton's interpreter, which reads TRITON_INTERPRET when
+# triton is first imported; diffusers imports triton, and tests in every directory import diffusers,
+# so it is set here, before any test module is collected (tests/kernels/conftest.py explains more).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @dataclass

@@ -50,7 +50,8 @@ def test_bad_registry_names_the_field(tmp_path: Path, text: str, expected: str) 
 def test_user_registry_extends_replaces_and_overrides(tmp_path: Path) -> None:
     default_ids = [e.id for e in load_registry()]
     assert default_ids == ["genserve-text-tiny", "all-minilm-l6-v2", "genserve-mol", "genserve-mol-vae",
-                           "genserve-gan", "genserve-vae", "genserve-flow", "genserve-speech", "genserve-music"]
+                           "genserve-diffusion", "genserve-gan", "genserve-vae", "genserve-flow", "genserve-speech",
+                           "genserve-music"]
     extra = "  - id: up\n    modality: text\n    backend: remote\n    url: http://h:8000/v1\n"
     assert [e.id for e in load_registry(write(tmp_path, "models:\n" + extra))] == [*default_ids, "up"]
     only = load_registry(write(tmp_path, "include_defaults: false\nmodels:\n" + extra))
