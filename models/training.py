@@ -23,7 +23,7 @@ class Schedule(Protocol):
     min_lr_ratio: float
 
 
-class ClassifierSchedule(Schedule, Protocol):
+class LoopSchedule(Schedule, Protocol):
     minutes: float
     max_steps: int | None
     batch_size: int
@@ -60,31 +60,66 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def fit_classifier(net: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                   augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor], evaluate: Callable[[], float],
-                   metric: str, cfg: ClassifierSchedule) -> tuple[int, float, list[dict]]:
-    """Cross-entropy of ``net`` on ``augment``-ed random batches of ``x`` (labels ``y``) for
-    ``cfg.minutes`` of wall clock (or ``cfg.max_steps``), the batches and augmentation drawn from a
-    generator seeded ``cfg.seed``. ``evaluate()`` is recorded as ``metric`` every ``cfg.eval_every``
-    steps and at the end. Returns (steps, seconds, curve); ``net`` is left in eval mode."""
+def train_loop(net: nn.Module, n: int, cfg: LoopSchedule,
+               batch_loss: Callable[[torch.Tensor, torch.Generator, float], tuple[torch.Tensor, float]],
+               evaluate: Callable[[float, float], tuple[float | None, dict]],
+               grad_clip: float | None = None) -> tuple[int, int, float, list[dict]]:
+    """AdamW on random batches of ``n`` examples for ``cfg.minutes`` of wall clock (or
+    ``cfg.max_steps``), batches drawn from a generator seeded ``cfg.seed``.
+
+    ``batch_loss(indices, generator, progress)`` gives the loss to minimise and the number to log
+    for it. Every ``cfg.eval_every`` steps and at the end, ``evaluate(progress, mean logged
+    number since the last evaluation)`` gives (score, curve row): the weights with the lowest score
+    are kept (None: not eligible) and restored at the end. Returns (steps, best step or 0,
+    seconds, curve); ``net`` is left in eval mode."""
     g = torch.Generator().manual_seed(cfg.seed)
     opt = adamw(net, cfg.lr, cfg.weight_decay)
-    curve, step, start = [], 0, time.time()
+    best_score, best_state, best_step = float("inf"), None, 0
+    curve, window, step, start = [], [], 0, time.time()
     while True:
         progress = (time.time() - start) / (cfg.minutes * 60)
         set_lr(opt, lr_at(cfg, step, progress))
-        idx = torch.randint(0, len(x), (cfg.batch_size,), generator=g)
+        idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
         net.train()
-        loss = F.cross_entropy(net(augment(x[idx], g)), y[idx])
+        loss, logged = batch_loss(idx, g, progress)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
         opt.step()
         step += 1
+        window.append(logged)
         last = step == cfg.max_steps or progress >= 1
         if step % cfg.eval_every == 0 or last:
-            value = evaluate()
-            curve.append({"step": step, "seconds": round(time.time() - start, 1), "train_loss": loss.item(),
-                          metric: value})
-            log.info("step %d  loss %.4f  %s %.4f", step, loss.item(), metric.replace("_", " "), value)
+            score, row = evaluate(progress, sum(window) / len(window))
+            if score is not None and score < best_score:
+                best_score, best_state, best_step = score, snapshot(net), step
+            curve.append({"step": step, "seconds": round(time.time() - start, 1), **row})
+            log.info("step %d  %.0fs  %s", step, time.time() - start,
+                     "  ".join(f"{k} {v:.4g}" for k, v in row.items()))
+            window = []
         if last:
-            return step, time.time() - start, curve
+            break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    return step, best_step, time.time() - start, curve
+
+
+def fit_classifier(net: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor], evaluate: Callable[[], float],
+                   metric: str, cfg: LoopSchedule) -> tuple[int, float, list[dict]]:
+    """Cross-entropy of ``net`` on ``augment``-ed random batches of ``x`` (labels ``y``) through
+    :func:`train_loop`; ``evaluate()`` is recorded as ``metric`` (the last weights are kept).
+    Returns (steps, seconds, curve); a row's ``train_loss`` is the last batch's."""
+    last_loss = [0.0]
+
+    def batch_loss(idx: torch.Tensor, g: torch.Generator, _progress: float) -> tuple[torch.Tensor, float]:
+        loss = F.cross_entropy(net(augment(x[idx], g)), y[idx])
+        last_loss[0] = loss.item()
+        return loss, last_loss[0]
+
+    def record(_progress: float, _mean_loss: float) -> tuple[None, dict]:
+        return None, {"train_loss": last_loss[0], metric: evaluate()}
+
+    steps, _, seconds, curve = train_loop(net, len(x), cfg, batch_loss, record)
+    return steps, seconds, curve

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from torch import nn
 
 from models.image import ImageGenerator, load_net
 from models.image.digits import LEVELS, Split, dequantize, validation_split
-from models.training import adamw, lr_at, set_lr, snapshot
+from models.training import train_loop
 
 log = logging.getLogger(__name__)
 
@@ -201,37 +200,18 @@ def fit(train: Split, held: Split, cfg: FlowTrainConfig, config: FlowConfig | No
     ``max_steps``); returns the checkpoint with the best bits/dim on the other 10 % (the curve also logs
     ``held``, which chooses nothing)."""
     torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
     net = RealNVP(config or FlowConfig())
-    opt = adamw(net, cfg.lr, cfg.weight_decay)
     fit_split, val = validation_split(train)
-    best: dict = {"val_bits_per_dim": float("inf"), "state": None, "step": 0}
-    curve, window, step, start = [], [], 0, time.time()
-    while True:
-        progress = (time.time() - start) / (cfg.minutes * 60)
-        set_lr(opt, lr_at(cfg, step, progress))
-        idx = torch.randint(0, len(fit_split), (cfg.batch_size,), generator=g)
-        net.train()
+
+    def batch_loss(idx: torch.Tensor, g: torch.Generator, _progress: float) -> tuple[torch.Tensor, float]:
         loss = -net.log_prob(dequantize(fit_split.levels[idx], g), fit_split.labels[idx]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
-        step += 1
-        window.append(loss.item())
-        last = step == cfg.max_steps or progress >= 1
-        if step % cfg.eval_every == 0 or last:
-            train_bpd = bits_per_dim(sum(window) / len(window))
-            val_bpd, held_bpd = (bits_per_dim(heldout_nll(net, s, seed=cfg.seed).mean()) for s in (val, held))
-            if val_bpd < best["val_bits_per_dim"]:
-                best.update(val_bits_per_dim=val_bpd, step=step, state=snapshot(net))
-            curve.append({"step": step, "seconds": round(time.time() - start, 1), "train_bits_per_dim": train_bpd,
-                          "val_bits_per_dim": val_bpd, "heldout_bits_per_dim": held_bpd})
-            log.info("step %d  %.0fs  train %.3f  validation %.3f  held-out %.3f bits/dim", step,
-                     time.time() - start, train_bpd, val_bpd, held_bpd)
-            window = []
-        if last:
-            break
-    net.load_state_dict(best["state"])
-    return net.eval(), {"steps": step, "best_step": best["step"], "train_seconds": round(time.time() - start, 1),
+        return loss, loss.item()
+
+    def evaluate(_progress: float, train_nll: float) -> tuple[float, dict]:
+        val_bpd, held_bpd = (bits_per_dim(heldout_nll(net, s, seed=cfg.seed).mean()) for s in (val, held))
+        return val_bpd, {"train_bits_per_dim": bits_per_dim(train_nll), "val_bits_per_dim": val_bpd,
+                         "heldout_bits_per_dim": held_bpd}
+
+    step, best_step, seconds, curve = train_loop(net, len(fit_split), cfg, batch_loss, evaluate, cfg.grad_clip)
+    return net.eval(), {"steps": step, "best_step": best_step, "train_seconds": round(seconds, 1),
                         "fit_images": len(fit_split), "validation_images": len(val), "curve": curve}

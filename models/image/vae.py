@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from torch import nn
 
 from models.image import ImageGenerator, load_net
 from models.image.digits import LEVELS, Split, validation_split
-from models.training import adamw, lr_at, set_lr, snapshot
+from models.training import train_loop
 
 log = logging.getLogger(__name__)
 
@@ -137,40 +136,24 @@ def fit(train: Split, held: Split, cfg: VAETrainConfig, config: VAEConfig | None
     """Maximises the ELBO for ``cfg.minutes`` (or ``max_steps``) on 90 % of ``train``; returns the checkpoint
     with the best −ELBO on the other 10 % (the curve also logs ``held``, which chooses nothing)."""
     torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
     net = VAE(config or VAEConfig())
-    opt = adamw(net, cfg.lr, cfg.weight_decay)
     fit_split, val = validation_split(train)
-    best: dict = {"val_neg_elbo": float("inf"), "state": None, "step": 0}
-    curve, window, step, start = [], [], 0, time.time()
-    while True:
-        progress = (time.time() - start) / (cfg.minutes * 60)
-        set_lr(opt, lr_at(cfg, step, progress))
-        beta = min(1.0, progress / cfg.kl_warmup) if cfg.kl_warmup > 0 else 1.0
-        idx = torch.randint(0, len(fit_split), (cfg.batch_size,), generator=g)
-        net.train()
+
+    def beta_at(progress: float) -> float:  # the KL weight, from 0 to 1 over the warm-up
+        return min(1.0, progress / cfg.kl_warmup) if cfg.kl_warmup > 0 else 1.0
+
+    def batch_loss(idx: torch.Tensor, g: torch.Generator, progress: float) -> tuple[torch.Tensor, float]:
         recon, kl = net.elbo_terms(fit_split.levels[idx], fit_split.labels[idx], g)
-        loss = (recon + beta * kl).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        window.append((recon + kl).mean().item())
-        last = step == cfg.max_steps or progress >= 1
-        if step % cfg.eval_every == 0 or last:
-            val_neg_elbo = sum(heldout_elbo(net, val, cfg.seed))
-            if beta == 1.0 and val_neg_elbo < best["val_neg_elbo"]:
-                best.update(val_neg_elbo=val_neg_elbo, step=step, state=snapshot(net))
-            h_recon, h_kl = heldout_elbo(net, held, cfg.seed)
-            curve.append({"step": step, "seconds": round(time.time() - start, 1), "beta": round(beta, 3),
-                          "train_neg_elbo": sum(window) / len(window), "val_neg_elbo": val_neg_elbo,
-                          "heldout_neg_elbo": h_recon + h_kl, "heldout_recon": h_recon, "heldout_kl": h_kl})
-            log.info("step %d  %.0fs  train -ELBO %.2f  validation %.2f  held-out %.2f (recon %.2f, kl %.2f) nats",
-                     step, time.time() - start, sum(window) / len(window), val_neg_elbo, h_recon + h_kl, h_recon, h_kl)
-            window = []
-        if last:
-            break
-    if best["state"] is not None:
-        net.load_state_dict(best["state"])
-    return net.eval(), {"steps": step, "best_step": best["step"], "train_seconds": round(time.time() - start, 1),
+        return (recon + beta_at(progress) * kl).mean(), (recon + kl).mean().item()
+
+    def evaluate(progress: float, train_neg_elbo: float) -> tuple[float | None, dict]:
+        val_neg_elbo = sum(heldout_elbo(net, val, cfg.seed))
+        h_recon, h_kl = heldout_elbo(net, held, cfg.seed)
+        beta = beta_at(progress)
+        return (val_neg_elbo if beta == 1.0 else None), {  # checkpoints count once the full ELBO is trained
+            "beta": round(beta, 3), "train_neg_elbo": train_neg_elbo, "val_neg_elbo": val_neg_elbo,
+            "heldout_neg_elbo": h_recon + h_kl, "heldout_recon": h_recon, "heldout_kl": h_kl}
+
+    step, best_step, seconds, curve = train_loop(net, len(fit_split), cfg, batch_loss, evaluate)
+    return net.eval(), {"steps": step, "best_step": best_step, "train_seconds": round(seconds, 1),
                         "fit_images": len(fit_split), "validation_images": len(val), "curve": curve}
