@@ -31,12 +31,11 @@ from pathlib import Path
 import httpx
 import soundfile as sf
 import torch
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.text_serving import cpu_name, free_port, managed_server, server_env  # noqa: E402
+from benchmarks.text_serving import builtin_entry, cpu_name, registry_server  # noqa: E402
 
 PARAGRAPH = ("Paragraph {i}. The committee met on a grey Tuesday morning to review the plans for the new "
              "library. After a long discussion about the budget, the windows and the reading rooms, they "
@@ -111,20 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="music: seconds per request")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server and the model-only run")
     args = parser.parse_args(argv)
-    builtin = yaml.safe_load((REPO / "models" / "registry.yaml").read_text())["models"]
-    entries = [e for e in builtin if e["id"] in ("genserve-speech", "genserve-music")]
-    for e in entries:
-        e["source"] = str(REPO / "models" / e["source"])
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        (workdir / "registry.yaml").write_text(yaml.safe_dump({"include_defaults": False, "models": entries}))
-        port = free_port()
-        cmd = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--config",
-               str(workdir / "registry.yaml"), "--log-level", "warning"]
-        url = f"http://127.0.0.1:{port}"
-        with managed_server("genserve", cmd, f"{url}/health/ready", server_env(args.threads),
-                            workdir / "genserve.log", 300):
-            rows = asyncio.run(bench_http(url, args.requests, args.seconds))
+    entries = [builtin_entry("genserve-speech"), builtin_entry("genserve-music")]
+    with tempfile.TemporaryDirectory() as tmp, registry_server(entries, Path(tmp), args.threads, 300) as url:
+        rows = asyncio.run(bench_http(url, args.requests, args.seconds))
     rows += bench_music_model(args.requests, args.seconds, args.threads)
     print(f"# audio_serving: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {cpu_name()}, {platform.machine()}, "
           f"threads {args.threads}, requests {args.requests}, music {args.seconds:g} s each\n")

@@ -23,12 +23,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.text_serving import cpu_name, free_port, managed_server, server_env  # noqa: E402
+from benchmarks.text_serving import builtin_entry, cpu_name, registry_server  # noqa: E402
 
 MODEL = "genserve-diffusion"
 PROMPTS = ("red apple", "rocket", "cat face", "grinning face", "red heart", "sun", "pizza", "dog face")
@@ -69,20 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, help="a diffusers pipeline directory to serve instead of the "
                         "embedded genserve-diffusion")
     args = parser.parse_args(argv)
-    builtin = {e["id"]: e for e in yaml.safe_load((REPO / "models" / "registry.yaml").read_text())["models"]}
-    entry = builtin[MODEL] | {"id": MODEL}  # as shipped: max_batch_size 8
-    entry["source"] = str(args.model_dir or REPO / "models" / entry["source"])
+    entry = builtin_entry(MODEL)  # as shipped: max_batch_size 8
+    if args.model_dir is not None:
+        entry["source"] = str(args.model_dir)
     entries = [entry, {**entry, "id": "unbatched", "max_batch_size": 1}]
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        (workdir / "registry.yaml").write_text(yaml.safe_dump({"include_defaults": False, "models": entries}))
-        port = free_port()
-        cmd = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--config",
-               str(workdir / "registry.yaml"), "--log-level", "warning"]
-        url = f"http://127.0.0.1:{port}"
-        with managed_server("genserve", cmd, f"{url}/health/ready", server_env(args.threads),
-                            workdir / "genserve.log", 600):
-            rows = asyncio.run(bench(url, args.concurrency, args.rounds, args.steps))
+    with tempfile.TemporaryDirectory() as tmp, registry_server(entries, Path(tmp), args.threads, 600) as url:
+        rows = asyncio.run(bench(url, args.concurrency, args.rounds, args.steps))
     print(f"# image_serving: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {cpu_name()}, {platform.machine()}, "
           f"threads {args.threads}, {args.steps} steps, {args.rounds} requests per client\n")
     print("| concurrent requests | batched images/s | unbatched images/s | batched / unbatched |")

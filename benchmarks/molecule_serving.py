@@ -28,28 +28,19 @@ from pathlib import Path
 
 import httpx
 import torch
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.text_serving import cpu_name, free_port, managed_server, server_env  # noqa: E402
+from benchmarks.text_serving import builtin_entry, cpu_name, registry_server  # noqa: E402
 from models.families import resolve_dtype  # noqa: E402
 from models.molecule import chem  # noqa: E402
 
 
 def bench_genserve(model_dir: Path, n: int, repeats: int, threads: int, workdir: Path) -> list[dict]:
-    builtin = yaml.safe_load((REPO / "models" / "registry.yaml").read_text())["models"]
-    entry = next(e for e in builtin if e["id"] == "genserve-mol") | {"source": str(model_dir)}
-    registry = workdir / "registry.yaml"
-    registry.write_text(yaml.safe_dump({"include_defaults": False, "models": [entry]}))
-    port = free_port()
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--config",
-           str(registry), "--log-level", "warning"]
-    url = f"http://127.0.0.1:{port}"
+    entry = builtin_entry("genserve-mol") | {"source": str(model_dir)}
     rows = []
-    server = managed_server("genserve", cmd, f"{url}/health/ready", server_env(threads), workdir / "genserve.log", 300)
-    with server, httpx.Client(base_url=url, timeout=600) as client:
+    with registry_server([entry], workdir, threads, 300) as url, httpx.Client(base_url=url, timeout=600) as client:
         client.post("/v1/molecules/generations", json={"model": "genserve-mol", "n": 32, "seed": 0})  # warm-up
         for r in range(repeats):
             start = time.perf_counter()

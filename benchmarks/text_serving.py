@@ -272,17 +272,40 @@ def log_tail(path: Path, lines: int = 40) -> str:
     return f"--- last {len(tail)} lines of {path.name} ---\n" + "\n".join(tail)
 
 
+def builtin_entry(model_id: str) -> dict:
+    """The built-in registry entry ``model_id`` (its batching and queue settings), its weights
+    directory made absolute."""
+    builtin = yaml.safe_load((REPO / "models" / "registry.yaml").read_text())["models"]
+    entry = next(e for e in builtin if e["id"] == model_id)
+    return entry | {"source": str(REPO / "models" / entry["source"])}
+
+
+def registry_command(entries: list[dict], port: int, workdir: Path) -> list[str]:
+    """``genserve serve`` on loopback ``port`` with a registry (written to ``workdir``) holding only
+    ``entries``."""
+    registry = workdir / "registry.yaml"
+    registry.write_text(yaml.safe_dump({"include_defaults": False, "models": entries}))
+    return [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+            "--config", str(registry), "--log-level", "warning"]
+
+
+@contextlib.contextmanager
+def registry_server(entries: list[dict], workdir: Path, threads: int, timeout_s: float) -> Iterator[str]:
+    """A genserve server for ``entries`` alone, with ``threads`` torch threads, until the block
+    ends; yields its base URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with managed_server("genserve", registry_command(entries, port, workdir), f"{url}/health/ready",
+                        server_env(threads), workdir / "genserve.log", timeout_s):
+        yield url
+
+
 def genserve_command(model_dir: Path, port: int, workdir: Path, dtype: str) -> list[str]:
     """``genserve serve`` with a registry holding only the text model: the built-in
     ``genserve-text-tiny`` entry (its batching and queue settings) pointed at ``model_dir``. Its
     engine process keeps its own default thread count (all cores but one)."""
-    builtin = yaml.safe_load((REPO / "models" / "registry.yaml").read_text())["models"]
-    entry = next(e for e in builtin if e["id"] == GENSERVE_ENTRY)
-    entry.update(id=model_dir.name, source=str(model_dir), dtype=dtype)
-    registry = workdir / "registry.yaml"
-    registry.write_text(yaml.safe_dump({"include_defaults": False, "models": [entry]}))
-    return [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--config", str(registry), "--log-level", "warning"]
+    entry = builtin_entry(GENSERVE_ENTRY) | {"id": model_dir.name, "source": str(model_dir), "dtype": dtype}
+    return registry_command([entry], port, workdir)
 
 
 def transformers_command(model_dir: Path, port: int, flags: str, dtype: str) -> list[str]:
