@@ -29,7 +29,7 @@ RUN python -m venv /opt/venv \
 
 WORKDIR /src
 # The build context is an allow-list (see .dockerignore): pyproject, README and the
-# app/, models/ (with models/weights/*.safetensors) and kernels/ packages.
+# src/genserve package (with src/genserve/models/weights/*.safetensors).
 COPY . .
 # Non-editable install: code and weights land in site-packages, /src is not shipped.
 RUN pip install --no-cache-dir . \

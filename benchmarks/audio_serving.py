@@ -74,8 +74,8 @@ async def bench_http(url: str, requests: int, seconds: float) -> list[dict]:
 
 
 def bench_music_model(requests: int, seconds: float, threads: int) -> list[dict]:
-    from models.families import load_family, weights_dir
-    from models.music import MusicSpec
+    from genserve.models.families import load_family, weights_dir
+    from genserve.models.music import MusicSpec
 
     torch.set_num_threads(threads)
     gen = load_family("chorale", weights_dir() / "genserve-music", device="cpu")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # kernels/ and models/ sit beside benchmarks/, installed or not
+sys.path.insert(0, str(ROOT / "src"))  # genserve from this checkout, installed or not
 
 DEVICE = torch.device("cuda")
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -60,7 +60,7 @@ def bench_ms(fn: Callable[[], object]) -> float:
 def attention_rows(args: argparse.Namespace) -> list[list[str]]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels.attention import prefill_attention
+    from genserve.kernels.attention import prefill_attention
 
     rows = []
     for d in args.head_dims:
@@ -107,8 +107,8 @@ def decode_seconds(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> flo
 
 
 def decode_rows(args: argparse.Namespace) -> list[list[str]]:
-    from kernels.int8 import quantize_linears_int8
-    from models.llama.model import LlamaConfig, LlamaForCausalLM, rope_inv_freq
+    from genserve.kernels.int8 import quantize_linears_int8
+    from genserve.models.llama.model import LlamaConfig, LlamaForCausalLM, rope_inv_freq
 
     torch.manual_seed(0)
     config = LlamaConfig(**LLAMA_1B)

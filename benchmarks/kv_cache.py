@@ -22,9 +22,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from models.llama import load  # noqa: E402
-from models.text.engine import EngineConfig, LLMEngine  # noqa: E402
-from models.text.sampling import SamplingParams  # noqa: E402
+from genserve.models.llama import load  # noqa: E402
+from genserve.models.text.engine import EngineConfig, LLMEngine  # noqa: E402
+from genserve.models.text.sampling import SamplingParams  # noqa: E402
 
 
 def prompts(tokenizer, count: int, length: int) -> list[list[int]]:
@@ -54,7 +54,8 @@ def run(tm, config: EngineConfig, requests: list[list[int]], max_tokens: int) ->
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", type=Path, default=REPO / "models" / "weights" / "genserve-text-tiny")
+    p.add_argument("--model-dir", type=Path,
+                   default=REPO / "src" / "genserve" / "models" / "weights" / "genserve-text-tiny")
     p.add_argument("--kv-tokens", type=int, default=4096, help="KV cache size in tokens, the same for both")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=60)

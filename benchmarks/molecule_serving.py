@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.text_serving import builtin_entry, cpu_name, registry_server  # noqa: E402
-from models.families import resolve_dtype  # noqa: E402
-from models.molecule import chem  # noqa: E402
+from genserve.models.families import resolve_dtype  # noqa: E402
+from genserve.models.molecule import chem  # noqa: E402
 
 
 def bench_genserve(model_dir: Path, n: int, repeats: int, threads: int, workdir: Path) -> list[dict]:
@@ -94,7 +94,7 @@ def served_dtype(model_dir: Path) -> torch.dtype:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", type=Path, default=REPO / "models" / "weights" / "genserve-mol")
+    p.add_argument("--model-dir", type=Path, default=REPO / "src" / "genserve" / "models" / "weights" / "genserve-mol")
     p.add_argument("--n", type=int, default=1000, help="molecules per endpoint request")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sequential", type=int, default=100, help="molecules for generate one at a time")

@@ -47,7 +47,7 @@ import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL_DIR = REPO / "models" / "weights" / "genserve-text-tiny"
+DEFAULT_MODEL_DIR = REPO / "src" / "genserve" / "models" / "weights" / "genserve-text-tiny"
 # The built-in registry entry whose settings the managed genserve serves the model directory with.
 GENSERVE_ENTRY = "genserve-text-tiny"
 # float32 as genserve computes on CPU ("auto" would keep the checkpoint's bfloat16). Without
@@ -275,9 +275,9 @@ def log_tail(path: Path, lines: int = 40) -> str:
 def builtin_entry(model_id: str) -> dict:
     """The built-in registry entry ``model_id`` (its batching and queue settings), its weights
     directory made absolute."""
-    builtin = yaml.safe_load((REPO / "models" / "registry.yaml").read_text())["models"]
+    builtin = yaml.safe_load((REPO / "src" / "genserve" / "models" / "registry.yaml").read_text())["models"]
     entry = next(e for e in builtin if e["id"] == model_id)
-    return entry | {"source": str(REPO / "models" / entry["source"])}
+    return entry | {"source": str(REPO / "src" / "genserve" / "models" / entry["source"])}
 
 
 def registry_command(entries: list[dict], port: int, workdir: Path) -> list[str]:
@@ -285,7 +285,7 @@ def registry_command(entries: list[dict], port: int, workdir: Path) -> list[str]
     ``entries``."""
     registry = workdir / "registry.yaml"
     registry.write_text(yaml.safe_dump({"include_defaults": False, "models": entries}))
-    return [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    return [sys.executable, "-m", "genserve", "serve", "--host", "127.0.0.1", "--port", str(port),
             "--config", str(registry), "--log-level", "warning"]
 
 

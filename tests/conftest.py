@@ -22,7 +22,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-TEXT_DIR = ROOT / "models" / "weights" / "genserve-text-tiny"
+TEXT_DIR = ROOT / "src" / "genserve" / "models" / "weights" / "genserve-text-tiny"
 API_KEY = "test-key-123"
 TEXT = "genserve-text-tiny"
 EMBED = "all-minilm-l6-v2"
@@ -70,7 +70,7 @@ def start_server(tmp: Path, name: str, registry: str, env: dict[str, str], ready
     config.write_text(registry)
     port, log = free_port(), tmp / f"{name}.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--config", str(config)],
+        [sys.executable, "-m", "genserve", "serve", "--port", str(port), "--config", str(config)],
         env={**os.environ, "GENSERVE_API_KEYS": API_KEY, **env}, stdout=log.open("w"),
         stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"

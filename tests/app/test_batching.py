@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from app.backends.batching import DynamicBatcher
-from app.errors import RateLimitError
+from genserve.app.backends.batching import DynamicBatcher
+from genserve.app.errors import RateLimitError
 
 
 def run(coro):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import main
-from app.registry import ConfigError, load_registry
+from genserve.app.registry import ConfigError, load_registry
+from genserve.cli import main
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -121,7 +121,7 @@ def test_public_bind_without_keys_is_refused(monkeypatch: pytest.MonkeyPatch, ca
 
 
 def test_keys_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.settings import Settings
+    from genserve.app.settings import Settings
 
     keys = tmp_path / "keys"
     keys.write_text("# team keys\nk-file-1\n\n  k-file-2  \n")
@@ -132,10 +132,10 @@ def test_keys_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_remote_molecule_model_is_refused_at_start():
-    from app.backends.manager import build_backend
-    from app.metrics import Metrics
-    from app.registry import ConfigError, ModelEntry
-    from app.settings import Settings
+    from genserve.app.backends.manager import build_backend
+    from genserve.app.metrics import Metrics
+    from genserve.app.registry import ConfigError, ModelEntry
+    from genserve.app.settings import Settings
 
     entry = ModelEntry(id="far-mol", modality="molecule", backend="remote", url="http://gpu:8000/v1")
     with pytest.raises(ConfigError, match=r"far-mol.*must be local"):

@@ -7,8 +7,8 @@ import asyncio
 import httpx
 import pytest
 
-from app.main import create_app
-from app.settings import Settings
+from genserve.app.main import create_app
+from genserve.app.settings import Settings
 
 KEY = {"Authorization": "Bearer k"}
 

@@ -16,15 +16,15 @@ import pytest
 import torch
 from PIL import Image
 
-from models.diffusion.train import SHOWCASE
+from genserve.models.diffusion.train import SHOWCASE
 
 MODEL = "genserve-diffusion"
 
 
 @pytest.fixture(scope="module")
 def name_of():
-    from models.diffusion.classifier import load_classifier, predict
-    from models.families import weights_dir
+    from genserve.models.diffusion.classifier import load_classifier, predict
+    from genserve.models.families import weights_dir
 
     net = load_classifier(weights_dir() / "emoji-classifier")
 
@@ -37,7 +37,7 @@ def name_of():
 
 @pytest.fixture(scope="module")
 def emoji():
-    from models.diffusion import data
+    from genserve.models.diffusion import data
 
     if not data.FONT.is_file():
         pytest.skip(f"needs the emoji font: {data.INSTALL_HINT}")

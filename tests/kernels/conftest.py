@@ -49,14 +49,14 @@ def _triton_module(name: str) -> ModuleType:
 
 @pytest.fixture(scope="session")
 def triton_attention() -> ModuleType:
-    return _triton_module("kernels._triton_attention")
+    return _triton_module("genserve.kernels._triton_attention")
 
 
 @pytest.fixture(scope="session")
 def triton_int8() -> ModuleType:
-    return _triton_module("kernels._triton_int8")
+    return _triton_module("genserve.kernels._triton_int8")
 
 
 @pytest.fixture(scope="session")
 def triton_int4() -> ModuleType:
-    return _triton_module("kernels._triton_int4")
+    return _triton_module("genserve.kernels._triton_int4")

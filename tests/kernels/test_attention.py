@@ -8,8 +8,8 @@ from types import ModuleType
 import pytest
 import torch
 
-import kernels.attention as attention
-from kernels.attention import (
+import genserve.kernels.attention as attention
+from genserve.kernels.attention import (
     _decode_sdpa,
     _prefill_sdpa,
     decode_attention,

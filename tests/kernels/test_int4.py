@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-import kernels.int4 as int4
-from kernels.int4 import (
+import genserve.kernels.int4 as int4
+from genserve.kernels.int4 import (
     Int4Linear,
     dequantize_int4,
     int4_linear,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-import kernels.int8 as int8
-from kernels.int8 import (
+import genserve.kernels.int8 as int8
+from genserve.kernels.int8 import (
     Int8Linear,
     dequantize_int8,
     int8_linear,
@@ -18,7 +18,7 @@ from kernels.int8 import (
     quantize_linears_int8,
     reference_int8_linear,
 )
-from models.llama.model import LlamaConfig, LlamaForCausalLM
+from genserve.models.llama.model import LlamaConfig, LlamaForCausalLM
 from tests.kernels.conftest import BF16_NEEDS_GPU, DEVICE
 
 # Largest |y - reference| / max |reference|: fp32 routes differ only in summation order, half

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.batch_invariance import make_batch_invariant, probe_rows, probe_sizes, run_rows_alone
+from genserve.models.batch_invariance import make_batch_invariant, probe_rows, probe_sizes, run_rows_alone
 
 
 class SmallNet(nn.Module):

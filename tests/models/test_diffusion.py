@@ -16,9 +16,9 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
-from models.diffusion import GenserveEmojiPipeline, load
-from models.diffusion.pipeline import SCHEDULERS, to_uint8
-from models.diffusion.train import build_scheduler
+from genserve.models.diffusion import GenserveEmojiPipeline, load
+from genserve.models.diffusion.pipeline import SCHEDULERS, to_uint8
+from genserve.models.diffusion.train import build_scheduler
 
 PROMPTS = ["red apple", "rocket", "cat face"]
 STEPS = 4
@@ -135,7 +135,7 @@ def test_unknown_scheduler_is_named(pipe: GenserveEmojiPipeline):
 def test_emoji_render_with_their_names():
     import unicodedata
 
-    from models.diffusion import data
+    from genserve.models.diffusion import data
 
     if not data.FONT.is_file():
         pytest.skip(f"needs the emoji font: {data.INSTALL_HINT}")
@@ -193,8 +193,8 @@ def test_step_callback_sees_each_step_and_the_latents(pipe: GenserveEmojiPipelin
 
 
 def test_training_runs_saves_a_loadable_pipeline_and_records_its_stages(tmp_path: Path):
-    from models.diffusion import data
-    from models.diffusion.train import DiffusionTrainConfig, train_diffusion
+    from genserve.models.diffusion import data
+    from genserve.models.diffusion.train import DiffusionTrainConfig, train_diffusion
 
     if not data.FONT.is_file():
         pytest.skip(f"needs the emoji font: {data.INSTALL_HINT}")

@@ -13,8 +13,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-import kernels.attention
-from models.diffusion.attention import GenserveAttnProcessor, use_genserve_attention
+from genserve.kernels import attention as kernel_attention
+from genserve.models.diffusion.attention import GenserveAttnProcessor, use_genserve_attention
 from tests.kernels.conftest import DEVICE, HAS_CUDA, _triton_module  # sets TRITON_INTERPRET=1 without CUDA
 
 # SDPA and the processor's SDPA path are one call; the kernel sums in another order (and on CUDA
@@ -26,11 +26,11 @@ ATOL = {"sdpa": 1e-5, "triton": 1e-2 if HAS_CUDA else 1e-4}
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """``sdpa``: as on CPU; ``triton``: dense_attention takes the kernel, in the interpreter on CPU."""
     if request.param == "triton":
-        _triton_module("kernels._triton_attention")
+        _triton_module("genserve.kernels._triton_attention")
         if not HAS_CUDA:
-            monkeypatch.setattr(kernels.attention, "use_triton", lambda _x: True)
+            monkeypatch.setattr(kernel_attention, "use_triton", lambda _x: True)
     elif HAS_CUDA:
-        monkeypatch.setattr(kernels.attention, "use_triton", lambda _x: False)
+        monkeypatch.setattr(kernel_attention, "use_triton", lambda _x: False)
     return request.param
 
 
@@ -70,7 +70,7 @@ def test_replaces_every_attn_processor2_0_of_the_denoisers(caplog: pytest.LogCap
     assert len(names) == len(unet.attn_processors) == 8
     unet.get_submodule(names[0]).set_processor(AttnProcessor())  # another kind of processor is kept
     pipe = SimpleNamespace(unet=unet, transformer=None, vae=tiny_unet())  # a pipeline: only its denoisers
-    with caplog.at_level(logging.INFO, logger="models.diffusion.attention"):
+    with caplog.at_level(logging.INFO, logger="genserve.models.diffusion.attention"):
         assert use_genserve_attention(pipe) == 7
     assert "1 x AttnProcessor" in caplog.text
     kinds = [type(unet.get_submodule(name).processor) for name in names]
@@ -129,9 +129,9 @@ def test_attention_mask_falls_back_to_sdpa():
 
 
 def test_triton_path_runs_the_kernel(monkeypatch: pytest.MonkeyPatch):
-    triton_attention: ModuleType = _triton_module("kernels._triton_attention")
+    triton_attention: ModuleType = _triton_module("genserve.kernels._triton_attention")
     if not HAS_CUDA:
-        monkeypatch.setattr(kernels.attention, "use_triton", lambda _x: True)
+        monkeypatch.setattr(kernel_attention, "use_triton", lambda _x: True)
     calls = []
     launch = triton_attention.dense_attention_triton
     monkeypatch.setattr(triton_attention, "dense_attention_triton", lambda *a: calls.append(a[0].shape) or launch(*a))
@@ -145,9 +145,9 @@ def test_triton_path_runs_the_kernel(monkeypatch: pytest.MonkeyPatch):
 
 @pytest.mark.parametrize("attention", ["sdpa", "genserve"])
 def test_registry_attention_is_set_before_the_runner_probes(monkeypatch: pytest.MonkeyPatch, attention: str):
-    from app.backends import local_image
-    from app.metrics import Metrics
-    from app.registry import ModelEntry
+    from genserve.app.backends import local_image
+    from genserve.app.metrics import Metrics
+    from genserve.app.registry import ModelEntry
 
     seen: list[str] = []
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.diffusion import GenserveEmojiPipeline
-from models.diffusion import evaluate as ev
-from models.diffusion.classifier import (
+from genserve.models.diffusion import GenserveEmojiPipeline
+from genserve.models.diffusion import evaluate as ev
+from genserve.models.diffusion.classifier import (
     EmojiClassifier,
     EmojiClassifierConfig,
     EmojiClassifierTrainConfig,
@@ -24,10 +24,10 @@ from models.diffusion.classifier import (
     load_classifier,
     predict,
 )
-from models.diffusion.data import FONT, INSTALL_HINT
-from models.diffusion.train import build_scheduler
-from models.image import save_net
-from models.image.evaluate import fid, format_table
+from genserve.models.diffusion.data import FONT, INSTALL_HINT
+from genserve.models.diffusion.train import build_scheduler
+from genserve.models.image import save_net
+from genserve.models.image.evaluate import fid, format_table
 from tests.models.test_diffusion import tiny_unet
 
 needs_font = pytest.mark.skipif(not FONT.is_file(), reason=f"needs the emoji font: {INSTALL_HINT}")
@@ -44,7 +44,7 @@ def pipe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def emoji():
     if not FONT.is_file():
         pytest.skip(f"needs the emoji font: {INSTALL_HINT}")
-    from models.diffusion.data import load_emoji
+    from genserve.models.diffusion.data import load_emoji
 
     return load_emoji()
 

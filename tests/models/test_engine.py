@@ -11,10 +11,10 @@ import pytest
 import torch
 import transformers
 
-from models.llama import load
-from models.text.engine import EngineConfig, EngineError, LLMEngine, RequestEvent
-from models.text.generate import TextModel, generate
-from models.text.sampling import SamplingParams
+from genserve.models.llama import load
+from genserve.models.text.engine import EngineConfig, EngineError, LLMEngine, RequestEvent
+from genserve.models.text.generate import TextModel, generate
+from genserve.models.text.sampling import SamplingParams
 from tests.conftest import TEXT_DIR
 
 PROMPTS = ["The json module", "def", "Return a new list containing all items from the iterable in ascending order",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.llama import load
-from models.text.generate import generate
-from models.text.sampling import SamplingParams
+from genserve.models.llama import load
+from genserve.models.text.generate import generate
+from genserve.models.text.sampling import SamplingParams
 from tests.conftest import TEXT_DIR
 
 

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from models.families import weights_dir
-from models.image import ImageGenerator, class_from_latent, save_net
-from models.image import flow as flow_mod
-from models.image import gan as gan_mod
-from models.image import vae as vae_mod
-from models.image.classifier import ClassifierConfig, DigitClassifier
-from models.image.digits import dequantize, splits
-from models.image.evaluate import fid
-from models.training import adamw
+from genserve.models.families import weights_dir
+from genserve.models.image import ImageGenerator, class_from_latent, save_net
+from genserve.models.image import flow as flow_mod
+from genserve.models.image import gan as gan_mod
+from genserve.models.image import vae as vae_mod
+from genserve.models.image.classifier import ClassifierConfig, DigitClassifier
+from genserve.models.image.digits import dequantize, splits
+from genserve.models.image.evaluate import fid
+from genserve.models.training import adamw
 
 
 @pytest.fixture(autouse=True, scope="module")

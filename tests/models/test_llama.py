@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig as HFConfig
 from transformers import LlamaForCausalLM as HFLlama
 
-from models.llama.model import LlamaConfig, load_llama
+from genserve.models.llama.model import LlamaConfig, load_llama
 
 CONFIGS = {
     "gqa-tied": {"num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True},

@@ -11,10 +11,10 @@ import torch
 sf = pytest.importorskip("selfies")
 pytest.importorskip("rdkit")
 
-from models.llama.model import LlamaConfig, LlamaForCausalLM  # noqa: E402
-from models.molecule import chem  # noqa: E402
-from models.molecule.generator import TrainingSet, load, load_info, save_training_set  # noqa: E402
-from models.molecule.train_generator import (  # noqa: E402
+from genserve.models.llama.model import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from genserve.models.molecule import chem  # noqa: E402
+from genserve.models.molecule.generator import TrainingSet, load, load_info, save_training_set  # noqa: E402
+from genserve.models.molecule.train_generator import (  # noqa: E402
     BOS,
     EOS,
     batches,
@@ -23,8 +23,8 @@ from models.molecule.train_generator import (  # noqa: E402
     sequence_loss,
     tokenize,
 )
-from models.text.engine import EngineConfig, LLMEngine  # noqa: E402
-from models.text.sampling import SamplingParams  # noqa: E402
+from genserve.models.text.engine import EngineConfig, LLMEngine  # noqa: E402
+from genserve.models.text.sampling import SamplingParams  # noqa: E402
 
 SMILES = ["CC(=O)Oc1ccccc1C(=O)O", "Cn1c(=O)c2c(ncn2C)n(C)c1=O", "CC(C)Cc1ccc(C(C)C(=O)O)cc1", "c1ccccc1O",
           "CCN(CC)CC", "O=C(O)c1ccccc1"]

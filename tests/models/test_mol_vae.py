@@ -12,8 +12,8 @@ import torch
 selfies = pytest.importorskip("selfies")
 pytest.importorskip("rdkit")
 
-from models.molecule import vae as V  # noqa: E402
-from models.molecule.data import moses_available  # noqa: E402
+from genserve.models.molecule import vae as V  # noqa: E402
+from genserve.models.molecule.data import moses_available  # noqa: E402
 
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
 IBUPROFEN = "CC(C)Cc1ccc(C(C)C(=O)O)cc1"

@@ -11,7 +11,7 @@ pytest.importorskip("selfies", reason="molecule chemistry needs selfies")
 
 from rdkit import Chem
 
-from models.molecule.chem import (
+from genserve.models.molecule.chem import (
     PROPERTY_NAMES,
     ConstraintError,
     Constraints,

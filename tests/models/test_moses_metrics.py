@@ -15,9 +15,9 @@ pytest.importorskip("fcd", reason="FCD needs the fcd package")
 from rdkit import DataStructs
 from rdkit.Chem import rdFingerprintGenerator
 
-from models.molecule import moses_metrics as mm
-from models.molecule.chem import mol_from_smiles
-from models.molecule.data import moses_available, moses_smiles
+from genserve.models.molecule import moses_metrics as mm
+from genserve.models.molecule.chem import mol_from_smiles
+from genserve.models.molecule.data import moses_available, moses_smiles
 
 needs_moses = pytest.mark.skipif(not moses_available(), reason="MOSES data: pip install --no-deps molsets==0.3.1")
 

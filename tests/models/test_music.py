@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.families import weights_dir
-from models.music import VOICE_RANGES, ChoraleGenerator, MusicSpec, Piece, load, parse_key, render
-from models.music.data import Chorale, encode, normalising_shift
-from models.music.midi import key_signature, to_midi
-from models.music.model import BOS, HOLD, REST, ChoraleConfig, ChoraleTransformer, pitch_token
-from models.music.train import MusicTrainConfig, batch_loss
+from genserve.models.families import weights_dir
+from genserve.models.music import VOICE_RANGES, ChoraleGenerator, MusicSpec, Piece, load, parse_key, render
+from genserve.models.music.data import Chorale, encode, normalising_shift
+from genserve.models.music.midi import key_signature, to_midi
+from genserve.models.music.model import BOS, HOLD, REST, ChoraleConfig, ChoraleTransformer, pitch_token
+from genserve.models.music.train import MusicTrainConfig, batch_loss
 
 SHIPPED = weights_dir() / "genserve-music"
 
@@ -79,7 +79,7 @@ def test_seed_determinism_and_batch_invariance(gen: ChoraleGenerator) -> None:
 
 
 def test_pieces_cover_the_length_stay_in_range_and_avoid_parallels(gen: ChoraleGenerator) -> None:
-    from models.music.evaluate import grid_from_piece, voice_metrics
+    from genserve.models.music.evaluate import grid_from_piece, voice_metrics
 
     specs = [MusicSpec(seconds=8, tempo=150, key=k, seed=i)
              for i, k in enumerate(["C major", "A minor", "F# major", "Gb major", "E minor", "B major"])]
@@ -115,7 +115,7 @@ def test_render_sixty_seconds_is_fast(gen: ChoraleGenerator) -> None:
 
 
 def pitch_range_walk(lo: int, hi: int):
-    from models.music import Note
+    from genserve.models.music import Note
 
     return [Note(lo + (i % (hi - lo + 1)), i / 2, 0.5) for i in range(480)]
 
@@ -148,8 +148,8 @@ def test_key_signatures() -> None:
 
 
 def test_serving_path_does_not_import_music21() -> None:
-    code = ("import sys, torch; from models.music import load, MusicSpec, render, ChoraleGenerator; "
-            "from models.music.midi import to_midi; from models.music.model import ChoraleTransformer, ChoraleConfig; "
+    code = ("import sys, torch; from genserve.models.music import load, MusicSpec, render, ChoraleGenerator; "
+            "from genserve.models.music.midi import to_midi; from genserve.models.music.model import ChoraleTransformer, ChoraleConfig; "
             "g = ChoraleGenerator(ChoraleTransformer(ChoraleConfig(n_layer=1, n_head=2, d_model=32)), "
             "torch.device('cpu'), torch.float32); p = g.generate([MusicSpec(seconds=1)])[0]; render(p, 8000); "
             "to_midi(p); assert 'music21' not in sys.modules, 'music21 imported'")
@@ -179,8 +179,8 @@ def test_encode_normalises_key_and_marks_metre() -> None:
 def test_a_short_training_step_lowers_the_loss(tmp_path: Path) -> None:
     import random
 
-    from models.music.train import random_batch, save_model, to_sequence
-    from models.training import adamw
+    from genserve.models.music.train import random_batch, save_model, to_sequence
+    from genserve.models.training import adamw
 
     torch.manual_seed(0)
     cfg = MusicTrainConfig(n_layer=1, n_head=2, d_model=32, context=32, batch_size=4, dropout=0.0)

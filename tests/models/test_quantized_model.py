@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.llama import load
-from models.llama.evaluate import eval_text
-from models.text.engine import EngineConfig, LLMEngine
-from models.text.generate import generate
-from models.text.sampling import SamplingParams
+from genserve.models.llama import load
+from genserve.models.llama.evaluate import eval_text
+from genserve.models.text.engine import EngineConfig, LLMEngine
+from genserve.models.text.generate import generate
+from genserve.models.text.sampling import SamplingParams
 from tests.conftest import TEXT_DIR
 
 

@@ -6,8 +6,15 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from models.text.detokenize import IncrementalDetokenizer, StopMatcher
-from models.text.sampling import SamplingParams, apply_penalties, filter_batch, filter_logits, make_generators, sample
+from genserve.models.text.detokenize import IncrementalDetokenizer, StopMatcher
+from genserve.models.text.sampling import (
+    SamplingParams,
+    apply_penalties,
+    filter_batch,
+    filter_logits,
+    make_generators,
+    sample,
+)
 from tests.conftest import TEXT_DIR
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])

@@ -6,7 +6,7 @@ import json
 
 from tests.conftest import ROOT, TEXT_DIR
 
-WEIGHTS = ROOT / "models" / "weights"
+WEIGHTS = ROOT / "src" / "genserve" / "models" / "weights"
 
 
 def test_only_safetensors_and_within_budget() -> None:
@@ -41,7 +41,7 @@ def test_mol_generator_loads_in_transformers_with_our_logits() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from models.llama.model import load_llama
+    from genserve.models.llama.model import load_llama
 
     tok = AutoTokenizer.from_pretrained(MOL_DIR)
     ids = tok("[C][C][=Branch1][C][=O][O][C][=C][C][=C][C][=C][Ring1][=Branch1]", return_tensors="pt")["input_ids"]
@@ -53,7 +53,7 @@ def test_mol_generator_loads_in_transformers_with_our_logits() -> None:
 
 
 def test_mol_cards_carry_their_measured_numbers() -> None:
-    from models.molecule.generator import TrainingSet
+    from genserve.models.molecule.generator import TrainingSet
 
     ev = json.loads((MOL_DIR / "eval" / "moses_eval.json").read_text())
     card = (MOL_DIR / "README.md").read_text()

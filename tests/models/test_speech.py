@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.backends.local_audio import LocalSpeechBackend
-from app.metrics import Metrics
-from app.registry import ModelEntry
-from models.audio import SpeechSpec, split_text
-from models.audio.espeak import read_wav_header
-from models.families import load_family, weights_dir
+from genserve.app.backends.local_audio import LocalSpeechBackend
+from genserve.app.metrics import Metrics
+from genserve.app.registry import ModelEntry
+from genserve.models.audio import SpeechSpec, split_text
+from genserve.models.audio.espeak import read_wav_header
+from genserve.models.families import load_family, weights_dir
 from tests.conftest import build_tiny_vits
 
 SPEECH_DIR = weights_dir() / "genserve-speech"

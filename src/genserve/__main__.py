@@ -1,0 +1,7 @@
+"""``python -m genserve``: the ``genserve`` command."""
+
+import sys
+
+from genserve.cli import main
+
+sys.exit(main())

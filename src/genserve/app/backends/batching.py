@@ -1,0 +1,210 @@
+"""Dynamic batching: requests that arrive close together share one call of the model.
+
+A ``DynamicBatcher`` owns a bounded queue and one worker task. The worker takes the first waiting
+item, waits up to ``max_wait_ms`` for more (up to ``max_batch_size`` that are compatible, by
+``key``), runs ``fn`` on the batch in a thread, and resolves every item's future. Items whose
+caller went away are dropped before the model sees them. Batching is a property of the runner:
+``fn`` knows nothing of queues, and each item must give the same result alone or batched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from genserve.app.backends.base import STALL_SECONDS, Backend
+from genserve.app.errors import RateLimitError, UnavailableError
+from genserve.app.metrics import Metrics
+from genserve.app.registry import ModelEntry
+from genserve.models.families import load_family
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class _Item(Generic[T]):
+    value: T
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class DynamicBatcher(Generic[T, R]):
+    def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, max_batch_size: int, max_wait_ms: float,
+                 max_waiting: int, key: Callable[[T], Hashable] = lambda _: None,
+                 on_batch: Callable[[int, list[float]], None] | None = None) -> None:
+        self.fn, self.key, self.on_batch = fn, key, on_batch
+        self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
+        self.max_waiting = max_waiting
+        self._waiting: list[_Item[T]] = []
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher")
+        self._task: asyncio.Task | None = None
+        self._busy_since: float | None = None  # perf_counter time the running batch started
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def fail_waiting(self) -> None:
+        """Callers still queued get a 503 now rather than waiting for their deadline."""
+        _fail(self._waiting)
+        self._waiting = []
+
+    async def close(self) -> None:
+        self.fail_waiting()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def stalled(self, seconds: float) -> bool:
+        """True when a batch has run, or an item has waited with no batch running, for ``seconds``."""
+        now = time.perf_counter()
+        if self._busy_since is not None:
+            return now - self._busy_since > seconds
+        return bool(self._waiting) and now - self._waiting[0].enqueued > seconds
+
+    async def submit_many(self, values: list[T]) -> list[R]:
+        """Queues all of ``values`` or none (429 when the queue cannot take them all)."""
+        items = self._enqueue(values)
+        try:
+            return list(await asyncio.gather(*(i.future for i in items)))
+        finally:
+            _abandon(items)
+
+    async def submit_stream(self, values: list[T]) -> AsyncIterator[R]:
+        """Queues all of ``values`` or none, as ``submit_many``, and yields each result in order as
+        soon as it and those before it are ready; items not yet run are dropped if the caller stops."""
+        items = self._enqueue(values)
+        try:
+            for item in items:
+                yield await item.future
+        finally:
+            _abandon(items)
+
+    def _enqueue(self, values: list[T]) -> list[_Item[T]]:
+        if len(self._waiting) + len(values) > self.max_waiting:
+            raise RateLimitError(f"Too many requests waiting for this model ({len(self._waiting)} "
+                                 f"queued, limit {self.max_waiting}); retry shortly.",
+                                 headers={"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        items = [_Item(v, loop.create_future()) for v in values]
+        self._waiting.extend(items)
+        self._wakeup.set()
+        return items
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._waiting = [i for i in self._waiting if not i.future.done()]
+            if not self._waiting:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            deadline = self._waiting[0].enqueued + self.max_wait
+            while len(self._compatible()) < self.max_batch_size and (delay := deadline - time.perf_counter()) > 0:
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), delay)
+            batch = self._compatible()[: self.max_batch_size]
+            if not batch:
+                continue
+            self._waiting = [i for i in self._waiting if i not in batch]
+            now = time.perf_counter()
+            if self.on_batch:
+                self.on_batch(len(batch), [now - i.enqueued for i in batch])
+            self._busy_since = now
+            try:
+                results = await loop.run_in_executor(self._executor, self.fn, [i.value for i in batch])
+            except asyncio.CancelledError:  # closing: the running batch's callers must not hang
+                _fail(batch)
+                raise
+            except Exception as exc:  # every caller of the batch gets the error
+                results = [exc] * len(batch)
+            finally:
+                self._busy_since = None
+            for item, result in zip(batch, results, strict=True):
+                if item.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    item.future.set_exception(result)
+                else:
+                    item.future.set_result(result)
+
+    def _compatible(self) -> list[_Item[T]]:
+        live = [i for i in self._waiting if not i.future.done()]
+        if not live:
+            return []
+        first = self.key(live[0].value)
+        return [i for i in live if self.key(i.value) == first]
+
+
+def _abandon(items: list[_Item]) -> None:
+    for item in items:
+        item.future.cancel()  # no-op when done; marks the rest as abandoned
+
+
+def _fail(items: list[_Item]) -> None:
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(UnavailableError("The server is shutting down.",
+                                                       headers={"Retry-After": "5"}))
+
+
+class BatchedBackend(Backend):
+    """A backend whose model runs behind one ``DynamicBatcher`` (``start_batcher`` in ``start``):
+    ready while the batcher's worker lives and is not stuck; draining fails the queue; closing stops
+    the worker. ``setup`` loads the entry's model with ``load_model``."""
+
+    batcher: DynamicBatcher | None = None
+
+    def __init__(self, entry: ModelEntry, metrics: Metrics) -> None:
+        super().__init__(entry)
+        self.metrics = metrics
+        self.model: Any = None
+
+    def load_model(self) -> Any:
+        e = self.entry
+        return load_family(e.family or "", Path(e.resolved_source or e.source or ""), e.device, e.dtype)
+
+    def start_batcher(self, fn: Callable[[list], Sequence], key: Callable[[Any], Hashable] = lambda _: None,
+                      max_batch_size: int | None = None) -> DynamicBatcher:
+        """The entry's batcher around ``fn``, started, observing batch sizes and queue times."""
+        e, m = self.entry, self.metrics
+
+        def on_batch(size: int, waits: list[float]) -> None:
+            m.batch_size.labels(e.id).observe(size)
+            for w in waits:
+                m.request_queue_time.labels(e.id).observe(w)
+
+        self.batcher = DynamicBatcher(fn, max_batch_size=max_batch_size or e.max_batch_size,
+                                      max_wait_ms=e.max_wait_ms, max_waiting=e.max_waiting, key=key,
+                                      on_batch=on_batch)
+        self.batcher.start()
+        return self.batcher
+
+    def ready(self) -> bool:
+        b = self.batcher
+        return self.loaded and b is not None and b.alive() and not b.stalled(STALL_SECONDS)
+
+    def drain(self) -> None:
+        if self.batcher is not None:
+            self.batcher.fail_waiting()
+
+    async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.close()

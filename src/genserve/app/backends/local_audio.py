@@ -1,0 +1,113 @@
+"""In-process audio: text-to-speech and music.
+
+Speech from a streaming family (espeak-ng) runs one process per request, at most
+``max_batch_size`` at once, and its audio is read while the process is still speaking. Speech from
+a neural family is cut into pieces (``split_text``) that go through a ``DynamicBatcher``, so pieces
+of concurrent requests with the same voice and speed share forward passes, and each request gets its
+pieces back in order as they are ready. Music specs go through a ``DynamicBatcher`` too: every
+sampling step of a batch is one forward pass for all of its pieces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+
+from genserve.app.backends.batching import BatchedBackend
+from genserve.models.audio import SpeechSpec, split_text
+from genserve.models.audio.espeak import pcm16_to_float, read_wav_header
+from genserve.models.text.sampling import SEED_MASK
+
+READ_BYTES = 16_384  # espeak-ng output read at a time: about 0.37 s of 22.05 kHz audio
+
+
+class _AudioBackend(BatchedBackend):
+    def setup(self) -> None:
+        self.model = self.load_model()
+        self.loaded = True
+
+    def describe(self) -> dict:
+        return {"sample_rate": getattr(self.model, "sample_rate", None)}
+
+
+class LocalSpeechBackend(_AudioBackend):
+    async def start(self) -> None:
+        if self.model.streams:
+            self._processes = asyncio.Semaphore(self.entry.max_batch_size)
+        else:
+            self.start_batcher(self.model.synthesize, key=lambda s: (s.voice, s.speed))
+
+    def ready(self) -> bool:
+        return self.loaded if self.model is not None and self.model.streams else super().ready()
+
+    @property
+    def sample_rate(self) -> int:
+        return self.model.sample_rate
+
+    def resolve_voice(self, voice: str) -> str:
+        return self.model.resolve_voice(voice)
+
+    def residual_tempo(self, speed: float) -> float:
+        return self.model.residual_tempo(speed)
+
+    async def speak(self, spec: SpeechSpec) -> AsyncIterator[np.ndarray]:
+        """Mono float32 chunks at ``sample_rate``, in order, as they are produced."""
+        if self.model.streams:
+            async for chunk in self._speak_process(spec):
+                yield chunk
+            return
+        assert self.batcher is not None
+        pieces = [dataclasses.replace(spec, text=t, seed=None if spec.seed is None else (spec.seed + i) & SEED_MASK)
+                  for i, t in enumerate(split_text(spec.text))]
+        async for audio in self.batcher.submit_stream(pieces):
+            yield audio
+
+    async def _speak_process(self, spec: SpeechSpec) -> AsyncIterator[np.ndarray]:
+        async with self._processes:
+            proc = await asyncio.create_subprocess_exec(
+                *self.model.argv(spec), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL)
+            try:
+                assert proc.stdin is not None and proc.stdout is not None
+                proc.stdin.write(spec.text.encode())
+                await proc.stdin.drain()
+                proc.stdin.close()
+                buf, start = b"", None
+                while data := await proc.stdout.read(READ_BYTES):
+                    buf += data
+                    if start is None and (header := read_wav_header(buf)) is not None:
+                        start = header[1]
+                        buf = buf[start:]
+                    if start is not None and len(buf) >= 2:
+                        cut = len(buf) // 2 * 2
+                        yield pcm16_to_float(buf[:cut])
+                        buf = buf[cut:]
+                if await proc.wait() != 0:
+                    raise RuntimeError(f"espeak-ng exited with status {proc.returncode}")
+            finally:
+                if proc.returncode is None:  # the caller left: stop speaking
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    await proc.wait()
+
+
+class LocalMusicBackend(_AudioBackend):
+    async def start(self) -> None:
+        self.start_batcher(self.model.generate)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.model.sample_rate
+
+    def parse_key(self, key: str) -> Any:
+        return self.model.parse_key(key)
+
+    async def compose(self, spec: Any) -> Any:
+        assert self.batcher is not None
+        (piece,) = await self.batcher.submit_many([spec])
+        return piece

@@ -1,0 +1,114 @@
+"""All served models: building their backends, loading them in the background, and finding the
+one a request names."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from genserve.app.backends.base import Backend
+from genserve.app.backends.local_audio import LocalMusicBackend, LocalSpeechBackend
+from genserve.app.backends.local_embedding import LocalEmbeddingBackend
+from genserve.app.backends.local_image import LocalImageBackend
+from genserve.app.backends.local_molecule import LocalMoleculeBackend, LocalMolVAEBackend
+from genserve.app.backends.local_text import LocalTextBackend
+from genserve.app.backends.remote import RemoteBackend
+from genserve.app.errors import InvalidRequestError, ModelNotFoundError, UnavailableError
+from genserve.app.metrics import Metrics
+from genserve.app.registry import ConfigError, ModelEntry
+from genserve.app.settings import Settings
+from genserve.models.families import FAMILIES
+
+log = logging.getLogger(__name__)
+
+REMOTE_MODALITIES = ("text", "embedding")  # what RemoteBackend forwards (OpenAI's endpoints)
+# The backend that runs a local model: by family where the family says, else by modality.
+LOCAL_BACKENDS: dict[str, type] = {"text": LocalTextBackend, "embedding": LocalEmbeddingBackend,
+                                   "molecule": LocalMoleculeBackend, "mol-vae": LocalMolVAEBackend,
+                                   "audio": LocalSpeechBackend, "chorale": LocalMusicBackend,
+                                   "image": LocalImageBackend}
+
+
+def build_backend(entry: ModelEntry, settings: Settings, metrics: Metrics) -> Backend:
+    if entry.backend == "remote":
+        if entry.modality not in REMOTE_MODALITIES:
+            raise ConfigError(f"model {entry.id!r}: remote backends serve {' and '.join(REMOTE_MODALITIES)} "
+                              f"models; a {entry.modality} model must be local")
+        return RemoteBackend(entry, entry.timeout_s(settings.request_timeout_s))
+    family = FAMILIES.get(entry.family or "")
+    if family is None:
+        raise ConfigError(f"model {entry.id!r}: unknown family {entry.family!r}; known: "
+                          f"{', '.join(sorted(FAMILIES))}")
+    if family[0] != entry.modality:
+        raise ConfigError(f"model {entry.id!r}: family {entry.family!r} serves {family[0]}, "
+                          f"not {entry.modality}")
+    return LOCAL_BACKENDS.get(entry.family or "", LOCAL_BACKENDS[entry.modality])(entry, metrics)
+
+
+class ModelManager:
+    def __init__(self, entries: list[ModelEntry], settings: Settings, metrics: Metrics) -> None:
+        self.settings, self.metrics = settings, metrics
+        self.backends: dict[str, Backend] = {e.id: build_backend(e, settings, metrics) for e in entries}
+        self._tasks: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.draining = False
+
+    async def start(self) -> None:
+        """Loads every model in the background; requests for one still loading get a 503."""
+        self._loop = asyncio.get_running_loop()
+        lock = asyncio.Lock()  # one at a time: bounded memory and CPU, no concurrent first imports
+        for backend in self.backends.values():
+            self._tasks.append(asyncio.create_task(self._load(backend, lock)))
+
+    async def _load(self, backend: Backend, lock: asyncio.Lock) -> None:
+        mid = backend.entry.id
+        try:
+            async with lock:
+                await asyncio.to_thread(backend.setup)
+            await backend.start()
+            log.info("model %s ready", mid)
+        except Exception as exc:
+            backend.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("model %s failed to load", mid)
+        self.metrics.model_ready.labels(mid).set(1 if backend.ready() else 0)
+
+    def drain(self) -> None:
+        """Shutdown has begun: new requests and queued ones get 503; running ones may finish."""
+        self.draining = True
+        for backend in self.backends.values():
+            backend.drain()
+
+    def drain_threadsafe(self) -> None:
+        """``drain`` from a signal handler or another thread."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.drain)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*(b.close() for b in self.backends.values()), return_exceptions=True)
+
+    def get(self, model_id: str, task: str) -> Backend:
+        backend = self.backends.get(model_id)
+        if backend is None:
+            raise ModelNotFoundError(f"The model '{model_id}' does not exist; GET /v1/models lists the "
+                                     "served ones.", param="model")
+        if task not in backend.entry.tasks:
+            raise InvalidRequestError(f"The model '{model_id}' does not support {task} (it does: "
+                                      f"{', '.join(backend.entry.tasks)}).", param="model",
+                                      code="model_not_supported")
+        if self.draining:
+            raise UnavailableError("The server is shutting down; retry on another replica.",
+                                   headers={"Retry-After": "5"})
+        if backend.load_error:
+            raise UnavailableError(f"The model '{model_id}' failed to load; see the server log.")
+        if not backend.loaded:
+            raise UnavailableError(f"The model '{model_id}' is still loading; retry shortly.",
+                                   headers={"Retry-After": "5"})
+        return backend
+
+    async def readiness(self) -> dict[str, bool]:
+        states = await asyncio.gather(*(b.check_ready() for b in self.backends.values()))
+        for mid, ok in zip(self.backends, states, strict=True):
+            self.metrics.model_ready.labels(mid).set(1 if ok else 0)
+        return dict(zip(self.backends, states, strict=True))

@@ -1,0 +1,65 @@
+"""``create_app``: wiring only. Settings in, a FastAPI app out; nothing here reads the environment."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from genserve import __version__
+from genserve.app.backends.manager import ModelManager
+from genserve.app.errors import install_error_handlers
+from genserve.app.metrics import Metrics
+from genserve.app.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
+from genserve.app.registry import ModelEntry, load_registry
+from genserve.app.routers import audio, docs, embeddings, images, models, molecules, ops, text
+from genserve.app.security import ApiKeyMiddleware, ApiKeys
+from genserve.app.serving.audio import AudioServing
+from genserve.app.serving.embeddings import EmbeddingServing
+from genserve.app.serving.images import ImageServing
+from genserve.app.serving.models import ModelsServing
+from genserve.app.serving.molecules import MoleculeServing
+from genserve.app.serving.text import TextServing
+from genserve.app.settings import Settings
+
+DESCRIPTION = """One HTTP API for generative models. OpenAI-compatible where OpenAI has an endpoint:
+point the official SDKs at `/v1`. Press **Authorize** and paste an API key to try the endpoints."""
+
+
+def create_app(settings: Settings, entries: list[ModelEntry] | None = None) -> FastAPI:
+    entries = load_registry(settings.config) if entries is None else entries
+    metrics = Metrics()
+    manager = ModelManager(entries, settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await manager.start()
+        yield
+        await manager.close()
+
+    app = FastAPI(title="genserve", version=__version__, description=DESCRIPTION,
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.settings, app.state.metrics, app.state.manager = settings, metrics, manager
+    app.state.models = ModelsServing(manager)
+    app.state.text = TextServing(manager, metrics, settings)
+    app.state.embeddings = EmbeddingServing(manager, metrics, settings)
+    app.state.molecules = MoleculeServing(manager, metrics, settings)
+    app.state.audio = AudioServing(manager, metrics, settings)
+    app.state.images = ImageServing(manager, metrics, settings)
+
+    install_error_handlers(app)
+    for router in (text.router, embeddings.router, images.router, images.files_router, audio.router,
+                   molecules.router, models.router, ops.router, docs.router):
+        app.include_router(router)
+    app.mount(docs.STATIC_PREFIX, StaticFiles(directory=docs.STATIC_DIR), name="docs-assets")
+    # Added innermost first: request id, then metrics (401s and early 413s count under the route
+    # "unmatched": they are answered before routing), then the key check, then the body cap, so
+    # nothing is read for a caller without a key.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       upload_paths={"/v1/images/edits": settings.max_upload_bytes})
+    app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(settings.keys()))
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)
+    return app

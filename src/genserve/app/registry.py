@@ -1,0 +1,179 @@
+"""The model registry: which models this process serves, and how.
+
+The built-in registry (``models/registry.yaml``) serves the embedded models. A user's file
+(``--config``) adds entries, replaces built-in entries with the same ``id``, or, with
+``include_defaults: false``, replaces the built-in list entirely. Relative ``source`` paths are
+resolved against the directory of the file that declares them; ``package:NAME/sub/dir`` points
+inside an installed Python package; anything else that is not a directory is taken as a hub id.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Modality = Literal["text", "embedding", "image", "audio", "molecule", "moderation"]
+DEFAULT_TASKS: dict[str, list[str]] = {
+    "text": ["completion", "chat"],
+    "embedding": ["embedding"],
+    "image": ["generation"],  # diffusion: [generation, edit]; GAN, VAE, flow: [generation, interpolation]
+    "audio": ["speech"],  # music models: tasks: [music]
+    "molecule": ["generation", "properties"],
+    "moderation": ["moderation"],
+}
+DEFAULT_REGISTRY = Path(str(resources.files("genserve.models") / "registry.yaml"))
+
+
+class ConfigError(Exception):
+    """A registry or setting that cannot be used; the message names the field."""
+
+
+class Limits(BaseModel):
+    """Per-request caps; a request beyond one gets a 400 naming the parameter."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_n: int = Field(8, ge=1, le=128)
+    max_prompts: int = Field(16, ge=1, description="prompts in one /v1/completions request")
+    max_tokens: int | None = Field(None, ge=1, description="cap on generated tokens (context if unset)")
+    max_top_logprobs: int = Field(20, ge=0, le=20)
+    max_inputs: int = Field(2048, ge=1, description="inputs in one /v1/embeddings request")
+    max_samples: int = Field(20_000, ge=1, description="molecule generators: strings sampled for one request "
+                             "at most (the default and cap of its max_samples)")
+    max_image_pixels: int = Field(1024 * 1024, ge=1, description="images: width x height of one output image")
+    max_steps: int = Field(150, ge=1, description="diffusion: num_inference_steps")
+    max_upload_bytes: int = Field(8 << 20, ge=1, description="image edits: bytes of each uploaded file")
+    max_upload_pixels: int = Field(2048 * 2048, ge=1, description="image edits: pixels of each uploaded image, "
+                                   "checked from its header before it is decoded")
+    max_input_chars: int = Field(4096, ge=1, description="speech: characters of input text")
+    max_audio_seconds: float = Field(1200.0, gt=0, description="audio one request may produce; speech past it "
+                                     "is cut off, music longer than it is refused")
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+    modality: Modality
+    backend: Literal["local", "remote"]
+    family: str | None = Field(None, description="models/ code that loads it (local backends)")
+    source: str | None = Field(None, description="directory, package:NAME/path, or hub id")
+    url: str | None = Field(None, pattern=r"^https?://", description="OpenAI-compatible base URL, e.g. "
+                            "http://gpu-node:8000/v1 (remote backends)")
+    upstream_model: str | None = Field(None, description="model name upstream (default: id)")
+    api_key_env: str | None = Field(None, description="environment variable holding the upstream key")
+    tasks: list[str] = Field(default_factory=list)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch_size: int = Field(None, ge=1, le=1024, description="largest batch: sequences per engine step "
+                                "for text (default 64), items per model call otherwise (default 8)")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    max_waiting: int = Field(64, ge=1, description="queued requests beyond which new ones get 429")
+    kv_cache_tokens: int | None = Field(None, ge=16, description="text engine: KV cache size in tokens over "
+                                        "all sequences, allocated once (default: max_batch_size full contexts, "
+                                        "at most 32768)")
+    kv_block_size: int = Field(16, ge=1, le=256, description="text engine: tokens per KV cache block")
+    max_num_batched_tokens: int | None = Field(None, ge=16, description="text engine: prefill + decode tokens "
+                                               "in one step (default: max(2048, context + max_batch_size))")
+    threads: int | None = Field(None, ge=1, le=1024, description="text engine: CPU threads of its process "
+                                "(default: all cores but one, which the HTTP side keeps)")
+    quantization: Literal["none", "int8", "int4"] = Field("none", description="weight-only quantization of "
+                                                          "the linear layers (text models)")
+    compile: bool = Field(False, description="diffusers: torch.compile the denoiser at load")
+    attention: Literal["sdpa", "genserve"] = Field("sdpa", description="diffusers: the attention of the denoiser: "
+                                                   "PyTorch SDPA or genserve's Triton kernel (CUDA; CPU tensors "
+                                                   "take SDPA either way)")
+    request_timeout_s: float | None = Field(None, gt=0, description="deadline (default: the setting)")
+    limits: Limits = Field(default_factory=Limits)
+    # Filled by the loader: the path the source resolved to, or None for a hub id / remote.
+    resolved_source: Path | None = Field(None, exclude=True)
+
+    def timeout_s(self, default: float) -> float:
+        """This model's request deadline, or the process-wide ``default``."""
+        return self.request_timeout_s or default
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> ModelEntry:
+        if self.backend == "local" and (not self.family or not self.source):
+            missing = "family" if not self.family else "source"
+            raise ValueError(f"a local model needs '{missing}'")
+        if self.backend == "remote" and not self.url:
+            raise ValueError("a remote model needs 'url'")
+        if not self.tasks:
+            self.tasks = list(DEFAULT_TASKS[self.modality])
+        if self.max_batch_size is None:
+            self.max_batch_size = 64 if self.modality == "text" else 8
+        return self
+
+
+class RegistryFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_defaults: bool = True
+    models: list[ModelEntry] = Field(default_factory=list)
+
+
+def _field_path(loc: tuple, models: list) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            if out.startswith("models[") and out.count("[") == 1 and part < len(models):
+                mid = models[part].get("id") if isinstance(models[part], dict) else None
+                out += f" (id {mid!r})" if mid else ""
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _read(path: Path) -> RegistryFile:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read model registry {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model registry {path}: the top level must be a mapping with 'models'")
+    try:
+        reg = RegistryFile.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = _field_path(tuple(err["loc"]), raw.get("models") or [])
+        raise ConfigError(f"model registry {path}: {field or 'models'}: {err['msg']}") from exc
+    for i, entry in enumerate(reg.models):
+        if entry.backend == "local":
+            entry.resolved_source = _resolve_source(entry.source or "", path.parent,
+                                                    f"{path}: models[{i}] (id {entry.id!r}).source")
+    return reg
+
+
+def _resolve_source(source: str, base: Path, where: str) -> Path | None:
+    if source.startswith("package:"):
+        name, _, sub = source.removeprefix("package:").partition("/")
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"model registry {where}: package {name!r} is not installed")
+        path = Path(next(iter(spec.submodule_search_locations))) / sub
+    else:
+        path = Path(source).expanduser()
+        path = path if path.is_absolute() else base / path
+    if path.is_dir():
+        return path.resolve()
+    if source.startswith(("package:", ".", "/", "~")) or source.count("/") != 1:
+        raise ConfigError(f"model registry {where}: directory not found: {path}")
+    return None  # "org/name": a hub id, loaded by the family's loader (offline unless allowed)
+
+
+def load_registry(path: Path | None = None) -> list[ModelEntry]:
+    """The served models: the built-in registry, extended or replaced by ``path``."""
+    user = _read(path) if path is not None else RegistryFile(include_defaults=True)
+    entries = {e.id: e for e in _read(DEFAULT_REGISTRY).models} if user.include_defaults else {}
+    if path is not None:
+        ids = [e.id for e in user.models]
+        dup = next((i for i in ids if ids.count(i) > 1), None)
+        if dup:
+            raise ConfigError(f"model registry {path}: id {dup!r} appears twice")
+        entries.update({e.id: e for e in user.models})
+    return list(entries.values())

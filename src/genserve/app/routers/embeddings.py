@@ -1,0 +1,16 @@
+"""``/v1/embeddings``."""
+
+from fastapi import APIRouter, Depends, Request
+
+from genserve.app.routers.responses import ERRORS
+from genserve.app.schemas.embeddings import EmbeddingRequest, EmbeddingResponse
+from genserve.app.security import bearer
+
+router = APIRouter(prefix="/v1", tags=["embeddings"], dependencies=[Depends(bearer)],
+                   responses=ERRORS)
+
+
+@router.post("/embeddings", response_model=EmbeddingResponse)
+async def create_embeddings(body: EmbeddingRequest, request: Request):
+    """Embeds texts (OpenAI's embeddings API)."""
+    return await request.app.state.embeddings.embeddings(body, request)

@@ -1,0 +1,15 @@
+"""The error responses every API route documents."""
+
+from genserve.app.schemas.base import ErrorResponse
+
+ERRORS = {code: {"model": ErrorResponse, "description": desc} for code, desc in {
+    400: "Invalid request: the message names the parameter",
+    401: "Missing or incorrect API key",
+    404: "Unknown model",
+    413: "Request body too large",
+    429: "The model's queue is full; retry after the Retry-After header",
+    503: "The model is loading or its upstream is unreachable",
+    504: "The request did not finish within its deadline",
+}.items()}
+STREAM = {200: {"content": {"text/event-stream": {}},
+                "description": "JSON, or with `stream: true` server-sent events ending in `data: [DONE]`"}}

@@ -1,0 +1,22 @@
+"""``/v1/completions`` and ``/v1/chat/completions``."""
+
+from fastapi import APIRouter, Depends, Request
+
+from genserve.app.routers.responses import ERRORS, STREAM
+from genserve.app.schemas.chat import ChatCompletionRequest, ChatCompletionResponse
+from genserve.app.schemas.completions import CompletionRequest, CompletionResponse
+from genserve.app.security import bearer
+
+router = APIRouter(prefix="/v1", tags=["text"], dependencies=[Depends(bearer)], responses=ERRORS)
+
+
+@router.post("/completions", response_model=CompletionResponse, responses=STREAM)
+async def create_completion(body: CompletionRequest, request: Request):
+    """Continues a prompt (OpenAI's completions API)."""
+    return await request.app.state.text.completions(body, request)
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=STREAM)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    """Answers a conversation (OpenAI's chat completions API)."""
+    return await request.app.state.text.chat(body, request)

@@ -1,0 +1,56 @@
+"""``POST /v1/audio/speech`` (OpenAI) and ``POST /v1/audio/music`` (genserve). Both answer with audio
+bytes, not JSON."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field, field_validator
+
+from genserve.app.schemas.base import SEED_RANGE, OpenAIBaseModel
+from genserve.models.audio.codec import FORMATS
+
+SPEECH_EXAMPLE = {"model": "genserve-speech", "input": "The quick brown fox jumped over the lazy dog.",
+                  "voice": "alloy", "response_format": "wav"}
+MUSIC_EXAMPLE = {"model": "genserve-music", "seconds": 20, "tempo": 90, "key": "D major", "seed": 7,
+                 "response_format": "wav"}
+
+
+class SpeechRequest(OpenAIBaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [SPEECH_EXAMPLE]})
+
+    model: str
+    input: str = Field(min_length=1, description="text to speak; at most the model's limits.max_input_chars "
+                       "(4096 by default, as OpenAI)")
+    voice: str = Field(description="OpenAI's voice names (alloy, ash, ballad, coral, echo, fable, nova, onyx, "
+                       "sage, shimmer, verse, marin, cedar), or a voice of the model's own")
+    instructions: str | None = Field(None, description="not supported by genserve's speech models: a request "
+                                     "with instructions gets a 400 rather than having them ignored")
+    response_format: str = Field("mp3", description=f"one of {', '.join(FORMATS)}; all at 24 kHz mono "
+                                 "(pcm: raw signed 16-bit little-endian samples)")
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    stream_format: Literal["audio"] = Field("audio", description="audio bytes, sent in chunks as they are "
+                                            "produced (OpenAI's 'sse' is not supported)")
+    seed: int | None = Field(None, **SEED_RANGE, description="neural models: the same seed gives the same "
+                             "audio (espeak-ng has no randomness)")
+
+    @field_validator("response_format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value not in FORMATS:
+            raise ValueError(f"unsupported response_format {value!r}; supported: {', '.join(FORMATS)}")
+        return value
+
+
+class MusicRequest(OpenAIBaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [MUSIC_EXAMPLE]})
+
+    model: str
+    seconds: float = Field(20.0, ge=1, le=60, description="length of the audio; MIDI covers the same beats")
+    tempo: float = Field(90.0, ge=30, le=240, description="beats (quarter notes) per minute")
+    key: str = Field("C major", description="tonic A–G with an optional # or b, then major or minor: "
+                     "'D major', 'F# minor', 'Bb major'")
+    temperature: float = Field(1.0, gt=0, le=2.0, description="sampling temperature of the note model")
+    seed: int | None = Field(None, **SEED_RANGE, description="the same seed and fields give the same bytes; "
+                             "without one a seed is drawn and returned in the x-genserve-seed header")
+    response_format: Literal["wav", "flac", "mid"] = "wav"

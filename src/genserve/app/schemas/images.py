@@ -1,0 +1,93 @@
+"""``POST /v1/images/generations`` and ``/v1/images/edits`` (OpenAI, plus the diffusers knobs
+``seed``, ``num_inference_steps``, ``guidance_scale``, ``scheduler``, ``negative_prompt``) and
+``POST /v1/images/interpolations`` (genserve: latent walks of GAN, VAE and flow models)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from genserve.app.schemas.base import SEED_RANGE, OpenAIBaseModel
+
+GENERATION_EXAMPLE = {"model": "genserve-diffusion", "prompt": "red apple", "n": 2, "size": "32x32",
+                      "response_format": "b64_json", "seed": 7}
+INTERPOLATION_EXAMPLE = {"model": "genserve-gan", "seed_start": 1, "seed_end": 2, "frames": 8,
+                         "method": "slerp", "format": "gif", "class": "7"}
+SCHEDULERS = ("ddpm", "ddim", "dpm++", "euler", "euler_a")
+IMAGE_TO_IMAGE_STRENGTH = 0.75  # an edit without a mask redoes this much of the image unless told otherwise
+ResponseFormat = Literal["b64_json", "url"]
+
+
+class DiffusionKnobs(BaseModel):
+    """The fields that a diffusion model reads and other image models refuse (400) when set."""
+
+    seed: int | None = Field(None, **SEED_RANGE, description="image k of the request uses seed + k: the same "
+                             "seed and fields give the same bytes, alone or batched; drawn at random if unset")
+    num_inference_steps: int | None = Field(None, ge=1, description="denoising steps (default: the model's)")
+    guidance_scale: float | None = Field(None, ge=0, le=50, description="classifier-free guidance; 1 turns it off")
+    scheduler: Literal[SCHEDULERS] | None = Field(None, description="sampler: ddpm, ddim, dpm++ "  # type: ignore[valid-type]
+                                                  "(DPM-Solver++), euler, euler_a (default: the model's)")
+    negative_prompt: str | None = Field(None, max_length=4000)
+
+
+class ImageGenerationRequest(OpenAIBaseModel, DiffusionKnobs):
+    model_config = ConfigDict(json_schema_extra={"examples": [GENERATION_EXAMPLE]})
+
+    model: str
+    prompt: str = Field(min_length=1, max_length=4000, description="text for a diffusion model; for a "
+                        "class-conditional GAN, VAE or flow, one of its class names (or 'random')")
+    n: int = Field(1, ge=1, description="images (at most the model's limits.max_n)")
+    size: str | None = Field(None, pattern=r"^(auto|\d{1,5}x\d{1,5})$", description="WIDTHxHEIGHT, one the model "
+                             "supports (a 400 lists them); default: the model's own")
+    response_format: ResponseFormat = Field("b64_json", description="b64_json: PNG bytes in base64; url: a "
+                                            "link to the PNG on this server, valid for image_url_ttl_s")
+    quality: str | None = Field(None, description="accepted for compatibility; does not change the output")
+    style: str | None = Field(None, description="accepted for compatibility; does not change the output")
+    user: str | None = None
+    stream: bool = Field(False, description="diffusion models: server-sent events, one per denoising step, then "
+                         "the images")
+
+
+class ImageEditForm(DiffusionKnobs):
+    """OpenAI's multipart form (``image``, ``mask`` come as files beside these fields). Form values
+    arrive as text, so numbers are parsed here, not taken strictly."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    prompt: str = Field(min_length=1, max_length=4000)
+    n: int = Field(1, ge=1)
+    size: str | None = Field(None, pattern=r"^(auto|\d{1,5}x\d{1,5})$")
+    response_format: ResponseFormat = "b64_json"
+    user: str | None = None
+    strength: float | None = Field(None, gt=0, le=1, description="how much of the image to redo, from the "
+                                   f"noise level it is started at: image-to-image (default {IMAGE_TO_IMAGE_STRENGTH}"
+                                   "), or inpainting (default: the pipeline's, 1 for most)")
+
+
+class ImageInterpolationRequest(OpenAIBaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [INTERPOLATION_EXAMPLE]}, populate_by_name=True)
+
+    model: str
+    seed_start: int = Field(**SEED_RANGE, description="the walk starts at the latent this seed draws")
+    seed_end: int = Field(**SEED_RANGE)
+    frames: int = Field(8, ge=2, le=64)
+    method: Literal["lerp", "slerp"] = Field("slerp", description="straight line, or the great circle that "
+                                             "keeps Gaussian latents at a typical norm")
+    format: Literal["png", "gif"] = Field("png", description="png: one image per frame; gif: one animated GIF")
+    class_: str | None = Field(None, alias="class", description="class-conditional models: one of the class "
+                               "names (default: each end's own class, drawn from its seed)")
+    response_format: ResponseFormat = "b64_json"
+
+
+class ImageData(OpenAIBaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+    seed: int | None = Field(None, description="genserve: the seed this image was drawn with")
+
+
+class ImagesResponse(OpenAIBaseModel):
+    created: int
+    data: list[ImageData]

@@ -1,0 +1,157 @@
+"""``POST /v1/molecules/generations``, ``/v1/molecules/properties``, ``/v1/molecules/interpolations``
+(genserve's own endpoints: no OpenAI equivalent)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
+
+from genserve.app.schemas.base import SEED_RANGE, OpenAIBaseModel, UsageInfo
+
+Include = Literal["properties", "svg"]
+PropertyInclude = Literal["properties", "alerts", "svg"]
+
+GENERATION_EXAMPLE = {"model": "genserve-mol", "n": 10, "temperature": 1.0, "seed": 7,
+                      "constraints": {"qed_min": 0.6, "substructure": "c1ccccc1"},
+                      "include": ["properties"]}
+PROPERTIES_EXAMPLE = {"smiles": ["CC(=O)Oc1ccccc1C(=O)O", "not a molecule"], "include": ["properties", "alerts"]}
+INTERPOLATION_EXAMPLE = {"model": "genserve-mol-vae", "start": "CC(=O)Oc1ccccc1C(=O)O",
+                         "end": "CN1C=NC2=C1C(=O)N(C(=O)N2C)C", "steps": 8}
+
+
+class Constraints(OpenAIBaseModel):
+    """Every returned molecule satisfies all given bounds (inclusive), recomputed with RDKit."""
+
+    qed_min: float | None = Field(None, ge=0, le=1, description="quantitative estimate of drug-likeness")
+    mw_min: float | None = Field(None, ge=0, description="average molecular weight, Da")
+    mw_max: float | None = Field(None, gt=0)
+    logp_min: float | None = Field(None, description="Crippen logP")
+    logp_max: float | None = None
+    tpsa_max: float | None = Field(None, ge=0, description="topological polar surface area, Å²")
+    substructure: str | None = Field(None, min_length=1, max_length=1000,
+                                     description="SMARTS the molecule must contain")
+    similar_to: str | None = Field(None, min_length=1, max_length=1000, description="reference SMILES")
+    similarity_min: float | None = Field(None, ge=0, le=1, description="Tanimoto similarity to similar_to "
+                                         "(Morgan radius-2, 2048-bit fingerprints)")
+
+
+class MoleculeGenerationRequest(OpenAIBaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [GENERATION_EXAMPLE]})
+
+    model: str
+    n: int = Field(1, ge=1, le=1000, description="molecules to return")
+    temperature: float = Field(1.0, gt=0, le=2.0)
+    top_k: int = Field(0, ge=0, description="0: the whole vocabulary")
+    seed: int | None = Field(None, **SEED_RANGE, description="same seed and parameters: same molecules")
+    unique: bool = Field(True, description="no molecule (canonical SMILES) twice in one response")
+    constraints: Constraints | None = None
+    max_samples: int | None = Field(None, ge=1, description="stop after sampling this many; default and "
+                                    "cap are the model's limits")
+    include: list[Include] = Field(default_factory=lambda: ["properties"])
+    user: str | None = None
+
+    @field_validator("max_samples")
+    @classmethod
+    def _max_samples(cls, value: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if value is not None and value < n:
+            raise ValueError(f"max_samples ({value}) is smaller than n ({n})")
+        return value
+
+
+class MoleculeProperties(OpenAIBaseModel):
+    qed: float
+    logp: float
+    mw: float
+    tpsa: float
+    hbd: int
+    hba: int
+    rotatable_bonds: int
+    sa_score: float = Field(description="synthetic accessibility, 1 (easy) to 10 (hard), Ertl & Schuffenhauer")
+    lipinski_violations: int
+
+
+class GeneratedMolecule(OpenAIBaseModel):
+    smiles: str = Field(description="canonical SMILES (RDKit)")
+    selfies: str = Field(description="SELFIES of the canonical molecule")
+    properties: MoleculeProperties | None = None
+    novel: bool | None = Field(None, description="not in the model's training set (null if unknown)")
+    similarity: float | None = Field(None, description="Tanimoto similarity to constraints.similar_to")
+    svg: str | None = None
+
+
+class GenerationStats(OpenAIBaseModel):
+    requested: int
+    returned: int
+    sampled: int = Field(description="strings the model generated")
+    invalid: int = Field(description="sampled strings that are no molecule")
+    duplicates: int = Field(description="valid molecules dropped as repeats (unique=true)")
+    rejected_by_constraints: int
+    withheld_by_moderation: int
+    stopped_by: Literal["n", "max_samples"] = Field(description="why sampling stopped")
+
+
+class MoleculeGenerationResponse(OpenAIBaseModel):
+    id: str
+    object: Literal["molecule.generation"] = "molecule.generation"
+    created: int
+    model: str
+    data: list[GeneratedMolecule]
+    stats: GenerationStats
+    usage: UsageInfo
+
+
+class MoleculePropertiesRequest(OpenAIBaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [PROPERTIES_EXAMPLE]})
+
+    smiles: list[str] = Field(min_length=1, max_length=1000)
+    include: list[PropertyInclude] = Field(default_factory=lambda: ["properties", "alerts"])
+
+
+class StructuralAlert(OpenAIBaseModel):
+    catalog: str
+    description: str
+
+
+class MoleculePropertiesItem(OpenAIBaseModel):
+    index: int
+    input: str
+    valid: bool
+    smiles: str | None = None
+    properties: MoleculeProperties | None = None
+    alerts: list[StructuralAlert] | None = None
+    svg: str | None = None
+    error: str | None = Field(None, description="why the input is not a molecule")
+
+
+class MoleculePropertiesResponse(OpenAIBaseModel):
+    object: Literal["list"] = "list"
+    data: list[MoleculePropertiesItem]
+
+
+class MoleculeInterpolationRequest(OpenAIBaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [INTERPOLATION_EXAMPLE]})
+
+    model: str
+    start: str = Field(min_length=1, max_length=1000, description="SMILES")
+    end: str = Field(min_length=1, max_length=1000, description="SMILES")
+    steps: int = Field(8, ge=2, le=64, description="points on the path, both ends included")
+    method: Literal["slerp", "lerp"] = "slerp"
+    include: list[Include] = Field(default_factory=lambda: ["properties"])
+
+
+class InterpolatedMolecule(OpenAIBaseModel):
+    index: int
+    t: float = Field(description="position on the path, 0 (start) to 1 (end)")
+    smiles: str | None = Field(description="canonical SMILES; null where the decoder gave no molecule")
+    selfies: str
+    properties: MoleculeProperties | None = None
+    svg: str | None = None
+
+
+class MoleculeInterpolationResponse(OpenAIBaseModel):
+    object: Literal["molecule.interpolation"] = "molecule.interpolation"
+    created: int
+    model: str
+    data: list[InterpolatedMolecule]

@@ -1,0 +1,95 @@
+"""What every serving module needs: request ids, deadlines, and cancelling work whose client left."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from genserve.app.errors import DeadlineError
+from genserve.models.text.sampling import SEED_MASK
+
+T = TypeVar("T")
+CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; only ever seen in metrics
+
+
+def request_id(raw: Request) -> str:
+    return raw.scope.get("state", {}).get("request_id", "")
+
+
+def response_id(prefix: str) -> str:
+    """A fresh id for a response object (never the caller's x-request-id, which need not be unique)."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def seed_or_random(seed: int | None) -> int:
+    """The caller's seed, or a fresh random one (reported back so the caller can repeat the result)."""
+    return seed if seed is not None else int.from_bytes(os.urandom(8), "little") & SEED_MASK
+
+
+def now() -> int:
+    return int(time.time())
+
+
+@dataclass
+class Deadline:
+    """The moment by which a request must be done; past it the work is cancelled and a 504 raised."""
+
+    seconds: float
+    at: float
+
+    @classmethod
+    def start(cls, seconds: float) -> Deadline:
+        return cls(seconds, asyncio.get_running_loop().time() + seconds)
+
+    def error(self) -> DeadlineError:
+        return DeadlineError(f"The request did not finish within {self.seconds:g} s.")
+
+    async def run(self, work: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout_at(self.at):
+                return await work
+        except TimeoutError:
+            raise self.error() from None
+
+    async def stream(self, items: AsyncIterator[T]) -> AsyncIterator[T]:
+        """``items``, raising the deadline error once it passes (and closing ``items``)."""
+        try:
+            while True:
+                try:
+                    item = await self.run(anext(items))
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            with contextlib.suppress(Exception):
+                await items.aclose()  # type: ignore[attr-defined]
+
+
+async def unless_disconnected(raw: Request, work: Awaitable[T]) -> T | Response:
+    """Awaits ``work``, cancelling it if the client disconnects first (the body is already read,
+    so the next ASGI message can only be ``http.disconnect``)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await raw.receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            return Response(status_code=CLIENT_CLOSED)
+        raise
+    finally:
+        watcher.cancel()

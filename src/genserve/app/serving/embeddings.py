@@ -1,0 +1,48 @@
+"""Embeddings: schema → backend → OpenAI's list of vectors (floats, or base64 of little-endian
+float32 as OpenAI encodes them)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+from fastapi import Request
+
+from genserve.app.backends.manager import ModelManager
+from genserve.app.errors import InvalidRequestError
+from genserve.app.metrics import Metrics
+from genserve.app.schemas.base import UsageInfo
+from genserve.app.schemas.embeddings import EmbeddingData, EmbeddingRequest, EmbeddingResponse
+from genserve.app.serving.common import Deadline, unless_disconnected
+from genserve.app.settings import Settings
+
+
+class EmbeddingServing:
+    def __init__(self, manager: ModelManager, metrics: Metrics, settings: Settings) -> None:
+        self.manager, self.metrics, self.settings = manager, metrics, settings
+
+    async def embeddings(self, body: EmbeddingRequest, raw: Request) -> Any:
+        backend = self.manager.get(body.model, "embedding")
+        inputs = body.inputs()
+        limit = backend.entry.limits.max_inputs
+        if len(inputs) > limit:
+            raise InvalidRequestError(f"{len(inputs)} inputs exceed this model's limit of {limit} per request.",
+                                      param="input")
+        deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
+
+        async def run() -> EmbeddingResponse:
+            result = await deadline.run(backend.embed(inputs, body.dimensions))
+            self.metrics.prompt_tokens.labels(body.model).inc(result.prompt_tokens)
+            data = [EmbeddingData(index=i, embedding=_encode(v, body.encoding_format))
+                    for i, v in enumerate(result.vectors)]
+            return EmbeddingResponse(data=data, model=body.model, usage=UsageInfo(
+                prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens))
+
+        return await unless_disconnected(raw, run())
+
+
+def _encode(vector: list[float], fmt: str) -> list[float] | str:
+    if fmt == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+    return vector

@@ -1,0 +1,279 @@
+"""Images: generation, edits (inpainting and image-to-image) and latent interpolation, answered as OpenAI's images
+response (PNG in base64, or a short-lived URL on this server).
+
+Everything a request can get wrong is checked before any model work: the model's kind, the size
+against the model's list, ``n``, pixels and steps against its limits, and for uploads their bytes
+and pixel count before a single pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from fastapi import Request, UploadFile
+from fastapi.responses import Response
+from PIL import Image
+from sse_starlette import EventSourceResponse
+
+from genserve.app.backends.local_image import ImageJob, LatentRunner, LocalImageBackend
+from genserve.app.backends.manager import ModelManager
+from genserve.app.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
+from genserve.app.metrics import Metrics
+from genserve.app.schemas.images import (
+    IMAGE_TO_IMAGE_STRENGTH,
+    DiffusionKnobs,
+    ImageData,
+    ImageEditForm,
+    ImageGenerationRequest,
+    ImageInterpolationRequest,
+    ImagesResponse,
+)
+from genserve.app.serving.common import Deadline, now, seed_or_random, unless_disconnected
+from genserve.app.settings import Settings
+from genserve.models.text.sampling import SEED_MASK
+
+FILES_PATH = "/v1/images/files"
+
+
+class ImageStore:
+    """PNG and GIF bytes behind unguessable ids, for ``response_format: url``; each expires after
+    ``ttl_s``, and the oldest go first once ``max_bytes`` are held."""
+
+    def __init__(self, ttl_s: float, max_bytes: int) -> None:
+        self.ttl_s, self.max_bytes = ttl_s, max_bytes
+        self._items: OrderedDict[str, tuple[bytes, str, float]] = OrderedDict()
+        self._bytes = 0
+
+    def put(self, data: bytes, media_type: str) -> str:
+        self._expire()
+        while self._items and self._bytes + len(data) > self.max_bytes:
+            self._drop(next(iter(self._items)))
+        key = uuid.uuid4().hex + uuid.uuid4().hex
+        self._items[key] = (data, media_type, time.monotonic() + self.ttl_s)
+        self._bytes += len(data)
+        return key
+
+    def get(self, key: str) -> tuple[bytes, str] | None:
+        self._expire()
+        item = self._items.get(key)
+        return (item[0], item[1]) if item else None
+
+    def _expire(self) -> None:
+        t = time.monotonic()  # one TTL for all: the oldest item expires first
+        while self._items and next(iter(self._items.values()))[2] <= t:
+            self._drop(next(iter(self._items)))
+
+    def _drop(self, key: str) -> None:
+        data, _, _ = self._items.pop(key)
+        self._bytes -= len(data)
+
+
+def png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def gif(frames: np.ndarray, frame_ms: int = 120) -> bytes:
+    out = io.BytesIO()
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(out, format="GIF", save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
+    return out.getvalue()
+
+
+class ImageServing:
+    def __init__(self, manager: ModelManager, metrics: Metrics, settings: Settings) -> None:
+        self.manager, self.metrics, self.settings = manager, metrics, settings
+        self.store = ImageStore(settings.image_url_ttl_s, settings.image_store_bytes)
+
+    # checks ------------------------------------------------------------------------------------
+    def _backend(self, model: str, task: str) -> LocalImageBackend:
+        backend = self.manager.get(model, task)
+        if not isinstance(backend, LocalImageBackend):
+            raise InvalidRequestError(f"The model '{model}' is not an image model.", param="model",
+                                      code="model_not_supported")
+        return backend
+
+    def _size(self, backend: LocalImageBackend, size: str | None) -> tuple[int, int]:
+        runner = backend.runner
+        assert runner is not None
+        if size in (None, "auto"):
+            return runner.native
+        w, h = (int(v) for v in size.split("x"))
+        if (w, h) not in runner.sizes:
+            raise InvalidRequestError(f"size {size} is not supported by '{backend.entry.id}'; supported: "
+                                      f"{', '.join(f'{a}x{b}' for a, b in runner.sizes)}.", param="size")
+        if w * h > backend.entry.limits.max_image_pixels:
+            raise InvalidRequestError(f"size {size} exceeds this model's limit of "
+                                      f"{backend.entry.limits.max_image_pixels} pixels.", param="size")
+        return w, h
+
+    def _jobs(self, backend: LocalImageBackend, body: DiffusionKnobs, prompt: str, n: int,
+              size: str | None) -> list[ImageJob]:
+        limits = backend.entry.limits
+        if n > limits.max_n:
+            raise InvalidRequestError(f"n={n} exceeds this model's limit of {limits.max_n}.", param="n")
+        if body.num_inference_steps is not None and body.num_inference_steps > limits.max_steps:
+            raise InvalidRequestError(f"num_inference_steps={body.num_inference_steps} exceeds this model's "
+                                      f"limit of {limits.max_steps}.", param="num_inference_steps")
+        width, height = self._size(backend, size)
+        class_index = None
+        if isinstance(backend.runner, LatentRunner):
+            for knob in ("num_inference_steps", "guidance_scale", "scheduler", "negative_prompt"):
+                if getattr(body, knob) is not None:
+                    raise InvalidRequestError(f"{knob} applies to diffusion models; '{backend.entry.id}' makes "
+                                              "an image in one pass.", param=knob)
+            class_index = backend.class_index(prompt)
+        seed = seed_or_random(body.seed)
+        return [ImageJob(prompt=prompt, seed=(seed + k) & SEED_MASK, width=width, height=height,
+                         negative_prompt=body.negative_prompt, steps=body.num_inference_steps,
+                         guidance_scale=body.guidance_scale, scheduler=body.scheduler, class_index=class_index)
+                for k in range(n)]
+
+    def _data(self, raw: Request, images: list[bytes], media_type: str, fmt: str,
+              seeds: list[int | None]) -> list[ImageData]:
+        if fmt == "b64_json":
+            return [ImageData(b64_json=base64.b64encode(b).decode(), seed=s)
+                    for b, s in zip(images, seeds, strict=True)]
+        base = str(raw.base_url).rstrip("/")
+        return [ImageData(url=f"{base}{FILES_PATH}/{self.store.put(b, media_type)}", seed=s)
+                for b, s in zip(images, seeds, strict=True)]
+
+    # generation -------------------------------------------------------------------------------
+    async def generate(self, body: ImageGenerationRequest, raw: Request) -> Any:
+        backend = self._backend(body.model, "generation")
+        jobs = self._jobs(backend, body, body.prompt, body.n, body.size)
+        if body.stream:
+            if isinstance(backend.runner, LatentRunner):
+                raise InvalidRequestError("stream applies to diffusion models.", param="stream")
+            return EventSourceResponse(self._stream(backend, jobs, body, raw), ping=15)
+        return await unless_disconnected(raw, self._respond(backend, jobs, body.response_format, raw))
+
+    async def _respond(self, backend: LocalImageBackend, jobs: list[ImageJob], fmt: str,
+                       raw: Request) -> ImagesResponse:
+        deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
+        pixels = await deadline.run(backend.generate(jobs))
+        self.metrics.images.labels(backend.entry.id).inc(len(pixels))
+        encoded = await asyncio.to_thread(lambda: [png(p) for p in pixels])
+        return ImagesResponse(created=now(), data=self._data(raw, encoded, "image/png", fmt, [j.seed for j in jobs]))
+
+    async def _stream(self, backend: LocalImageBackend, jobs: list[ImageJob], body: ImageGenerationRequest,
+                      raw: Request) -> AsyncIterator[str]:
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def on_step(step: int, total: int) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, {"type": "image_generation.progress", "step": step,
+                                                          "total_steps": total})
+
+        jobs[0].on_step = on_step  # the batch's steps are every image's steps
+        work = asyncio.ensure_future(self._respond(backend, jobs, body.response_format, raw))
+        try:
+            while not work.done() or not events.empty():
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({work, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield json.dumps(getter.result())
+                else:
+                    getter.cancel()
+            result = work.result()
+            yield json.dumps({"type": "image_generation.completed", "created": result.created,
+                              "data": [d.model_dump(exclude_none=True) for d in result.data]})
+            yield "[DONE]"
+        finally:
+            work.cancel()
+
+    # edits ------------------------------------------------------------------------------------
+    async def edit(self, form: ImageEditForm, image: UploadFile, mask: UploadFile | None, raw: Request) -> Any:
+        """Inpainting where the mask (or, without one, the image's own alpha) is transparent; with
+        neither a mask nor transparent pixels, image-to-image of the whole picture."""
+        backend = self._backend(form.model, "edit")
+        runner = backend.runner
+        if not getattr(runner, "can_edit", False) and not getattr(runner, "can_vary", False):
+            raise InvalidRequestError(f"The model '{form.model}' has no image-to-image or inpainting pipeline.",
+                                      param="model", code="model_not_supported")
+        jobs = self._jobs(backend, form, form.prompt, form.n, form.size)
+        limits = backend.entry.limits
+        picture = await self._read_upload(image, "image", limits.max_upload_bytes, limits.max_upload_pixels)
+        alpha_from = await self._read_upload(mask, "mask", limits.max_upload_bytes, limits.max_upload_pixels) \
+            if mask is not None else picture
+        if mask is not None and alpha_from.size != picture.size:
+            raise InvalidRequestError(f"mask is {alpha_from.size[0]}x{alpha_from.size[1]} but image is "
+                                      f"{picture.size[0]}x{picture.size[1]}; they must match.", param="mask")
+        native = runner.native if getattr(runner, "pixel_space", True) else (jobs[0].width, jobs[0].height)
+        rgb = np.asarray(picture.convert("RGB").resize(native, Image.Resampling.LANCZOS))
+        hole = None
+        if "A" in alpha_from.getbands():
+            hole = np.asarray(alpha_from.getchannel("A").resize(native, Image.Resampling.NEAREST)) < 128
+            hole = hole if hole.any() else None
+        if mask is not None and hole is None:
+            raise InvalidRequestError("mask has no transparent pixels, so nothing would be repainted; leave the "
+                                      "mask out to redo the whole image (image-to-image).", param="mask")
+        if hole is not None and not runner.can_edit:
+            raise InvalidRequestError(f"The model '{form.model}' has no inpainting pipeline; send an opaque image "
+                                      "without a mask for image-to-image.", param="mask", code="model_not_supported")
+        if hole is None and not runner.can_vary:
+            raise InvalidRequestError(f"The model '{form.model}' has no image-to-image pipeline: send a mask (or "
+                                      "transparent pixels) to inpaint.", param="image", code="model_not_supported")
+        for job in jobs:
+            job.image, job.strength = rgb, form.strength
+            job.mask = hole.astype(np.float32) if hole is not None else None
+            if hole is None and job.strength is None:
+                job.strength = IMAGE_TO_IMAGE_STRENGTH
+        return await unless_disconnected(raw, self._respond(backend, jobs, form.response_format, raw))
+
+    @staticmethod
+    async def _read_upload(upload: UploadFile, param: str, max_bytes: int, max_pixels: int) -> Image.Image:
+        data = await upload.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise PayloadTooLargeError(f"{param} is larger than this model's limit of {max_bytes} bytes.")
+        try:
+            picture = Image.open(io.BytesIO(data))  # reads the header only
+        except Exception:
+            raise InvalidRequestError(f"{param} is not an image PIL can read (PNG expected).", param=param) from None
+        w, h = picture.size
+        if w * h > max_pixels:
+            raise InvalidRequestError(f"{param} is {w}x{h}; this model accepts at most {max_pixels} pixels.",
+                                      param=param)
+        try:
+            picture.load()
+        except Exception:
+            raise InvalidRequestError(f"{param} could not be decoded.", param=param) from None
+        return picture
+
+    # interpolation ----------------------------------------------------------------------------
+    async def interpolate(self, body: ImageInterpolationRequest, raw: Request) -> Any:
+        backend = self._backend(body.model, "interpolation")
+        runner = backend.runner
+        assert isinstance(runner, LatentRunner)
+        class_index = backend.class_index(body.class_) if body.class_ is not None else None
+        width, height = runner.native
+
+        async def run() -> ImagesResponse:
+            frames = await backend.interpolate(body.seed_start, body.seed_end, body.frames, body.method,
+                                               class_index, width, height)
+            self.metrics.images.labels(body.model).inc(len(frames))
+            if body.format == "gif":
+                data, media = [await asyncio.to_thread(gif, frames)], "image/gif"
+            else:
+                data, media = await asyncio.to_thread(lambda: [png(f) for f in frames]), "image/png"
+            return ImagesResponse(created=now(), data=self._data(raw, data, media, body.response_format,
+                                                                 [None] * len(data)))
+
+        return await unless_disconnected(raw, run())
+
+    # files ------------------------------------------------------------------------------------
+    def file(self, key: str) -> Response:
+        item = self.store.get(key)
+        if item is None:
+            raise NotFoundError("This image does not exist or has expired.")
+        data, media_type = item
+        return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=60"})

@@ -1,0 +1,31 @@
+"""``/v1/models``: the model cards, built from the registry entries and their backends' state."""
+
+from __future__ import annotations
+
+from genserve.app.backends.base import Backend
+from genserve.app.backends.manager import ModelManager
+from genserve.app.errors import ModelNotFoundError
+from genserve.app.schemas.models import ModelCard, ModelList
+
+
+class ModelsServing:
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+
+    async def list(self) -> ModelList:
+        ready = await self.manager.readiness()
+        return ModelList(data=[_card(b, ready[mid]) for mid, b in self.manager.backends.items()])
+
+    async def get(self, model_id: str) -> ModelCard:
+        backend = self.manager.backends.get(model_id)
+        if backend is None:
+            raise ModelNotFoundError(f"The model '{model_id}' does not exist.", param="model")
+        return _card(backend, await backend.check_ready())
+
+
+def _card(backend: Backend, ready: bool) -> ModelCard:
+    e = backend.entry
+    facts = backend.describe()
+    return ModelCard(id=e.id, created=backend.created, modality=e.modality, tasks=e.tasks, ready=ready,
+                     backend=e.backend, context_length=facts.get("context_length"),
+                     sample_rate=facts.get("sample_rate"))

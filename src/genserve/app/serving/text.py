@@ -1,0 +1,344 @@
+"""Completions and chat: schema → ``TextRequest`` → backend events → OpenAI JSON or SSE.
+
+Both endpoints share one path. Each prompt becomes one backend request (its ``n`` choices
+numbered ``prompt_index * n + i``, as OpenAI numbers them); their events are merged, metered,
+bounded by the deadline and, for non-streaming calls, cancelled when the client disconnects.
+The first event is awaited before any byte is sent, so a bad prompt or a full queue still gets a
+proper 4xx status even for ``stream: true``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+from sse_starlette import EventSourceResponse
+
+from genserve.app.backends.base import Backend, Delta, TextRequest, TokenLogprob, Usage
+from genserve.app.backends.manager import ModelManager
+from genserve.app.errors import GenserveError, InvalidRequestError, internal_error
+from genserve.app.metrics import Metrics
+from genserve.app.schemas.base import UsageInfo
+from genserve.app.schemas.chat import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessageOut,
+    ChatTokenLogprob,
+    ChatTopLogprob,
+)
+from genserve.app.schemas.completions import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
+from genserve.app.schemas.sampling import SamplingFields
+from genserve.app.serving.common import (
+    Deadline,
+    now,
+    request_id,
+    response_id,
+    unless_disconnected,
+)
+from genserve.app.settings import Settings
+
+SSE_PING_SECONDS = 15
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Choice:
+    """One choice accumulated from its deltas (non-streaming responses)."""
+
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Call:
+    """What one API call needs while it runs."""
+
+    kind: str  # "completion" | "chat"
+    body: SamplingFields
+    backend: Backend
+    response_id: str
+    created: int = field(default_factory=now)
+    usage: Usage = field(default_factory=lambda: Usage(0, 0))
+
+    @property
+    def model(self) -> str:
+        return self.body.model
+
+    @property
+    def wants_logprobs(self) -> bool:
+        # completions: an int, where 0 still asks for the sampled tokens' logprobs; chat: a bool
+        lp = self.body.logprobs  # type: ignore[attr-defined]
+        return lp is not None and lp is not False
+
+
+class TextServing:
+    def __init__(self, manager: ModelManager, metrics: Metrics, settings: Settings) -> None:
+        self.manager, self.metrics, self.settings = manager, metrics, settings
+
+    async def completions(self, body: CompletionRequest, raw: Request) -> Any:
+        backend = self.manager.get(body.model, "completion")
+        prompts = body.prompts()
+        self._check_caps(body, backend, len(prompts), body.logprobs, "logprobs")
+        params = body.to_sampling_params()
+        rid = request_id(raw)
+        requests = [TextRequest(f"{rid}-{i}", copy.deepcopy(params), prompt=p) for i, p in enumerate(prompts)]
+        return await self._respond(_Call("completion", body, backend, response_id("cmpl")), requests, raw)
+
+    async def chat(self, body: ChatCompletionRequest, raw: Request) -> Any:
+        backend = self.manager.get(body.model, "chat")
+        self._check_caps(body, backend, 1, body.top_logprobs, "top_logprobs")
+        if body.max_completion_tokens and body.max_tokens and body.max_completion_tokens != body.max_tokens:
+            raise InvalidRequestError("Give max_completion_tokens or max_tokens, not two different values.",
+                                      param="max_completion_tokens")
+        rid = request_id(raw)
+        request = TextRequest(rid, body.to_sampling_params(), messages=body.chat_messages())
+        return await self._respond(_Call("chat", body, backend, response_id("chatcmpl")), [request], raw)
+
+    def _check_caps(self, body: SamplingFields, backend: Backend, prompts: int, logprobs: int | None,
+                    logprobs_param: str) -> None:
+        limits = backend.entry.limits
+        if body.n > limits.max_n:
+            raise InvalidRequestError(f"n={body.n} exceeds this model's limit of {limits.max_n}.", param="n")
+        if prompts > limits.max_prompts:
+            raise InvalidRequestError(f"{prompts} prompts exceed this model's limit of {limits.max_prompts} "
+                                      "per request.", param="prompt")
+        if logprobs is not None and logprobs > limits.max_top_logprobs:
+            raise InvalidRequestError(f"{logprobs_param}={logprobs} exceeds this model's limit of "
+                                      f"{limits.max_top_logprobs}.", param=logprobs_param)
+        requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        if limits.max_tokens is not None and requested is not None and requested > limits.max_tokens:
+            raise InvalidRequestError(f"max_tokens={requested} exceeds this model's limit of "
+                                      f"{limits.max_tokens}.", param="max_tokens")
+
+    # the shared path ---------------------------------------------------------------------------
+    async def _respond(self, call: _Call, requests: list[TextRequest], raw: Request) -> Any:
+        deadline = Deadline.start(call.backend.entry.timeout_s(self.settings.request_timeout_s))
+        events = deadline.stream(self._metered(call, self._merged(call.backend, requests, call.body.n)))
+        if not call.body.stream:
+            return await unless_disconnected(raw, self._collect(call, events))
+        # The first event before any byte: errors keep their status, and a client that leaves
+        # while its request is queued aborts it.
+        try:
+            first = await unless_disconnected(raw, anext(events, None))
+        except BaseException:
+            await events.aclose()
+            raise
+        if isinstance(first, Response):
+            await events.aclose()
+            return first
+        return EventSourceResponse(self._sse(call, first, events), sep="\n", ping=SSE_PING_SECONDS)
+
+    async def _merged(self, backend: Backend, requests: list[TextRequest], n: int
+                      ) -> AsyncIterator[Delta | Usage]:
+        """The events of every prompt's request, choice indices offset, usage summed at the end."""
+        if len(requests) == 1:
+            async with contextlib.aclosing(backend.generate(requests[0])) as events:
+                async for event in events:
+                    yield event
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        end = object()
+
+        async def pump(offset: int, request: TextRequest) -> None:
+            try:
+                async with contextlib.aclosing(backend.generate(request)) as events:
+                    async for event in events:
+                        if isinstance(event, Delta):
+                            event.index += offset
+                        await queue.put(event)
+            except BaseException as exc:
+                await queue.put(exc)
+            finally:
+                await queue.put(end)
+
+        tasks = [asyncio.create_task(pump(i * n, r)) for i, r in enumerate(requests)]
+        usage, ended = Usage(0, 0), 0
+        try:
+            while ended < len(tasks):
+                event = await queue.get()
+                if event is end:
+                    ended += 1
+                elif isinstance(event, BaseException):
+                    raise event
+                elif isinstance(event, Usage):
+                    usage.prompt_tokens += event.prompt_tokens
+                    usage.completion_tokens += event.completion_tokens
+                else:
+                    yield event
+            yield usage
+        finally:
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _metered(self, call: _Call, events: AsyncIterator[Delta | Usage]) -> AsyncIterator[Delta | Usage]:
+        """Time to first token, inter-token latency and end-to-end latency for every backend; tokens
+        and finish reasons too for backends that do not count them step by step themselves."""
+        m, mid, count = self.metrics, call.model, not call.backend.meters_tokens
+        ttft, itl = m.time_to_first_token.labels(mid), m.inter_token_latency.labels(mid)
+        start = time.perf_counter()
+        last: dict[int, float] = {}
+        finished = aborted = False
+        try:
+            async for event in events:
+                t = time.perf_counter()
+                if isinstance(event, Delta):
+                    if not last:
+                        ttft.observe(t - start)
+                    elif event.index in last:  # k merged tokens: k gaps of a k-th of the wait each
+                        for _ in range(event.num_tokens):
+                            itl.observe((t - last[event.index]) / event.num_tokens)
+                    last[event.index] = t
+                    if count and event.finish_reason:
+                        m.request_success.labels(mid, event.finish_reason).inc()
+                else:
+                    call.usage = event
+                    if count:
+                        m.prompt_tokens.labels(mid).inc(event.prompt_tokens)
+                        m.generation_tokens.labels(mid).inc(event.completion_tokens)
+                yield event
+            finished = True
+        except (GeneratorExit, asyncio.CancelledError):  # the client left or the deadline passed
+            aborted = True
+            raise
+        finally:
+            if finished:
+                m.e2e_request_latency.labels(mid).observe(time.perf_counter() - start)
+            elif aborted and count:  # an error from the backend is not a finished request
+                m.request_success.labels(mid, "abort").inc()
+            with contextlib.suppress(Exception):
+                await events.aclose()  # type: ignore[attr-defined]
+
+    # non-streaming -----------------------------------------------------------------------------
+    async def _collect(self, call: _Call, events: AsyncIterator[Delta | Usage]) -> Any:
+        choices: dict[int, _Choice] = {}
+        async for event in events:
+            if isinstance(event, Delta):
+                c = choices.setdefault(event.index, _Choice())
+                c.text += event.text
+                c.logprobs.extend(event.logprobs or [])
+                c.finish_reason = event.finish_reason or c.finish_reason
+        usage, want_lp = _usage(call.usage), call.wants_logprobs
+        if call.kind == "completion":
+            return CompletionResponse(
+                id=call.response_id, created=call.created, model=call.model, usage=usage,
+                choices=[CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason,
+                                          logprobs=_completion_logprobs(c.logprobs, 0) if want_lp else None)
+                         for i, c in sorted(choices.items())])
+        return ChatCompletionResponse(
+            id=call.response_id, created=call.created, model=call.model, usage=usage,
+            choices=[ChatChoice(index=i, message=ChatMessageOut(content=c.text), finish_reason=c.finish_reason,
+                                logprobs=ChatLogprobs(content=_chat_logprobs(c.logprobs)) if want_lp else None)
+                     for i, c in sorted(choices.items())])
+
+    # streaming ---------------------------------------------------------------------------------
+    async def _sse(self, call: _Call, first: Delta | Usage | None,
+                   events: AsyncIterator[Delta | Usage]) -> AsyncIterator[str]:
+        include_usage = call.body.include_usage
+        chunk = _chunker(call, include_usage)
+        offsets: dict[int, int] = {}
+        try:
+            if call.kind == "chat":
+                for i in range(call.body.n):
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                  "logprobs": None, "finish_reason": None}])
+            pending = [first] if first is not None else []
+            async for event in _chain(pending, events):
+                if isinstance(event, Usage):
+                    continue
+                for choice in _stream_choices(call, event, offsets):
+                    yield chunk([choice])
+            if include_usage:
+                yield chunk([], usage=_usage(call.usage).model_dump())
+        except GenserveError as err:  # after the headers: the error travels as an event
+            yield json.dumps(err.body())
+        except Exception:
+            log.exception("stream of %s failed", call.response_id)
+            yield json.dumps(internal_error(call.response_id).body())
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+        yield "[DONE]"
+
+
+async def _chain(first: list, rest: AsyncIterator) -> AsyncIterator:
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
+
+
+def _chunker(call: _Call, include_usage: bool) -> Callable[..., str]:
+    obj = "chat.completion.chunk" if call.kind == "chat" else "text_completion"
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        out: dict[str, Any] = {"id": call.response_id, "object": obj, "created": call.created,
+                               "model": call.model, "system_fingerprint": None, "choices": choices}
+        if include_usage:
+            out["usage"] = usage
+        return json.dumps(out, ensure_ascii=False)
+
+    return chunk
+
+
+def _stream_choices(call: _Call, d: Delta, offsets: dict[int, int]) -> list[dict]:
+    """The chunk choices for one delta: its text (if any), then its finish (chat sends it apart)."""
+    out: list[dict] = []
+    has_content = bool(d.text or d.logprobs)
+    if call.kind == "completion":
+        if has_content or d.finish_reason:
+            lp = None
+            if call.wants_logprobs and d.logprobs:
+                lp = _completion_logprobs(d.logprobs, offsets.get(d.index, 0)).model_dump()
+            offsets[d.index] = offsets.get(d.index, 0) + sum(len(t.token) for t in d.logprobs or [])
+            out.append({"index": d.index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason})
+        return out
+    if has_content:
+        lp = None
+        if call.wants_logprobs and d.logprobs:
+            lp = {"content": [c.model_dump() for c in _chat_logprobs(d.logprobs)]}
+        out.append({"index": d.index, "delta": {"content": d.text}, "logprobs": lp, "finish_reason": None})
+    if d.finish_reason:
+        out.append({"index": d.index, "delta": {}, "logprobs": None, "finish_reason": d.finish_reason})
+    return out
+
+
+def _usage(u: Usage) -> UsageInfo:
+    return UsageInfo(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                     total_tokens=u.prompt_tokens + u.completion_tokens)
+
+
+def _completion_logprobs(lps: list[TokenLogprob], start: int) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    offset = start
+    for t in lps:
+        out.tokens.append(t.token)
+        out.token_logprobs.append(t.logprob)
+        out.top_logprobs.append(dict(t.top))
+        out.text_offset.append(offset)
+        offset += len(t.token)
+    return out
+
+
+def _chat_logprobs(lps: list[TokenLogprob]) -> list[ChatTokenLogprob]:
+    return [ChatTokenLogprob(token=t.token, logprob=t.logprob, bytes=list(t.token.encode()),
+                             top_logprobs=[ChatTopLogprob(token=a, logprob=v, bytes=list(a.encode()))
+                                           for a, v in t.top])
+            for t in lps]
