@@ -4,6 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# torch's wheels: CPU ones by default (as the Dockerfile's build argument), so a stock machine does not
+# pull CUDA wheels; a GPU node passes TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128, and an
+# empty TORCH_INDEX_URL= uses only pip's own configuration.
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: install system-deps serve test lint train-text-tiny train-mol train-music train-images train-diffusion eval-text eval-molecules eval-music eval-images \
         bench-text bench-molecules bench-audio bench-images clean
@@ -14,7 +19,7 @@ install: system-deps $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
 	$(BIN)/pip install --quiet -e ".[dev]"
 	$(BIN)/pip install --quiet --no-deps molsets==0.3.1  # MOSES data only; see pyproject's mol extra
 	touch $(STAMP)
