@@ -128,3 +128,4 @@ class MoleculeInterpolationParams:
     end: str
     steps: int
     method: Literal["slerp", "lerp"]
+    include: list[str] = field(default_factory=list)  # "properties", "svg": what each point carries

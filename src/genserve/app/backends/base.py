@@ -7,26 +7,44 @@ Serve deployment. Serving knows a backend only through the Protocol of its modal
 ``ModelManager.get(model, task, kind)`` returns, and its ``describe()`` facts. So the output checks
 (moderation, provenance) sit at one place per modality, on these event streams:
 
-=========  ========================================  ==========================================
-modality   Protocol method                           events, in order
-=========  ========================================  ==========================================
-text       ``TextBackend.generate(TextParams)``      ``Delta``\\* then one ``Usage``
-embedding  ``EmbeddingBackend.embed(...)``           one ``EmbeddingResult``
-image      ``ImageBackend.generate(ImageParams)``    ``Progress``\\* then one ``ImageArtifact`` per job
-image      ``ImageBackend.interpolate(...)``         ``ImageArtifact``\\* (frames, or one GIF)
-speech     ``SpeechBackend.speak(SpeechParams)``     ``AudioChunk``\\* (samples, or encoded bytes)
-music      ``MusicBackend.compose(MusicParams)``     one ``AudioChunk`` (piece rendered or encoded)
-molecule   ``MoleculeBackend.generate(...)``         ``Molecule``\\* then one ``MoleculeStats``
-molecule   ``MoleculeBackend.interpolate(...)``      the SELFIES path, ``list[str]``
-=========  ========================================  ==========================================
+=========  ==========================================  ==========================================
+modality   Protocol method                             events, in order
+=========  ==========================================  ==========================================
+text       ``TextBackend.generate(TextParams)``        ``Delta``\\* then one ``Usage``
+embedding  ``EmbeddingBackend.embed(...)``             one ``EmbeddingResult``
+image      ``ImageBackend.generate(ImageParams)``      ``Progress``\\* (only when ``params.stream``)
+                                                       then one ``ImageArtifact`` per job, in order
+image      ``ImageBackend.interpolate(...)``           ``ImageArtifact``\\* (frames, or one GIF)
+speech     ``SpeechBackend.speak(SpeechParams)``       ``AudioChunk``\\* (samples, or encoded bytes)
+music      ``MusicBackend.compose(MusicParams)``       one ``AudioChunk``: MIDI ``encoded`` for
+                                                       ``mid``, else samples (or an upstream's bytes)
+molecule   ``MoleculeBackend.generate(...)``           ``Molecule``\\* then one ``MoleculeStats``
+molecule   ``MoleculeInterpolationBackend``            the path's points as ``Molecule``\\* (a list)
+           ``.interpolate(...)``
+=========  ==========================================  ==========================================
 
-``serving/<modality>.py`` turns these into wire formats (``serving/media.py`` encodes media).
+``serving/<modality>.py`` turns these into wire formats (``serving/media.py`` encodes media). In each
+serving module the events pass through one method named ``_checked`` before any wire format is made:
+that is where output moderation and provenance marks go, for local and remote backends alike.
+
+A caller's bad value is found as early as the knowledge allows: serving checks the registry entry's
+limits and the ``describe()`` facts it has (where a fact is None, it leaves the check to the
+backend); the backend checks what only the model knows (a voice, a key, a class name, constraints)
+and raises ``InvalidRequestError`` naming the parameter before it yields anything.
+
+Streams are ``AsyncGenerator``s, so that serving can close one it stops reading (a client that left,
+a deadline passed) and the backend stops its work at once.
+
+Departures from the first draft of this contract: ``Molecule.smiles`` is None for a point of a latent
+path that decodes to no molecule, and molecule interpolation returns ``Molecule`` points (SELFIES,
+SMILES, properties and depictions as ``include`` asks) instead of bare SELFIES, so that its output
+passes the same checks as generation and a remote backend returns its upstream's points as they came.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -135,7 +153,7 @@ class AudioChunk:
 class Molecule:
     """A kept molecule, as the API returns it (``properties`` rounded, ``svg`` when asked)."""
 
-    smiles: str
+    smiles: str | None  # None: a path point that decodes to no molecule (interpolation only)
     selfies: str
     properties: dict[str, float | int] | None = None
     novel: bool | None = None
@@ -154,7 +172,7 @@ class MoleculeStats:
     duplicates: int
     rejected_by_constraints: int
     withheld_by_moderation: int
-    stopped_by: str
+    stopped_by: Literal["n", "max_samples"]
     prompt_tokens: int
     completion_tokens: int
 
@@ -216,7 +234,7 @@ class ServedModel(Protocol):
 
 
 class TextBackend(ServedModel, Protocol):
-    def generate(self, request: TextParams) -> AsyncIterator[TextEvent]: ...
+    def generate(self, request: TextParams) -> AsyncGenerator[TextEvent, None]: ...
 
 
 class EmbeddingBackend(ServedModel, Protocol):
@@ -224,12 +242,12 @@ class EmbeddingBackend(ServedModel, Protocol):
 
 
 class ImageBackend(ServedModel, Protocol):
-    def generate(self, params: ImageParams) -> AsyncIterator[ImageEvent]: ...
-    def interpolate(self, params: ImageInterpolationParams) -> AsyncIterator[ImageArtifact]: ...
+    def generate(self, params: ImageParams) -> AsyncGenerator[ImageEvent, None]: ...
+    def interpolate(self, params: ImageInterpolationParams) -> AsyncGenerator[ImageArtifact, None]: ...
 
 
 class SpeechBackend(ServedModel, Protocol):
-    def speak(self, params: SpeechParams) -> AsyncIterator[AudioChunk]: ...
+    def speak(self, params: SpeechParams) -> AsyncGenerator[AudioChunk, None]: ...
 
 
 class MusicBackend(ServedModel, Protocol):
@@ -237,11 +255,11 @@ class MusicBackend(ServedModel, Protocol):
 
 
 class MoleculeBackend(ServedModel, Protocol):
-    def generate(self, params: MoleculeParams) -> AsyncIterator[MoleculeEvent]: ...
+    def generate(self, params: MoleculeParams) -> AsyncGenerator[MoleculeEvent, None]: ...
 
 
 class MoleculeInterpolationBackend(ServedModel, Protocol):
-    async def interpolate(self, params: MoleculeInterpolationParams) -> list[str]: ...
+    async def interpolate(self, params: MoleculeInterpolationParams) -> list[Molecule]: ...
 
 
 def check_token_ids(rows: list[list[int]], vocab: int, param: str) -> None:

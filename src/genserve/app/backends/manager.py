@@ -5,8 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TypeVar, cast
 
-from genserve.app.backends.base import Backend
+from genserve.app.backends.base import (
+    Backend,
+    EmbeddingBackend,
+    ImageBackend,
+    MoleculeBackend,
+    MoleculeInterpolationBackend,
+    MusicBackend,
+    ServedModel,
+    SpeechBackend,
+    TextBackend,
+)
 from genserve.app.backends.local_audio import LocalMusicBackend, LocalSpeechBackend
 from genserve.app.backends.local_embedding import LocalEmbeddingBackend
 from genserve.app.backends.local_image import LocalImageBackend
@@ -20,6 +31,16 @@ from genserve.app.settings import Settings
 from genserve.models.families import FAMILIES
 
 log = logging.getLogger(__name__)
+B = TypeVar("B", bound=ServedModel)
+
+# The Protocol a model's backend serves a task through, by the model's modality.
+KINDS: dict[tuple[str, str], type[ServedModel]] = {
+    ("text", "completion"): TextBackend, ("text", "chat"): TextBackend,
+    ("embedding", "embedding"): EmbeddingBackend,
+    ("image", "generation"): ImageBackend, ("image", "edit"): ImageBackend, ("image", "interpolation"): ImageBackend,
+    ("audio", "speech"): SpeechBackend, ("audio", "music"): MusicBackend,
+    ("molecule", "generation"): MoleculeBackend, ("molecule", "interpolation"): MoleculeInterpolationBackend,
+}
 
 REMOTE_MODALITIES = ("text", "embedding")  # what RemoteBackend forwards (OpenAI's endpoints)
 # The backend that runs a local model: by family where the family says, else by modality.
@@ -88,7 +109,9 @@ class ModelManager:
             task.cancel()
         await asyncio.gather(*(b.close() for b in self.backends.values()), return_exceptions=True)
 
-    def get(self, model_id: str, task: str) -> Backend:
+    def get(self, model_id: str, task: str, kind: type[B]) -> B:
+        """The backend of ``model_id`` for ``task``, as the Protocol ``kind`` the endpoint needs: 404 for
+        an unknown model, 400 ``model_not_supported`` for one that does not do this, 503 while it cannot."""
         backend = self.backends.get(model_id)
         if backend is None:
             raise ModelNotFoundError(f"The model '{model_id}' does not exist; GET /v1/models lists the "
@@ -97,6 +120,9 @@ class ModelManager:
             raise InvalidRequestError(f"The model '{model_id}' does not support {task} (it does: "
                                       f"{', '.join(backend.entry.tasks)}).", param="model",
                                       code="model_not_supported")
+        if KINDS.get((backend.entry.modality, task)) is not kind:
+            raise InvalidRequestError(f"The model '{model_id}' is a {backend.entry.modality} model; it does not serve "
+                                      "this endpoint.", param="model", code="model_not_supported")
         if self.draining:
             raise UnavailableError("The server is shutting down; retry on another replica.",
                                    headers={"Retry-After": "5"})
@@ -105,7 +131,7 @@ class ModelManager:
         if not backend.loaded:
             raise UnavailableError(f"The model '{model_id}' is still loading; retry shortly.",
                                    headers={"Retry-After": "5"})
-        return backend
+        return cast(B, backend)
 
     async def readiness(self) -> dict[str, bool]:
         states = await asyncio.gather(*(b.check_ready() for b in self.backends.values()))

@@ -12,14 +12,15 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
 
-from genserve.app.backends.base import Backend, Delta, EmbeddingResult, TextRequest, TokenLogprob, Usage
+from genserve.app.backends.base import Backend, Delta, EmbeddingResult, TokenLogprob, Usage
 from genserve.app.errors import DeadlineError, GenserveError, RateLimitError, UnavailableError, UpstreamError
 from genserve.app.registry import ConfigError, ModelEntry
+from genserve.models.params import TextParams
 from genserve.models.text.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class RemoteBackend(Backend):
         return UnavailableError(f"The upstream of model '{self.entry.id}' is unreachable or dropped the "
                                 f"connection ({type(exc).__name__}).", headers={"Retry-After": "5"})
 
-    async def generate(self, request: TextRequest) -> AsyncIterator[Delta | Usage]:
+    async def generate(self, request: TextParams) -> AsyncGenerator[Delta | Usage, None]:
         p = request.params
         body = {"model": self.upstream_model, **upstream_body(p), "stream": True,
                 "stream_options": {"include_usage": True}}

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import ConfigDict, Field, field_validator
 
 from genserve.app.schemas.base import SEED_RANGE, OpenAIBaseModel
-from genserve.models.audio.codec import FORMATS
+from genserve.app.serving.media import FORMATS
 
 SPEECH_EXAMPLE = {"model": "genserve-speech", "input": "The quick brown fox jumped over the lazy dog.",
                   "voice": "alloy", "response_format": "wav"}

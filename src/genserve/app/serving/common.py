@@ -7,7 +7,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -60,7 +60,7 @@ class Deadline:
         except TimeoutError:
             raise self.error() from None
 
-    async def stream(self, items: AsyncIterator[T]) -> AsyncIterator[T]:
+    async def stream(self, items: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
         """``items``, raising the deadline error once it passes (and closing ``items``)."""
         try:
             while True:
@@ -71,7 +71,7 @@ class Deadline:
                 yield item
         finally:
             with contextlib.suppress(Exception):
-                await items.aclose()  # type: ignore[attr-defined]
+                await items.aclose()
 
 
 async def unless_disconnected(raw: Request, work: Awaitable[T]) -> T | Response:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genserve.app.backends.base import Backend
+from genserve.app.backends.base import ServedModel
 from genserve.app.backends.manager import ModelManager
 from genserve.app.errors import ModelNotFoundError
 from genserve.app.schemas.models import ModelCard, ModelList
@@ -23,9 +23,9 @@ class ModelsServing:
         return _card(backend, await backend.check_ready())
 
 
-def _card(backend: Backend, ready: bool) -> ModelCard:
+def _card(backend: ServedModel, ready: bool) -> ModelCard:
     e = backend.entry
     facts = backend.describe()
     return ModelCard(id=e.id, created=backend.created, modality=e.modality, tasks=e.tasks, ready=ready,
-                     backend=e.backend, context_length=facts.get("context_length"),
-                     sample_rate=facts.get("sample_rate"))
+                     backend=e.backend, context_length=facts.context_length,
+                     sample_rate=facts.sample_rate)
