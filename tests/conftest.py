@@ -65,10 +65,10 @@ def free_port() -> int:
 
 
 def start_server(tmp: Path, name: str, registry: str, env: dict[str, str], ready_path: str = "/health/ready",
-                 timeout: float = 180) -> Server:
+                 timeout: float = 180, port: int | None = None) -> Server:
     config = tmp / f"{name}.yaml"
     config.write_text(registry)
-    port, log = free_port(), tmp / f"{name}.log"
+    port, log = port or free_port(), tmp / f"{name}.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "genserve", "serve", "--port", str(port), "--config", str(config)],
         env={**os.environ, "GENSERVE_API_KEYS": API_KEY, **env}, stdout=log.open("w"),

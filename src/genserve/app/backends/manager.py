@@ -23,7 +23,7 @@ from genserve.app.backends.local_embedding import LocalEmbeddingBackend
 from genserve.app.backends.local_image import LocalImageBackend
 from genserve.app.backends.local_molecule import LocalMoleculeBackend, LocalMolVAEBackend
 from genserve.app.backends.local_text import LocalTextBackend
-from genserve.app.backends.remote import RemoteBackend
+from genserve.app.backends.remote import REMOTE_BACKENDS
 from genserve.app.errors import InvalidRequestError, ModelNotFoundError, UnavailableError
 from genserve.app.metrics import Metrics
 from genserve.app.registry import ConfigError, ModelEntry
@@ -42,7 +42,6 @@ KINDS: dict[tuple[str, str], type[ServedModel]] = {
     ("molecule", "generation"): MoleculeBackend, ("molecule", "interpolation"): MoleculeInterpolationBackend,
 }
 
-REMOTE_MODALITIES = ("text", "embedding")  # what RemoteBackend forwards (OpenAI's endpoints)
 # The backend that runs a local model: by family where the family says, else by modality.
 LOCAL_BACKENDS: dict[str, type] = {"text": LocalTextBackend, "embedding": LocalEmbeddingBackend,
                                    "molecule": LocalMoleculeBackend, "mol-vae": LocalMolVAEBackend,
@@ -52,10 +51,11 @@ LOCAL_BACKENDS: dict[str, type] = {"text": LocalTextBackend, "embedding": LocalE
 
 def build_backend(entry: ModelEntry, settings: Settings, metrics: Metrics) -> Backend:
     if entry.backend == "remote":
-        if entry.modality not in REMOTE_MODALITIES:
-            raise ConfigError(f"model {entry.id!r}: remote backends serve {' and '.join(REMOTE_MODALITIES)} "
-                              f"models; a {entry.modality} model must be local")
-        return RemoteBackend(entry, entry.timeout_s(settings.request_timeout_s))
+        remote = REMOTE_BACKENDS.get(entry.modality)
+        if remote is None:
+            raise ConfigError(f"model {entry.id!r}: no remote backend serves {entry.modality} models; "
+                              f"remote modalities: {', '.join(REMOTE_BACKENDS)}")
+        return remote(entry, entry.timeout_s(settings.request_timeout_s))
     family = FAMILIES.get(entry.family or "")
     if family is None:
         raise ConfigError(f"model {entry.id!r}: unknown family {entry.family!r}; known: "
@@ -132,6 +132,10 @@ class ModelManager:
             raise UnavailableError(f"The model '{model_id}' is still loading; retry shortly.",
                                    headers={"Retry-After": "5"})
         return cast(B, backend)
+
+    def known_readiness(self) -> dict[str, bool]:
+        """Each model's state as last checked, without asking any upstream."""
+        return {mid: b.ready() for mid, b in self.backends.items()}
 
     async def readiness(self) -> dict[str, bool]:
         states = await asyncio.gather(*(b.check_ready() for b in self.backends.values()))

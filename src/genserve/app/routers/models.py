@@ -1,7 +1,10 @@
 """``/v1/models``: every served model, with its modality, tasks and readiness."""
 
-from fastapi import APIRouter, Depends, Request
+from typing import Annotated
 
+from fastapi import APIRouter, Depends, Header, Request
+
+from genserve.app.backends.remote import PROBE_HEADER
 from genserve.app.routers.responses import ERRORS
 from genserve.app.schemas.models import ModelCard, ModelList
 from genserve.app.security import bearer
@@ -10,8 +13,12 @@ router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(bearer)]
 
 
 @router.get("/models", response_model=ModelList)
-async def list_models(request: Request) -> ModelList:
-    return await request.app.state.models.list()
+async def list_models(request: Request,
+                      probe: Annotated[str | None, Header(alias=PROBE_HEADER, include_in_schema=False)] = None,
+                      ) -> ModelList:
+    """Every served model. A gateway's readiness probe (``x-genserve-probe``) gets the states as last
+    seen, so a gateway whose remote entries lead back here does not make this server probe them again."""
+    return await request.app.state.models.list(probe=probe is not None)
 
 
 @router.get("/models/{model_id:path}", response_model=ModelCard)

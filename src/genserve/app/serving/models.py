@@ -12,8 +12,9 @@ class ModelsServing:
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
 
-    async def list(self) -> ModelList:
-        ready = await self.manager.readiness()
+    async def list(self, probe: bool = False) -> ModelList:
+        """``probe``: a gateway asks; answer from the states already known instead of checking them."""
+        ready = self.manager.known_readiness() if probe else await self.manager.readiness()
         return ModelList(data=[_card(b, ready[mid]) for mid, b in self.manager.backends.items()])
 
     async def get(self, model_id: str) -> ModelCard:
