@@ -78,8 +78,8 @@ class ModelFacts:
     native_size: tuple[int, int] | None = None  # images: what ``size: auto`` gives
     image_kind: Literal["diffusion", "latent"] | None = None  # diffusion: steps, guidance, schedulers
     class_names: list[str] | None = None     # class-conditional image models: what ``prompt`` may name
-    can_inpaint: bool = False
-    can_vary: bool = False                   # image-to-image
+    can_inpaint: bool | None = None          # None: not known here (the upstream decides)
+    can_vary: bool | None = None             # image-to-image
     edit_at_native_size: bool = True         # uploads are resized to ``native_size`` (pixel-space models)
     training_set_size: int | None = None     # molecule generators: for ``novel``
     extra: dict[str, object] = field(default_factory=dict)

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import httpx
@@ -228,7 +228,7 @@ def upstream_body(params: SamplingParams) -> dict[str, Any]:
 
 
 class RemoteTextBackend(RemoteBackend):
-    async def generate(self, request: TextParams) -> AsyncIterator[TextEvent]:
+    async def generate(self, request: TextParams) -> AsyncGenerator[TextEvent, None]:
         p = request.params
         body = {"model": self.upstream_model, **upstream_body(p), "stream": True,
                 "stream_options": {"include_usage": True}}
@@ -298,7 +298,7 @@ def _delta(choice: dict[str, Any], chat: bool) -> Delta:
 
 # images -----------------------------------------------------------------------------------------
 class RemoteImageBackend(RemoteBackend):
-    async def generate(self, params: ImageParams) -> AsyncIterator[ImageEvent]:
+    async def generate(self, params: ImageParams) -> AsyncGenerator[ImageEvent, None]:
         first = params.jobs[0]
         body: dict[str, Any] = {
             "model": self.upstream_model, "prompt": first.prompt, "n": len(params.jobs), "size": params.size,
@@ -328,7 +328,7 @@ class RemoteImageBackend(RemoteBackend):
                 for artifact in self._artifacts(event, "image/png"):
                     yield artifact
 
-    async def interpolate(self, params: ImageInterpolationParams) -> AsyncIterator[ImageArtifact]:
+    async def interpolate(self, params: ImageInterpolationParams) -> AsyncGenerator[ImageArtifact, None]:
         body = {"model": self.upstream_model, "seed_start": params.seed_start, "seed_end": params.seed_end,
                 "frames": params.frames, "method": params.method, "format": params.format,
                 "class": params.class_name, "response_format": "b64_json"}
@@ -347,7 +347,7 @@ class RemoteImageBackend(RemoteBackend):
 
 # audio ------------------------------------------------------------------------------------------
 class RemoteAudioBackend(RemoteBackend):
-    async def speak(self, params: SpeechParams) -> AsyncIterator[AudioChunk]:
+    async def speak(self, params: SpeechParams) -> AsyncGenerator[AudioChunk, None]:
         body = {"model": self.upstream_model, "input": params.text, "voice": params.voice, "speed": params.speed,
                 "response_format": params.response_format, "seed": params.seed}
         resp = await self._post("audio/speech", {k: v for k, v in body.items() if v is not None}, stream=True)
@@ -369,7 +369,7 @@ class RemoteAudioBackend(RemoteBackend):
 
 # molecules --------------------------------------------------------------------------------------
 class RemoteMoleculeBackend(RemoteBackend):
-    async def generate(self, params: MoleculeParams) -> AsyncIterator[MoleculeEvent]:
+    async def generate(self, params: MoleculeParams) -> AsyncGenerator[MoleculeEvent, None]:
         body = {"model": self.upstream_model, "n": params.n, "seed": params.seed, "temperature": params.temperature,
                 "top_k": params.top_k, "unique": params.unique, "max_samples": params.max_samples,
                 "constraints": params.constraints, "include": params.include}
@@ -391,12 +391,13 @@ class RemoteMoleculeBackend(RemoteBackend):
             yield molecule
         yield stats
 
-    async def interpolate(self, params: MoleculeInterpolationParams) -> list[str]:
+    async def interpolate(self, params: MoleculeInterpolationParams) -> list[Molecule]:
         body = {"model": self.upstream_model, "start": params.start, "end": params.end, "steps": params.steps,
-                "method": params.method, "include": []}
+                "method": params.method, "include": params.include}
         payload = await self._post_json("molecules/interpolations", body, "molecules")
         try:
-            return [str(item["selfies"]) for item in sorted(payload["data"], key=lambda d: d["index"])]
+            return [Molecule(smiles=m.get("smiles"), selfies=str(m["selfies"]), properties=m.get("properties"),
+                             svg=m.get("svg")) for m in sorted(payload["data"], key=lambda d: d["index"])]
         except (KeyError, TypeError) as exc:
             raise self._bad_upstream(f"sent a malformed interpolation response ({exc})") from exc
 

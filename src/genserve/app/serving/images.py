@@ -187,7 +187,7 @@ class ImageServing:
         neither a mask nor transparent pixels, image-to-image of the whole picture."""
         backend = self.manager.get(form.model, "edit", ImageBackend)
         facts = backend.describe()
-        if not facts.can_inpaint and not facts.can_vary:
+        if facts.can_inpaint is False and facts.can_vary is False:
             raise InvalidRequestError(f"The model '{form.model}' has no image-to-image or inpainting pipeline.",
                                       param="model", code="model_not_supported")
         jobs = self._jobs(backend, facts, form, form.prompt, form.n, form.size)
@@ -201,6 +201,7 @@ class ImageServing:
                                       f"{picture.size[0]}x{picture.size[1]}; they must match.", param="mask")
         native = facts.native_size if facts.edit_at_native_size and facts.native_size else (jobs[0].width,
                                                                                               jobs[0].height)
+        native = native if all(native) else picture.size  # a remote model's sizes are its upstream's to check
         rgb = np.asarray(picture.convert("RGB").resize(native, Image.Resampling.LANCZOS))
         hole = None
         if "A" in alpha_from.getbands():
@@ -209,10 +210,10 @@ class ImageServing:
         if mask is not None and hole is None:
             raise InvalidRequestError("mask has no transparent pixels, so nothing would be repainted; leave the "
                                       "mask out to redo the whole image (image-to-image).", param="mask")
-        if hole is not None and not facts.can_inpaint:
+        if hole is not None and facts.can_inpaint is False:
             raise InvalidRequestError(f"The model '{form.model}' has no inpainting pipeline; send an opaque image "
                                       "without a mask for image-to-image.", param="mask", code="model_not_supported")
-        if hole is None and not facts.can_vary:
+        if hole is None and facts.can_vary is False:
             raise InvalidRequestError(f"The model '{form.model}' has no image-to-image pipeline: send a mask (or "
                                       "transparent pixels) to inpaint.", param="image", code="model_not_supported")
         for job in jobs:
