@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator
 from genserve.app.backends.base import Backend, TextRequest, Usage
 from genserve.app.backends.batching import BatchedBackend
 from genserve.app.backends.local_text import LocalTextBackend
-from genserve.app.errors import InvalidRequestError
 from genserve.app.metrics import Metrics
 from genserve.app.registry import ModelEntry
-from genserve.models.families import local_dir
+from genserve.models.common.loading import local_dir
+from genserve.models.errors import InputError
 from genserve.models.molecule.generator import TrainingSet
 from genserve.models.text.sampling import SamplingParams
 
@@ -73,17 +73,17 @@ class LocalMolVAEBackend(BatchedBackend):
         self.loaded = True
 
     async def start(self) -> None:
-        from genserve.models.molecule.vae import MoleculeInputError, interpolate
+        from genserve.models.molecule.vae import interpolate
 
         model = self.model
 
-        def run(items: list[tuple[str, str, int, str]]) -> list[list[str] | InvalidRequestError]:
-            out: list[list[str] | InvalidRequestError] = []
+        def run(items: list[tuple[str, str, int, str]]) -> list[list[str] | InputError]:
+            out: list[list[str] | InputError] = []
             for start, end, steps, method in items:
                 try:
                     out.append(interpolate(model, start, end, steps, method))
-                except MoleculeInputError as exc:  # the caller's molecule, not the batch, is at fault
-                    out.append(InvalidRequestError(str(exc), param=exc.param))
+                except InputError as exc:  # the caller's molecule, not the batch, is at fault
+                    out.append(exc)
             return out
 
         self.start_batcher(run)
@@ -92,6 +92,6 @@ class LocalMolVAEBackend(BatchedBackend):
     async def interpolate(self, start: str, end: str, steps: int, method: str) -> list[str]:
         assert self.batcher is not None
         (result,) = await self.batcher.submit_many([(start, end, steps, method)])
-        if isinstance(result, InvalidRequestError):
+        if isinstance(result, InputError):
             raise result
         return result

@@ -39,7 +39,7 @@ from genserve.app.schemas.images import (
 )
 from genserve.app.serving.common import Deadline, now, seed_or_random, unless_disconnected
 from genserve.app.settings import Settings
-from genserve.models.text.sampling import SEED_MASK
+from genserve.models.seeding import item_seed
 
 FILES_PATH = "/v1/images/files"
 
@@ -134,7 +134,7 @@ class ImageServing:
                                               "an image in one pass.", param=knob)
             class_index = backend.class_index(prompt)
         seed = seed_or_random(body.seed)
-        return [ImageJob(prompt=prompt, seed=(seed + k) & SEED_MASK, width=width, height=height,
+        return [ImageJob(prompt=prompt, seed=item_seed(seed, k), width=width, height=height,
                          negative_prompt=body.negative_prompt, steps=body.num_inference_steps,
                          guidance_scale=body.guidance_scale, scheduler=body.scheduler, class_index=class_index)
                 for k in range(n)]

@@ -39,7 +39,7 @@ from genserve.app.schemas.molecules import (
 from genserve.app.serving.common import Deadline, now, request_id, response_id, seed_or_random, unless_disconnected
 from genserve.app.settings import Settings
 from genserve.models.molecule import chem
-from genserve.models.text.sampling import SEED_MASK, SEED_STRIDE  # string k of a round: the engine's sample k
+from genserve.models.seeding import sample_seed  # string k of a round: the request's sample sampled + k
 
 MAX_ROUND = 1024  # strings sampled in one round at most
 MIN_ROUND = 16
@@ -90,7 +90,7 @@ class MoleculeServing:
         training_set = getattr(backend, "training_set", None)
         while len(tally.kept) < body.n and tally.sampled < budget:
             count = _round_size(body.n - len(tally.kept), tally, budget)
-            round_seed = (seed + SEED_STRIDE * tally.sampled) & SEED_MASK
+            round_seed = sample_seed(seed, tally.sampled)
             # RDKit works on the strings the engine has finished while it samples the rest.
             work: list[asyncio.Future] = []
             stream = backend.stream_selfies(f"{rid}-{tally.sampled}", count, body.temperature, body.top_k, round_seed)
@@ -195,10 +195,7 @@ def _select(round_: list[_Analysis], body: MoleculeGenerationRequest, tally: _Ta
 
 def _compile(body: MoleculeGenerationRequest) -> chem.CompiledConstraints:
     given = body.constraints.model_dump() if body.constraints is not None else {}
-    try:
-        return chem.compile_constraints(chem.Constraints(**given))
-    except chem.ConstraintError as exc:
-        raise InvalidRequestError(str(exc), param=exc.param) from None
+    return chem.compile_constraints(chem.Constraints(**given))  # an InputError is the caller's 400
 
 
 def _round_size(missing: int, tally: _Tally, budget: int) -> int:
