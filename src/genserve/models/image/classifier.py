@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -86,16 +85,6 @@ def fit(train: Split, held: Split, cfg: ClassifierTrainConfig) -> tuple[DigitCla
 
 def accuracy(net: DigitClassifier, split: Split) -> float:
     return (predict(net, split.unit())[1] == split.labels).float().mean().item()
-
-
-def train(out: Path, minutes: float, seed: int = 0, threads: int = 1, max_steps: int | None = None) -> dict:
-    """``genserve train digits-classifier``: trains, saves to ``out`` with its card; the report."""
-    from genserve.models.image.train import train_digits_model
-
-    cfg = ClassifierTrainConfig(minutes=minutes, seed=seed, max_steps=max_steps)
-    report = train_digits_model("digits-classifier", out, cfg, fit, threads)
-    (out / "README.md").write_text(card(report))
-    return report
 
 
 def card(report: dict) -> str:

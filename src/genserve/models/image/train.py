@@ -63,3 +63,13 @@ def train_generator(target: str, out: Path, cfg: Any, fit: Fit, threads: int = 1
 
         log.info("\n%s", format_table(eval_images(model, root=out.parent)))
     return report
+
+
+def train_classifier(out: Path, minutes: float, seed: int = 0, threads: int = 1, max_steps: int | None = None) -> dict:
+    """``genserve train digits-classifier``: trains, saves to ``out`` with its card; the report."""
+    from genserve.models.image.classifier import ClassifierTrainConfig, card, fit
+
+    cfg = ClassifierTrainConfig(minutes=minutes, seed=seed, max_steps=max_steps)
+    report = train_digits_model("digits-classifier", out, cfg, fit, threads)
+    (out / "README.md").write_text(card(report))
+    return report
