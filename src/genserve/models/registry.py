@@ -100,7 +100,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 
 # Targets that train or measure no served family: the classifiers the image evaluations measure with.
 INSTRUMENTS = (
-    _train("digits-classifier", "genserve.models.image.train:train_classifier", weights="digits-classifier", minutes=45.0),
+    _train("digits-classifier", "genserve.models.image.train:train_classifier", weights="digits-classifier"),
     _train("emoji-classifier", "genserve.models.diffusion.classifier:train_emoji_classifier",
            weights="emoji-classifier", minutes=3.0, threads=1),
 )
