@@ -15,7 +15,8 @@ sentences from a continuous space") and grants each latent dimension a few free 
 
 Token sequences are ``<s> t_1 ... t_n </s> <pad> ...``; ``max_len`` bounds n, the SELFIES tokens of
 one molecule. Interpolation encodes two molecules to their posterior means and greedily decodes
-points on the great circle (slerp) or the straight line (lerp) between them.
+points on the great circle (slerp) or the straight line (lerp) between them. Training is in
+``vae_train.py`` (``genserve train mol-vae``), the measures in ``vae_evaluate.py``.
 """
 
 from __future__ import annotations
