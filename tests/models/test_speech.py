@@ -14,7 +14,7 @@ from genserve.app.metrics import Metrics
 from genserve.app.registry import ModelEntry
 from genserve.models.audio import SpeechSpec, split_text
 from genserve.models.audio.espeak import read_wav_header
-from genserve.models.families import load_family, weights_dir
+from genserve.models.common.loading import load_family, weights_dir
 from genserve.models.params import SpeechParams
 from tests.conftest import build_tiny_vits
 

@@ -18,6 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from genserve.models.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -135,6 +137,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GenserveError)
     async def _genserve(request: Request, exc: GenserveError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(InputError)
+    async def _input(request: Request, exc: InputError) -> JSONResponse:
+        return error_response(InvalidRequestError(exc.message, param=exc.param))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

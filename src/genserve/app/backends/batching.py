@@ -22,7 +22,7 @@ from genserve.app.backends.base import STALL_SECONDS, Backend
 from genserve.app.errors import RateLimitError, UnavailableError
 from genserve.app.metrics import Metrics
 from genserve.app.registry import ModelEntry
-from genserve.models.families import load_family
+from genserve.models.common.loading import load_family
 
 T = TypeVar("T")
 R = TypeVar("R")

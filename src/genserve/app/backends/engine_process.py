@@ -51,7 +51,7 @@ def engine_main(conn: Connection, spec: EngineSpec) -> None:
     """The child: load, report, then step whenever there is work, between commands."""
     import torch
 
-    from genserve.models.families import load_family
+    from genserve.models.common.loading import load_family
     from genserve.models.text.engine import LLMEngine
 
     try:

@@ -23,7 +23,7 @@ from genserve.app.errors import InvalidRequestError
 from genserve.models.audio import SpeechSpec, split_text
 from genserve.models.audio.espeak import pcm16_to_float, read_wav_header
 from genserve.models.params import MusicParams, SpeechParams
-from genserve.models.text.sampling import SEED_MASK
+from genserve.models.seeding import item_seed
 
 READ_BYTES = 16_384  # espeak-ng output read at a time: about 0.37 s of 22.05 kHz audio
 
@@ -65,7 +65,7 @@ class LocalSpeechBackend(_AudioBackend):
                 yield chunk
             return
         assert self.batcher is not None
-        pieces = [dataclasses.replace(spec, text=t, seed=None if spec.seed is None else (spec.seed + i) & SEED_MASK)
+        pieces = [dataclasses.replace(spec, text=t, seed=None if spec.seed is None else item_seed(spec.seed, i))
                   for i, t in enumerate(split_text(spec.text))]
         async for audio in self.batcher.submit_stream(pieces):
             yield audio

@@ -19,10 +19,10 @@ from genserve.app.backends.base import Backend, ModelFacts, Molecule, MoleculeEv
 from genserve.app.backends.batching import BatchedBackend
 from genserve.app.backends.chemistry import chemistry_pool
 from genserve.app.backends.local_text import LocalTextBackend
-from genserve.app.errors import InvalidRequestError
 from genserve.app.metrics import Metrics
 from genserve.app.registry import ModelEntry
-from genserve.models.families import local_dir
+from genserve.models.common.loading import local_dir
+from genserve.models.errors import InputError
 from genserve.models.molecule import chem
 from genserve.models.molecule import sampling as rounds
 from genserve.models.molecule.generator import TrainingSet
@@ -65,10 +65,7 @@ class LocalMoleculeBackend(Backend):
 
     async def generate(self, params: MoleculeParams) -> AsyncGenerator[MoleculeEvent, None]:
         """The kept molecules, round by round, then the stats of every string drawn."""
-        try:
-            compiled = rounds.compile_constraints(params.constraints)
-        except chem.ConstraintError as exc:
-            raise InvalidRequestError(str(exc), param=exc.param) from None
+        compiled = rounds.compile_constraints(params.constraints)  # a bad one: InputError naming the field
         tally = rounds.Tally()
         while len(tally.kept) < params.n and tally.sampled < params.max_samples:
             count = rounds.round_size(params.n - len(tally.kept), tally, params.max_samples)
@@ -108,17 +105,17 @@ class LocalMolVAEBackend(BatchedBackend):
         self.loaded = True
 
     async def start(self) -> None:
-        from genserve.models.molecule.vae import MoleculeInputError, interpolate
+        from genserve.models.molecule.vae import interpolate
 
         model = self.model
 
-        def run(items: list[MoleculeInterpolationParams]) -> list[list[str] | InvalidRequestError]:
-            out: list[list[str] | InvalidRequestError] = []
+        def run(items: list[MoleculeInterpolationParams]) -> list[list[str] | InputError]:
+            out: list[list[str] | InputError] = []
             for p in items:
                 try:
                     out.append(interpolate(model, p.start, p.end, p.steps, p.method))
-                except MoleculeInputError as exc:  # the caller's molecule, not the batch, is at fault
-                    out.append(InvalidRequestError(str(exc), param=exc.param))
+                except InputError as exc:  # the caller's molecule, not the batch, is at fault
+                    out.append(exc)
             return out
 
         self.start_batcher(run)
@@ -127,7 +124,7 @@ class LocalMolVAEBackend(BatchedBackend):
         """The path's points in order, each described in the chemistry pool."""
         assert self.batcher is not None
         (result,) = await self.batcher.submit_many([params])
-        if isinstance(result, InvalidRequestError):
+        if isinstance(result, InputError):
             raise result
         points = await asyncio.get_running_loop().run_in_executor(
             chemistry_pool(), lambda: [rounds.path_molecule(s, params.include) for s in result])

@@ -24,7 +24,7 @@ from genserve.app.backends.engine_process import EngineClient, EngineSpec
 from genserve.app.errors import InvalidRequestError, RateLimitError, UnavailableError
 from genserve.app.metrics import Metrics
 from genserve.app.registry import ModelEntry
-from genserve.models.families import load_family_info
+from genserve.models.common.loading import load_family_info
 from genserve.models.params import TextParams
 from genserve.models.text.engine import EngineConfig, EngineError, EngineShutdown, RequestEvent, StepStats
 from genserve.models.text.generate import SampleOutput, TextModel

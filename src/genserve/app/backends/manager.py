@@ -28,7 +28,7 @@ from genserve.app.errors import InvalidRequestError, ModelNotFoundError, Unavail
 from genserve.app.metrics import Metrics
 from genserve.app.registry import ConfigError, ModelEntry
 from genserve.app.settings import Settings
-from genserve.models.families import FAMILIES
+from genserve.models.registry import FAMILIES
 
 log = logging.getLogger(__name__)
 B = TypeVar("B", bound=ServedModel)
@@ -42,10 +42,10 @@ KINDS: dict[tuple[str, str], type[ServedModel]] = {
     ("molecule", "generation"): MoleculeBackend, ("molecule", "interpolation"): MoleculeInterpolationBackend,
 }
 
-# The backend that runs a local model: by family where the family says, else by modality.
+# The backend class of each backend kind of the family table (models/registry.py).
 LOCAL_BACKENDS: dict[str, type] = {"text": LocalTextBackend, "embedding": LocalEmbeddingBackend,
                                    "molecule": LocalMoleculeBackend, "mol-vae": LocalMolVAEBackend,
-                                   "audio": LocalSpeechBackend, "chorale": LocalMusicBackend,
+                                   "speech": LocalSpeechBackend, "music": LocalMusicBackend,
                                    "image": LocalImageBackend}
 
 
@@ -60,10 +60,10 @@ def build_backend(entry: ModelEntry, settings: Settings, metrics: Metrics) -> Ba
     if family is None:
         raise ConfigError(f"model {entry.id!r}: unknown family {entry.family!r}; known: "
                           f"{', '.join(sorted(FAMILIES))}")
-    if family[0] != entry.modality:
-        raise ConfigError(f"model {entry.id!r}: family {entry.family!r} serves {family[0]}, "
+    if family.modality != entry.modality:
+        raise ConfigError(f"model {entry.id!r}: family {entry.family!r} serves {family.modality}, "
                           f"not {entry.modality}")
-    return LOCAL_BACKENDS.get(entry.family or "", LOCAL_BACKENDS[entry.modality])(entry, metrics)
+    return LOCAL_BACKENDS[family.backend](entry, metrics)
 
 
 class ModelManager:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable
@@ -15,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from genserve.app.errors import DeadlineError
-from genserve.models.text.sampling import SEED_MASK
+from genserve.models.seeding import seed_or_random  # noqa: F401  (the serving modules take it from here)
 
 T = TypeVar("T")
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; only ever seen in metrics
@@ -28,11 +27,6 @@ def request_id(raw: Request) -> str:
 def response_id(prefix: str) -> str:
     """A fresh id for a response object (never the caller's x-request-id, which need not be unique)."""
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def seed_or_random(seed: int | None) -> int:
-    """The caller's seed, or a fresh random one (reported back so the caller can repeat the result)."""
-    return seed if seed is not None else int.from_bytes(os.urandom(8), "little") & SEED_MASK
 
 
 def now() -> int:

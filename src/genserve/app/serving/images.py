@@ -41,7 +41,7 @@ from genserve.app.serving.common import Deadline, now, seed_or_random, unless_di
 from genserve.app.serving.media import image_bytes
 from genserve.app.settings import Settings
 from genserve.models.params import ImageInterpolationParams, ImageJob, ImageParams
-from genserve.models.text.sampling import SEED_MASK
+from genserve.models.seeding import item_seed
 
 FILES_PATH = "/v1/images/files"
 
@@ -115,7 +115,7 @@ class ImageServing:
                     raise InvalidRequestError(f"{knob} applies to diffusion models; '{backend.entry.id}' makes "
                                               "an image in one pass.", param=knob)
         seed = seed_or_random(body.seed)
-        return [ImageJob(prompt=prompt, seed=(seed + k) & SEED_MASK, width=width, height=height,
+        return [ImageJob(prompt=prompt, seed=item_seed(seed, k), width=width, height=height,
                          negative_prompt=body.negative_prompt, steps=body.num_inference_steps,
                          guidance_scale=body.guidance_scale, scheduler=body.scheduler)
                 for k in range(n)]

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from genserve.models.common.interpolation import lerp, slerp
 from genserve.models.diffusion import runner as diffusion
 from genserve.models.diffusion.runner import UPSCALES, upscale
 from genserve.models.image import ImageGenerator
@@ -51,24 +52,9 @@ class LatentRunner:
                     width: int, height: int) -> np.ndarray:
         ends = self.model.latents([seed_start, seed_end])
         weights = torch.linspace(0, 1, frames, dtype=ends.dtype)
-        path = slerp(ends[0], ends[1], weights) if method == "slerp" else torch.lerp(
-            ends[0][None], ends[1][None], weights[:, None])
+        path = (slerp if method == "slerp" else lerp)(ends[0], ends[1], weights)
         classes = [class_index] * frames
         return _rgb(upscale(self.model.decode(path, classes), width, height))
-
-
-def slerp(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Points on the great circle from ``a`` to ``b`` (norms interpolated linearly), (frames, dim)."""
-    na, nb = a.norm(), b.norm()
-    cos = torch.clamp(torch.dot(a / na, b / nb), -1.0, 1.0)
-    omega = torch.arccos(cos)
-    if omega.abs() < 1e-6:
-        return torch.lerp(a[None], b[None], weights[:, None])
-    w = weights[:, None]
-    direction = (torch.sin((1 - w) * omega) * (a / na) + torch.sin(w * omega) * (b / nb)) / torch.sin(omega)
-    path = direction * torch.lerp(na, nb, w)
-    path[weights == 0], path[weights == 1] = a, b  # the ends exactly: the two seeds' own images
-    return path
 
 
 def _rgb(images: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from genserve.models.molecule import chem
 from genserve.models.molecule.generator import TrainingSet
-from genserve.models.text.sampling import SEED_MASK, SEED_STRIDE  # string k of a round: the engine's sample k
+from genserve.models.seeding import sample_seed  # string k of a round: the engine's sample k
 
 MAX_ROUND = 1024  # strings sampled in one round at most
 MIN_ROUND = 16
@@ -50,13 +50,13 @@ class Tally:
 
 
 def compile_constraints(given: dict | None) -> chem.CompiledConstraints:
-    """The request's ``constraints``, checked and compiled (``chem.ConstraintError`` names the field)."""
+    """The request's ``constraints``, checked and compiled (``InputError`` names the field)."""
     return chem.compile_constraints(chem.Constraints(**(given or {})))
 
 
 def round_seed(seed: int, tally: Tally) -> int:
     """The seed of the next round's first string: string ``k`` of a request has seed ``seed + k * stride``."""
-    return (seed + SEED_STRIDE * tally.sampled) & SEED_MASK
+    return sample_seed(seed, tally.sampled)
 
 
 def round_size(missing: int, tally: Tally, budget: int) -> int:
