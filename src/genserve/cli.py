@@ -52,10 +52,10 @@ def _train(args: argparse.Namespace) -> int:
     elif args.target == "diffusion":
         from genserve.models.diffusion.train import DiffusionTrainConfig, train_diffusion
 
-        cfg = DiffusionTrainConfig(minutes=args.minutes, seed=args.seed, threads=args.threads,
-                                   init_from=Path(args.init_from) if args.init_from else None,
-                                   prediction_type=args.prediction_type, lr=args.lr or DiffusionTrainConfig.lr)
-        train_diffusion(Path(args.out), cfg)
+        train_diffusion(Path(args.out), DiffusionTrainConfig(
+            minutes=args.minutes, seed=args.seed, threads=args.threads,
+            init_from=Path(args.init_from) if args.init_from else None,
+            prediction_type=args.prediction_type, lr=args.lr or DiffusionTrainConfig.lr))
     return 0
 
 
@@ -86,11 +86,12 @@ def _eval(args: argparse.Namespace) -> int:
             write_card(path, report)  # the model card carries the numbers of its own directory's eval
     elif args.target == "music":
         from genserve.models.families import weights_dir
-        from genserve.models.music.evaluate import eval_music, format_table, write_card
+        from genserve.models.music.evaluate import eval_music, write_card
+        from genserve.models.music.evaluate import format_table as music_table
 
         path = Path(args.model) if args.model else weights_dir() / "genserve-music"
         report = eval_music(path, Path(args.out) if args.out else path / "eval", args.seed, args.threads or 1)
-        print(format_table(report["metrics"]))
+        print(music_table(report["metrics"]))
         if args.out is None and (path / "training_report.json").is_file():
             write_card(path, report)
     return 0
@@ -121,6 +122,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from genserve.app.deps import services_of
     from genserve.app.main import create_app
     from genserve.app.registry import load_registry
 
@@ -136,8 +138,9 @@ def _serve(args: argparse.Namespace) -> int:
         log.warning("no API keys configured: the API is open to anyone who can reach %s", settings.host)
     app = create_app(settings, entries)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.shutdown_grace_s)
-    DrainingServer(config, on_exit=app.state.manager.drain_threadsafe).run()
+                            # uvicorn annotates int but hands it to asyncio.timeout, which takes float seconds.
+                            timeout_graceful_shutdown=settings.shutdown_grace_s)  # type: ignore[arg-type]
+    DrainingServer(config, on_exit=services_of(app).manager.drain_threadsafe).run()
     return 0
 
 

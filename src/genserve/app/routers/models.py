@@ -1,7 +1,8 @@
 """``/v1/models``: every served model, with its modality, tasks and readiness."""
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 
+from genserve.app.deps import ModelsServingDep
 from genserve.app.routers.responses import ERRORS
 from genserve.app.schemas.models import ModelCard, ModelList
 from genserve.app.security import bearer
@@ -10,10 +11,10 @@ router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(bearer)]
 
 
 @router.get("/models", response_model=ModelList)
-async def list_models(request: Request) -> ModelList:
-    return await request.app.state.models.list()
+async def list_models(models: ModelsServingDep) -> ModelList:
+    return await models.list()
 
 
 @router.get("/models/{model_id:path}", response_model=ModelCard)
-async def get_model(model_id: str, request: Request) -> ModelCard:
-    return await request.app.state.models.get(model_id)
+async def get_model(model_id: str, models: ModelsServingDep) -> ModelCard:
+    return await models.get(model_id)
