@@ -63,6 +63,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from genserve.app.deps import services_of
     from genserve.app.main import create_app
     from genserve.app.registry import load_registry
 
@@ -78,8 +79,9 @@ def _serve(args: argparse.Namespace) -> int:
         log.warning("no API keys configured: the API is open to anyone who can reach %s", settings.host)
     app = create_app(settings, entries)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.shutdown_grace_s)
-    DrainingServer(config, on_exit=app.state.manager.drain_threadsafe).run()
+                            # uvicorn annotates int but hands it to asyncio.timeout, which takes float seconds.
+                            timeout_graceful_shutdown=settings.shutdown_grace_s)  # type: ignore[arg-type]
+    DrainingServer(config, on_exit=services_of(app).manager.drain_threadsafe).run()
     return 0
 
 

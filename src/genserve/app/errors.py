@@ -76,7 +76,8 @@ class UpstreamError(GenserveError):
     """An error answered by a remote backend, passed on with its own status and body."""
 
     def __init__(self, status: int, body: dict[str, Any]) -> None:
-        err = body.get("error") if isinstance(body.get("error"), dict) else {}
+        raw = body.get("error")
+        err: dict[str, Any] = raw if isinstance(raw, dict) else {}
         code, param = err.get("code"), err.get("param")
         # OpenAI's code and param are strings; some servers (vLLM) put the HTTP status in code.
         super().__init__(str(err.get("message", "upstream error")), param=param if isinstance(param, str) else None,
@@ -115,7 +116,7 @@ def param_path(loc: tuple[Any, ...]) -> str | None:
 
 def validation_error(exc: RequestValidationError) -> InvalidRequestError:
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "invalid"}
+    first: dict[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "invalid"}
     if first.get("type") == "json_invalid":
         return InvalidRequestError("The request body is not valid JSON: " + str(first.get("ctx", {})
                                    .get("error", "parse error")), code="invalid_json")

@@ -64,7 +64,7 @@ class ModelEntry(BaseModel):
     tasks: list[str] = Field(default_factory=list)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_batch_size: int = Field(None, ge=1, le=1024, description="largest batch: sequences per engine step "
+    max_batch_size: int = Field(8, ge=1, le=1024, description="largest batch: sequences per engine step "
                                 "for text (default 64), items per model call otherwise (default 8)")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000)
     max_waiting: int = Field(64, ge=1, description="queued requests beyond which new ones get 429")
@@ -107,8 +107,8 @@ class ModelEntry(BaseModel):
             raise ValueError("a remote model needs 'url'")
         if not self.tasks:
             self.tasks = self.default_tasks()
-        if self.max_batch_size is None:
-            self.max_batch_size = 64 if self.modality == "text" else 8
+        if "max_batch_size" not in self.model_fields_set and self.modality == "text":
+            self.max_batch_size = 64
         return self
 
 
