@@ -24,8 +24,11 @@ molecule   ``MoleculeInterpolationBackend``            the path's points as ``Mo
 =========  ==========================================  ==========================================
 
 ``serving/<modality>.py`` turns these into wire formats (``serving/media.py`` encodes media). In each
-serving module the events pass through one method named ``_checked`` before any wire format is made:
-that is where output moderation and provenance marks go, for local and remote backends alike.
+serving module a backend's events pass through one ``_checked`` method per Protocol method
+(``TextServing._checked``, ``EmbeddingServing._checked``, ``ImageServing._checked`` for generation,
+edits and interpolation, ``AudioServing._checked`` for speech and ``_checked_piece`` for music,
+``MoleculeServing._checked`` for generation and ``_checked_path`` for interpolation) before any wire
+format is made: that is where output moderation and provenance marks go, for every backend alike.
 
 A caller's bad value is found as early as the knowledge allows: serving checks the registry entry's
 limits and the ``describe()`` facts it has (where a fact is None, it leaves the check to the
