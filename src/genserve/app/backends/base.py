@@ -41,7 +41,8 @@ a deadline passed) and the backend stops its work at once.
 Departures from the first draft of this contract: ``Molecule.smiles`` is None for a point of a latent
 path that decodes to no molecule, and molecule interpolation returns ``Molecule`` points (SELFIES,
 SMILES, properties and depictions as ``include`` asks) instead of bare SELFIES, so that its output
-passes the same checks as generation and a remote backend returns its upstream's points as they came.
+passes the same checks as generation and a remote backend returns its upstream's points as they came;
+``ModelFacts.can_inpaint`` and ``can_vary`` are None where unknown, like every other fact.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ class ModelFacts:
     native_size: tuple[int, int] | None = None  # images: what ``size: auto`` gives
     image_kind: Literal["diffusion", "latent"] | None = None  # diffusion: steps, guidance, schedulers
     class_names: list[str] | None = None     # class-conditional image models: what ``prompt`` may name
-    can_inpaint: bool = False
-    can_vary: bool = False                   # image-to-image
+    can_inpaint: bool | None = None
+    can_vary: bool | None = None             # image-to-image
     edit_at_native_size: bool = True         # uploads are resized to ``native_size`` (pixel-space models)
     training_set_size: int | None = None     # molecule generators: for ``novel``
     extra: dict[str, object] = field(default_factory=dict)

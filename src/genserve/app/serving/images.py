@@ -187,15 +187,16 @@ class ImageServing:
         neither a mask nor transparent pixels, image-to-image of the whole picture."""
         backend = self.manager.get(form.model, "edit", ImageBackend)
         facts = backend.describe()
-        if not facts.can_inpaint and not facts.can_vary:
+        if facts.can_inpaint is False and facts.can_vary is False:  # None: the backend will say
             raise InvalidRequestError(f"The model '{form.model}' has no image-to-image or inpainting pipeline.",
                                       param="model", code="model_not_supported")
         jobs = self._jobs(backend, facts, form, form.prompt, form.n, form.size)
         limits = backend.entry.limits
         picture, upload = await self._read_upload(image, "image", limits.max_upload_bytes, limits.max_upload_pixels)
-        alpha_from, upload_mask = await self._read_upload(mask, "mask", limits.max_upload_bytes,
-                                                          limits.max_upload_pixels) if mask is not None else (picture,
-                                                                                                              None)
+        alpha_from, upload_mask = picture, None
+        if mask is not None:
+            alpha_from, upload_mask = await self._read_upload(mask, "mask", limits.max_upload_bytes,
+                                                              limits.max_upload_pixels)
         if mask is not None and alpha_from.size != picture.size:
             raise InvalidRequestError(f"mask is {alpha_from.size[0]}x{alpha_from.size[1]} but image is "
                                       f"{picture.size[0]}x{picture.size[1]}; they must match.", param="mask")
@@ -209,10 +210,10 @@ class ImageServing:
         if mask is not None and hole is None:
             raise InvalidRequestError("mask has no transparent pixels, so nothing would be repainted; leave the "
                                       "mask out to redo the whole image (image-to-image).", param="mask")
-        if hole is not None and not facts.can_inpaint:
+        if hole is not None and facts.can_inpaint is False:
             raise InvalidRequestError(f"The model '{form.model}' has no inpainting pipeline; send an opaque image "
                                       "without a mask for image-to-image.", param="mask", code="model_not_supported")
-        if hole is None and not facts.can_vary:
+        if hole is None and facts.can_vary is False:
             raise InvalidRequestError(f"The model '{form.model}' has no image-to-image pipeline: send a mask (or "
                                       "transparent pixels) to inpaint.", param="image", code="model_not_supported")
         for job in jobs:
