@@ -46,7 +46,8 @@ def _violations(tree: ast.AST) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance" \
                 and len(node.args) == 2:
-            found += [f"line {node.lineno}: isinstance(..., {n})" for n in _names(node.args[1]) if BACKEND_CLASS.match(n)]
+            found += [f"line {node.lineno}: isinstance(..., {n})" for n in _names(node.args[1])
+                      if BACKEND_CLASS.match(n)]
         elif isinstance(node, ast.Attribute) and node.attr in PRIVATE_ATTRIBUTES and (
                 node.attr != "model" or _is_backend(node.value)):  # ``body.model`` is the request's model id
             found.append(f"line {node.lineno}: .{node.attr}")

@@ -24,8 +24,11 @@ molecule   ``MoleculeInterpolationBackend``            the path's points as ``Mo
 =========  ==========================================  ==========================================
 
 ``serving/<modality>.py`` turns these into wire formats (``serving/media.py`` encodes media). In each
-serving module the events pass through one method named ``_checked`` before any wire format is made:
-that is where output moderation and provenance marks go, for local and remote backends alike.
+serving module a backend's events pass through one ``_checked`` method per Protocol method
+(``TextServing._checked``, ``EmbeddingServing._checked``, ``ImageServing._checked`` for generation,
+edits and interpolation, ``AudioServing._checked`` for speech and ``_checked_piece`` for music,
+``MoleculeServing._checked`` for generation and ``_checked_path`` for interpolation) before any wire
+format is made: that is where output moderation and provenance marks go, for every backend alike.
 
 A caller's bad value is found as early as the knowledge allows: serving checks the registry entry's
 limits and the ``describe()`` facts it has (where a fact is None, it leaves the check to the
@@ -38,7 +41,8 @@ a deadline passed) and the backend stops its work at once.
 Departures from the first draft of this contract: ``Molecule.smiles`` is None for a point of a latent
 path that decodes to no molecule, and molecule interpolation returns ``Molecule`` points (SELFIES,
 SMILES, properties and depictions as ``include`` asks) instead of bare SELFIES, so that its output
-passes the same checks as generation and a remote backend returns its upstream's points as they came.
+passes the same checks as generation and a remote backend returns its upstream's points as they came;
+``ModelFacts.can_inpaint`` and ``can_vary`` are None where unknown, like every other fact.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ class ModelFacts:
     native_size: tuple[int, int] | None = None  # images: what ``size: auto`` gives
     image_kind: Literal["diffusion", "latent"] | None = None  # diffusion: steps, guidance, schedulers
     class_names: list[str] | None = None     # class-conditional image models: what ``prompt`` may name
-    can_inpaint: bool | None = None          # None: not known here (the upstream decides)
+    can_inpaint: bool | None = None
     can_vary: bool | None = None             # image-to-image
     edit_at_native_size: bool = True         # uploads are resized to ``native_size`` (pixel-space models)
     training_set_size: int | None = None     # molecule generators: for ``novel``

@@ -90,11 +90,12 @@ class LocalImageBackend(BatchedBackend):
         try:
             while not work.done() or not steps.empty():
                 getter = asyncio.ensure_future(steps.get())
-                await asyncio.wait({work, getter}, return_when=asyncio.FIRST_COMPLETED)
+                try:
+                    await asyncio.wait({work, getter}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    getter.cancel()  # no-op once it has its step
                 if getter.done():
                     yield getter.result()
-                else:
-                    getter.cancel()
             for job, pixels in zip(jobs, work.result(), strict=True):
                 yield ImageArtifact(pixels=pixels, seed=job.seed)
         finally:

@@ -187,15 +187,16 @@ class ImageServing:
         neither a mask nor transparent pixels, image-to-image of the whole picture."""
         backend = self.manager.get(form.model, "edit", ImageBackend)
         facts = backend.describe()
-        if facts.can_inpaint is False and facts.can_vary is False:
+        if facts.can_inpaint is False and facts.can_vary is False:  # None: the backend will say
             raise InvalidRequestError(f"The model '{form.model}' has no image-to-image or inpainting pipeline.",
                                       param="model", code="model_not_supported")
         jobs = self._jobs(backend, facts, form, form.prompt, form.n, form.size)
         limits = backend.entry.limits
         picture, upload = await self._read_upload(image, "image", limits.max_upload_bytes, limits.max_upload_pixels)
-        alpha_from, upload_mask = await self._read_upload(mask, "mask", limits.max_upload_bytes,
-                                                          limits.max_upload_pixels) if mask is not None else (picture,
-                                                                                                              None)
+        alpha_from, upload_mask = picture, None
+        if mask is not None:
+            alpha_from, upload_mask = await self._read_upload(mask, "mask", limits.max_upload_bytes,
+                                                              limits.max_upload_pixels)
         if mask is not None and alpha_from.size != picture.size:
             raise InvalidRequestError(f"mask is {alpha_from.size[0]}x{alpha_from.size[1]} but image is "
                                       f"{picture.size[0]}x{picture.size[1]}; they must match.", param="mask")
