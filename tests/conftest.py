@@ -1,8 +1,21 @@
 """Shared fixtures: live genserve processes on loopback ports, driven over HTTP.
 
-``server`` runs the embedded registry plus a few extra entries that reuse the shipped text
-weights with tighter limits (so limit tests do not disturb the others); ``gateway`` is a second
-process whose models are ``remote`` entries pointing at ``server``.
+Each e2e module talks to ``server`` and ``openai_client``; which models that server runs is the
+module's choice, so running one module starts only what it needs. One session server per set:
+
+- ``text_server``: the shipped text and embedding models, plus extra entries that reuse the text
+  weights with tighter limits (so limit tests do not disturb the others); the default ``server``;
+- ``image_server``: the shipped image models, ``tiny-sd`` (a random Stable Diffusion pipeline the
+  fixture saves) and ``genserve-mol``, for the image routes to refuse;
+- ``audio_server``: the shipped speech and music models and ``tiny-vits`` (a random VITS);
+- ``molecule_server``: the shipped molecule models.
+
+A module picks one with ``server = serves("image_server")``. ``gateway`` is a second process whose
+models are ``remote`` entries pointing at ``text_server``.
+
+Servers keep the probe verdicts of :mod:`genserve.models.batch_invariance` in the user's cache, as a
+deployment does, so their start does not repeat probes; in-process tests probe afresh, in a cache of
+their own, so a verdict from an older probe cannot hide a regression.
 """
 
 from __future__ import annotations
@@ -12,14 +25,19 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+import yaml
+
+from genserve.models.batch_invariance import cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT_DIR = ROOT / "src" / "genserve" / "models" / "weights" / "genserve-text-tiny"
@@ -34,6 +52,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # so it is set here, before any test module is collected (tests/kernels/conftest.py explains more).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+SERVER_CACHE = cache_dir()  # read before the session fixture below points in-process tests elsewhere
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fresh_probe_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("cache")
+        mp.setenv("GENSERVE_CACHE_DIR", str(path))
+        yield path
 
 
 @dataclass
@@ -71,7 +98,8 @@ def start_server(tmp: Path, name: str, registry: str, env: dict[str, str], ready
     port, log = free_port(), tmp / f"{name}.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "genserve", "serve", "--port", str(port), "--config", str(config)],
-        env={**os.environ, "GENSERVE_API_KEYS": API_KEY, **env}, stdout=log.open("w"),
+        env={**os.environ, "GENSERVE_API_KEYS": API_KEY, "GENSERVE_CACHE_DIR": str(SERVER_CACHE), **env},
+        stdout=log.open("w"),
         stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
@@ -159,22 +187,39 @@ def text_entry(mid: str, **extra: object) -> str:
     return "\n".join(lines) + "\n"
 
 
+def builtin_entry(mid: str) -> str:
+    """The built-in registry's entry ``mid`` as registry-file lines, its weights directory made absolute."""
+    models = files("genserve.models")
+    entry = next(e for e in yaml.safe_load(models.joinpath("registry.yaml").read_text())["models"] if e["id"] == mid)
+    if not entry["source"].startswith("package:"):
+        entry["source"] = str(models.joinpath(entry["source"]))
+    return textwrap.indent(yaml.safe_dump([entry], sort_keys=False), "  ")
+
+
+def serve(tmp_path_factory: pytest.TempPathFactory, name: str, *entries: str) -> Iterator[Server]:
+    registry = "include_defaults: false\nmodels:\n" + "".join(entries)
+    srv = start_server(tmp_path_factory.mktemp(name), name, registry, {})
+    yield srv
+    stop_server(srv)
+
+
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    registry = "models:\n" + "".join([
+def text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from serve(
+        tmp_path_factory, "text", builtin_entry(TEXT), builtin_entry(EMBED),
         text_entry("tiny-queue1", max_waiting=1, max_batch_size=1),  # one sequence at a time
         text_entry("tiny-deadline", request_timeout_s=0.3),
         text_entry("tiny-disconnect"),
         text_entry("tiny-fp32", dtype="float32"),  # the shipped model as transformers computes it by default
         text_entry("tiny-smallkv", kv_cache_tokens=64, kv_block_size=16),  # a cache smaller than the context
-        f"""  - id: tiny-vits
-    modality: audio
-    backend: local
-    family: transformers-tts
-    source: {build_tiny_vits(tmp_path_factory.mktemp("tiny-vits"))}
-    device: cpu
-    max_wait_ms: 20
-""",
+    )
+
+
+@pytest.fixture(scope="session")
+def image_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from serve(
+        tmp_path_factory, "image", *map(builtin_entry, ("genserve-diffusion", "genserve-gan", "genserve-vae",
+                                                        "genserve-flow", "genserve-mol")),
         f"""  - id: tiny-sd
     modality: image
     backend: local
@@ -185,34 +230,64 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     max_batch_size: 4
     max_wait_ms: 50
     limits: {{max_n: 4, max_steps: 20, max_upload_bytes: 20000, max_upload_pixels: 4096}}
-""",
-    ])
-    srv = start_server(tmp_path_factory.mktemp("server"), "server", registry, {})
-    yield srv
-    stop_server(srv)
+""")
 
 
 @pytest.fixture(scope="session")
-def gateway(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def audio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from serve(
+        tmp_path_factory, "audio", builtin_entry("genserve-speech"), builtin_entry("genserve-music"),
+        f"""  - id: tiny-vits
+    modality: audio
+    backend: local
+    family: transformers-tts
+    source: {build_tiny_vits(tmp_path_factory.mktemp("tiny-vits"))}
+    device: cpu
+    max_wait_ms: 20
+""")
+
+
+@pytest.fixture(scope="session")
+def molecule_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from serve(tmp_path_factory, "molecule", builtin_entry("genserve-mol"), builtin_entry("genserve-mol-vae"))
+
+
+@pytest.fixture(scope="module")
+def server(text_server: Server) -> Server:
+    """The server a test module talks to: ``text_server`` unless the module says otherwise with
+    ``server = serves(...)``."""
+    return text_server
+
+
+def serves(name: str) -> Callable[..., Server]:
+    """A module's ``server`` fixture that is the session server ``name`` (``image_server``, ...)."""
+    @pytest.fixture(scope="module", name="server")
+    def module_server(request: pytest.FixtureRequest) -> Server:
+        return request.getfixturevalue(name)
+    return module_server
+
+
+@pytest.fixture(scope="session")
+def gateway(text_server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     dead = f"http://127.0.0.1:{free_port()}/v1"
     registry = f"""include_defaults: false
 models:
   - id: remote-text
     modality: text
     backend: remote
-    url: {server.url}/v1
+    url: {text_server.url}/v1
     upstream_model: {TEXT}
     api_key_env: TEST_UPSTREAM_KEY
   - id: remote-embed
     modality: embedding
     backend: remote
-    url: {server.url}/v1
+    url: {text_server.url}/v1
     upstream_model: {EMBED}
     api_key_env: TEST_UPSTREAM_KEY
   - id: remote-missing
     modality: text
     backend: remote
-    url: {server.url}/v1
+    url: {text_server.url}/v1
     upstream_model: no-such-model
     api_key_env: TEST_UPSTREAM_KEY
   - id: remote-dead
@@ -226,7 +301,7 @@ models:
     stop_server(gw)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def openai_client(server: Server):
     from openai import OpenAI
 

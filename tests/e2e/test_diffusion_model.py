@@ -17,6 +17,9 @@ import torch
 from PIL import Image
 
 from genserve.models.diffusion.train import SHOWCASE
+from tests.conftest import serves
+
+server = serves("image_server")
 
 MODEL = "genserve-diffusion"
 

@@ -11,6 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import serves
+
+server = serves("image_server")
+
 MODULES = ["genserve-gan", "genserve-vae", "genserve-flow"]
 
 

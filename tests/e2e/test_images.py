@@ -13,6 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import serves
+
+server = serves("image_server")
+
 SD = "tiny-sd"
 SIZE = 16  # tiny-sd: 8x8 latents, a VAE that doubles them
 

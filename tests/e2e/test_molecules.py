@@ -14,6 +14,10 @@ Chem = pytest.importorskip("rdkit.Chem")
 from rdkit.Chem import QED, Crippen, Descriptors, rdFingerprintGenerator, rdMolDescriptors  # noqa: E402
 from rdkit.DataStructs import TanimotoSimilarity  # noqa: E402
 
+from tests.conftest import serves  # noqa: E402
+
+server = serves("molecule_server")
+
 MOL = "genserve-mol"
 VAE = "genserve-mol-vae"
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"

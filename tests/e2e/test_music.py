@@ -9,6 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import soundfile as sf
 
+from tests.conftest import serves
+
+server = serves("audio_server")
+
 MUSIC = "genserve-music"
 
 

@@ -23,7 +23,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, serves
+
+server = serves("audio_server")
 
 SPEECH = "genserve-speech"
 SENTENCES = [

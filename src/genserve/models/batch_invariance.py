@@ -241,6 +241,7 @@ def _write_verdict(path: Path, key: dict[str, Any], wrapped: list[str], invarian
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
             json.dump({"key": key, "wrapped": wrapped, "invariant": invariant}, f, indent=1)
+        os.chmod(f.name, 0o644)  # as a plain write would leave it, not the temporary file's 0600
         os.replace(f.name, path)
     except OSError as exc:
         log.warning("could not write the batch-invariance cache file %s (%s)", path, exc)
