@@ -3,8 +3,10 @@
 Each e2e module talks to ``server`` and ``openai_client``; which models that server runs is the
 module's choice, so running one module starts only what it needs. One session server per set:
 
-- ``text_server``: the shipped text and embedding models, plus extra entries that reuse the text
-  weights with tighter limits (so limit tests do not disturb the others); the default ``server``;
+- ``text_server``: the shipped text and embedding models and ``tiny-fp32`` (the text weights in
+  float32); the default ``server``;
+- ``limits_server``: copies of the text model with tight limits (a queue of one, a deadline, a small
+  KV cache), apart so that limit tests do not disturb the others;
 - ``image_server``: the shipped image models, ``tiny-sd`` (a random Stable Diffusion pipeline the
   fixture saves) and ``genserve-mol``, for the image routes to refuse;
 - ``audio_server``: the shipped speech and music models and ``tiny-vits`` (a random VITS);
@@ -205,12 +207,17 @@ def serve(tmp_path_factory: pytest.TempPathFactory, name: str, *entries: str) ->
 
 @pytest.fixture(scope="session")
 def text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from serve(tmp_path_factory, "text", builtin_entry(TEXT), builtin_entry(EMBED),
+                     text_entry("tiny-fp32", dtype="float32"))  # the shipped model as transformers computes it
+
+
+@pytest.fixture(scope="session")
+def limits_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     yield from serve(
-        tmp_path_factory, "text", builtin_entry(TEXT), builtin_entry(EMBED),
+        tmp_path_factory, "limits",
         text_entry("tiny-queue1", max_waiting=1, max_batch_size=1),  # one sequence at a time
         text_entry("tiny-deadline", request_timeout_s=0.3),
         text_entry("tiny-disconnect"),
-        text_entry("tiny-fp32", dtype="float32"),  # the shipped model as transformers computes it by default
         text_entry("tiny-smallkv", kv_cache_tokens=64, kv_block_size=16),  # a cache smaller than the context
     )
 
