@@ -1,19 +1,20 @@
 """Shared fixtures: live genserve processes on loopback ports, driven over HTTP.
 
 Each e2e module talks to ``server`` and ``openai_client``; which models that server runs is the
-module's choice, so running one module starts only what it needs. One session server per set:
+module's choice (``SERVER_SET = "image"`` at its top; ``text`` if it says nothing), so running one
+module starts only what it needs. One session server per set (``SERVER_SETS``):
 
-- ``text_server``: the shipped text and embedding models and ``tiny-fp32`` (the text weights in
-  float32); the default ``server``;
-- ``limits_server``: copies of the text model with tight limits (a queue of one, a deadline, a small
-  KV cache), apart so that limit tests do not disturb the others;
-- ``image_server``: the shipped image models, ``tiny-sd`` (a random Stable Diffusion pipeline the
-  fixture saves) and ``genserve-mol``, for the image routes to refuse;
-- ``audio_server``: the shipped speech and music models and ``tiny-vits`` (a random VITS);
-- ``molecule_server``: the shipped molecule models.
+- ``text``: the shipped text and embedding models and ``tiny-fp32`` (the text weights in float32);
+- ``limits``: copies of the text model with tight limits (a queue of one, a deadline, a small KV
+  cache), apart so that limit tests do not disturb the others;
+- ``image``: the shipped image models, ``tiny-sd`` (a random Stable Diffusion pipeline the fixture
+  saves) and ``genserve-mol``, for the image routes to refuse;
+- ``audio``: the shipped speech and music models and ``tiny-vits`` (a random VITS);
+- ``molecule``: the shipped molecule models.
 
-A module picks one with ``server = serves("image_server")``. ``gateway`` is a second process whose
-models are ``remote`` entries pointing at ``text_server``.
+All the sets a session's tests use start together when the first is needed (``server_sets``), and
+each is shared by every module that names it. ``gateway`` is a second process whose models are
+``remote`` entries pointing at the ``text`` server.
 
 Servers keep the probe verdicts of :mod:`genserve.models.batch_invariance` in the user's cache, as a
 deployment does, so their start does not repeat probes; in-process tests probe afresh, in a cache of
@@ -93,29 +94,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(tmp: Path, name: str, registry: str, env: dict[str, str], ready_path: str = "/health/ready",
-                 timeout: float = 180) -> Server:
+def launch_server(tmp: Path, name: str, registry: str, env: dict[str, str]) -> Server:
+    """Starts a server process on ``registry`` and returns at once; :func:`wait_ready` waits for it."""
     config = tmp / f"{name}.yaml"
     config.write_text(registry)
     port, log = free_port(), tmp / f"{name}.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "genserve", "serve", "--port", str(port), "--config", str(config)],
         env={**os.environ, "GENSERVE_API_KEYS": API_KEY, "GENSERVE_CACHE_DIR": str(SERVER_CACHE), **env},
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
+        stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    return Server(f"http://127.0.0.1:{port}", proc, log)
+
+
+def wait_ready(server: Server, ready_path: str = "/health/ready", timeout: float = 180) -> Server:
+    name, deadline = server.log.stem, time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {server.proc.returncode}:\n{server.log.read_text()[-3000:]}")
         try:
-            if httpx.get(url + ready_path, timeout=2).status_code == 200:
-                return Server(url, proc, log)
+            if httpx.get(server.url + ready_path, timeout=2).status_code == 200:
+                return server
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"{name} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+    server.proc.kill()
+    raise RuntimeError(f"{name} not ready after {timeout}s:\n{server.log.read_text()[-3000:]}")
+
+
+def start_server(tmp: Path, name: str, registry: str, env: dict[str, str], ready_path: str = "/health/ready",
+                 timeout: float = 180) -> Server:
+    return wait_ready(launch_server(tmp, name, registry, env), ready_path, timeout)
 
 
 def stop_server(server: Server) -> None:
@@ -198,84 +206,101 @@ def builtin_entry(mid: str) -> str:
     return textwrap.indent(yaml.safe_dump([entry], sort_keys=False), "  ")
 
 
-def serve(tmp_path_factory: pytest.TempPathFactory, name: str, *entries: str) -> Iterator[Server]:
-    registry = "include_defaults: false\nmodels:\n" + "".join(entries)
-    srv = start_server(tmp_path_factory.mktemp(name), name, registry, {})
-    yield srv
-    stop_server(srv)
-
-
-@pytest.fixture(scope="session")
-def text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from serve(tmp_path_factory, "text", builtin_entry(TEXT), builtin_entry(EMBED),
-                     text_entry("tiny-fp32", dtype="float32"))  # the shipped model as transformers computes it
-
-
-@pytest.fixture(scope="session")
-def limits_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from serve(
-        tmp_path_factory, "limits",
-        text_entry("tiny-queue1", max_waiting=1, max_batch_size=1),  # one sequence at a time
-        text_entry("tiny-deadline", request_timeout_s=0.3),
-        text_entry("tiny-disconnect"),
-        text_entry("tiny-smallkv", kv_cache_tokens=64, kv_block_size=16),  # a cache smaller than the context
-    )
-
-
-@pytest.fixture(scope="session")
-def image_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from serve(
-        tmp_path_factory, "image", *map(builtin_entry, ("genserve-diffusion", "genserve-gan", "genserve-vae",
-                                                        "genserve-flow", "genserve-mol")),
-        f"""  - id: tiny-sd
+def tiny_sd_entry(tmp: pytest.TempPathFactory) -> str:
+    return f"""  - id: tiny-sd
     modality: image
     backend: local
     family: diffusers
-    source: {build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))}
+    source: {build_tiny_sd(tmp.mktemp("tiny-sd"))}
     tasks: [generation, edit]
     device: cpu
     max_batch_size: 4
     max_wait_ms: 50
     limits: {{max_n: 4, max_steps: 20, max_upload_bytes: 20000, max_upload_pixels: 4096}}
-""")
+"""
 
 
-@pytest.fixture(scope="session")
-def audio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from serve(
-        tmp_path_factory, "audio", builtin_entry("genserve-speech"), builtin_entry("genserve-music"),
-        f"""  - id: tiny-vits
+def tiny_vits_entry(tmp: pytest.TempPathFactory) -> str:
+    return f"""  - id: tiny-vits
     modality: audio
     backend: local
     family: transformers-tts
-    source: {build_tiny_vits(tmp_path_factory.mktemp("tiny-vits"))}
+    source: {build_tiny_vits(tmp.mktemp("tiny-vits"))}
     device: cpu
     max_wait_ms: 20
-""")
+"""
+
+
+# The model sets e2e modules choose from (module docstring): each set's registry entries.
+SERVER_SETS: dict[str, Callable[[pytest.TempPathFactory], list[str]]] = {
+    "text": lambda _: [builtin_entry(TEXT), builtin_entry(EMBED),
+                       text_entry("tiny-fp32", dtype="float32")],  # the shipped model as transformers computes it
+    "limits": lambda _: [text_entry("tiny-queue1", max_waiting=1, max_batch_size=1),  # one sequence at a time
+                         text_entry("tiny-deadline", request_timeout_s=0.3),
+                         text_entry("tiny-disconnect"),
+                         text_entry("tiny-smallkv", kv_cache_tokens=64, kv_block_size=16)],  # smaller than a context
+    "image": lambda tmp: [*map(builtin_entry, ("genserve-diffusion", "genserve-gan", "genserve-vae", "genserve-flow",
+                                               "genserve-mol")), tiny_sd_entry(tmp)],
+    "audio": lambda tmp: [builtin_entry("genserve-speech"), builtin_entry("genserve-music"), tiny_vits_entry(tmp)],
+    "molecule": lambda _: [builtin_entry("genserve-mol"), builtin_entry("genserve-mol-vae")],
+}
+
+
+def server_set(item: pytest.Item) -> str | None:
+    """The set of ``item``'s ``server``: its module's ``SERVER_SET``, else ``text``; the gateway's
+    upstream is ``text`` too."""
+    if "server" in item.fixturenames:
+        return getattr(item.module, "SERVER_SET", "text")
+    return "text" if "gateway" in item.fixturenames else None
+
+
+class ServerSets:
+    """The session's servers, one per model set, started at most once and stopped at the end."""
+
+    def __init__(self, tmp: pytest.TempPathFactory) -> None:
+        self.tmp = tmp
+        self.servers: dict[str, Server] = {}
+        self.ready: set[str] = set()
+
+    def launch(self, name: str) -> None:
+        if name not in self.servers:
+            registry = "include_defaults: false\nmodels:\n" + "".join(SERVER_SETS[name](self.tmp))
+            self.servers[name] = launch_server(self.tmp.mktemp(name), name, registry, {})
+
+    def get(self, name: str) -> Server:
+        self.launch(name)
+        if name not in self.ready:
+            wait_ready(self.servers[name], timeout=240)  # loading beside the other sets
+            self.ready.add(name)
+        return self.servers[name]
+
+    def stop(self) -> None:
+        for srv in self.servers.values():
+            stop_server(srv)
 
 
 @pytest.fixture(scope="session")
-def molecule_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from serve(tmp_path_factory, "molecule", builtin_entry("genserve-mol"), builtin_entry("genserve-mol-vae"))
+def server_sets(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerSets]:
+    """Launches every set this session's tests use at once, in the order they are needed: on two
+    cores one server loads while another waits on a child process, and tests run while later sets
+    load."""
+    sets = ServerSets(tmp_path_factory)
+    for item in request.session.items:
+        if (name := server_set(item)) is not None:
+            sets.launch(name)
+    yield sets
+    sets.stop()
 
 
 @pytest.fixture(scope="module")
-def server(text_server: Server) -> Server:
-    """The server a test module talks to: ``text_server`` unless the module says otherwise with
-    ``server = serves(...)``."""
-    return text_server
-
-
-def serves(name: str) -> Callable[..., Server]:
-    """A module's ``server`` fixture that is the session server ``name`` (``image_server``, ...)."""
-    @pytest.fixture(scope="module", name="server")
-    def module_server(request: pytest.FixtureRequest) -> Server:
-        return request.getfixturevalue(name)
-    return module_server
+def server(request: pytest.FixtureRequest, server_sets: ServerSets) -> Server:
+    """The server a test module talks to: the set named by the module's ``SERVER_SET``, else ``text``."""
+    return server_sets.get(getattr(request.module, "SERVER_SET", "text"))
 
 
 @pytest.fixture(scope="session")
-def gateway(text_server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def gateway(server_sets: ServerSets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    text_server = server_sets.get("text")
     dead = f"http://127.0.0.1:{free_port()}/v1"
     registry = f"""include_defaults: false
 models:

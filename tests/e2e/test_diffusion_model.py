@@ -17,9 +17,8 @@ import torch
 from PIL import Image
 
 from genserve.models.diffusion.train import SHOWCASE
-from tests.conftest import serves
 
-server = serves("image_server")
+SERVER_SET = "image"
 
 MODEL = "genserve-diffusion"
 

@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import serves
-
-server = serves("image_server")
+SERVER_SET = "image"
 
 MODULES = ["genserve-gan", "genserve-vae", "genserve-flow"]
 

@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import serves
-
-server = serves("image_server")
+SERVER_SET = "image"
 
 SD = "tiny-sd"
 SIZE = 16  # tiny-sd: 8x8 latents, a VAE that doubles them

@@ -9,10 +9,10 @@ import httpx
 import pytest
 from openai import APIError, APIStatusError
 
-from tests.conftest import API_KEY, Server, serves
+from tests.conftest import API_KEY, Server
 from tests.e2e.test_errors import assert_openai_error
 
-server = serves("limits_server")
+SERVER_SET = "limits"
 
 LONG = {"prompt": "The json module", "max_tokens": 400, "ignore_eos": True}
 

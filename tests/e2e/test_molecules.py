@@ -14,9 +14,7 @@ Chem = pytest.importorskip("rdkit.Chem")
 from rdkit.Chem import QED, Crippen, Descriptors, rdFingerprintGenerator, rdMolDescriptors  # noqa: E402
 from rdkit.DataStructs import TanimotoSimilarity  # noqa: E402
 
-from tests.conftest import serves  # noqa: E402
-
-server = serves("molecule_server")
+SERVER_SET = "molecule"
 
 MOL = "genserve-mol"
 VAE = "genserve-mol-vae"

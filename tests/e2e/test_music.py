@@ -9,9 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import soundfile as sf
 
-from tests.conftest import serves
-
-server = serves("audio_server")
+SERVER_SET = "audio"
 
 MUSIC = "genserve-music"
 

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.conftest import API_KEY, serves
+from tests.conftest import API_KEY
 
-server = serves("audio_server")
+SERVER_SET = "audio"
 
 SPEECH = "genserve-speech"
 SENTENCES = [
