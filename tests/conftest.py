@@ -60,6 +60,7 @@ SERVER_CACHE = cache_dir()  # read before the session fixture below points in-pr
 
 @pytest.fixture(scope="session", autouse=True)
 def fresh_probe_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """In-process tests keep probe verdicts in a cache of their own (module docstring)."""
     with pytest.MonkeyPatch.context() as mp:
         path = tmp_path_factory.mktemp("cache")
         mp.setenv("GENSERVE_CACHE_DIR", str(path))
@@ -246,11 +247,18 @@ SERVER_SETS: dict[str, Callable[[pytest.TempPathFactory], list[str]]] = {
 }
 
 
+def module_set(module: object) -> str:
+    """The set a test module's ``server`` runs: its ``SERVER_SET``, else ``text``."""
+    name = getattr(module, "SERVER_SET", "text")
+    if name not in SERVER_SETS:
+        raise ValueError(f"SERVER_SET of {module} must be one of {sorted(SERVER_SETS)}, got {name!r}")
+    return name
+
+
 def server_set(item: pytest.Item) -> str | None:
-    """The set of ``item``'s ``server``: its module's ``SERVER_SET``, else ``text``; the gateway's
-    upstream is ``text`` too."""
+    """The set ``item`` talks to, if any (the gateway's upstream is ``text``)."""
     if "server" in item.fixturenames:
-        return getattr(item.module, "SERVER_SET", "text")
+        return module_set(getattr(item, "module", None))
     return "text" if "gateway" in item.fixturenames else None
 
 
@@ -295,7 +303,7 @@ def server_sets(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 @pytest.fixture(scope="module")
 def server(request: pytest.FixtureRequest, server_sets: ServerSets) -> Server:
     """The server a test module talks to: the set named by the module's ``SERVER_SET``, else ``text``."""
-    return server_sets.get(getattr(request.module, "SERVER_SET", "text"))
+    return server_sets.get(module_set(request.module))
 
 
 @pytest.fixture(scope="session")
