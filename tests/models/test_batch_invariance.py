@@ -133,3 +133,11 @@ def test_a_cached_layer_the_model_lacks_is_not_trusted(probe_cache: Path) -> Non
     path.write_text(json.dumps({**entry, "wrapped": [*entry["wrapped"], "no.such.layer"]}))
     again = probed(*make(12))
     assert again[2] > 10 and again[:2] == first[:2]
+
+
+def test_a_cache_that_cannot_be_written_only_costs_a_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("GENSERVE_CACHE_DIR", str(tmp_path / "file"))  # a directory cannot be made under a file
+    first, again = probed(*make(12)), probed(*make(12))
+    assert again[2] > 10 and again[:2] == first[:2] and torch.equal(again[3], first[3])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no temporary file left behind
