@@ -18,6 +18,8 @@ from PIL import Image
 
 from genserve.models.diffusion.train import SHOWCASE
 
+SERVER_SET = "image"
+
 MODEL = "genserve-diffusion"
 
 
