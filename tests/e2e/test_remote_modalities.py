@@ -18,6 +18,7 @@ from PIL import Image
 from tests.conftest import API_KEY, TEXT, Server, ServerSets, free_port, start_server, stop_server
 from tests.e2e.test_errors import assert_openai_error
 
+Upstreams = dict[str, Server]  # set name: its server
 UPSTREAM_SETS = ("image", "audio", "molecule")  # the upstream servers (tests/conftest.py's model sets)
 UPSTREAM = {  # gateway id: (upstream set, upstream id, modality, tasks)
     "remote-diffusion": ("image", "genserve-diffusion", "image", "[generation, edit]"),
@@ -30,12 +31,12 @@ UPSTREAM = {  # gateway id: (upstream set, upstream id, modality, tasks)
 
 
 @pytest.fixture(scope="module")
-def upstreams(server_sets: ServerSets) -> dict[str, Server]:
+def upstreams(server_sets: ServerSets) -> Upstreams:
     return {name: server_sets.get(name) for name in UPSTREAM_SETS}
 
 
 @pytest.fixture(scope="module")
-def media_gateway(upstreams: dict[str, Server], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def media_gateway(upstreams: Upstreams, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     entries = "".join(f"""  - id: {mid}
     modality: {modality}
     backend: remote
@@ -50,7 +51,7 @@ def media_gateway(upstreams: dict[str, Server], tmp_path_factory: pytest.TempPat
     stop_server(gw)
 
 
-def both(upstreams: dict[str, Server], gateway: Server, path: str, body: dict,
+def both(upstreams: Upstreams, gateway: Server, path: str, body: dict,
          **kw) -> tuple[httpx.Response, httpx.Response]:
     """The same request to the upstream directly and through the gateway (its model id swapped)."""
     gateway_id, upstream_set = next((mid, up_set) for mid, (up_set, upstream, _, _) in UPSTREAM.items()
@@ -64,7 +65,7 @@ def both(upstreams: dict[str, Server], gateway: Server, path: str, body: dict,
     return a, b
 
 
-def test_images_through_the_gateway_are_the_upstreams_bytes(upstreams: dict[str, Server], media_gateway: Server) -> None:
+def test_images_through_the_gateway_are_the_upstreams_bytes(upstreams: Upstreams, media_gateway: Server) -> None:
     body = {"model": "genserve-diffusion", "prompt": "red apple", "n": 2, "seed": 5, "num_inference_steps": 6,
             "size": "64x64"}
     direct, routed = both(upstreams, media_gateway, "/v1/images/generations", body)
@@ -75,7 +76,7 @@ def test_images_through_the_gateway_are_the_upstreams_bytes(upstreams: dict[str,
     assert [d["b64_json"] for d in routed.json()["data"]] == [d["b64_json"] for d in direct.json()["data"]]
 
 
-def test_streamed_images_through_the_gateway(upstreams: dict[str, Server], media_gateway: Server) -> None:
+def test_streamed_images_through_the_gateway(upstreams: Upstreams, media_gateway: Server) -> None:
     body = {"model": "remote-diffusion", "prompt": "rocket", "seed": 3, "num_inference_steps": 4, "stream": True}
     with media_gateway.client() as client:
         r = client.post("/v1/images/generations", json=body)
@@ -97,7 +98,7 @@ def _png(pixels: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def test_edits_through_the_gateway(upstreams: dict[str, Server], media_gateway: Server) -> None:
+def test_edits_through_the_gateway(upstreams: Upstreams, media_gateway: Server) -> None:
     rgba = np.zeros((32, 32, 4), np.uint8)
     rgba[..., 0], rgba[..., 3] = 200, 255
     rgba[8:24, 8:24, 3] = 0  # the hole to repaint
@@ -110,14 +111,14 @@ def test_edits_through_the_gateway(upstreams: dict[str, Server], media_gateway: 
     assert b.json()["data"][0]["b64_json"] == a.json()["data"][0]["b64_json"]
 
 
-def test_interpolation_through_the_gateway(upstreams: dict[str, Server], media_gateway: Server) -> None:
+def test_interpolation_through_the_gateway(upstreams: Upstreams, media_gateway: Server) -> None:
     body = {"model": "genserve-gan", "seed_start": 1, "seed_end": 2, "frames": 4, "format": "gif", "class": "3"}
     direct, routed = both(upstreams, media_gateway, "/v1/images/interpolations", body)
     assert routed.json()["data"][0]["b64_json"] == direct.json()["data"][0]["b64_json"]
     assert base64.b64decode(routed.json()["data"][0]["b64_json"])[:6] == b"GIF89a"
 
 
-def test_speech_through_the_gateway_streams_the_upstreams_bytes(upstreams: dict[str, Server], media_gateway: Server) -> None:
+def test_speech_through_the_gateway_streams_the_upstreams_bytes(upstreams: Upstreams, media_gateway: Server) -> None:
     for fmt in ("wav", "mp3"):
         body = {"model": "genserve-speech", "input": "Hello from the gateway.", "voice": "alloy",
                 "response_format": fmt}
@@ -126,7 +127,7 @@ def test_speech_through_the_gateway_streams_the_upstreams_bytes(upstreams: dict[
         assert routed.headers["content-type"] == direct.headers["content-type"]
 
 
-def test_music_through_the_gateway(upstreams: dict[str, Server], media_gateway: Server) -> None:
+def test_music_through_the_gateway(upstreams: Upstreams, media_gateway: Server) -> None:
     for fmt in ("wav", "mid"):
         body = {"model": "genserve-music", "seconds": 3, "key": "D major", "seed": 7, "response_format": fmt}
         direct, routed = both(upstreams, media_gateway, "/v1/audio/music", body)
@@ -135,7 +136,7 @@ def test_music_through_the_gateway(upstreams: dict[str, Server], media_gateway: 
         assert routed.headers["x-genserve-seed"] == "7"
 
 
-def test_molecules_through_the_gateway(upstreams: dict[str, Server], media_gateway: Server) -> None:
+def test_molecules_through_the_gateway(upstreams: Upstreams, media_gateway: Server) -> None:
     body = {"model": "genserve-mol", "n": 8, "seed": 7, "constraints": {"qed_min": 0.5},
             "include": ["properties"]}
     direct, routed = both(upstreams, media_gateway, "/v1/molecules/generations", body)
