@@ -33,9 +33,9 @@ class LocalEmbeddingBackend(BatchedBackend):
             raise InvalidRequestError(f"This model produces {model.dimensions}-dimensional embeddings and "
                                       "cannot shorten them.", param="dimensions")
         if isinstance(inputs[0], str):
-            ids = await asyncio.to_thread(model.tokenize, inputs)  # type: ignore[arg-type]
+            ids = await asyncio.to_thread(model.tokenize, inputs)
         else:
-            ids = [list(x) for x in inputs]  # type: ignore[arg-type]
+            ids = [list(x) for x in inputs]
             check_token_ids(ids, len(model.model.tokenizer), "input")  # type: ignore[attr-defined]
         for i, row in enumerate(ids):
             if len(row) > model.max_tokens:
