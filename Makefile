@@ -41,12 +41,15 @@ system-deps:
 serve: install
 	$(OFFLINE) $(BIN)/genserve serve $(ARGS)
 
+# mypy reads its files and settings from pyproject.toml; its cache (.mypy_cache) makes reruns take seconds.
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(OFFLINE) $(BIN)/pytest $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 
 train-text-tiny: install
@@ -108,4 +111,4 @@ bench-audio: install
 	$(OFFLINE) $(BIN)/python benchmarks/audio_serving.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info

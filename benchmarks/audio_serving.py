@@ -74,7 +74,7 @@ async def bench_http(url: str, requests: int, seconds: float) -> list[dict]:
 
 
 def bench_music_model(requests: int, seconds: float, threads: int) -> list[dict]:
-    from genserve.models.families import load_family, weights_dir
+    from genserve.models.common.loading import load_family, weights_dir
     from genserve.models.music import MusicSpec
 
     torch.set_num_threads(threads)

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.text_serving import builtin_entry, cpu_name, registry_server  # noqa: E402
-from genserve.models.families import resolve_dtype  # noqa: E402
+from genserve.models.common.loading import resolve_dtype  # noqa: E402
 from genserve.models.molecule import chem  # noqa: E402
 
 

@@ -1,8 +1,24 @@
 """Shared fixtures: live genserve processes on loopback ports, driven over HTTP.
 
-``server`` runs the embedded registry plus a few extra entries that reuse the shipped text
-weights with tighter limits (so limit tests do not disturb the others); ``gateway`` is a second
-process whose models are ``remote`` entries pointing at ``server``.
+Each e2e module talks to ``server`` and ``openai_client``; which models that server runs is the
+module's choice (``SERVER_SET = "image"`` at its top; ``text`` if it says nothing), so running one
+module starts only what it needs. One session server per set (``SERVER_SETS``):
+
+- ``text``: the shipped text and embedding models and ``tiny-fp32`` (the text weights in float32);
+- ``limits``: copies of the text model with tight limits (a queue of one, a deadline, a small KV
+  cache), apart so that limit tests do not disturb the others;
+- ``image``: the shipped image models, ``tiny-sd`` (a random Stable Diffusion pipeline the fixture
+  saves) and ``genserve-mol``, for the image routes to refuse;
+- ``audio``: the shipped speech and music models and ``tiny-vits`` (a random VITS);
+- ``molecule``: the shipped molecule models.
+
+All the sets a session's tests use start together when the first is needed (``server_sets``), and
+each is shared by every module that names it. ``gateway`` is a second process whose models are
+``remote`` entries pointing at the ``text`` server.
+
+Servers keep the probe verdicts of :mod:`genserve.models.batch_invariance` in the user's cache, as a
+deployment does, so their start does not repeat probes; in-process tests probe afresh, in a cache of
+their own, so a verdict from an older probe cannot hide a regression.
 """
 
 from __future__ import annotations
@@ -12,14 +28,19 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+import yaml
+
+from genserve.models.batch_invariance import cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT_DIR = ROOT / "src" / "genserve" / "models" / "weights" / "genserve-text-tiny"
@@ -34,6 +55,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # so it is set here, before any test module is collected (tests/kernels/conftest.py explains more).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+SERVER_CACHE = cache_dir()  # read before the session fixture below points in-process tests elsewhere
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fresh_probe_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """In-process tests keep probe verdicts in a cache of their own (module docstring)."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("cache")
+        mp.setenv("GENSERVE_CACHE_DIR", str(path))
+        yield path
 
 
 @dataclass
@@ -64,28 +95,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(tmp: Path, name: str, registry: str, env: dict[str, str], ready_path: str = "/health/ready",
-                 timeout: float = 180) -> Server:
+def launch_server(tmp: Path, name: str, registry: str, env: dict[str, str],
+                  port: int | None = None) -> Server:
+    """Starts a server process on ``registry`` and returns at once; :func:`wait_ready` waits for it."""
     config = tmp / f"{name}.yaml"
     config.write_text(registry)
-    port, log = free_port(), tmp / f"{name}.log"
+    port, log = port or free_port(), tmp / f"{name}.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "genserve", "serve", "--port", str(port), "--config", str(config)],
-        env={**os.environ, "GENSERVE_API_KEYS": API_KEY, **env}, stdout=log.open("w"),
-        stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
+        env={**os.environ, "GENSERVE_API_KEYS": API_KEY, "GENSERVE_CACHE_DIR": str(SERVER_CACHE), **env},
+        stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    return Server(f"http://127.0.0.1:{port}", proc, log)
+
+
+def wait_ready(server: Server, ready_path: str = "/health/ready", timeout: float = 180) -> Server:
+    name, deadline = server.log.stem, time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {server.proc.returncode}:\n{server.log.read_text()[-3000:]}")
         try:
-            if httpx.get(url + ready_path, timeout=2).status_code == 200:
-                return Server(url, proc, log)
+            if httpx.get(server.url + ready_path, timeout=2).status_code == 200:
+                return server
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"{name} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+    server.proc.kill()
+    raise RuntimeError(f"{name} not ready after {timeout}s:\n{server.log.read_text()[-3000:]}")
+
+
+def start_server(tmp: Path, name: str, registry: str, env: dict[str, str], ready_path: str = "/health/ready",
+                 timeout: float = 180, port: int | None = None) -> Server:
+    return wait_ready(launch_server(tmp, name, registry, env, port), ready_path, timeout)
 
 
 def stop_server(server: Server) -> None:
@@ -159,60 +199,138 @@ def text_entry(mid: str, **extra: object) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    registry = "models:\n" + "".join([
-        text_entry("tiny-queue1", max_waiting=1, max_batch_size=1),  # one sequence at a time
-        text_entry("tiny-deadline", request_timeout_s=0.3),
-        text_entry("tiny-disconnect"),
-        text_entry("tiny-fp32", dtype="float32"),  # the shipped model as transformers computes it by default
-        text_entry("tiny-smallkv", kv_cache_tokens=64, kv_block_size=16),  # a cache smaller than the context
-        f"""  - id: tiny-vits
-    modality: audio
-    backend: local
-    family: transformers-tts
-    source: {build_tiny_vits(tmp_path_factory.mktemp("tiny-vits"))}
-    device: cpu
-    max_wait_ms: 20
-""",
-        f"""  - id: tiny-sd
+def builtin_entry(mid: str) -> str:
+    """The built-in registry's entry ``mid`` as registry-file lines, its weights directory made absolute."""
+    models = files("genserve.models")
+    entry = next(e for e in yaml.safe_load(models.joinpath("registry.yaml").read_text())["models"] if e["id"] == mid)
+    if not entry["source"].startswith("package:"):
+        entry["source"] = str(models.joinpath(entry["source"]))
+    return textwrap.indent(yaml.safe_dump([entry], sort_keys=False), "  ")
+
+
+def tiny_sd_entry(tmp: pytest.TempPathFactory) -> str:
+    return f"""  - id: tiny-sd
     modality: image
     backend: local
     family: diffusers
-    source: {build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))}
+    source: {build_tiny_sd(tmp.mktemp("tiny-sd"))}
     tasks: [generation, edit]
     device: cpu
     max_batch_size: 4
     max_wait_ms: 50
     limits: {{max_n: 4, max_steps: 20, max_upload_bytes: 20000, max_upload_pixels: 4096}}
-""",
-    ])
-    srv = start_server(tmp_path_factory.mktemp("server"), "server", registry, {})
-    yield srv
-    stop_server(srv)
+"""
+
+
+def tiny_vits_entry(tmp: pytest.TempPathFactory) -> str:
+    return f"""  - id: tiny-vits
+    modality: audio
+    backend: local
+    family: transformers-tts
+    source: {build_tiny_vits(tmp.mktemp("tiny-vits"))}
+    device: cpu
+    max_wait_ms: 20
+"""
+
+
+# The model sets e2e modules choose from (module docstring): each set's registry entries.
+SERVER_SETS: dict[str, Callable[[pytest.TempPathFactory], list[str]]] = {
+    "text": lambda _: [builtin_entry(TEXT), builtin_entry(EMBED),
+                       text_entry("tiny-fp32", dtype="float32")],  # the shipped model as transformers computes it
+    "limits": lambda _: [text_entry("tiny-queue1", max_waiting=1, max_batch_size=1),  # one sequence at a time
+                         text_entry("tiny-deadline", request_timeout_s=0.3),
+                         text_entry("tiny-disconnect"),
+                         text_entry("tiny-smallkv", kv_cache_tokens=64, kv_block_size=16)],  # smaller than a context
+    "image": lambda tmp: [*map(builtin_entry, ("genserve-diffusion", "genserve-gan", "genserve-vae", "genserve-flow",
+                                               "genserve-mol")), tiny_sd_entry(tmp)],
+    "audio": lambda tmp: [builtin_entry("genserve-speech"), builtin_entry("genserve-music"), tiny_vits_entry(tmp)],
+    "molecule": lambda _: [builtin_entry("genserve-mol"), builtin_entry("genserve-mol-vae")],
+}
+
+
+def module_set(module: object) -> str:
+    """The set a test module's ``server`` runs: its ``SERVER_SET``, else ``text``."""
+    name = getattr(module, "SERVER_SET", "text")
+    if name not in SERVER_SETS:
+        raise ValueError(f"SERVER_SET of {module} must be one of {sorted(SERVER_SETS)}, got {name!r}")
+    return name
+
+
+def server_sets_of(item: pytest.Item) -> list[str]:
+    """The sets ``item`` talks to: its module's ``server`` set, the gateway's upstream (``text``), and
+    any the module fronts through a gateway of its own (``UPSTREAM_SETS``)."""
+    module = getattr(item, "module", None)
+    names = [module_set(module)] if "server" in item.fixturenames else []
+    names += ["text"] if "gateway" in item.fixturenames else []
+    return names + list(getattr(module, "UPSTREAM_SETS", ()))
+
+
+class ServerSets:
+    """The session's servers, one per model set, started at most once and stopped at the end."""
+
+    def __init__(self, tmp: pytest.TempPathFactory) -> None:
+        self.tmp = tmp
+        self.servers: dict[str, Server] = {}
+        self.ready: set[str] = set()
+
+    def launch(self, name: str) -> None:
+        if name not in self.servers:
+            registry = "include_defaults: false\nmodels:\n" + "".join(SERVER_SETS[name](self.tmp))
+            self.servers[name] = launch_server(self.tmp.mktemp(name), name, registry, {})
+
+    def get(self, name: str) -> Server:
+        self.launch(name)
+        if name not in self.ready:
+            wait_ready(self.servers[name], timeout=240)  # loading beside the other sets
+            self.ready.add(name)
+        return self.servers[name]
+
+    def stop(self) -> None:
+        for srv in self.servers.values():
+            stop_server(srv)
 
 
 @pytest.fixture(scope="session")
-def gateway(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server_sets(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerSets]:
+    """Launches every set this session's tests use at once, in the order they are needed: on two
+    cores one server loads while another waits on a child process, and tests run while later sets
+    load."""
+    sets = ServerSets(tmp_path_factory)
+    for item in request.session.items:
+        for name in server_sets_of(item):
+            sets.launch(name)
+    yield sets
+    sets.stop()
+
+
+@pytest.fixture(scope="module")
+def server(request: pytest.FixtureRequest, server_sets: ServerSets) -> Server:
+    """The server a test module talks to: the set named by the module's ``SERVER_SET``, else ``text``."""
+    return server_sets.get(module_set(request.module))
+
+
+@pytest.fixture(scope="session")
+def gateway(server_sets: ServerSets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    text_server = server_sets.get("text")
     dead = f"http://127.0.0.1:{free_port()}/v1"
     registry = f"""include_defaults: false
 models:
   - id: remote-text
     modality: text
     backend: remote
-    url: {server.url}/v1
+    url: {text_server.url}/v1
     upstream_model: {TEXT}
     api_key_env: TEST_UPSTREAM_KEY
   - id: remote-embed
     modality: embedding
     backend: remote
-    url: {server.url}/v1
+    url: {text_server.url}/v1
     upstream_model: {EMBED}
     api_key_env: TEST_UPSTREAM_KEY
   - id: remote-missing
     modality: text
     backend: remote
-    url: {server.url}/v1
+    url: {text_server.url}/v1
     upstream_model: no-such-model
     api_key_env: TEST_UPSTREAM_KEY
   - id: remote-dead
@@ -226,7 +344,7 @@ models:
     stop_server(gw)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def openai_client(server: Server):
     from openai import OpenAI
 

@@ -1,4 +1,5 @@
-"""The ``genserve`` command: ``serve`` runs the HTTP server, ``train`` trains embedded models."""
+"""The ``genserve`` command: ``serve`` runs the HTTP server, ``train`` trains embedded models and ``eval``
+measures them (targets and their entry points: the family table, ``models/registry.py``)."""
 
 from __future__ import annotations
 
@@ -16,83 +17,24 @@ from pydantic import ValidationError
 from genserve import __version__
 from genserve.app.registry import ConfigError
 from genserve.app.settings import Settings
+from genserve.models.registry import EVAL_TARGETS, TRAIN_TARGETS, Target
 
 log = logging.getLogger("genserve")
 
 
+def _options(target: Target, args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in target.options}
+
+
 def _train(args: argparse.Namespace) -> int:
-    if args.target == "text-tiny":
-        from genserve.models.llama.train import TrainConfig, train_text_tiny
-
-        cfg = TrainConfig(minutes=args.minutes, seed=args.seed)
-        report = train_text_tiny(Path(args.out), cfg)
-        log.info("saved %s: held-out perplexity %.2f after %d steps", args.out,
-                 report["heldout_ppl"], report["steps"])
-    elif args.target == "mol":
-        from genserve.models.molecule.train_generator import MolTrainConfig, train_mol
-
-        train_mol(Path(args.out), MolTrainConfig(minutes=args.minutes, seed=args.seed, threads=args.threads,
-                                                 train_molecules=args.molecules))
-    elif args.target == "mol-vae":
-        from genserve.models.molecule.vae import train_mol_vae
-
-        train_mol_vae(Path(args.out), args.minutes, args.seed, threads=args.threads)
-    elif args.target == "music":
-        from genserve.models.music.train import MusicTrainConfig, train_music
-
-        train_music(Path(args.out), MusicTrainConfig(minutes=args.minutes, seed=args.seed, threads=args.threads))
-    elif args.target in ("gan", "vae", "flow", "digits-classifier"):
-        from genserve.models.image.train import train_image_model
-
-        train_image_model(args.target, Path(args.out), args.minutes, args.seed, threads=args.threads)
-    elif args.target == "emoji-classifier":
-        from genserve.models.diffusion.classifier import train_emoji_classifier
-
-        train_emoji_classifier(Path(args.out), args.minutes, args.seed, threads=args.threads)
-    elif args.target == "diffusion":
-        from genserve.models.diffusion.train import DiffusionTrainConfig, train_diffusion
-
-        cfg = DiffusionTrainConfig(minutes=args.minutes, seed=args.seed, threads=args.threads,
-                                   init_from=Path(args.init_from) if args.init_from else None,
-                                   prediction_type=args.prediction_type, lr=args.lr or DiffusionTrainConfig.lr)
-        train_diffusion(Path(args.out), cfg)
+    target = TRAIN_TARGETS[args.target]
+    target.resolve()(out=Path(args.out), minutes=args.minutes, seed=args.seed, **_options(target, args))
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    if args.target == "images":
-        from genserve.models.image.evaluate import eval_images
-        from genserve.models.image.evaluate import format_table as image_table
-
-        sampler = {"scheduler": args.scheduler, "steps": args.steps, "guidance": args.guidance, "names": args.names}
-        diffusion = {k: v for k, v in sampler.items() if v is not None}
-        print(image_table(eval_images(args.model or "all", args.samples or 2000, args.seed, diffusion=diffusion)))
-    elif args.target == "text":
-        from genserve.models.families import weights_dir
-        from genserve.models.llama.evaluate import eval_text, format_table
-
-        path = Path(args.model) if args.model else weights_dir() / "genserve-text-tiny"
-        rows = eval_text(path, tuple(args.quantization), args.max_tokens, args.threads)
-        print(format_table(rows))
-    elif args.target == "molecules":
-        from genserve.models.families import weights_dir
-        from genserve.models.molecule.evaluate import eval_molecules, write_card
-        from genserve.models.molecule.evaluate import format_table as molecule_table
-
-        path = Path(args.model) if args.model else weights_dir() / "genserve-mol"
-        report = eval_molecules(path, args.samples or 30_000, Path(args.out) if args.out else path / "eval", args.seed)
-        print(molecule_table(report["metrics"]))
-        if args.out is None and (path / "training_report.json").is_file():
-            write_card(path, report)  # the model card carries the numbers of its own directory's eval
-    elif args.target == "music":
-        from genserve.models.families import weights_dir
-        from genserve.models.music.evaluate import eval_music, format_table, write_card
-
-        path = Path(args.model) if args.model else weights_dir() / "genserve-music"
-        report = eval_music(path, Path(args.out) if args.out else path / "eval", args.seed, args.threads or 1)
-        print(format_table(report["metrics"]))
-        if args.out is None and (path / "training_report.json").is_file():
-            write_card(path, report)
+    target = EVAL_TARGETS[args.target]
+    print(target.resolve()(**_options(target, args)))
     return 0
 
 
@@ -121,6 +63,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from genserve.app.deps import services_of
     from genserve.app.main import create_app
     from genserve.app.registry import load_registry
 
@@ -136,8 +79,9 @@ def _serve(args: argparse.Namespace) -> int:
         log.warning("no API keys configured: the API is open to anyone who can reach %s", settings.host)
     app = create_app(settings, entries)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.shutdown_grace_s)
-    DrainingServer(config, on_exit=app.state.manager.drain_threadsafe).run()
+                            # uvicorn annotates int but hands it to asyncio.timeout, which takes float seconds.
+                            timeout_graceful_shutdown=settings.shutdown_grace_s)  # type: ignore[arg-type]
+    DrainingServer(config, on_exit=services_of(app).manager.drain_threadsafe).run()
     return 0
 
 
@@ -155,8 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=_serve)
     train = sub.add_parser("train", help="train an embedded model and save it under models/weights/")
-    train.add_argument("target", choices=["text-tiny", "mol", "mol-vae", "music", "diffusion", "gan", "vae", "flow",
-                                          "digits-classifier", "emoji-classifier"])
+    train.add_argument("target", choices=list(TRAIN_TARGETS))
     train.add_argument("--out", default=None, help="output directory (default: the shipped one)")
     train.add_argument("--minutes", type=float, default=None,
                        help="wall-clock training budget (default 45; emoji-classifier: 3)")
@@ -171,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, help="diffusion: peak learning rate (default 1e-3)")
     train.set_defaults(func=_train)
     ev = sub.add_parser("eval", help="measure a model: held-out perplexity, int8 and int4 against full precision")
-    ev.add_argument("target", choices=["text", "molecules", "music", "images"])
+    ev.add_argument("target", choices=list(EVAL_TARGETS))
     ev.add_argument("--model", help="model directory (default: the embedded genserve-text-tiny, genserve-mol or "
                     "genserve-music); images: genserve-gan, genserve-vae, genserve-flow, genserve-diffusion or all "
                     "(default)")
@@ -196,14 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     if args.command == "train":
-        small = args.target == "emoji-classifier"
-        args.minutes = args.minutes if args.minutes is not None else 3.0 if small else 45.0
-        args.threads = args.threads if args.threads is not None else 1 if small else 2
-    if args.command == "train" and args.out is None:
-        from genserve.models.families import weights_dir
+        target = TRAIN_TARGETS[args.target]
+        args.minutes = args.minutes if args.minutes is not None else target.minutes
+        args.threads = args.threads if args.threads is not None else target.threads
+        if args.out is None:
+            from genserve.models.common.loading import weights_dir  # torch: only for train
 
-        name = args.target if args.target.endswith("-classifier") else f"genserve-{args.target}"
-        args.out = str(weights_dir() / name)
+            args.out = str(weights_dir() / target.weights)
     try:
         return args.func(args)
     except ConfigError as exc:

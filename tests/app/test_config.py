@@ -131,12 +131,24 @@ def test_keys_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert Settings(host="::1").binds_loopback_only() and not Settings(host="0.0.0.0").binds_loopback_only()
 
 
-def test_remote_molecule_model_is_refused_at_start():
+def test_every_generative_modality_can_be_remote_and_others_are_refused_at_start():
     from genserve.app.backends.manager import build_backend
+    from genserve.app.backends.remote import (
+        RemoteAudioBackend,
+        RemoteEmbeddingBackend,
+        RemoteImageBackend,
+        RemoteMoleculeBackend,
+        RemoteTextBackend,
+    )
     from genserve.app.metrics import Metrics
     from genserve.app.registry import ConfigError, ModelEntry
     from genserve.app.settings import Settings
 
-    entry = ModelEntry(id="far-mol", modality="molecule", backend="remote", url="http://gpu:8000/v1")
-    with pytest.raises(ConfigError, match=r"far-mol.*must be local"):
+    expected = {"text": RemoteTextBackend, "embedding": RemoteEmbeddingBackend, "image": RemoteImageBackend,
+                "audio": RemoteAudioBackend, "molecule": RemoteMoleculeBackend}
+    for modality, cls in expected.items():
+        entry = ModelEntry(id=f"far-{modality}", modality=modality, backend="remote", url="http://gpu:8000/v1")
+        assert type(build_backend(entry, Settings(), Metrics())) is cls
+    entry = ModelEntry(id="far-guard", modality="moderation", backend="remote", url="http://gpu:8000/v1")
+    with pytest.raises(ConfigError, match=r"far-guard.*no remote backend serves moderation"):
         build_backend(entry, Settings(), Metrics())

@@ -18,13 +18,15 @@ from PIL import Image
 
 from genserve.models.diffusion.train import SHOWCASE
 
+SERVER_SET = "image"
+
 MODEL = "genserve-diffusion"
 
 
 @pytest.fixture(scope="module")
 def name_of():
+    from genserve.models.common.loading import weights_dir
     from genserve.models.diffusion.classifier import load_classifier, predict
-    from genserve.models.families import weights_dir
 
     net = load_classifier(weights_dir() / "emoji-classifier")
 

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+SERVER_SET = "image"
+
 MODULES = ["genserve-gan", "genserve-vae", "genserve-flow"]
 
 

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+SERVER_SET = "image"
+
 SD = "tiny-sd"
 SIZE = 16  # tiny-sd: 8x8 latents, a VAE that doubles them
 

@@ -12,6 +12,8 @@ from openai import APIError, APIStatusError
 from tests.conftest import API_KEY, Server
 from tests.e2e.test_errors import assert_openai_error
 
+SERVER_SET = "limits"
+
 LONG = {"prompt": "The json module", "max_tokens": 400, "ignore_eos": True}
 
 

@@ -14,6 +14,8 @@ Chem = pytest.importorskip("rdkit.Chem")
 from rdkit.Chem import QED, Crippen, Descriptors, rdFingerprintGenerator, rdMolDescriptors  # noqa: E402
 from rdkit.DataStructs import TanimotoSimilarity  # noqa: E402
 
+SERVER_SET = "molecule"
+
 MOL = "genserve-mol"
 VAE = "genserve-mol-vae"
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"

@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import soundfile as sf
 
+SERVER_SET = "audio"
+
 MUSIC = "genserve-music"
 
 

@@ -25,6 +25,8 @@ import soundfile as sf
 
 from tests.conftest import API_KEY
 
+SERVER_SET = "audio"
+
 SPEECH = "genserve-speech"
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",

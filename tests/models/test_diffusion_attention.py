@@ -148,6 +148,7 @@ def test_registry_attention_is_set_before_the_runner_probes(monkeypatch: pytest.
     from genserve.app.backends import local_image
     from genserve.app.metrics import Metrics
     from genserve.app.registry import ModelEntry
+    from genserve.models.diffusion import runner as diffusion_runner
 
     seen: list[str] = []
 
@@ -155,7 +156,7 @@ def test_registry_attention_is_set_before_the_runner_probes(monkeypatch: pytest.
         def __init__(self, pipe, _max_rows: int) -> None:
             seen.extend({type(p).__name__ for p in pipe.unet.attn_processors.values()})
 
-    monkeypatch.setattr(local_image, "DiffusionRunner", Runner)
+    monkeypatch.setattr(diffusion_runner, "DiffusionRunner", Runner)
     entry = ModelEntry(id="d", modality="image", backend="local", family="diffusers", source="d", max_batch_size=2,
                        attention=attention)
     backend = local_image.LocalImageBackend(entry, Metrics())

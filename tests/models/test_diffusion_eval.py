@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from genserve.models.common.evaluation import fid
+from genserve.models.common.weights import save_net
 from genserve.models.diffusion import GenserveEmojiPipeline
 from genserve.models.diffusion import evaluate as ev
 from genserve.models.diffusion.classifier import (
@@ -26,8 +28,7 @@ from genserve.models.diffusion.classifier import (
 )
 from genserve.models.diffusion.data import FONT, INSTALL_HINT
 from genserve.models.diffusion.train import build_scheduler
-from genserve.models.image import save_net
-from genserve.models.image.evaluate import fid, format_table
+from genserve.models.image.evaluate import format_table
 from tests.models.test_diffusion import tiny_unet
 
 needs_font = pytest.mark.skipif(not FONT.is_file(), reason=f"needs the emoji font: {INSTALL_HINT}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from genserve.models.families import load_family, local_dir
+from genserve.models.common.loading import load_family, local_dir
 from tests.conftest import TEXT_DIR
 
 

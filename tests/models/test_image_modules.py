@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from genserve.models.families import weights_dir
-from genserve.models.image import ImageGenerator, class_from_latent, save_net
+from genserve.models.common.evaluation import fid
+from genserve.models.common.loading import weights_dir
+from genserve.models.common.training import adamw
+from genserve.models.common.weights import save_net
 from genserve.models.image import flow as flow_mod
 from genserve.models.image import gan as gan_mod
 from genserve.models.image import vae as vae_mod
 from genserve.models.image.classifier import ClassifierConfig, DigitClassifier
 from genserve.models.image.digits import dequantize, splits
-from genserve.models.image.evaluate import fid
-from genserve.models.training import adamw
+from genserve.models.image.generator import ImageGenerator, class_from_latent
 
 
 @pytest.fixture(autouse=True, scope="module")

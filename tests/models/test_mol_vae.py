@@ -12,7 +12,9 @@ import torch
 selfies = pytest.importorskip("selfies")
 pytest.importorskip("rdkit")
 
+from genserve.models.common.interpolation import slerp  # noqa: E402
 from genserve.models.molecule import vae as V  # noqa: E402
+from genserve.models.molecule import vae_evaluate, vae_train  # noqa: E402
 from genserve.models.molecule.data import moses_available  # noqa: E402
 
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
@@ -111,12 +113,13 @@ def test_seeded_decode_is_reproducible_and_batch_independent(model: V.MolVAE) ->
 
 
 def test_slerp_hits_both_endpoints() -> None:
+    """The VAE's walk: White's slerp on the raw posterior means (``norms=False``)."""
     a, b = torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
-    path = V.slerp(a, b, torch.tensor([0.0, 0.5, 1.0]))
+    path = slerp(a, b, torch.tensor([0.0, 0.5, 1.0]), norms=False)
     assert torch.allclose(path[0], a, atol=1e-6) and torch.allclose(path[2], b, atol=1e-6)
-    unit = V.slerp(a / a.norm(), b / b.norm(), 0.5)
+    unit = slerp(a / a.norm(), b / b.norm(), 0.5, norms=False)
     assert torch.allclose(unit.norm(), torch.tensor(1.0))  # the great circle keeps unit vectors unit
-    assert torch.allclose(V.slerp(a, 2 * a, 0.5)[0], 1.5 * a)  # parallel: falls back to lerp
+    assert torch.allclose(slerp(a, 2 * a, 0.5, norms=False)[0], 1.5 * a)  # parallel: falls back to lerp
 
 
 def test_interpolate_returns_steps_decodes_deterministically(model: V.MolVAE) -> None:
@@ -147,7 +150,7 @@ def test_interpolate_rejects_bad_steps_and_method(model: V.MolVAE) -> None:
 
 
 def test_evaluate_reports_rates_in_range(model: V.MolVAE) -> None:
-    report = V.evaluate_vae(model, [*SMILES, "C[Si](C)(C)C"], n=6)
+    report = vae_evaluate.evaluate_vae(model, [*SMILES, "C[Si](C)(C)C"], n=6)
     assert report["heldout_molecules"] == 6 and report["prior_samples"] == 6
     assert report["heldout_neg_elbo"] == pytest.approx(report["heldout_recon"] + report["heldout_kl"])
     for key in ("reconstruction_accuracy", "prior_validity", "prior_uniqueness"):
@@ -156,10 +159,10 @@ def test_evaluate_reports_rates_in_range(model: V.MolVAE) -> None:
 
 @pytest.mark.skipif(not moses_available(), reason="MOSES data (molsets) not installed")
 def test_tiny_training_run_lowers_the_loss(tmp_path: Path) -> None:
-    cfg = V.MolVAETrainConfig(train_molecules=200, max_steps=30, embed_dim=16, hidden_size=32, latent_dim=8,
+    cfg = vae_train.MolVAETrainConfig(train_molecules=200, max_steps=30, embed_dim=16, hidden_size=32, latent_dim=8,
                               batch_size=32, lr=3e-3, warmup_steps=5, eval_every=10, heldout_molecules=100,
                               eval_molecules=20)
-    report = V.train_mol_vae(tmp_path, minutes=2.0, seed=0, threads=1, config=cfg)
+    report = vae_train.train_mol_vae(tmp_path, minutes=2.0, seed=0, threads=1, config=cfg)
     curve = report["loss_curve"]
     assert report["steps"] == 30 and [p["step"] for p in curve] == [10, 20, 30]
     assert curve[-1]["train_recon"] < curve[0]["train_recon"] - 5

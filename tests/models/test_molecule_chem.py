@@ -11,9 +11,9 @@ pytest.importorskip("selfies", reason="molecule chemistry needs selfies")
 
 from rdkit import Chem
 
+from genserve.models.errors import InputError
 from genserve.models.molecule.chem import (
     PROPERTY_NAMES,
-    ConstraintError,
     Constraints,
     alerts,
     canonical_smiles,
@@ -101,7 +101,7 @@ def test_properties_of_an_empty_molecule_raise() -> None:
     (Constraints(qed_min=float("nan")), "constraints.qed_min", "nan"),
 ])
 def test_constraint_errors_name_the_field(constraints: Constraints, param: str, bad_value: str) -> None:
-    with pytest.raises(ConstraintError) as info:
+    with pytest.raises(InputError) as info:
         compile_constraints(constraints)
     assert info.value.param == param
     assert bad_value in str(info.value)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from genserve.models.families import weights_dir
+from genserve.models.common.loading import weights_dir
 from genserve.models.music import VOICE_RANGES, ChoraleGenerator, MusicSpec, Piece, load, parse_key, render
 from genserve.models.music.data import Chorale, encode, normalising_shift
 from genserve.models.music.midi import key_signature, to_midi
@@ -149,7 +149,8 @@ def test_key_signatures() -> None:
 
 def test_serving_path_does_not_import_music21() -> None:
     code = ("import sys, torch; from genserve.models.music import load, MusicSpec, render, ChoraleGenerator; "
-            "from genserve.models.music.midi import to_midi; from genserve.models.music.model import ChoraleTransformer, ChoraleConfig; "
+            "from genserve.models.music.midi import to_midi; "
+            "from genserve.models.music.model import ChoraleTransformer, ChoraleConfig; "
             "g = ChoraleGenerator(ChoraleTransformer(ChoraleConfig(n_layer=1, n_head=2, d_model=32)), "
             "torch.device('cpu'), torch.float32); p = g.generate([MusicSpec(seconds=1)])[0]; render(p, 8000); "
             "to_midi(p); assert 'music21' not in sys.modules, 'music21 imported'")
@@ -179,8 +180,8 @@ def test_encode_normalises_key_and_marks_metre() -> None:
 def test_a_short_training_step_lowers_the_loss(tmp_path: Path) -> None:
     import random
 
+    from genserve.models.common.training import adamw
     from genserve.models.music.train import random_batch, save_model, to_sequence
-    from genserve.models.training import adamw
 
     torch.manual_seed(0)
     cfg = MusicTrainConfig(n_layer=1, n_head=2, d_model=32, context=32, batch_size=4, dropout=0.0)

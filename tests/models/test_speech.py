@@ -14,7 +14,8 @@ from genserve.app.metrics import Metrics
 from genserve.app.registry import ModelEntry
 from genserve.models.audio import SpeechSpec, split_text
 from genserve.models.audio.espeak import read_wav_header
-from genserve.models.families import load_family, weights_dir
+from genserve.models.common.loading import load_family, weights_dir
+from genserve.models.params import SpeechParams
 from tests.conftest import build_tiny_vits
 
 SPEECH_DIR = weights_dir() / "genserve-speech"
@@ -96,7 +97,8 @@ def test_vits_seeded_text_is_the_same_alone_or_batched_through_the_backend(tiny_
     text = "Seeded speech is repeatable. Even when it is cut into pieces."
 
     async def speak(spec: SpeechSpec) -> np.ndarray:
-        return np.concatenate([c async for c in backend.speak(spec)])
+        params = SpeechParams(spec.text, spec.voice, spec.speed, response_format="pcm", seed=spec.seed)
+        return np.concatenate([c.samples async for c in backend.speak(params)])
 
     async def scenario() -> tuple[np.ndarray, list[np.ndarray]]:
         await backend.start()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from genserve.models.training import adamw, lr_at, set_lr, snapshot
+from genserve.models.common.training import adamw, lr_at, set_lr, snapshot
 
 
 def test_adamw_decays_matrices_and_kernels_and_optimises_every_parameter():

@@ -18,6 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from genserve.models.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -74,7 +76,8 @@ class UpstreamError(GenserveError):
     """An error answered by a remote backend, passed on with its own status and body."""
 
     def __init__(self, status: int, body: dict[str, Any]) -> None:
-        err = body.get("error") if isinstance(body.get("error"), dict) else {}
+        raw = body.get("error")
+        err: dict[str, Any] = raw if isinstance(raw, dict) else {}
         code, param = err.get("code"), err.get("param")
         # OpenAI's code and param are strings; some servers (vLLM) put the HTTP status in code.
         super().__init__(str(err.get("message", "upstream error")), param=param if isinstance(param, str) else None,
@@ -113,7 +116,7 @@ def param_path(loc: tuple[Any, ...]) -> str | None:
 
 def validation_error(exc: RequestValidationError) -> InvalidRequestError:
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "invalid"}
+    first: dict[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "invalid"}
     if first.get("type") == "json_invalid":
         return InvalidRequestError("The request body is not valid JSON: " + str(first.get("ctx", {})
                                    .get("error", "parse error")), code="invalid_json")
@@ -135,6 +138,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GenserveError)
     async def _genserve(request: Request, exc: GenserveError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(InputError)
+    async def _input(request: Request, exc: InputError) -> JSONResponse:
+        return error_response(InvalidRequestError(exc.message, param=exc.param))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

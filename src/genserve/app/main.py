@@ -10,6 +10,7 @@ from fastapi.staticfiles import StaticFiles
 
 from genserve import __version__
 from genserve.app.backends.manager import ModelManager
+from genserve.app.deps import Services
 from genserve.app.errors import install_error_handlers
 from genserve.app.metrics import Metrics
 from genserve.app.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
@@ -41,13 +42,11 @@ def create_app(settings: Settings, entries: list[ModelEntry] | None = None) -> F
 
     app = FastAPI(title="genserve", version=__version__, description=DESCRIPTION,
                   lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.settings, app.state.metrics, app.state.manager = settings, metrics, manager
-    app.state.models = ModelsServing(manager)
-    app.state.text = TextServing(manager, metrics, settings)
-    app.state.embeddings = EmbeddingServing(manager, metrics, settings)
-    app.state.molecules = MoleculeServing(manager, metrics, settings)
-    app.state.audio = AudioServing(manager, metrics, settings)
-    app.state.images = ImageServing(manager, metrics, settings)
+    app.state.services = Services(
+        metrics=metrics, manager=manager, models=ModelsServing(manager),
+        text=TextServing(manager, metrics, settings), embeddings=EmbeddingServing(manager, metrics, settings),
+        images=ImageServing(manager, metrics, settings), audio=AudioServing(manager, metrics, settings),
+        molecules=MoleculeServing(manager, metrics, settings))
 
     install_error_handlers(app)
     for router in (text.router, embeddings.router, images.router, images.files_router, audio.router,

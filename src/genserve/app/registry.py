@@ -17,15 +17,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from genserve.models.registry import FAMILIES, modality_tasks
+
 Modality = Literal["text", "embedding", "image", "audio", "molecule", "moderation"]
-DEFAULT_TASKS: dict[str, list[str]] = {
-    "text": ["completion", "chat"],
-    "embedding": ["embedding"],
-    "image": ["generation"],  # diffusion: [generation, edit]; GAN, VAE, flow: [generation, interpolation]
-    "audio": ["speech"],  # music models: tasks: [music]
-    "molecule": ["generation", "properties"],
-    "moderation": ["moderation"],
-}
+MODERATION_TASKS = ["moderation"]  # moderation models have no family in models/registry.py yet
 DEFAULT_REGISTRY = Path(str(resources.files("genserve.models") / "registry.yaml"))
 
 
@@ -69,7 +64,7 @@ class ModelEntry(BaseModel):
     tasks: list[str] = Field(default_factory=list)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_batch_size: int = Field(None, ge=1, le=1024, description="largest batch: sequences per engine step "
+    max_batch_size: int = Field(8, ge=1, le=1024, description="largest batch: sequences per engine step "
                                 "for text (default 64), items per model call otherwise (default 8)")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000)
     max_waiting: int = Field(64, ge=1, description="queued requests beyond which new ones get 429")
@@ -96,6 +91,13 @@ class ModelEntry(BaseModel):
         """This model's request deadline, or the process-wide ``default``."""
         return self.request_timeout_s or default
 
+    def default_tasks(self) -> list[str]:
+        """Its family's default tasks (models/registry.py); without a family (remote), its modality's."""
+        if self.modality == "moderation":
+            return list(MODERATION_TASKS)
+        row = FAMILIES.get(self.family or "")
+        return list(row.tasks if row is not None else modality_tasks(self.modality))
+
     @model_validator(mode="after")
     def _check_backend(self) -> ModelEntry:
         if self.backend == "local" and (not self.family or not self.source):
@@ -104,9 +106,9 @@ class ModelEntry(BaseModel):
         if self.backend == "remote" and not self.url:
             raise ValueError("a remote model needs 'url'")
         if not self.tasks:
-            self.tasks = list(DEFAULT_TASKS[self.modality])
-        if self.max_batch_size is None:
-            self.max_batch_size = 64 if self.modality == "text" else 8
+            self.tasks = self.default_tasks()
+        if "max_batch_size" not in self.model_fields_set and self.modality == "text":
+            self.max_batch_size = 64
         return self
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from collections.abc import AsyncGenerator, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,7 @@ from genserve.app.backends.base import STALL_SECONDS, Backend
 from genserve.app.errors import RateLimitError, UnavailableError
 from genserve.app.metrics import Metrics
 from genserve.app.registry import ModelEntry
-from genserve.models.families import load_family
+from genserve.models.common.loading import load_family
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -86,7 +86,7 @@ class DynamicBatcher(Generic[T, R]):
         finally:
             _abandon(items)
 
-    async def submit_stream(self, values: list[T]) -> AsyncIterator[R]:
+    async def submit_stream(self, values: list[T]) -> AsyncGenerator[R, None]:
         """Queues all of ``values`` or none, as ``submit_many``, and yields each result in order as
         soon as it and those before it are ready; items not yet run are dropped if the caller stops."""
         items = self._enqueue(values)
@@ -129,7 +129,8 @@ class DynamicBatcher(Generic[T, R]):
                 self.on_batch(len(batch), [now - i.enqueued for i in batch])
             self._busy_since = now
             try:
-                results = await loop.run_in_executor(self._executor, self.fn, [i.value for i in batch])
+                results: Sequence[R | BaseException] = await loop.run_in_executor(
+                    self._executor, self.fn, [i.value for i in batch])
             except asyncio.CancelledError:  # closing: the running batch's callers must not hang
                 _fail(batch)
                 raise

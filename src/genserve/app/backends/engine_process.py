@@ -51,7 +51,7 @@ def engine_main(conn: Connection, spec: EngineSpec) -> None:
     """The child: load, report, then step whenever there is work, between commands."""
     import torch
 
-    from genserve.models.families import load_family
+    from genserve.models.common.loading import load_family
     from genserve.models.text.engine import LLMEngine
 
     try:
@@ -101,7 +101,7 @@ class EngineClient:
     """The gateway's handle on the child: sends commands without blocking the event loop, and
     hands each step's events to ``on_step`` on a reader thread."""
 
-    def __init__(self, spec: EngineSpec, name: str, on_step: Callable[[list, StepStats], None]) -> None:
+    def __init__(self, spec: EngineSpec, name: str, on_step: Callable[[list | None, StepStats], None]) -> None:
         self.spec, self.name, self.on_step = spec, name, on_step
         ctx = mp.get_context("spawn")  # never fork a process that holds threads and torch state
         self._conn, child = ctx.Pipe()

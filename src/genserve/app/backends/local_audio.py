@@ -13,15 +13,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator
 
 import numpy as np
 
+from genserve.app.backends.base import AudioChunk, ModelFacts
 from genserve.app.backends.batching import BatchedBackend
+from genserve.app.errors import InvalidRequestError
 from genserve.models.audio import SpeechSpec, split_text
 from genserve.models.audio.espeak import pcm16_to_float, read_wav_header
-from genserve.models.text.sampling import SEED_MASK
+from genserve.models.params import MusicParams, SpeechParams
+from genserve.models.seeding import item_seed
 
 READ_BYTES = 16_384  # espeak-ng output read at a time: about 0.37 s of 22.05 kHz audio
 
@@ -31,8 +33,8 @@ class _AudioBackend(BatchedBackend):
         self.model = self.load_model()
         self.loaded = True
 
-    def describe(self) -> dict:
-        return {"sample_rate": getattr(self.model, "sample_rate", None)}
+    def describe(self) -> ModelFacts:
+        return ModelFacts(sample_rate=self.model.sample_rate if self.model is not None else None)
 
 
 class LocalSpeechBackend(_AudioBackend):
@@ -45,29 +47,30 @@ class LocalSpeechBackend(_AudioBackend):
     def ready(self) -> bool:
         return self.loaded if self.model is not None and self.model.streams else super().ready()
 
-    @property
-    def sample_rate(self) -> int:
-        return self.model.sample_rate
+    async def speak(self, params: SpeechParams) -> AsyncGenerator[AudioChunk, None]:
+        """Mono float32 chunks at the model's rate, in order, as they are produced (400 naming
+        ``voice`` for a voice the model does not have)."""
+        try:
+            voice = self.model.resolve_voice(params.voice)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="voice") from None
+        spec = SpeechSpec(params.text, voice, params.speed, params.seed)
+        rate, tempo = self.model.sample_rate, self.model.residual_tempo(params.speed)
+        async for samples in self._samples(spec):
+            yield AudioChunk(samples=samples, sample_rate=rate, residual_tempo=tempo)
 
-    def resolve_voice(self, voice: str) -> str:
-        return self.model.resolve_voice(voice)
-
-    def residual_tempo(self, speed: float) -> float:
-        return self.model.residual_tempo(speed)
-
-    async def speak(self, spec: SpeechSpec) -> AsyncIterator[np.ndarray]:
-        """Mono float32 chunks at ``sample_rate``, in order, as they are produced."""
+    async def _samples(self, spec: SpeechSpec) -> AsyncGenerator[np.ndarray, None]:
         if self.model.streams:
             async for chunk in self._speak_process(spec):
                 yield chunk
             return
         assert self.batcher is not None
-        pieces = [dataclasses.replace(spec, text=t, seed=None if spec.seed is None else (spec.seed + i) & SEED_MASK)
+        pieces = [dataclasses.replace(spec, text=t, seed=None if spec.seed is None else item_seed(spec.seed, i))
                   for i, t in enumerate(split_text(spec.text))]
         async for audio in self.batcher.submit_stream(pieces):
             yield audio
 
-    async def _speak_process(self, spec: SpeechSpec) -> AsyncIterator[np.ndarray]:
+    async def _speak_process(self, spec: SpeechSpec) -> AsyncGenerator[np.ndarray, None]:
         async with self._processes:
             proc = await asyncio.create_subprocess_exec(
                 *self.model.argv(spec), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -100,14 +103,21 @@ class LocalMusicBackend(_AudioBackend):
     async def start(self) -> None:
         self.start_batcher(self.model.generate)
 
-    @property
-    def sample_rate(self) -> int:
-        return self.model.sample_rate
+    async def compose(self, params: MusicParams) -> AudioChunk:
+        """The piece as MIDI bytes for ``response_format: mid``, else rendered to samples (off the event
+        loop); 400 naming ``key`` for a key the model cannot write in."""
+        from genserve.models.music import MusicSpec, render  # a music model is loaded: so is this
+        from genserve.models.music.midi import to_midi
 
-    def parse_key(self, key: str) -> Any:
-        return self.model.parse_key(key)
-
-    async def compose(self, spec: Any) -> Any:
         assert self.batcher is not None
+        try:
+            self.model.parse_key(params.key)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="key") from None
+        spec = MusicSpec(seconds=params.seconds, tempo=params.tempo, key=params.key,
+                         temperature=params.temperature, seed=params.seed)
         (piece,) = await self.batcher.submit_many([spec])
-        return piece
+        if params.response_format == "mid":
+            return AudioChunk(encoded=await asyncio.to_thread(to_midi, piece), seed=params.seed)
+        rate = self.model.sample_rate
+        return AudioChunk(samples=await asyncio.to_thread(render, piece, rate), sample_rate=rate, seed=params.seed)

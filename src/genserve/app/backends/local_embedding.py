@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from genserve.app.backends.base import EmbeddingResult, check_token_ids
+from genserve.app.backends.base import EmbeddingResult, ModelFacts, check_token_ids
 from genserve.app.backends.batching import BatchedBackend
 from genserve.app.errors import InvalidRequestError
 from genserve.models.embedding import EmbeddingModel
@@ -23,8 +23,8 @@ class LocalEmbeddingBackend(BatchedBackend):
         self.start_batcher(self.model.embed)
 
 
-    def describe(self) -> dict:
-        return {"context_length": self.model.max_tokens if self.model else None}
+    def describe(self) -> ModelFacts:
+        return ModelFacts(context_length=self.model.max_tokens if self.model else None)
 
     async def embed(self, inputs: list[str] | list[list[int]], dimensions: int | None) -> EmbeddingResult:
         model, batcher = self.model, self.batcher
@@ -33,10 +33,10 @@ class LocalEmbeddingBackend(BatchedBackend):
             raise InvalidRequestError(f"This model produces {model.dimensions}-dimensional embeddings and "
                                       "cannot shorten them.", param="dimensions")
         if isinstance(inputs[0], str):
-            ids = await asyncio.to_thread(model.tokenize, inputs)  # type: ignore[arg-type]
+            ids = await asyncio.to_thread(model.tokenize, inputs)
         else:
-            ids = [list(x) for x in inputs]  # type: ignore[arg-type]
-            check_token_ids(ids, len(model.model.tokenizer), "input")
+            ids = [list(x) for x in inputs]
+            check_token_ids(ids, len(model.model.tokenizer), "input")  # type: ignore[attr-defined]
         for i, row in enumerate(ids):
             if len(row) > model.max_tokens:
                 raise InvalidRequestError(

@@ -3,23 +3,36 @@
 ``LocalMoleculeBackend`` samples a SELFIES decoder (family ``selfies-llama``) on the text engine:
 a round of ``count`` molecules is one engine request with ``n = count`` sequences, each started
 from the beginning-of-molecule token with its own seed, so rounds share engine steps with each
-other and with every other request. ``LocalMolVAEBackend`` runs the molecular VAE's latent
-interpolation (family ``mol-vae``) through a dynamic batcher.
+other and with every other request. RDKit examines the strings the engine has finished (in the
+chemistry pool) while it samples the rest; what to draw and what to keep is ``models.molecule.sampling``.
+``LocalMolVAEBackend`` runs the molecular VAE's latent interpolation (family ``mol-vae``) through a
+dynamic batcher.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import functools
+from collections.abc import AsyncGenerator
 
-from genserve.app.backends.base import Backend, TextRequest, Usage
+from genserve.app.backends.base import Backend, ModelFacts, Molecule, MoleculeEvent, MoleculeStats, Usage
 from genserve.app.backends.batching import BatchedBackend
+from genserve.app.backends.chemistry import chemistry_pool
 from genserve.app.backends.local_text import LocalTextBackend
-from genserve.app.errors import InvalidRequestError
 from genserve.app.metrics import Metrics
 from genserve.app.registry import ModelEntry
-from genserve.models.families import local_dir
+from genserve.models.common.loading import local_dir
+from genserve.models.errors import InputError
+from genserve.models.molecule import chem
+from genserve.models.molecule import sampling as rounds
 from genserve.models.molecule.generator import TrainingSet
+from genserve.models.params import MoleculeInterpolationParams, MoleculeParams, TextParams
 from genserve.models.text.sampling import SamplingParams
+
+
+def _molecule(c: rounds.Candidate) -> Molecule:
+    return Molecule(smiles=c.smiles, selfies=c.selfies, properties=c.properties, novel=c.novel,
+                    similarity=c.similarity, svg=c.svg)
 
 
 class LocalMoleculeBackend(Backend):
@@ -47,24 +60,43 @@ class LocalMoleculeBackend(Backend):
     async def close(self) -> None:
         await self.text.close()
 
-    def describe(self) -> dict:
-        return {"context_length": None, "training_set_size": len(self.training_set) if self.training_set else None}
+    def describe(self) -> ModelFacts:
+        return ModelFacts(training_set_size=len(self.training_set) if self.training_set else None)
 
-    async def stream_selfies(self, request_id: str, count: int, temperature: float, top_k: int,
-                             seed: int) -> AsyncIterator[list[tuple[int, str]] | int]:
-        """``count`` SELFIES strings, string ``i`` from seed ``seed + i * stride`` (the engine's ``n``
-        derivation): yields ``(i, string)`` pairs as the engine finishes them, a list per engine
-        event, then the number of tokens generated."""
-        params = SamplingParams(n=count, temperature=temperature, top_k=top_k, seed=seed,
-                                max_tokens=self.text.max_len() - 1)
+    async def generate(self, params: MoleculeParams) -> AsyncGenerator[MoleculeEvent, None]:
+        """The kept molecules, round by round, then the stats of every string drawn."""
+        compiled = rounds.compile_constraints(params.constraints)  # a bad one: InputError naming the field
+        tally = rounds.Tally()
+        while len(tally.kept) < params.n and tally.sampled < params.max_samples:
+            count = rounds.round_size(params.n - len(tally.kept), tally, params.max_samples)
+            analysed = await self._round(params, compiled, count, rounds.round_seed(params.seed, tally), tally)
+            tally.drawn += count
+            for kept in rounds.select([analysed[i] for i in range(count)], params.n, params.unique, tally):
+                yield _molecule(kept)
+        yield MoleculeStats(requested=params.n, returned=len(tally.kept), sampled=tally.sampled,
+                            invalid=tally.invalid, duplicates=tally.duplicates, rejected_by_constraints=tally.rejected,
+                            withheld_by_moderation=0, stopped_by="n" if len(tally.kept) == params.n else "max_samples",
+                            prompt_tokens=tally.drawn, completion_tokens=tally.tokens)
+
+    async def _round(self, params: MoleculeParams, compiled: chem.CompiledConstraints, count: int, seed: int,
+                     tally: rounds.Tally) -> dict[int, rounds.Candidate]:
+        """``count`` strings, string ``i`` from seed ``seed + i * stride`` (the engine's ``n`` derivation),
+        each analysed as soon as the engine finishes it."""
+        loop, work = asyncio.get_running_loop(), []
+        sampling = SamplingParams(n=count, temperature=params.temperature, top_k=params.top_k, seed=seed,
+                                  max_tokens=self.text.max_len() - 1)
         texts = [""] * count
-        async for ev in self.text.generate(TextRequest(request_id, params, prompt=[self.bos_id])):
+        analyse = functools.partial(rounds.analyse_all, include=params.include, compiled=compiled,
+                                    training_set=self.training_set)
+        request = TextParams(f"{params.request_id}-{tally.sampled}", sampling, prompt=[self.bos_id])
+        async for ev in self.text.generate(request):
             if isinstance(ev, Usage):
-                yield ev.completion_tokens
+                tally.tokens += ev.completion_tokens
                 continue
             texts[ev.index] += ev.text
             if ev.finish_reason is not None:
-                yield [(ev.index, texts[ev.index])]
+                work.append(loop.run_in_executor(chemistry_pool(), analyse, [(ev.index, texts[ev.index])]))
+        return dict(pair for batch in await asyncio.gather(*work) for pair in batch)
 
 
 class LocalMolVAEBackend(BatchedBackend):
@@ -73,25 +105,27 @@ class LocalMolVAEBackend(BatchedBackend):
         self.loaded = True
 
     async def start(self) -> None:
-        from genserve.models.molecule.vae import MoleculeInputError, interpolate
+        from genserve.models.molecule.vae import interpolate
 
         model = self.model
 
-        def run(items: list[tuple[str, str, int, str]]) -> list[list[str] | InvalidRequestError]:
-            out: list[list[str] | InvalidRequestError] = []
-            for start, end, steps, method in items:
+        def run(items: list[MoleculeInterpolationParams]) -> list[list[str] | InputError]:
+            out: list[list[str] | InputError] = []
+            for p in items:
                 try:
-                    out.append(interpolate(model, start, end, steps, method))
-                except MoleculeInputError as exc:  # the caller's molecule, not the batch, is at fault
-                    out.append(InvalidRequestError(str(exc), param=exc.param))
+                    out.append(interpolate(model, p.start, p.end, p.steps, p.method))
+                except InputError as exc:  # the caller's molecule, not the batch, is at fault
+                    out.append(exc)
             return out
 
         self.start_batcher(run)
 
-
-    async def interpolate(self, start: str, end: str, steps: int, method: str) -> list[str]:
+    async def interpolate(self, params: MoleculeInterpolationParams) -> list[Molecule]:
+        """The path's points in order, each described in the chemistry pool."""
         assert self.batcher is not None
-        (result,) = await self.batcher.submit_many([(start, end, steps, method)])
-        if isinstance(result, InvalidRequestError):
+        (result,) = await self.batcher.submit_many([params])
+        if isinstance(result, InputError):
             raise result
-        return result
+        points = await asyncio.get_running_loop().run_in_executor(
+            chemistry_pool(), lambda: [rounds.path_molecule(s, params.include) for s in result])
+        return [_molecule(p) for p in points]

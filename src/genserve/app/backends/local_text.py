@@ -15,16 +15,17 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from genserve.app.backends.base import STALL_SECONDS, Backend, Delta, TextRequest, TokenLogprob, Usage, check_token_ids
+from genserve.app.backends.base import STALL_SECONDS, Backend, Delta, ModelFacts, TokenLogprob, Usage, check_token_ids
 from genserve.app.backends.engine_process import EngineClient, EngineSpec
 from genserve.app.errors import InvalidRequestError, RateLimitError, UnavailableError
 from genserve.app.metrics import Metrics
 from genserve.app.registry import ModelEntry
-from genserve.models.families import load_family_info
+from genserve.models.common.loading import load_family_info
+from genserve.models.params import TextParams
 from genserve.models.text.engine import EngineConfig, EngineError, EngineShutdown, RequestEvent, StepStats
 from genserve.models.text.generate import SampleOutput, TextModel
 
@@ -103,11 +104,11 @@ class LocalTextBackend(Backend):
             self.engine.stop()
             await asyncio.to_thread(self.engine.join, 10.0)
 
-    def describe(self) -> dict:
-        return {"context_length": self.tm.context if self.tm else None}
+    def describe(self) -> ModelFacts:
+        return ModelFacts(context_length=self.tm.context if self.tm else None)
 
     # request side (event loop) ----------------------------------------------------------------
-    def tokenize(self, request: TextRequest) -> list[int]:
+    def tokenize(self, request: TextParams) -> list[int]:
         tm = self.tm
         assert tm is not None
         self._check_chars(request)
@@ -136,7 +137,7 @@ class LocalTextBackend(Backend):
         ctx = self.tm.context if self.tm else 0
         return min(ctx, self.config.num_blocks * self.config.block_size) if self.config else ctx
 
-    def _check_chars(self, request: TextRequest) -> None:
+    def _check_chars(self, request: TextParams) -> None:
         """A text of N characters is at least N / chars_per_token tokens: one that cannot fit the
         context whatever its tokenization is refused before paying for it."""
         if request.messages is not None:
@@ -170,7 +171,7 @@ class LocalTextBackend(Backend):
                 f"completion). Reduce max_tokens to at most {ctx - prompt_len}.", param="max_tokens",
                 code="context_length_exceeded")
 
-    async def generate(self, request: TextRequest) -> AsyncIterator[Delta | Usage]:
+    async def generate(self, request: TextParams) -> AsyncGenerator[Delta | Usage, None]:
         # The queue slot is taken before tokenizing, so max_waiting bounds the tokenizer's backlog.
         self._count_waiting(+1, limit=self.entry.max_waiting)
         loop = asyncio.get_running_loop()

@@ -5,44 +5,65 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TypeVar, cast
 
-from genserve.app.backends.base import Backend
+from genserve.app.backends.base import (
+    Backend,
+    EmbeddingBackend,
+    ImageBackend,
+    MoleculeBackend,
+    MoleculeInterpolationBackend,
+    MusicBackend,
+    ServedModel,
+    SpeechBackend,
+    TextBackend,
+)
 from genserve.app.backends.local_audio import LocalMusicBackend, LocalSpeechBackend
 from genserve.app.backends.local_embedding import LocalEmbeddingBackend
 from genserve.app.backends.local_image import LocalImageBackend
 from genserve.app.backends.local_molecule import LocalMoleculeBackend, LocalMolVAEBackend
 from genserve.app.backends.local_text import LocalTextBackend
-from genserve.app.backends.remote import RemoteBackend
+from genserve.app.backends.remote import REMOTE_BACKENDS
 from genserve.app.errors import InvalidRequestError, ModelNotFoundError, UnavailableError
 from genserve.app.metrics import Metrics
 from genserve.app.registry import ConfigError, ModelEntry
 from genserve.app.settings import Settings
-from genserve.models.families import FAMILIES
+from genserve.models.registry import FAMILIES
 
 log = logging.getLogger(__name__)
+B = TypeVar("B", bound=ServedModel)
 
-REMOTE_MODALITIES = ("text", "embedding")  # what RemoteBackend forwards (OpenAI's endpoints)
-# The backend that runs a local model: by family where the family says, else by modality.
+# The Protocol a model's backend serves a task through, by the model's modality.
+KINDS: dict[tuple[str, str], type[ServedModel]] = {
+    ("text", "completion"): TextBackend, ("text", "chat"): TextBackend,
+    ("embedding", "embedding"): EmbeddingBackend,
+    ("image", "generation"): ImageBackend, ("image", "edit"): ImageBackend, ("image", "interpolation"): ImageBackend,
+    ("audio", "speech"): SpeechBackend, ("audio", "music"): MusicBackend,
+    ("molecule", "generation"): MoleculeBackend, ("molecule", "interpolation"): MoleculeInterpolationBackend,
+}
+
+# The backend class of each backend kind of the family table (models/registry.py).
 LOCAL_BACKENDS: dict[str, type] = {"text": LocalTextBackend, "embedding": LocalEmbeddingBackend,
                                    "molecule": LocalMoleculeBackend, "mol-vae": LocalMolVAEBackend,
-                                   "audio": LocalSpeechBackend, "chorale": LocalMusicBackend,
+                                   "speech": LocalSpeechBackend, "music": LocalMusicBackend,
                                    "image": LocalImageBackend}
 
 
 def build_backend(entry: ModelEntry, settings: Settings, metrics: Metrics) -> Backend:
     if entry.backend == "remote":
-        if entry.modality not in REMOTE_MODALITIES:
-            raise ConfigError(f"model {entry.id!r}: remote backends serve {' and '.join(REMOTE_MODALITIES)} "
-                              f"models; a {entry.modality} model must be local")
-        return RemoteBackend(entry, entry.timeout_s(settings.request_timeout_s))
+        remote = REMOTE_BACKENDS.get(entry.modality)
+        if remote is None:
+            raise ConfigError(f"model {entry.id!r}: no remote backend serves {entry.modality} models; "
+                              f"remote modalities: {', '.join(REMOTE_BACKENDS)}")
+        return remote(entry, entry.timeout_s(settings.request_timeout_s))
     family = FAMILIES.get(entry.family or "")
     if family is None:
         raise ConfigError(f"model {entry.id!r}: unknown family {entry.family!r}; known: "
                           f"{', '.join(sorted(FAMILIES))}")
-    if family[0] != entry.modality:
-        raise ConfigError(f"model {entry.id!r}: family {entry.family!r} serves {family[0]}, "
+    if family.modality != entry.modality:
+        raise ConfigError(f"model {entry.id!r}: family {entry.family!r} serves {family.modality}, "
                           f"not {entry.modality}")
-    return LOCAL_BACKENDS.get(entry.family or "", LOCAL_BACKENDS[entry.modality])(entry, metrics)
+    return LOCAL_BACKENDS[family.backend](entry, metrics)
 
 
 class ModelManager:
@@ -88,7 +109,9 @@ class ModelManager:
             task.cancel()
         await asyncio.gather(*(b.close() for b in self.backends.values()), return_exceptions=True)
 
-    def get(self, model_id: str, task: str) -> Backend:
+    def get(self, model_id: str, task: str, kind: type[B]) -> B:
+        """The backend of ``model_id`` for ``task``, as the Protocol ``kind`` the endpoint needs: 404 for
+        an unknown model, 400 ``model_not_supported`` for one that does not do this, 503 while it cannot."""
         backend = self.backends.get(model_id)
         if backend is None:
             raise ModelNotFoundError(f"The model '{model_id}' does not exist; GET /v1/models lists the "
@@ -97,6 +120,9 @@ class ModelManager:
             raise InvalidRequestError(f"The model '{model_id}' does not support {task} (it does: "
                                       f"{', '.join(backend.entry.tasks)}).", param="model",
                                       code="model_not_supported")
+        if KINDS.get((backend.entry.modality, task)) is not kind:
+            raise InvalidRequestError(f"The model '{model_id}' is a {backend.entry.modality} model; it does not serve "
+                                      "this endpoint.", param="model", code="model_not_supported")
         if self.draining:
             raise UnavailableError("The server is shutting down; retry on another replica.",
                                    headers={"Retry-After": "5"})
@@ -105,7 +131,11 @@ class ModelManager:
         if not backend.loaded:
             raise UnavailableError(f"The model '{model_id}' is still loading; retry shortly.",
                                    headers={"Retry-After": "5"})
-        return backend
+        return cast(B, backend)
+
+    def known_readiness(self) -> dict[str, bool]:
+        """Each model's state as last checked, without asking any upstream."""
+        return {mid: b.ready() for mid, b in self.backends.items()}
 
     async def readiness(self) -> dict[str, bool]:
         states = await asyncio.gather(*(b.check_ready() for b in self.backends.values()))

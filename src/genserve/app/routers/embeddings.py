@@ -1,7 +1,9 @@
 """``/v1/embeddings``."""
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
 
+from genserve.app.deps import EmbeddingServingDep
 from genserve.app.routers.responses import ERRORS
 from genserve.app.schemas.embeddings import EmbeddingRequest, EmbeddingResponse
 from genserve.app.security import bearer
@@ -11,6 +13,7 @@ router = APIRouter(prefix="/v1", tags=["embeddings"], dependencies=[Depends(bear
 
 
 @router.post("/embeddings", response_model=EmbeddingResponse)
-async def create_embeddings(body: EmbeddingRequest, request: Request):
+async def create_embeddings(body: EmbeddingRequest, request: Request,
+                            embeddings: EmbeddingServingDep) -> EmbeddingResponse | Response:
     """Embeds texts (OpenAI's embeddings API)."""
-    return await request.app.state.embeddings.embeddings(body, request)
+    return await embeddings.embeddings(body, request)

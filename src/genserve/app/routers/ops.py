@@ -1,8 +1,10 @@
 """Health and metrics, open without a key (for probes and Prometheus)."""
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+
+from genserve.app.deps import ManagerDep, MetricsDep
 
 router = APIRouter(tags=["operations"])
 
@@ -14,15 +16,15 @@ async def live() -> dict:
 
 
 @router.get("/health/ready")
-async def ready(request: Request) -> JSONResponse:
+async def ready(manager: ManagerDep) -> JSONResponse:
     """200 when every configured model is loaded and its runner is making progress, else 503."""
-    states = await request.app.state.manager.readiness()
+    states = await manager.readiness()
     ok = all(states.values())
     return JSONResponse({"status": "ready" if ok else "not_ready", "models": states},
                         status_code=200 if ok else 503)
 
 
 @router.get("/metrics")
-async def metrics(request: Request) -> Response:
+async def metrics(app_metrics: MetricsDep) -> Response:
     """Prometheus text format."""
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(app_metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,8 +1,13 @@
 """The error responses every API route documents."""
 
+from typing import Any
+
 from genserve.app.schemas.base import ErrorResponse
 
-ERRORS = {code: {"model": ErrorResponse, "description": desc} for code, desc in {
+# FastAPI's `responses` type: OpenAPI response objects by status code.
+Responses = dict[int | str, dict[str, Any]]
+
+ERRORS: Responses = {code: {"model": ErrorResponse, "description": desc} for code, desc in {
     400: "Invalid request: the message names the parameter",
     401: "Missing or incorrect API key",
     404: "Unknown model",
@@ -11,5 +16,5 @@ ERRORS = {code: {"model": ErrorResponse, "description": desc} for code, desc in 
     503: "The model is loading or its upstream is unreachable",
     504: "The request did not finish within its deadline",
 }.items()}
-STREAM = {200: {"content": {"text/event-stream": {}},
+STREAM: Responses = {200: {"content": {"text/event-stream": {}},
                 "description": "JSON, or with `stream: true` server-sent events ending in `data: [DONE]`"}}

@@ -1,7 +1,9 @@
 """``/v1/completions`` and ``/v1/chat/completions``."""
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
 
+from genserve.app.deps import TextServingDep
 from genserve.app.routers.responses import ERRORS, STREAM
 from genserve.app.schemas.chat import ChatCompletionRequest, ChatCompletionResponse
 from genserve.app.schemas.completions import CompletionRequest, CompletionResponse
@@ -11,12 +13,14 @@ router = APIRouter(prefix="/v1", tags=["text"], dependencies=[Depends(bearer)], 
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=STREAM)
-async def create_completion(body: CompletionRequest, request: Request):
+async def create_completion(body: CompletionRequest, request: Request,
+                            text: TextServingDep) -> CompletionResponse | Response:
     """Continues a prompt (OpenAI's completions API)."""
-    return await request.app.state.text.completions(body, request)
+    return await text.completions(body, request)
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=STREAM)
-async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+async def create_chat_completion(body: ChatCompletionRequest, request: Request,
+                                 text: TextServingDep) -> ChatCompletionResponse | Response:
     """Answers a conversation (OpenAI's chat completions API)."""
-    return await request.app.state.text.chat(body, request)
+    return await text.chat(body, request)

@@ -6,14 +6,15 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import ConfigDict, Field, field_validator
+from pydantic.json_schema import JsonDict
 
-from genserve.app.schemas.base import SEED_RANGE, OpenAIBaseModel
-from genserve.models.audio.codec import FORMATS
+from genserve.app.schemas.base import OpenAIBaseModel, Seed
+from genserve.app.serving.media import FORMATS
 
-SPEECH_EXAMPLE = {"model": "genserve-speech", "input": "The quick brown fox jumped over the lazy dog.",
-                  "voice": "alloy", "response_format": "wav"}
-MUSIC_EXAMPLE = {"model": "genserve-music", "seconds": 20, "tempo": 90, "key": "D major", "seed": 7,
-                 "response_format": "wav"}
+SPEECH_EXAMPLE: JsonDict = {"model": "genserve-speech", "input": "The quick brown fox jumped over the lazy dog.",
+                            "voice": "alloy", "response_format": "wav"}
+MUSIC_EXAMPLE: JsonDict = {"model": "genserve-music", "seconds": 20, "tempo": 90, "key": "D major", "seed": 7,
+                           "response_format": "wav"}
 
 
 class SpeechRequest(OpenAIBaseModel):
@@ -31,8 +32,8 @@ class SpeechRequest(OpenAIBaseModel):
     speed: float = Field(1.0, ge=0.25, le=4.0)
     stream_format: Literal["audio"] = Field("audio", description="audio bytes, sent in chunks as they are "
                                             "produced (OpenAI's 'sse' is not supported)")
-    seed: int | None = Field(None, **SEED_RANGE, description="neural models: the same seed gives the same "
-                             "audio (espeak-ng has no randomness)")
+    seed: Seed | None = Field(None, description="neural models: the same seed gives the same "
+                              "audio (espeak-ng has no randomness)")
 
     @field_validator("response_format")
     @classmethod
@@ -51,6 +52,6 @@ class MusicRequest(OpenAIBaseModel):
     key: str = Field("C major", description="tonic A–G with an optional # or b, then major or minor: "
                      "'D major', 'F# minor', 'Bb major'")
     temperature: float = Field(1.0, gt=0, le=2.0, description="sampling temperature of the note model")
-    seed: int | None = Field(None, **SEED_RANGE, description="the same seed and fields give the same bytes; "
-                             "without one a seed is drawn and returned in the x-genserve-seed header")
+    seed: Seed | None = Field(None, description="the same seed and fields give the same bytes; "
+                              "without one a seed is drawn and returned in the x-genserve-seed header")
     response_format: Literal["wav", "flac", "mid"] = "wav"

@@ -6,7 +6,10 @@ unknown fields are ignored, as the issue asks and OpenAI SDK extras need.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
+from typing_extensions import TypeIs
 
 
 class OpenAIBaseModel(BaseModel):
@@ -52,12 +55,18 @@ def check_texts_or_tokens(value: TextsOrTokens, what: str, allow_empty_text: boo
 
 def as_batch(value: TextsOrTokens) -> list[str | list[int]]:
     """The members of a ``TextsOrTokens`` value, a bare text or token list becoming a batch of one."""
-    if isinstance(value, str) or (value and isinstance(value[0], int)):
-        return [value]  # type: ignore[list-item]
-    return list(value)  # type: ignore[arg-type]
+    if isinstance(value, str):
+        return [value]
+    if _is_token_list(value):
+        return [value]
+    return list(value)
 
 
-SEED_RANGE = {"ge": -(2**63), "le": 2**63 - 1}
+def _is_token_list(value: list[str] | list[int] | list[list[int]]) -> TypeIs[list[int]]:
+    return bool(value) and isinstance(value[0], int)
+
+
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 Temperature = Field(1.0, ge=0.0, le=2.0, description="0 means greedy")
 TopP = Field(1.0, gt=0.0, le=1.0)
 Penalty = Field(0.0, ge=-2.0, le=2.0)

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
+from pydantic.json_schema import JsonDict
 
 from genserve.app.schemas.base import OpenAIBaseModel, UsageInfo
 from genserve.app.schemas.sampling import SamplingFields
 from genserve.models.text.sampling import SamplingParams
 
-CHAT_EXAMPLE = {"model": "genserve-text-tiny", "messages": [
+CHAT_EXAMPLE: JsonDict = {"model": "genserve-text-tiny", "messages": [
     {"role": "system", "content": "You are a helpful assistant that answers questions about Python."},
     {"role": "user", "content": "What does os.path.join do?"}], "max_completion_tokens": 48,
     "temperature": 0.7, "seed": 1}

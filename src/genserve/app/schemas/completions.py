@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
+from pydantic.json_schema import JsonDict
 
 from genserve.app.schemas.base import OpenAIBaseModel, TextsOrTokens, UsageInfo, as_batch, check_texts_or_tokens
 from genserve.app.schemas.sampling import SamplingFields
 from genserve.models.text.sampling import SamplingParams
 
-COMPLETION_EXAMPLE = {"model": "genserve-text-tiny", "prompt": "The json module", "max_tokens": 32,
-                      "temperature": 0.7, "seed": 1}
+COMPLETION_EXAMPLE: JsonDict = {"model": "genserve-text-tiny", "prompt": "The json module", "max_tokens": 32,
+                                "temperature": 0.7, "seed": 1}
 
 
 class CompletionRequest(SamplingFields):

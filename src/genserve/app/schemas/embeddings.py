@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import ConfigDict, Field, field_validator
+from pydantic.json_schema import JsonDict
 
 from genserve.app.schemas.base import OpenAIBaseModel, TextsOrTokens, UsageInfo, as_batch, check_texts_or_tokens
 
-EMBEDDING_EXAMPLE = {"model": "all-minilm-l6-v2", "input": ["A red apple", "The json module"]}
+EMBEDDING_EXAMPLE: JsonDict = {"model": "all-minilm-l6-v2", "input": ["A red apple", "The json module"]}
 
 
 class EmbeddingRequest(OpenAIBaseModel):

@@ -7,14 +7,15 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import JsonDict
 
-from genserve.app.schemas.base import SEED_RANGE, OpenAIBaseModel
+from genserve.app.schemas.base import OpenAIBaseModel, Seed
 
-GENERATION_EXAMPLE = {"model": "genserve-diffusion", "prompt": "red apple", "n": 2, "size": "32x32",
-                      "response_format": "b64_json", "seed": 7}
-INTERPOLATION_EXAMPLE = {"model": "genserve-gan", "seed_start": 1, "seed_end": 2, "frames": 8,
-                         "method": "slerp", "format": "gif", "class": "7"}
-SCHEDULERS = ("ddpm", "ddim", "dpm++", "euler", "euler_a")
+GENERATION_EXAMPLE: JsonDict = {"model": "genserve-diffusion", "prompt": "red apple", "n": 2, "size": "32x32",
+                                "response_format": "b64_json", "seed": 7}
+INTERPOLATION_EXAMPLE: JsonDict = {"model": "genserve-gan", "seed_start": 1, "seed_end": 2, "frames": 8,
+                                   "method": "slerp", "format": "gif", "class": "7"}
+Scheduler = Literal["ddpm", "ddim", "dpm++", "euler", "euler_a"]
 IMAGE_TO_IMAGE_STRENGTH = 0.75  # an edit without a mask redoes this much of the image unless told otherwise
 ResponseFormat = Literal["b64_json", "url"]
 
@@ -22,12 +23,12 @@ ResponseFormat = Literal["b64_json", "url"]
 class DiffusionKnobs(BaseModel):
     """The fields that a diffusion model reads and other image models refuse (400) when set."""
 
-    seed: int | None = Field(None, **SEED_RANGE, description="image k of the request uses seed + k: the same "
-                             "seed and fields give the same bytes, alone or batched; drawn at random if unset")
+    seed: Seed | None = Field(None, description="image k of the request uses seed + k: the same "
+                              "seed and fields give the same bytes, alone or batched; drawn at random if unset")
     num_inference_steps: int | None = Field(None, ge=1, description="denoising steps (default: the model's)")
     guidance_scale: float | None = Field(None, ge=0, le=50, description="classifier-free guidance; 1 turns it off")
-    scheduler: Literal[SCHEDULERS] | None = Field(None, description="sampler: ddpm, ddim, dpm++ "  # type: ignore[valid-type]
-                                                  "(DPM-Solver++), euler, euler_a (default: the model's)")
+    scheduler: Scheduler | None = Field(None, description="sampler: ddpm, ddim, dpm++ (DPM-Solver++), euler, "
+                                        "euler_a (default: the model's)")
     negative_prompt: str | None = Field(None, max_length=4000)
 
 
@@ -70,8 +71,8 @@ class ImageInterpolationRequest(OpenAIBaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [INTERPOLATION_EXAMPLE]}, populate_by_name=True)
 
     model: str
-    seed_start: int = Field(**SEED_RANGE, description="the walk starts at the latent this seed draws")
-    seed_end: int = Field(**SEED_RANGE)
+    seed_start: Seed = Field(description="the walk starts at the latent this seed draws")
+    seed_end: Seed
     frames: int = Field(8, ge=2, le=64)
     method: Literal["lerp", "slerp"] = Field("slerp", description="straight line, or the great circle that "
                                              "keeps Gaussian latents at a typical norm")

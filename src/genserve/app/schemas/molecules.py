@@ -6,18 +6,28 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
+from pydantic.json_schema import JsonDict
 
-from genserve.app.schemas.base import SEED_RANGE, OpenAIBaseModel, UsageInfo
+from genserve.app.schemas.base import OpenAIBaseModel, Seed, UsageInfo
 
 Include = Literal["properties", "svg"]
 PropertyInclude = Literal["properties", "alerts", "svg"]
 
-GENERATION_EXAMPLE = {"model": "genserve-mol", "n": 10, "temperature": 1.0, "seed": 7,
-                      "constraints": {"qed_min": 0.6, "substructure": "c1ccccc1"},
-                      "include": ["properties"]}
-PROPERTIES_EXAMPLE = {"smiles": ["CC(=O)Oc1ccccc1C(=O)O", "not a molecule"], "include": ["properties", "alerts"]}
-INTERPOLATION_EXAMPLE = {"model": "genserve-mol-vae", "start": "CC(=O)Oc1ccccc1C(=O)O",
-                         "end": "CN1C=NC2=C1C(=O)N(C(=O)N2C)C", "steps": 8}
+GENERATION_EXAMPLE: JsonDict = {"model": "genserve-mol", "n": 10, "temperature": 1.0, "seed": 7,
+                                "constraints": {"qed_min": 0.6, "substructure": "c1ccccc1"},
+                                "include": ["properties"]}
+PROPERTIES_EXAMPLE: JsonDict = {"smiles": ["CC(=O)Oc1ccccc1C(=O)O", "not a molecule"],
+                                "include": ["properties", "alerts"]}
+INTERPOLATION_EXAMPLE: JsonDict = {"model": "genserve-mol-vae", "start": "CC(=O)Oc1ccccc1C(=O)O",
+                                   "end": "CN1C=NC2=C1C(=O)N(C(=O)N2C)C", "steps": 8}
+
+
+def _properties() -> list[Include]:
+    return ["properties"]
+
+
+def _properties_and_alerts() -> list[PropertyInclude]:
+    return ["properties", "alerts"]
 
 
 class Constraints(OpenAIBaseModel):
@@ -43,12 +53,12 @@ class MoleculeGenerationRequest(OpenAIBaseModel):
     n: int = Field(1, ge=1, le=1000, description="molecules to return")
     temperature: float = Field(1.0, gt=0, le=2.0)
     top_k: int = Field(0, ge=0, description="0: the whole vocabulary")
-    seed: int | None = Field(None, **SEED_RANGE, description="same seed and parameters: same molecules")
+    seed: Seed | None = Field(None, description="same seed and parameters: same molecules")
     unique: bool = Field(True, description="no molecule (canonical SMILES) twice in one response")
     constraints: Constraints | None = None
     max_samples: int | None = Field(None, ge=1, description="stop after sampling this many; default and "
                                     "cap are the model's limits")
-    include: list[Include] = Field(default_factory=lambda: ["properties"])
+    include: list[Include] = Field(default_factory=_properties)
     user: str | None = None
 
     @field_validator("max_samples")
@@ -106,7 +116,7 @@ class MoleculePropertiesRequest(OpenAIBaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [PROPERTIES_EXAMPLE]})
 
     smiles: list[str] = Field(min_length=1, max_length=1000)
-    include: list[PropertyInclude] = Field(default_factory=lambda: ["properties", "alerts"])
+    include: list[PropertyInclude] = Field(default_factory=_properties_and_alerts)
 
 
 class StructuralAlert(OpenAIBaseModel):
@@ -138,7 +148,7 @@ class MoleculeInterpolationRequest(OpenAIBaseModel):
     end: str = Field(min_length=1, max_length=1000, description="SMILES")
     steps: int = Field(8, ge=2, le=64, description="points on the path, both ends included")
     method: Literal["slerp", "lerp"] = "slerp"
-    include: list[Include] = Field(default_factory=lambda: ["properties"])
+    include: list[Include] = Field(default_factory=_properties)
 
 
 class InterpolatedMolecule(OpenAIBaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from genserve.app.schemas.base import SEED_RANGE, OpenAIBaseModel, Penalty, StreamOptions, Temperature, TopP
+from genserve.app.schemas.base import OpenAIBaseModel, Penalty, Seed, StreamOptions, Temperature, TopP
 from genserve.models.text.sampling import SamplingParams
 
 
@@ -17,7 +17,7 @@ class SamplingFields(OpenAIBaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="up to 4 sequences where generation stops")
-    seed: int | None = Field(None, **SEED_RANGE)
+    seed: Seed | None = None
     presence_penalty: float = Penalty
     frequency_penalty: float = Penalty
     logit_bias: dict[str, float] | None = None

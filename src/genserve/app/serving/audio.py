@@ -9,23 +9,24 @@ cut-off 200; after that, encoded bytes go out as each chunk of audio comes. Audi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator
 
 import numpy as np
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from genserve.app.backends.base import AudioChunk, MusicBackend, SpeechBackend
 from genserve.app.backends.manager import ModelManager
 from genserve.app.errors import InvalidRequestError
 from genserve.app.metrics import Metrics
 from genserve.app.schemas.audio import MusicRequest, SpeechRequest
 from genserve.app.serving.common import Deadline, seed_or_random, unless_disconnected
+from genserve.app.serving.media import FORMATS, OUTPUT_RATE, ChunkEncoder, audio_bytes
 from genserve.app.settings import Settings
-from genserve.models.audio import SpeechSpec
-from genserve.models.audio.codec import FORMATS, OUTPUT_RATE, AudioEncoder, encode
+from genserve.models.params import MusicParams, SpeechParams
 
 log = logging.getLogger(__name__)
 SEED_HEADER = "x-genserve-seed"
@@ -38,7 +39,7 @@ class AudioServing:
 
     # speech -----------------------------------------------------------------------------------
     async def speech(self, body: SpeechRequest, raw: Request) -> Response:
-        backend = self.manager.get(body.model, "speech")
+        backend = self.manager.get(body.model, "speech", SpeechBackend)
         limits = backend.entry.limits
         if len(body.input) > limits.max_input_chars:
             raise InvalidRequestError(f"input has {len(body.input)} characters; this model accepts at most "
@@ -46,75 +47,77 @@ class AudioServing:
         if body.instructions is not None:
             raise InvalidRequestError(f"The model '{body.model}' does not take instructions.",
                                       param="instructions")
-        try:
-            voice = backend.resolve_voice(body.voice)
-        except ValueError as exc:
-            raise InvalidRequestError(str(exc), param="voice") from None
-        spec = SpeechSpec(body.input, voice, body.speed, body.seed)
-        encoder = AudioEncoder(body.response_format, backend.sample_rate, OUTPUT_RATE,
-                               backend.residual_tempo(body.speed))
+        params = SpeechParams(text=body.input, voice=body.voice, speed=body.speed,
+                              response_format=body.response_format, seed=body.seed)
         deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
-        chunks = deadline.stream(backend.speak(spec))
+        chunks = self._checked(deadline.stream(backend.speak(params)))
         started = time.perf_counter()
         try:
             first = await anext(chunks)
         except StopAsyncIteration:  # nothing to say (only punctuation, say): a valid empty file
-            first = np.zeros(0, dtype=np.float32)
-        stream = self._encode_speech(body, first, chunks, encoder, started, limits.max_audio_seconds,
-                                     backend.sample_rate)
+            rate = backend.describe().sample_rate or OUTPUT_RATE
+            first = AudioChunk(samples=np.zeros(0, dtype=np.float32), sample_rate=rate)
+        stream = self._encode_speech(body, first, chunks, started, limits.max_audio_seconds)
         return StreamingResponse(stream, media_type=FORMATS[body.response_format].media_type)
 
-    async def _encode_speech(self, body: SpeechRequest, first: np.ndarray, rest: AsyncIterator[np.ndarray],
-                             encoder: AudioEncoder, started: float, cap_s: float, rate: int) -> AsyncIterator[bytes]:
-        cap, produced = int(cap_s * rate), 0
+    @staticmethod
+    async def _checked(chunks: AsyncGenerator[AudioChunk]) -> AsyncGenerator[AudioChunk]:
+        """The one point every chunk of a backend's audio passes before it is encoded: output
+        moderation and provenance marks (watermarks) go here. Today: unchanged."""
         try:
-            chunk: np.ndarray | None = first
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()
+
+    async def _encode_speech(self, body: SpeechRequest, first: AudioChunk, rest: AsyncGenerator[AudioChunk],
+                             started: float, cap_s: float) -> AsyncGenerator[bytes]:
+        encoder, produced, full = ChunkEncoder(body.response_format, OUTPUT_RATE), 0, False
+        try:
+            chunk: AudioChunk | None = first
             while chunk is not None:
-                if produced + len(chunk) > cap:
-                    log.warning("speech for %s cut off at %.0f s (limits.max_audio_seconds)", body.model, cap_s)
-                    chunk = chunk[: cap - produced]
-                produced += len(chunk)
+                if (samples := chunk.samples) is not None:  # an upstream's encoded bytes are capped upstream
+                    cap = int(cap_s * (chunk.sample_rate or 0))
+                    if produced + len(samples) > cap:
+                        log.warning("speech for %s cut off at %.0f s (limits.max_audio_seconds)", body.model, cap_s)
+                        samples = samples[: cap - produced]
+                        chunk = dataclasses.replace(chunk, samples=samples)
+                    produced += len(samples)
+                    full = produced >= cap
                 if data := await asyncio.to_thread(encoder.feed, chunk):
                     yield data
-                chunk = await anext(rest, None) if produced < cap else None
+                chunk = None if full else await anext(rest, None)
             yield await asyncio.to_thread(encoder.finish)
         finally:
-            await rest.aclose()  # type: ignore[attr-defined]
-            self._observe(body.model, encoder.samples_out / OUTPUT_RATE, time.perf_counter() - started)
+            await rest.aclose()
+            self._observe(body.model, encoder.seconds_out, time.perf_counter() - started)
 
     # music ------------------------------------------------------------------------------------
     async def music(self, body: MusicRequest, raw: Request) -> Response:
-        backend = self.manager.get(body.model, "music")
-        from genserve.models.music import MusicSpec, render  # a music model is loaded: so is this
-        from genserve.models.music.midi import to_midi
-
+        backend = self.manager.get(body.model, "music", MusicBackend)
         cap = backend.entry.limits.max_audio_seconds
         if body.seconds > cap:
             raise InvalidRequestError(f"seconds={body.seconds:g} exceeds this model's limit of {cap:g}.",
                                       param="seconds")
-        try:
-            backend.parse_key(body.key)
-        except ValueError as exc:
-            raise InvalidRequestError(str(exc), param="key") from None
         seed = seed_or_random(body.seed)
-        spec = MusicSpec(seconds=body.seconds, tempo=body.tempo, key=body.key, temperature=body.temperature,
-                         seed=seed)
+        params = MusicParams(seconds=body.seconds, tempo=body.tempo, key=body.key, temperature=body.temperature,
+                             seed=seed, response_format=body.response_format)
         deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
         started = time.perf_counter()
 
-        def encode_piece(piece: Any) -> bytes:
-            if body.response_format == "mid":
-                return to_midi(piece)
-            return encode(render(piece, backend.sample_rate), body.response_format, backend.sample_rate)
-
         async def run() -> Response:
-            piece = await deadline.run(backend.compose(spec))
-            data = await asyncio.to_thread(encode_piece, piece)
+            piece = self._checked_piece(await deadline.run(backend.compose(params)))
+            data = await asyncio.to_thread(audio_bytes, piece, body.response_format)
             self._observe(body.model, body.seconds, time.perf_counter() - started)
             return Response(data, media_type=MUSIC_MEDIA_TYPES[body.response_format],
                             headers={SEED_HEADER: str(seed)})
 
         return await unless_disconnected(raw, run())
+
+    @staticmethod
+    def _checked_piece(piece: AudioChunk) -> AudioChunk:
+        """The one point a composed piece passes before it is encoded (music's ``_checked``)."""
+        return piece
 
     def _observe(self, model: str, audio_seconds: float, wall_seconds: float) -> None:
         if audio_seconds > 0:

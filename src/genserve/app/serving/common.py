@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -15,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from genserve.app.errors import DeadlineError
-from genserve.models.text.sampling import SEED_MASK
+from genserve.models.seeding import seed_or_random  # noqa: F401  (the serving modules take it from here)
 
 T = TypeVar("T")
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; only ever seen in metrics
@@ -28,11 +27,6 @@ def request_id(raw: Request) -> str:
 def response_id(prefix: str) -> str:
     """A fresh id for a response object (never the caller's x-request-id, which need not be unique)."""
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def seed_or_random(seed: int | None) -> int:
-    """The caller's seed, or a fresh random one (reported back so the caller can repeat the result)."""
-    return seed if seed is not None else int.from_bytes(os.urandom(8), "little") & SEED_MASK
 
 
 def now() -> int:
@@ -60,7 +54,7 @@ class Deadline:
         except TimeoutError:
             raise self.error() from None
 
-    async def stream(self, items: AsyncIterator[T]) -> AsyncIterator[T]:
+    async def stream(self, items: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
         """``items``, raising the deadline error once it passes (and closing ``items``)."""
         try:
             while True:
@@ -71,7 +65,7 @@ class Deadline:
                 yield item
         finally:
             with contextlib.suppress(Exception):
-                await items.aclose()  # type: ignore[attr-defined]
+                await items.aclose()
 
 
 async def unless_disconnected(raw: Request, work: Awaitable[T]) -> T | Response:

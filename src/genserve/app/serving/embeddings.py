@@ -1,14 +1,15 @@
-"""Embeddings: schema → backend → OpenAI's list of vectors (floats, or base64 of little-endian
+"""Embeddings: schema → backend → ``_checked`` → OpenAI's list of vectors (floats, or base64 of little-endian
 float32 as OpenAI encodes them)."""
 
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from fastapi import Request
 
+from genserve.app.backends.base import EmbeddingBackend, EmbeddingResult
 from genserve.app.backends.manager import ModelManager
 from genserve.app.errors import InvalidRequestError
 from genserve.app.metrics import Metrics
@@ -23,8 +24,9 @@ class EmbeddingServing:
         self.manager, self.metrics, self.settings = manager, metrics, settings
 
     async def embeddings(self, body: EmbeddingRequest, raw: Request) -> Any:
-        backend = self.manager.get(body.model, "embedding")
-        inputs = body.inputs()
+        backend = self.manager.get(body.model, "embedding", EmbeddingBackend)
+        # The schema makes the inputs of one request all strings or all token lists.
+        inputs = cast(list[str] | list[list[int]], body.inputs())
         limit = backend.entry.limits.max_inputs
         if len(inputs) > limit:
             raise InvalidRequestError(f"{len(inputs)} inputs exceed this model's limit of {limit} per request.",
@@ -32,7 +34,7 @@ class EmbeddingServing:
         deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
 
         async def run() -> EmbeddingResponse:
-            result = await deadline.run(backend.embed(inputs, body.dimensions))
+            result = self._checked(await deadline.run(backend.embed(inputs, body.dimensions)))
             self.metrics.prompt_tokens.labels(body.model).inc(result.prompt_tokens)
             data = [EmbeddingData(index=i, embedding=_encode(v, body.encoding_format))
                     for i, v in enumerate(result.vectors)]
@@ -40,6 +42,12 @@ class EmbeddingServing:
                 prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens))
 
         return await unless_disconnected(raw, run())
+
+    @staticmethod
+    def _checked(result: EmbeddingResult) -> EmbeddingResult:
+        """The one point a backend's result passes before the response is made of it (where output
+        checks go; vectors carry no content to moderate or mark today)."""
+        return result
 
 
 def _encode(vector: list[float], fmt: str) -> list[float] | str:

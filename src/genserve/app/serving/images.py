@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from fastapi.responses import Response
 from PIL import Image
 from sse_starlette import EventSourceResponse
 
-from genserve.app.backends.local_image import ImageJob, LatentRunner, LocalImageBackend
+from genserve.app.backends.base import ImageArtifact, ImageBackend, ImageEvent, ModelFacts, Progress
 from genserve.app.backends.manager import ModelManager
 from genserve.app.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
 from genserve.app.metrics import Metrics
@@ -38,8 +38,10 @@ from genserve.app.schemas.images import (
     ImagesResponse,
 )
 from genserve.app.serving.common import Deadline, now, seed_or_random, unless_disconnected
+from genserve.app.serving.media import image_bytes
 from genserve.app.settings import Settings
-from genserve.models.text.sampling import SEED_MASK
+from genserve.models.params import ImageInterpolationParams, ImageJob, ImageParams
+from genserve.models.seeding import item_seed
 
 FILES_PATH = "/v1/images/files"
 
@@ -77,47 +79,28 @@ class ImageStore:
         self._bytes -= len(data)
 
 
-def png(pixels: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
-
-
-def gif(frames: np.ndarray, frame_ms: int = 120) -> bytes:
-    out = io.BytesIO()
-    images = [Image.fromarray(f) for f in frames]
-    images[0].save(out, format="GIF", save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
-    return out.getvalue()
-
-
 class ImageServing:
     def __init__(self, manager: ModelManager, metrics: Metrics, settings: Settings) -> None:
         self.manager, self.metrics, self.settings = manager, metrics, settings
         self.store = ImageStore(settings.image_url_ttl_s, settings.image_store_bytes)
 
     # checks ------------------------------------------------------------------------------------
-    def _backend(self, model: str, task: str) -> LocalImageBackend:
-        backend = self.manager.get(model, task)
-        if not isinstance(backend, LocalImageBackend):
-            raise InvalidRequestError(f"The model '{model}' is not an image model.", param="model",
-                                      code="model_not_supported")
-        return backend
-
-    def _size(self, backend: LocalImageBackend, size: str | None) -> tuple[int, int]:
-        runner = backend.runner
-        assert runner is not None
+    @staticmethod
+    def _size(backend: ImageBackend, facts: ModelFacts, size: str | None) -> tuple[int, int]:
+        """The (width, height) asked for; (0, 0) for ``auto`` where the model's native size is unknown
+        (a remote backend forwards ``size`` as given)."""
         if size in (None, "auto"):
-            return runner.native
+            return facts.native_size or (0, 0)
         w, h = (int(v) for v in size.split("x"))
-        if (w, h) not in runner.sizes:
+        if facts.sizes is not None and (w, h) not in facts.sizes:
             raise InvalidRequestError(f"size {size} is not supported by '{backend.entry.id}'; supported: "
-                                      f"{', '.join(f'{a}x{b}' for a, b in runner.sizes)}.", param="size")
+                                      f"{', '.join(f'{a}x{b}' for a, b in facts.sizes)}.", param="size")
         if w * h > backend.entry.limits.max_image_pixels:
             raise InvalidRequestError(f"size {size} exceeds this model's limit of "
                                       f"{backend.entry.limits.max_image_pixels} pixels.", param="size")
         return w, h
 
-    def _jobs(self, backend: LocalImageBackend, body: DiffusionKnobs, prompt: str, n: int,
+    def _jobs(self, backend: ImageBackend, facts: ModelFacts, body: DiffusionKnobs, prompt: str, n: int,
               size: str | None) -> list[ImageJob]:
         limits = backend.entry.limits
         if n > limits.max_n:
@@ -125,18 +108,16 @@ class ImageServing:
         if body.num_inference_steps is not None and body.num_inference_steps > limits.max_steps:
             raise InvalidRequestError(f"num_inference_steps={body.num_inference_steps} exceeds this model's "
                                       f"limit of {limits.max_steps}.", param="num_inference_steps")
-        width, height = self._size(backend, size)
-        class_index = None
-        if isinstance(backend.runner, LatentRunner):
+        width, height = self._size(backend, facts, size)
+        if facts.image_kind == "latent":
             for knob in ("num_inference_steps", "guidance_scale", "scheduler", "negative_prompt"):
                 if getattr(body, knob) is not None:
                     raise InvalidRequestError(f"{knob} applies to diffusion models; '{backend.entry.id}' makes "
                                               "an image in one pass.", param=knob)
-            class_index = backend.class_index(prompt)
         seed = seed_or_random(body.seed)
-        return [ImageJob(prompt=prompt, seed=(seed + k) & SEED_MASK, width=width, height=height,
+        return [ImageJob(prompt=prompt, seed=item_seed(seed, k), width=width, height=height,
                          negative_prompt=body.negative_prompt, steps=body.num_inference_steps,
-                         guidance_scale=body.guidance_scale, scheduler=body.scheduler, class_index=class_index)
+                         guidance_scale=body.guidance_scale, scheduler=body.scheduler)
                 for k in range(n)]
 
     def _data(self, raw: Request, images: list[bytes], media_type: str, fmt: str,
@@ -148,67 +129,80 @@ class ImageServing:
         return [ImageData(url=f"{base}{FILES_PATH}/{self.store.put(b, media_type)}", seed=s)
                 for b, s in zip(images, seeds, strict=True)]
 
+    async def _respond(self, raw: Request, model: str, artifacts: list[ImageArtifact], fmt: str) -> ImagesResponse:
+        self.metrics.images.labels(model).inc(sum(1 if a.frames is None else len(a.frames) for a in artifacts))
+        encoded = await asyncio.to_thread(lambda: [image_bytes(a) for a in artifacts])
+        media = artifacts[0].media_type if artifacts else "image/png"
+        return ImagesResponse(created=now(), data=self._data(raw, encoded, media, fmt, [a.seed for a in artifacts]))
+
+    @staticmethod
+    async def _checked(events: AsyncGenerator[ImageEvent]) -> AsyncGenerator[ImageEvent]:
+        """The one point every event of a backend passes before any PNG, GIF, JSON or SSE is made of
+        it: output moderation and provenance marks (C2PA, watermarks) go here. Today: unchanged."""
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+
+    async def _artifacts(self, backend: ImageBackend, events: AsyncGenerator[ImageEvent]) -> list[ImageArtifact]:
+        deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
+        return [e async for e in deadline.stream(self._checked(events)) if isinstance(e, ImageArtifact)]
+
     # generation -------------------------------------------------------------------------------
     async def generate(self, body: ImageGenerationRequest, raw: Request) -> Any:
-        backend = self._backend(body.model, "generation")
-        jobs = self._jobs(backend, body, body.prompt, body.n, body.size)
+        backend = self.manager.get(body.model, "generation", ImageBackend)
+        facts = backend.describe()
+        jobs = self._jobs(backend, facts, body, body.prompt, body.n, body.size)
+        if body.stream and facts.image_kind == "latent":
+            raise InvalidRequestError("stream applies to diffusion models.", param="stream")
+        params = ImageParams(jobs=jobs, size=body.size, stream=body.stream)
         if body.stream:
-            if isinstance(backend.runner, LatentRunner):
-                raise InvalidRequestError("stream applies to diffusion models.", param="stream")
-            return EventSourceResponse(self._stream(backend, jobs, body, raw), ping=15)
-        return await unless_disconnected(raw, self._respond(backend, jobs, body.response_format, raw))
+            return EventSourceResponse(self._stream(backend, params, body, raw), ping=15)
 
-    async def _respond(self, backend: LocalImageBackend, jobs: list[ImageJob], fmt: str,
-                       raw: Request) -> ImagesResponse:
+        async def run() -> ImagesResponse:
+            artifacts = await self._artifacts(backend, backend.generate(params))
+            return await self._respond(raw, body.model, artifacts, body.response_format)
+
+        return await unless_disconnected(raw, run())
+
+    async def _stream(self, backend: ImageBackend, params: ImageParams, body: ImageGenerationRequest,
+                      raw: Request) -> AsyncGenerator[str, None]:
         deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
-        pixels = await deadline.run(backend.generate(jobs))
-        self.metrics.images.labels(backend.entry.id).inc(len(pixels))
-        encoded = await asyncio.to_thread(lambda: [png(p) for p in pixels])
-        return ImagesResponse(created=now(), data=self._data(raw, encoded, "image/png", fmt, [j.seed for j in jobs]))
-
-    async def _stream(self, backend: LocalImageBackend, jobs: list[ImageJob], body: ImageGenerationRequest,
-                      raw: Request) -> AsyncIterator[str]:
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-
-        def on_step(step: int, total: int) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, {"type": "image_generation.progress", "step": step,
-                                                          "total_steps": total})
-
-        jobs[0].on_step = on_step  # the batch's steps are every image's steps
-        work = asyncio.ensure_future(self._respond(backend, jobs, body.response_format, raw))
-        try:
-            while not work.done() or not events.empty():
-                getter = asyncio.ensure_future(events.get())
-                await asyncio.wait({work, getter}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield json.dumps(getter.result())
-                else:
-                    getter.cancel()
-            result = work.result()
-            yield json.dumps({"type": "image_generation.completed", "created": result.created,
-                              "data": [d.model_dump(exclude_none=True) for d in result.data]})
-            yield "[DONE]"
-        finally:
-            work.cancel()
+        artifacts: list[ImageArtifact] = []
+        async for event in deadline.stream(self._checked(backend.generate(params))):
+            if isinstance(event, Progress):
+                yield json.dumps({"type": "image_generation.progress", "step": event.step,
+                                  "total_steps": event.total})
+            else:
+                artifacts.append(event)
+        result = await self._respond(raw, body.model, artifacts, body.response_format)
+        yield json.dumps({"type": "image_generation.completed", "created": result.created,
+                          "data": [d.model_dump(exclude_none=True) for d in result.data]})
+        yield "[DONE]"
 
     # edits ------------------------------------------------------------------------------------
     async def edit(self, form: ImageEditForm, image: UploadFile, mask: UploadFile | None, raw: Request) -> Any:
         """Inpainting where the mask (or, without one, the image's own alpha) is transparent; with
         neither a mask nor transparent pixels, image-to-image of the whole picture."""
-        backend = self._backend(form.model, "edit")
-        runner = backend.runner
-        if not getattr(runner, "can_edit", False) and not getattr(runner, "can_vary", False):
+        backend = self.manager.get(form.model, "edit", ImageBackend)
+        facts = backend.describe()
+        if facts.can_inpaint is False and facts.can_vary is False:  # None: the backend will say
             raise InvalidRequestError(f"The model '{form.model}' has no image-to-image or inpainting pipeline.",
                                       param="model", code="model_not_supported")
-        jobs = self._jobs(backend, form, form.prompt, form.n, form.size)
+        jobs = self._jobs(backend, facts, form, form.prompt, form.n, form.size)
         limits = backend.entry.limits
-        picture = await self._read_upload(image, "image", limits.max_upload_bytes, limits.max_upload_pixels)
-        alpha_from = await self._read_upload(mask, "mask", limits.max_upload_bytes, limits.max_upload_pixels) \
-            if mask is not None else picture
+        picture, upload = await self._read_upload(image, "image", limits.max_upload_bytes, limits.max_upload_pixels)
+        alpha_from, upload_mask = picture, None
+        if mask is not None:
+            alpha_from, upload_mask = await self._read_upload(mask, "mask", limits.max_upload_bytes,
+                                                              limits.max_upload_pixels)
         if mask is not None and alpha_from.size != picture.size:
             raise InvalidRequestError(f"mask is {alpha_from.size[0]}x{alpha_from.size[1]} but image is "
                                       f"{picture.size[0]}x{picture.size[1]}; they must match.", param="mask")
-        native = runner.native if getattr(runner, "pixel_space", True) else (jobs[0].width, jobs[0].height)
+        native = facts.native_size if facts.edit_at_native_size and facts.native_size else (jobs[0].width,
+                                                                                              jobs[0].height)
+        native = native if all(native) else picture.size  # a remote model's sizes are its upstream's to check
         rgb = np.asarray(picture.convert("RGB").resize(native, Image.Resampling.LANCZOS))
         hole = None
         if "A" in alpha_from.getbands():
@@ -217,10 +211,10 @@ class ImageServing:
         if mask is not None and hole is None:
             raise InvalidRequestError("mask has no transparent pixels, so nothing would be repainted; leave the "
                                       "mask out to redo the whole image (image-to-image).", param="mask")
-        if hole is not None and not runner.can_edit:
+        if hole is not None and facts.can_inpaint is False:
             raise InvalidRequestError(f"The model '{form.model}' has no inpainting pipeline; send an opaque image "
                                       "without a mask for image-to-image.", param="mask", code="model_not_supported")
-        if hole is None and not runner.can_vary:
+        if hole is None and facts.can_vary is False:
             raise InvalidRequestError(f"The model '{form.model}' has no image-to-image pipeline: send a mask (or "
                                       "transparent pixels) to inpaint.", param="image", code="model_not_supported")
         for job in jobs:
@@ -228,10 +222,19 @@ class ImageServing:
             job.mask = hole.astype(np.float32) if hole is not None else None
             if hole is None and job.strength is None:
                 job.strength = IMAGE_TO_IMAGE_STRENGTH
-        return await unless_disconnected(raw, self._respond(backend, jobs, form.response_format, raw))
+        params = ImageParams(jobs=jobs, size=form.size, upload=upload, upload_mask=upload_mask)
+
+        async def run() -> ImagesResponse:
+            artifacts = await self._artifacts(backend, backend.generate(params))
+            return await self._respond(raw, form.model, artifacts, form.response_format)
+
+        return await unless_disconnected(raw, run())
 
     @staticmethod
-    async def _read_upload(upload: UploadFile, param: str, max_bytes: int, max_pixels: int) -> Image.Image:
+    async def _read_upload(upload: UploadFile, param: str, max_bytes: int, max_pixels: int
+                           ) -> tuple[Image.Image, bytes]:
+        """The uploaded picture, decoded only once its byte and pixel counts are within the limits, and
+        its bytes as uploaded."""
         data = await upload.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise PayloadTooLargeError(f"{param} is larger than this model's limit of {max_bytes} bytes.")
@@ -247,26 +250,17 @@ class ImageServing:
             picture.load()
         except Exception:
             raise InvalidRequestError(f"{param} could not be decoded.", param=param) from None
-        return picture
+        return picture, data
 
     # interpolation ----------------------------------------------------------------------------
     async def interpolate(self, body: ImageInterpolationRequest, raw: Request) -> Any:
-        backend = self._backend(body.model, "interpolation")
-        runner = backend.runner
-        assert isinstance(runner, LatentRunner)
-        class_index = backend.class_index(body.class_) if body.class_ is not None else None
-        width, height = runner.native
+        backend = self.manager.get(body.model, "interpolation", ImageBackend)
+        params = ImageInterpolationParams(seed_start=body.seed_start, seed_end=body.seed_end, frames=body.frames,
+                                          method=body.method, class_name=body.class_, format=body.format)
 
         async def run() -> ImagesResponse:
-            frames = await backend.interpolate(body.seed_start, body.seed_end, body.frames, body.method,
-                                               class_index, width, height)
-            self.metrics.images.labels(body.model).inc(len(frames))
-            if body.format == "gif":
-                data, media = [await asyncio.to_thread(gif, frames)], "image/gif"
-            else:
-                data, media = await asyncio.to_thread(lambda: [png(f) for f in frames]), "image/png"
-            return ImagesResponse(created=now(), data=self._data(raw, data, media, body.response_format,
-                                                                 [None] * len(data)))
+            artifacts = await self._artifacts(backend, backend.interpolate(params))
+            return await self._respond(raw, body.model, artifacts, body.response_format)
 
         return await unless_disconnected(raw, run())
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genserve.app.backends.base import Backend
+from genserve.app.backends.base import ServedModel
 from genserve.app.backends.manager import ModelManager
 from genserve.app.errors import ModelNotFoundError
 from genserve.app.schemas.models import ModelCard, ModelList
@@ -12,8 +12,9 @@ class ModelsServing:
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
 
-    async def list(self) -> ModelList:
-        ready = await self.manager.readiness()
+    async def list(self, probe: bool = False) -> ModelList:
+        """``probe``: a gateway asks; answer from the states already known instead of checking them."""
+        ready = self.manager.known_readiness() if probe else await self.manager.readiness()
         return ModelList(data=[_card(b, ready[mid]) for mid, b in self.manager.backends.items()])
 
     async def get(self, model_id: str) -> ModelCard:
@@ -23,9 +24,9 @@ class ModelsServing:
         return _card(backend, await backend.check_ready())
 
 
-def _card(backend: Backend, ready: bool) -> ModelCard:
+def _card(backend: ServedModel, ready: bool) -> ModelCard:
     e = backend.entry
     facts = backend.describe()
     return ModelCard(id=e.id, created=backend.created, modality=e.modality, tasks=e.tasks, ready=ready,
-                     backend=e.backend, context_length=facts.get("context_length"),
-                     sample_rate=facts.get("sample_rate"))
+                     backend=e.backend, context_length=facts.context_length,
+                     sample_rate=facts.sample_rate)

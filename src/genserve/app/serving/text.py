@@ -1,4 +1,4 @@
-"""Completions and chat: schema → ``TextRequest`` → backend events → OpenAI JSON or SSE.
+"""Completions and chat: schema → ``TextParams`` → backend events → ``_checked`` → OpenAI JSON or SSE.
 
 Both endpoints share one path. Each prompt becomes one backend request (its ``n`` choices
 numbered ``prompt_index * n + i``, as OpenAI numbers them); their events are merged, metered,
@@ -15,15 +15,15 @@ import copy
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, cast
 
 from fastapi import Request
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 
-from genserve.app.backends.base import Backend, Delta, TextRequest, TokenLogprob, Usage
+from genserve.app.backends.base import Delta, TextBackend, TokenLogprob, Usage
 from genserve.app.backends.manager import ModelManager
 from genserve.app.errors import GenserveError, InvalidRequestError, internal_error
 from genserve.app.metrics import Metrics
@@ -52,8 +52,10 @@ from genserve.app.serving.common import (
     unless_disconnected,
 )
 from genserve.app.settings import Settings
+from genserve.models.params import TextParams
 
 SSE_PING_SECONDS = 15
+FinishReason = Literal["stop", "length"]
 log = logging.getLogger(__name__)
 
 
@@ -63,7 +65,7 @@ class _Choice:
 
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
 
 
 @dataclass
@@ -72,7 +74,7 @@ class _Call:
 
     kind: str  # "completion" | "chat"
     body: SamplingFields
-    backend: Backend
+    backend: TextBackend
     response_id: str
     created: int = field(default_factory=now)
     usage: Usage = field(default_factory=lambda: Usage(0, 0))
@@ -93,25 +95,25 @@ class TextServing:
         self.manager, self.metrics, self.settings = manager, metrics, settings
 
     async def completions(self, body: CompletionRequest, raw: Request) -> Any:
-        backend = self.manager.get(body.model, "completion")
+        backend = self.manager.get(body.model, "completion", TextBackend)
         prompts = body.prompts()
         self._check_caps(body, backend, len(prompts), body.logprobs, "logprobs")
         params = body.to_sampling_params()
         rid = request_id(raw)
-        requests = [TextRequest(f"{rid}-{i}", copy.deepcopy(params), prompt=p) for i, p in enumerate(prompts)]
+        requests = [TextParams(f"{rid}-{i}", copy.deepcopy(params), prompt=p) for i, p in enumerate(prompts)]
         return await self._respond(_Call("completion", body, backend, response_id("cmpl")), requests, raw)
 
     async def chat(self, body: ChatCompletionRequest, raw: Request) -> Any:
-        backend = self.manager.get(body.model, "chat")
+        backend = self.manager.get(body.model, "chat", TextBackend)
         self._check_caps(body, backend, 1, body.top_logprobs, "top_logprobs")
         if body.max_completion_tokens and body.max_tokens and body.max_completion_tokens != body.max_tokens:
             raise InvalidRequestError("Give max_completion_tokens or max_tokens, not two different values.",
                                       param="max_completion_tokens")
         rid = request_id(raw)
-        request = TextRequest(rid, body.to_sampling_params(), messages=body.chat_messages())
+        request = TextParams(rid, body.to_sampling_params(), messages=body.chat_messages())
         return await self._respond(_Call("chat", body, backend, response_id("chatcmpl")), [request], raw)
 
-    def _check_caps(self, body: SamplingFields, backend: Backend, prompts: int, logprobs: int | None,
+    def _check_caps(self, body: SamplingFields, backend: TextBackend, prompts: int, logprobs: int | None,
                     logprobs_param: str) -> None:
         limits = backend.entry.limits
         if body.n > limits.max_n:
@@ -128,9 +130,10 @@ class TextServing:
                                       f"{limits.max_tokens}.", param="max_tokens")
 
     # the shared path ---------------------------------------------------------------------------
-    async def _respond(self, call: _Call, requests: list[TextRequest], raw: Request) -> Any:
+    async def _respond(self, call: _Call, requests: list[TextParams], raw: Request) -> Any:
         deadline = Deadline.start(call.backend.entry.timeout_s(self.settings.request_timeout_s))
-        events = deadline.stream(self._metered(call, self._merged(call.backend, requests, call.body.n)))
+        events = deadline.stream(self._checked(call, self._metered(call, self._merged(call.backend, requests,
+                                                                                    call.body.n))))
         if not call.body.stream:
             return await unless_disconnected(raw, self._collect(call, events))
         # The first event before any byte: errors keep their status, and a client that leaves
@@ -145,8 +148,8 @@ class TextServing:
             return first
         return EventSourceResponse(self._sse(call, first, events), sep="\n", ping=SSE_PING_SECONDS)
 
-    async def _merged(self, backend: Backend, requests: list[TextRequest], n: int
-                      ) -> AsyncIterator[Delta | Usage]:
+    async def _merged(self, backend: TextBackend, requests: list[TextParams], n: int
+                      ) -> AsyncGenerator[Delta | Usage, None]:
         """The events of every prompt's request, choice indices offset, usage summed at the end."""
         if len(requests) == 1:
             async with contextlib.aclosing(backend.generate(requests[0])) as events:
@@ -156,7 +159,7 @@ class TextServing:
         queue: asyncio.Queue = asyncio.Queue()
         end = object()
 
-        async def pump(offset: int, request: TextRequest) -> None:
+        async def pump(offset: int, request: TextParams) -> None:
             try:
                 async with contextlib.aclosing(backend.generate(request)) as events:
                     async for event in events:
@@ -189,7 +192,16 @@ class TextServing:
             with contextlib.suppress(BaseException):
                 await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _metered(self, call: _Call, events: AsyncIterator[Delta | Usage]) -> AsyncIterator[Delta | Usage]:
+    async def _checked(self, call: _Call, events: AsyncGenerator[Delta | Usage]) -> AsyncGenerator[Delta | Usage]:
+        """The one point every backend event passes before any JSON or SSE is made of it: output
+        moderation (with its hold-back window) and provenance marks go here. Today: unchanged."""
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+
+    async def _metered(self, call: _Call, events: AsyncGenerator[Delta | Usage]) -> AsyncGenerator[Delta | Usage]:
         """Time to first token, inter-token latency and end-to-end latency for every backend; tokens
         and finish reasons too for backends that do not count them step by step themselves."""
         m, mid, count = self.metrics, call.model, not call.backend.meters_tokens
@@ -225,17 +237,18 @@ class TextServing:
             elif aborted and count:  # an error from the backend is not a finished request
                 m.request_success.labels(mid, "abort").inc()
             with contextlib.suppress(Exception):
-                await events.aclose()  # type: ignore[attr-defined]
+                await events.aclose()
 
     # non-streaming -----------------------------------------------------------------------------
-    async def _collect(self, call: _Call, events: AsyncIterator[Delta | Usage]) -> Any:
+    async def _collect(self, call: _Call, events: AsyncGenerator[Delta | Usage]) -> Any:
         choices: dict[int, _Choice] = {}
         async for event in events:
             if isinstance(event, Delta):
                 c = choices.setdefault(event.index, _Choice())
                 c.text += event.text
                 c.logprobs.extend(event.logprobs or [])
-                c.finish_reason = event.finish_reason or c.finish_reason
+                # backends report the engine's or an OpenAI upstream's reasons: stop or length
+                c.finish_reason = cast(FinishReason | None, event.finish_reason) or c.finish_reason
         usage, want_lp = _usage(call.usage), call.wants_logprobs
         if call.kind == "completion":
             return CompletionResponse(
@@ -251,7 +264,7 @@ class TextServing:
 
     # streaming ---------------------------------------------------------------------------------
     async def _sse(self, call: _Call, first: Delta | Usage | None,
-                   events: AsyncIterator[Delta | Usage]) -> AsyncIterator[str]:
+                   events: AsyncGenerator[Delta | Usage]) -> AsyncGenerator[str]:
         include_usage = call.body.include_usage
         chunk = _chunker(call, include_usage)
         offsets: dict[int, int] = {}
@@ -274,7 +287,7 @@ class TextServing:
             log.exception("stream of %s failed", call.response_id)
             yield json.dumps(internal_error(call.response_id).body())
         finally:
-            await events.aclose()  # type: ignore[attr-defined]
+            await events.aclose()
         yield "[DONE]"
 
 

@@ -1,5 +1,5 @@
 """Audio: text-to-speech (espeak-ng on CPU, transformers TTS models on GPU nodes), the chorale
-generator lives in ``models.music``, and ``codec`` encodes samples into the API's formats."""
+generator lives in ``models.music``; ``app.serving.media`` encodes samples into the API's formats."""
 
 from __future__ import annotations
 

@@ -123,3 +123,10 @@ def load(path: Path, device: torch.device, dtype: torch.dtype) -> EspeakSpeech:
         raise FileNotFoundError("espeak-ng is not installed: `apt-get install espeak-ng` (Debian/Ubuntu); "
                                 "the Dockerfile and `make install` do this")
     return EspeakSpeech(config, executable)
+
+
+def make_tiny(path: Path) -> None:
+    """A one-voice configuration in ``path`` (the contract test's instance; espeak-ng has no weights)."""
+    path.mkdir(parents=True, exist_ok=True)
+    config = {"family": "espeak-ng", "words_per_minute": 160, "default_voice": "alloy", "voices": {"alloy": "en-us"}}
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -17,7 +17,6 @@ training_report.json, README.md).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genserve.models.image import load_net, save_net
-from genserve.models.training import fit_classifier
+from genserve.models.common.reports import machine, write_report
+from genserve.models.common.training import fit_classifier
+from genserve.models.common.weights import load_net, save_net
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,6 @@ def train_emoji_classifier(
 ) -> dict:
     """Trains on every emoji of the font, saves ``out`` and writes its report and card; the report."""
     from genserve.models.diffusion.data import load_emoji
-    from genserve.models.image.train import _machine
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -175,11 +174,10 @@ def train_emoji_classifier(
             "minutes_total": round((time.time() - t0) / 60, 2),
             "parameters": sum(p.numel() for p in net.parameters()),
             "file_bytes": (out / "model.safetensors").stat().st_size,
-            "machine": _machine(threads),
+            "machine": machine(threads),
             "config": asdict(cfg),
         }
-        (out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (out / "README.md").write_text(card(report))
+        write_report(out, report, card(report))
         log.info(
             "saved %s: clean accuracy %.4f, augmented %.4f after %d steps",
             out,

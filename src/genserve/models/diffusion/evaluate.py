@@ -36,11 +36,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from genserve.models.common.evaluation import fid
 from genserve.models.diffusion import load
 from genserve.models.diffusion.classifier import EmojiClassifier, load_classifier, predict
 from genserve.models.diffusion.data import EmojiSet, is_heldout, load_emoji
 from genserve.models.diffusion.pipeline import GenserveEmojiPipeline, to_uint8
-from genserve.models.image.evaluate import fid
 
 log = logging.getLogger(__name__)
 

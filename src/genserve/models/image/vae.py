@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genserve.models.image import ImageGenerator, load_net
+from genserve.models.common.training import train_loop
+from genserve.models.common.weights import load_net, save_net
 from genserve.models.image.digits import LEVELS, Split, validation_split
-from genserve.models.training import train_loop
+from genserve.models.image.generator import ImageGenerator
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +109,39 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
     return ImageGenerator(load_net(path, VAEConfig, VAE, device, dtype), "image-vae")
 
 
+def heldout_likelihoods(path: Path, held: Split, seed: int = 0) -> dict:
+    """``genserve eval images``: the held-out ELBO and importance-weighted (k = 64) likelihood of the VAE
+    saved in ``path``, in nats/image and bits/dim, given the class and marginal over the classes."""
+    from genserve.models.image.evaluate import marginal_nll
+
+    dims = 64 * math.log(2)
+    net = load_net(path, VAEConfig, VAE)
+    with torch.no_grad():
+        recon, kl = net.elbo_terms(held.levels, held.labels, torch.Generator().manual_seed(seed))
+    neg_elbo = (recon + kl).mean().item()
+
+    def iwae_nll(y: torch.Tensor) -> torch.Tensor:
+        return -net.iwae_log_likelihood(held.levels, y, k=64, generator=torch.Generator().manual_seed(seed))
+
+    iwae = iwae_nll(held.labels).mean().item()
+    marginal = marginal_nll(iwae_nll, held)
+    return {"heldout_neg_elbo_nats": neg_elbo, "heldout_recon_nats": recon.mean().item(),
+            "heldout_kl_nats": kl.mean().item(), "heldout_neg_elbo_bits_per_dim": neg_elbo / dims,
+            "heldout_iwae_nll_nats": iwae, "heldout_iwae_bits_per_dim": iwae / dims,
+            "heldout_iwae_bits_per_dim_marginal": marginal / dims}
+
+
 @torch.no_grad()
 def heldout_elbo(net: VAE, split: Split, seed: int = 0) -> tuple[float, float]:
     """(recon, kl) averaged over the split's images, nats/image; −ELBO = recon + kl."""
     recon, kl = net.eval().elbo_terms(split.levels, split.labels, torch.Generator().manual_seed(seed))
     return recon.mean().item(), kl.mean().item()
+
+
+def make_tiny(path: Path) -> None:
+    """A tiny seeded VAE saved in ``path`` (the family contract test's instance)."""
+    torch.manual_seed(0)
+    save_net(VAE(VAEConfig(latent_dim=4, width=8)), "image-vae", path)
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -157,3 +186,12 @@ def fit(train: Split, held: Split, cfg: VAETrainConfig, config: VAEConfig | None
     step, best_step, seconds, curve = train_loop(net, len(fit_split), cfg, batch_loss, evaluate)
     return net.eval(), {"steps": step, "best_step": best_step, "train_seconds": round(seconds, 1),
                         "fit_images": len(fit_split), "validation_images": len(val), "curve": curve}
+
+
+def train(out: Path, minutes: float, seed: int = 0, threads: int = 1, max_steps: int | None = None,
+          evaluate: bool = True) -> dict:
+    """``genserve train vae``: trains, saves to ``out``, evaluates into the model card; the report."""
+    from genserve.models.image.train import train_generator
+
+    cfg = VAETrainConfig(minutes=minutes, seed=seed, max_steps=max_steps)
+    return train_generator("vae", out, cfg, fit, threads, evaluate)

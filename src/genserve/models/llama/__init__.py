@@ -9,6 +9,7 @@ import torch
 
 from genserve.kernels.int4 import quantize_linears_int4
 from genserve.kernels.int8 import quantize_linears_int8
+from genserve.models.common.loading import weights_dir
 from genserve.models.llama.model import LlamaConfig, load_llama
 from genserve.models.text.generate import TextModel
 
@@ -50,3 +51,18 @@ def load(path: Path, device: torch.device, dtype: torch.dtype, quantization: str
     elif quantization != "none":
         raise ValueError(f"unsupported quantization {quantization!r}; supported: none, int8, int4")
     return tm
+
+
+def make_tiny(path: Path, tokenizer_from: Path | None = None) -> None:
+    """A tiny seeded Llama (one layer, width 32) with the tokenizer of ``tokenizer_from`` (default: the
+    shipped genserve-text-tiny's), saved in ``path`` as a Hugging Face directory (the contract test's instance)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaConfig as HFLlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from or weights_dir() / "genserve-text-tiny")
+    torch.manual_seed(0)
+    config = HFLlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)

@@ -16,6 +16,7 @@ from torch import nn
 
 from genserve.kernels.int4 import Int4Linear
 from genserve.kernels.int8 import Int8Linear
+from genserve.models.common.loading import weights_dir
 from genserve.models.llama import load
 from genserve.models.llama.corpus import documents
 from genserve.models.llama.train import encode, heldout_nll
@@ -74,3 +75,10 @@ def format_table(rows: list[dict]) -> str:
                      f"| {r['nll']:.4f} | {r['ppl']:.3f} | {r['ppl_change']:+.2%} "
                      f"| {r['linear_weight_bytes'] / 2**20:.2f} MiB | {r['memory_ratio']:.2f}x |")
     return "\n".join(lines)
+
+
+def evaluate(model: str | None = None, quantization: tuple[str, ...] = ("none", "int8", "int4"),
+             max_tokens: int | None = None, threads: int | None = None) -> str:
+    """``genserve eval text``: the table for ``model`` (default: the shipped genserve-text-tiny)."""
+    path = Path(model) if model else weights_dir() / "genserve-text-tiny"
+    return format_table(eval_text(path, tuple(quantization), max_tokens, threads))

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from genserve.models.common.training import adamw, lr_at, set_lr, snapshot
 from genserve.models.llama.corpus import Doc, documents
 from genserve.models.llama.model import LlamaConfig, LlamaForCausalLM, load_llama
 from genserve.models.text.generate import TextModel, generate
 from genserve.models.text.sampling import SamplingParams
-from genserve.models.training import adamw, lr_at, set_lr, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -262,3 +262,10 @@ Greedy samples:
 """ + "\n".join(f"- {s}" for s in samples) + "\n"
     (out / "README.md").write_text(card)
     (out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def train(out: Path, minutes: float, seed: int = 0) -> dict:
+    """``genserve train text-tiny``."""
+    report = train_text_tiny(out, TrainConfig(minutes=minutes, seed=seed))
+    log.info("saved %s: held-out perplexity %.2f after %d steps", out, report["heldout_ppl"], report["steps"])
+    return report

@@ -24,6 +24,8 @@ from rdkit.Chem import QED, Crippen, Descriptors, Lipinski, rdFingerprintGenerat
 from rdkit.Chem.Draw import rdMolDraw2D
 from rdkit.Chem.FilterCatalog import FilterCatalog, FilterCatalogParams
 
+from genserve.models.errors import InputError
+
 RDLogger.DisableLog("rdApp.*")
 
 PROPERTY_NAMES = ("qed", "logp", "mw", "tpsa", "hbd", "hba", "rotatable_bonds", "sa_score", "lipinski_violations")
@@ -128,14 +130,6 @@ def round_properties(props: dict[str, float | int], decimals: int = PROPERTY_DEC
 # --- constraints --------------------------------------------------------------------------------
 
 
-class ConstraintError(ValueError):
-    """An invalid constraint; ``param`` names the field (``constraints.<field>``) for the API's error body."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
 @dataclass(frozen=True)
 class Constraints:
     """What a generated molecule must satisfy; None means unconstrained.
@@ -195,16 +189,15 @@ def _check_numbers(c: Constraints) -> None:
     for name in ("qed_min", "mw_min", "mw_max", "logp_min", "logp_max", "tpsa_max", "similarity_min"):
         value = getattr(c, name)
         if value is not None and not math.isfinite(value):
-            raise ConstraintError(f"constraints.{name}", f"constraints.{name} must be a finite number, got {value!r}")
+            raise InputError(f"constraints.{name} must be a finite number, got {value!r}", f"constraints.{name}")
     for low, high in (("mw_min", "mw_max"), ("logp_min", "logp_max")):
         lo, hi = getattr(c, low), getattr(c, high)
         if lo is not None and hi is not None and lo > hi:
-            raise ConstraintError(f"constraints.{low}",
-                                  f"constraints.{low} ({lo!r}) exceeds constraints.{high} ({hi!r})")
+            raise InputError(f"constraints.{low} ({lo!r}) exceeds constraints.{high} ({hi!r})", f"constraints.{low}")
     for name in ("qed_min", "similarity_min"):
         value = getattr(c, name)
         if value is not None and not 0 <= value <= 1:
-            raise ConstraintError(f"constraints.{name}", f"constraints.{name} must lie in [0, 1], got {value!r}")
+            raise InputError(f"constraints.{name} must lie in [0, 1], got {value!r}", f"constraints.{name}")
 
 
 def _compile_pattern(smarts: str | None) -> Chem.Mol | None:
@@ -212,24 +205,24 @@ def _compile_pattern(smarts: str | None) -> Chem.Mol | None:
         return None
     pattern = Chem.MolFromSmarts(smarts) if smarts.strip() else None
     if pattern is None:
-        raise ConstraintError("constraints.substructure", f"constraints.substructure is not valid SMARTS: {smarts!r}")
+        raise InputError(f"constraints.substructure is not valid SMARTS: {smarts!r}", "constraints.substructure")
     return pattern
 
 
 def _compile_reference(c: Constraints) -> DataStructs.ExplicitBitVect | None:
     if c.similar_to is None:
         if c.similarity_min is not None:
-            raise ConstraintError("constraints.similarity_min",
-                                  f"constraints.similarity_min ({c.similarity_min!r}) needs constraints.similar_to")
+            raise InputError(f"constraints.similarity_min ({c.similarity_min!r}) needs constraints.similar_to",
+                             "constraints.similarity_min")
         return None
     mol = mol_from_smiles(c.similar_to)
     if mol is None:
-        raise ConstraintError("constraints.similar_to", f"constraints.similar_to is not valid SMILES: {c.similar_to!r}")
+        raise InputError(f"constraints.similar_to is not valid SMILES: {c.similar_to!r}", "constraints.similar_to")
     return _similarity_generator().GetFingerprint(mol)
 
 
 def compile_constraints(c: Constraints) -> CompiledConstraints:
-    """Validate ``c`` and parse its patterns once; raises ConstraintError naming the offending field.
+    """Validate ``c`` and parse its patterns once; raises InputError naming the offending field.
 
     Rejected: non-finite numbers, mw_min > mw_max, logp_min > logp_max, qed_min or similarity_min
     outside [0, 1], unparsable (or empty) SMARTS, unparsable similar_to SMILES, and similarity_min

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from genserve.models.families import resolve_dtype
+from genserve.models.common.loading import resolve_dtype, weights_dir
 from genserve.models.molecule import chem
 from genserve.models.molecule.data import moses_smiles
 from genserve.models.molecule.moses_metrics import (
@@ -152,3 +152,13 @@ def format_table(metrics: dict[str, float], name: str = "genserve-mol") -> str:
 
 def _fmt(x: float | None) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def evaluate(model: str | None = None, samples: int | None = None, out: str | None = None, seed: int = 0) -> str:
+    """``genserve eval molecules``: samples (default 30000) of ``model`` (default: the shipped genserve-mol)
+    measured into ``out`` (default MODEL/eval); the card of a trained directory gets the numbers of its own eval."""
+    path = Path(model) if model else weights_dir() / "genserve-mol"
+    report = eval_molecules(path, samples or 30_000, Path(out) if out else path / "eval", seed)
+    if out is None and (path / "training_report.json").is_file():
+        write_card(path, report)
+    return format_table(report["metrics"])

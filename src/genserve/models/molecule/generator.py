@@ -57,3 +57,13 @@ class TrainingSet:
         h = smiles_hash(canonical)
         i = int(np.searchsorted(self.hashes, h))
         return i < len(self.hashes) and int(self.hashes[i]) == h
+
+
+def make_tiny(path: Path) -> None:
+    """A tiny seeded SELFIES decoder with the shipped genserve-mol tokenizer and a two-molecule training
+    set, saved in ``path`` (the contract test's instance)."""
+    from genserve.models.common.loading import weights_dir
+    from genserve.models.llama import make_tiny as make_tiny_llama
+
+    make_tiny_llama(path, tokenizer_from=weights_dir() / "genserve-mol")
+    save_training_set(["CCO", "c1ccccc1"], path)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import platform
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -27,9 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from genserve.models.common.reports import machine
+from genserve.models.common.training import adamw, lr_at, set_lr, snapshot
 from genserve.models.llama.model import LlamaConfig, LlamaForCausalLM, load_llama
 from genserve.models.llama.train import save_hf
-from genserve.models.training import adamw, lr_at, set_lr, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +189,14 @@ def train_mol(out: Path, cfg: MolTrainConfig) -> dict:
     report = {"steps": step, "best_step": best[2], "minutes": (time.time() - t0) / 60, "parameters": n_params,
               "train_molecules": len(train_ids), "molecules_seen": seen, "heldout_molecules": len(held_ids),
               "heldout_nll_per_token": nll, "heldout_nll_per_molecule": per_mol, "vocab_size": len(tok),
-              "machine": f"{platform.machine()}, {cfg.threads} thread(s), torch {torch.__version__}",
+              "machine": machine(cfg.threads),
               "config": asdict(cfg)}
     (out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("saved %s: held-out NLL %.4f per token (perplexity %.3f), %.2f per molecule",
              out, nll, math.exp(nll), per_mol)
     return report
+
+
+def train(out: Path, minutes: float, seed: int = 0, threads: int = 2, molecules: int | None = None) -> dict:
+    """``genserve train mol``: ``molecules`` trains on a random subset of that many MOSES molecules."""
+    return train_mol(out, MolTrainConfig(minutes=minutes, seed=seed, threads=threads, train_molecules=molecules))

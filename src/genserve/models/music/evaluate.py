@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genserve.models.music import VOICE_RANGES, ChoraleGenerator, MusicSpec, Piece, load
+from genserve.models.common.loading import weights_dir
 from genserve.models.music.data import encode, load_chorales
+from genserve.models.music.generator import VOICE_RANGES, ChoraleGenerator, MusicSpec, Piece, load
 from genserve.models.music.model import HOLD, STEPS_PER_BAR, STEPS_PER_BEAT, token_pitch
 
 log = logging.getLogger(__name__)
@@ -269,3 +270,13 @@ A served piece (C major, seed {report['seed']}, 16 bars):
 - The synthesiser is a plain additive organ, not a choir.
 """
     (model_dir / "README.md").write_text(card)
+
+
+def evaluate(model: str | None = None, out: str | None = None, seed: int = 0, threads: int | None = None) -> str:
+    """``genserve eval music``: ``model`` (default: the shipped genserve-music) measured into ``out``
+    (default MODEL/eval); the card of a trained directory gets the numbers of its own eval."""
+    path = Path(model) if model else weights_dir() / "genserve-music"
+    report = eval_music(path, Path(out) if out else path / "eval", seed, threads or 1)
+    if out is None and (path / "training_report.json").is_file():
+        write_card(path, report)
+    return format_table(report["metrics"])

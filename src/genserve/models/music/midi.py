@@ -11,7 +11,7 @@ import struct
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from genserve.models.music import Piece
+    from genserve.models.music.generator import Piece
 
 TICKS_PER_BEAT = 480
 VELOCITY = 80

@@ -15,7 +15,7 @@ import numpy as np
 from scipy.signal import butter, sosfilt
 
 if TYPE_CHECKING:
-    from genserve.models.music import Piece
+    from genserve.models.music.generator import Piece
 
 TABLE_SIZE = 4096
 # Relative amplitudes of harmonics 1..n per voice (S, A, T, B) and each voice's level in the mix.

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import platform
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -22,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
+from genserve.models.common.reports import machine
+from genserve.models.common.training import adamw, lr_at, set_lr, snapshot
 from genserve.models.music.data import encode, load_chorales
+from genserve.models.music.generator import load, save_model
 from genserve.models.music.model import BOS, MODES, PAD, STEPS_PER_BAR, ChoraleConfig, ChoraleTransformer, slot_ids
-from genserve.models.training import adamw, lr_at, set_lr, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -115,19 +115,7 @@ def heldout_nll(model: ChoraleTransformer, seqs: list[Sequence], context: int) -
     return total / count
 
 
-def save_model(model: ChoraleTransformer, out: Path, extra: dict | None = None) -> None:
-    """``config.json`` + float16 ``model.safetensors``."""
-    out.mkdir(parents=True, exist_ok=True)
-    config = {"family": "chorale", "architecture": "ChoraleTransformer", "dtype": "float16",
-              **asdict(model.cfg), "extra": extra or {}}
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-
-
 def train_music(out: Path, cfg: MusicTrainConfig) -> dict:
-    from genserve.models.music import load
-
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = random.Random(cfg.seed)
@@ -169,8 +157,13 @@ def train_music(out: Path, cfg: MusicTrainConfig) -> dict:
               "train_chorales": len(train), "valid_chorales": len(valid), "test_chorales": len(test),
               "train_tokens": n_tokens, "epochs": seen / n_tokens, "valid_nll_per_token": valid_nll,
               "heldout_nll_per_token": test_nll, "heldout_nll_per_step": 4 * test_nll,
-              "machine": f"{platform.machine()}, {cfg.threads} thread(s), torch {torch.__version__}",
+              "machine": machine(cfg.threads),
               "config": asdict(cfg)}
     (out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("saved %s: test NLL %.4f per token (perplexity %.3f)", out, test_nll, math.exp(test_nll))
     return report
+
+
+def train(out: Path, minutes: float, seed: int = 0, threads: int = 2) -> dict:
+    """``genserve train music``."""
+    return train_music(out, MusicTrainConfig(minutes=minutes, seed=seed, threads=threads))

@@ -8,10 +8,11 @@ those of the model's raw distribution, before any of this, as vLLM reports them 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
+
+from genserve.models.seeding import sample_seed, seed_or_random
 
 
 @dataclass
@@ -37,21 +38,11 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-# Sample i of a request with seed s draws from seed (s + i * SEED_STRIDE) & SEED_MASK: a golden-ratio
-# stride keeps the n seeds of one request far apart.
-SEED_STRIDE = 0x9E3779B97F4A7C15
-SEED_MASK = 0x7FFF_FFFF_FFFF_FFFF
-
-
 def make_generators(params: SamplingParams, device: torch.device | str = "cpu") -> list[torch.Generator]:
-    """One generator per sample, so sample ``i`` draws the same numbers whatever else runs."""
-    base = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-    gens = []
-    for i in range(params.n):
-        g = torch.Generator(device=device)
-        g.manual_seed((base + SEED_STRIDE * i) & SEED_MASK)
-        gens.append(g)
-    return gens
+    """One generator per sample, so sample ``i`` draws the same numbers whatever else runs
+    (``models.seeding``: sample ``i`` of seed ``s`` draws from ``sample_seed(s, i)``)."""
+    base = seed_or_random(params.seed)
+    return [torch.Generator(device=device).manual_seed(sample_seed(base, i)) for i in range(params.n)]
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],

@@ -1,9 +1,6 @@
-"""The model families genserve can load in process, by the ``family`` name a registry entry uses.
-
-Adding a family: write ``models/<family>`` with a ``load(path, device, dtype)`` that returns the
-modality's model object (text families also a ``load_info(path, device)``: the tokenizer and
-limits without weights), add it here, and a registry entry can serve it. ``path`` is always a
-local directory: hub ids are resolved to the Hugging Face cache first.
+"""Loading a family's model by the ``family`` name a registry entry uses (``models.registry``):
+where the weights are (a directory, a hub id in the Hugging Face cache, the shipped ones), which
+device and dtype, then the family module's ``load``.
 """
 
 from __future__ import annotations
@@ -15,24 +12,12 @@ from typing import Any
 
 import torch
 
-FAMILIES: dict[str, tuple[str, str]] = {
-    # family name: (modality, module with load())
-    "llama": ("text", "genserve.models.llama"),
-    "sentence-transformers": ("embedding", "genserve.models.embedding"),
-    "selfies-llama": ("molecule", "genserve.models.molecule.generator"),
-    "mol-vae": ("molecule", "genserve.models.molecule.vae"),
-    "diffusers": ("image", "genserve.models.diffusion.loading"),
-    "gan": ("image", "genserve.models.image.gan"),
-    "image-vae": ("image", "genserve.models.image.vae"),
-    "flow": ("image", "genserve.models.image.flow"),
-    "espeak-ng": ("audio", "genserve.models.audio.espeak"),
-    "transformers-tts": ("audio", "genserve.models.audio.transformers_tts"),
-    "chorale": ("audio", "genserve.models.music"),
-}
+from genserve.models import registry
 
 
 def weights_dir() -> Path:
-    return Path(__file__).parent / "weights"
+    """Where the embedded models ship: ``genserve/models/weights``."""
+    return Path(__file__).parent.parent / "weights"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -82,26 +67,23 @@ def local_dir(source: Path | str) -> Path:
                                 "cache, and downloading is off (HF_HUB_OFFLINE)") from exc
 
 
-# Families whose load() takes ``quantization`` (weight-only int8 or int4 of the linear layers).
-QUANTIZABLE = {"llama", "selfies-llama"}
-
-
 def load_family_info(family: str, source: Path | str, device: str = "auto") -> Any:
     """A text family's tokenizer and limits without its weights (the module's ``load_info``)."""
-    if family not in FAMILIES or not hasattr(module := importlib.import_module(FAMILIES[family][1]), "load_info"):
+    module = importlib.import_module(registry.family(family).module)
+    if not hasattr(module, "load_info"):
         raise ValueError(f"family {family!r} has no load_info; text families need one")
     return module.load_info(local_dir(source), resolve_device(device))
 
 
 def load_family(family: str, source: Path | str, device: str = "auto", dtype: str = "auto",
                 quantization: str = "none") -> Any:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; known: {', '.join(sorted(FAMILIES))}")
-    dev = resolve_device(device)
-    module = importlib.import_module(FAMILIES[family][1])
-    if quantization == "none":
-        return module.load(path := local_dir(source), dev, resolve_dtype(dtype, dev, path))
-    if family not in QUANTIZABLE:
+    row = registry.family(family)
+    if quantization != "none" and not row.quantizable:
+        quantizable = sorted(f.name for f in registry.FAMILIES.values() if f.quantizable)
         raise ValueError(f"family {family!r} does not support quantization={quantization!r}; "
-                         f"families that do: {', '.join(sorted(QUANTIZABLE))}")
-    return module.load(path := local_dir(source), dev, resolve_dtype(dtype, dev, path), quantization=quantization)
+                         f"families that do: {', '.join(quantizable)}")
+    dev = resolve_device(device)
+    module = importlib.import_module(row.module)
+    path = local_dir(source)
+    extra = {"quantization": quantization} if quantization != "none" else {}
+    return module.load(path, dev, resolve_dtype(dtype, dev, path), **extra)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from genserve.models.audio.codec import FORMATS, OUTPUT_RATE, AudioEncoder, atempo_chain, encode
+from genserve.app.serving.media import FORMATS, OUTPUT_RATE, AudioEncoder, atempo_chain, encode
 
 RATE = 22_050
 TONE = (0.5 * np.sin(2 * np.pi * 440 * np.arange(2 * RATE) / RATE)).astype(np.float32)  # 2 s of A4

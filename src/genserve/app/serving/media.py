@@ -1,4 +1,7 @@
-"""Audio out: float samples in, encoded bytes out, as they are produced.
+"""Media out: every byte encoding of the API in one place. Images become PNG (a frame) or GIF (an
+animation); audio becomes the speech and music formats. An ``ImageArtifact`` or ``AudioChunk`` that
+already carries ``encoded`` bytes (an upstream's) passes through unchanged; pixels and samples are
+encoded here.
 
 ``AudioEncoder`` pushes mono float32 chunks through one FFmpeg filter graph (tempo change without
 pitch change, resampling to the output rate, 16-bit samples) and then an encoder and container,
@@ -14,9 +17,16 @@ import io
 import itertools
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import cast
 
 import av
 import numpy as np
+from av.audio.frame import AudioFrame
+from av.audio.stream import AudioStream
+from av.container import OutputContainer
+from PIL import Image
+
+from genserve.app.backends.base import AudioChunk, ImageArtifact
 
 OUTPUT_RATE = 24_000  # OpenAI's speech API: pcm is 24 kHz signed 16-bit little-endian mono
 
@@ -81,12 +91,13 @@ class AudioEncoder:
         self.samples_out = 0
         self._graph = self._build_graph(tempo)
         self._sink: _Sink | io.BytesIO | None = None
-        self._container = self._stream = None
-        if self.format.container is not None:
+        self._container: OutputContainer | None = None
+        self._stream: AudioStream | None = None
+        if self.format.container is not None and self.format.codec is not None:
             self._sink = _Sink() if self.format.streams else io.BytesIO()
             options = {"page_duration": "100000"} if self.format.container == "ogg" else {}
             self._container = av.open(self._sink, "w", format=self.format.container, options=options)
-            self._stream = self._container.add_stream(self.format.codec, rate=self.out_rate)
+            self._stream = cast(AudioStream, self._container.add_stream(self.format.codec, rate=self.out_rate))
             self._stream.layout = "mono"
 
     def _build_graph(self, tempo: float) -> av.filter.Graph:
@@ -115,24 +126,25 @@ class AudioEncoder:
     def finish(self) -> bytes:
         self._graph.push(None)
         out = self._drain()
-        if self._container is None:
+        if self._container is None or self._stream is None:
             return out
         for packet in self._stream.encode(None):
             self._container.mux(packet)
         self._container.close()
-        if isinstance(self._sink, io.BytesIO):
-            return self._sink.getvalue()
-        return out + self._sink.take()
+        if isinstance(self._sink, _Sink):
+            return out + self._sink.take()
+        assert self._sink is not None
+        return self._sink.getvalue()
 
     def _drain(self) -> bytes:
         raw = bytearray()
         while True:
             try:
-                frame = self._graph.pull()
+                frame = cast(AudioFrame, self._graph.pull())
             except (BlockingIOError, EOFError):
                 break
             self.samples_out += frame.samples
-            if self._container is None:
+            if self._container is None or self._stream is None:
                 raw += frame.to_ndarray().astype("<i2").tobytes()
                 continue
             frame.pts = None  # the encoder numbers its own frames
@@ -147,3 +159,62 @@ def encode(samples: np.ndarray, fmt: str, in_rate: int, out_rate: int | None = N
     """The whole of ``samples`` in ``fmt`` in one go."""
     encoder = AudioEncoder(fmt, in_rate, out_rate, tempo)
     return encoder.feed(samples) + encoder.finish()
+
+
+# images -----------------------------------------------------------------------------------------
+def png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def gif(frames: np.ndarray, frame_ms: int = 120) -> bytes:
+    out = io.BytesIO()
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(out, format="GIF", save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
+    return out.getvalue()
+
+
+def image_bytes(artifact: ImageArtifact) -> bytes:
+    """The artifact as the bytes of its ``media_type``: upstream bytes as they came, else PNG of its
+    pixels or GIF of its frames."""
+    if artifact.encoded is not None:
+        return artifact.encoded
+    if artifact.frames is not None:
+        return gif(artifact.frames)
+    if artifact.pixels is None:
+        raise ValueError("an image artifact without pixels, frames or encoded bytes")
+    return png(artifact.pixels)
+
+
+# audio ------------------------------------------------------------------------------------------
+class ChunkEncoder:
+    """``AudioChunk`` events in, bytes of ``fmt`` out as they come: encoded chunks pass through, sample
+    chunks go through one ``AudioEncoder`` (made on the first, at its rate and residual tempo)."""
+
+    def __init__(self, fmt: str, out_rate: int | None = None) -> None:
+        self.fmt, self.out_rate = fmt, out_rate
+        self.encoder: AudioEncoder | None = None
+
+    def feed(self, chunk: AudioChunk) -> bytes:
+        if chunk.encoded is not None:
+            return chunk.encoded
+        if chunk.samples is None or chunk.sample_rate is None:
+            raise ValueError("an audio chunk without samples and a sample rate, or encoded bytes")
+        if self.encoder is None:
+            self.encoder = AudioEncoder(self.fmt, chunk.sample_rate, self.out_rate, chunk.residual_tempo)
+        return self.encoder.feed(chunk.samples)
+
+    def finish(self) -> bytes:
+        return self.encoder.finish() if self.encoder is not None else b""
+
+    @property
+    def seconds_out(self) -> float:
+        """Seconds of audio this encoder has written (0 for passed-through bytes, whose length it does not know)."""
+        return self.encoder.samples_out / self.encoder.out_rate if self.encoder is not None else 0.0
+
+
+def audio_bytes(chunk: AudioChunk, fmt: str) -> bytes:
+    """One whole piece in ``fmt`` at its own rate (music): encoded bytes as they came, else encoded here."""
+    encoder = ChunkEncoder(fmt)
+    return encoder.feed(chunk) + encoder.finish()

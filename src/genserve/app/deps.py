@@ -1,0 +1,95 @@
+"""Typed FastAPI dependencies: each route names the services it uses in its signature.
+
+``create_app`` builds one ``Services`` and keeps it on ``app.state``; nothing else reads
+``app.state``. Routes take a part of it through the ``...Dep`` aliases below (FastAPI's
+bigger-applications style), so mypy checks every call a route makes, and a test can replace any
+part with ``app.dependency_overrides[get_text_serving] = ...``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+
+from genserve.app.backends.manager import ModelManager
+from genserve.app.metrics import Metrics
+from genserve.app.serving.audio import AudioServing
+from genserve.app.serving.embeddings import EmbeddingServing
+from genserve.app.serving.images import ImageServing
+from genserve.app.serving.models import ModelsServing
+from genserve.app.serving.molecules import MoleculeServing
+from genserve.app.serving.text import TextServing
+
+
+@dataclass(frozen=True)
+class Services:
+    """Everything a request may use; one per app, built by ``create_app``."""
+
+    metrics: Metrics
+    manager: ModelManager
+    models: ModelsServing
+    text: TextServing
+    embeddings: EmbeddingServing
+    images: ImageServing
+    audio: AudioServing
+    molecules: MoleculeServing
+
+
+def services_of(app: FastAPI) -> Services:
+    """The app's services (for code outside a request, such as the CLI's shutdown hook)."""
+    services = getattr(app.state, "services", None)
+    if not isinstance(services, Services):
+        raise RuntimeError(f"app.state.services is {type(services).__name__}, not Services: "
+                           "build the app with genserve.app.main.create_app")
+    return services
+
+
+def get_services(request: Request) -> Services:
+    return services_of(request.app)
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def get_metrics(services: ServicesDep) -> Metrics:
+    return services.metrics
+
+
+def get_manager(services: ServicesDep) -> ModelManager:
+    return services.manager
+
+
+def get_models_serving(services: ServicesDep) -> ModelsServing:
+    return services.models
+
+
+def get_text_serving(services: ServicesDep) -> TextServing:
+    return services.text
+
+
+def get_embedding_serving(services: ServicesDep) -> EmbeddingServing:
+    return services.embeddings
+
+
+def get_image_serving(services: ServicesDep) -> ImageServing:
+    return services.images
+
+
+def get_audio_serving(services: ServicesDep) -> AudioServing:
+    return services.audio
+
+
+def get_molecule_serving(services: ServicesDep) -> MoleculeServing:
+    return services.molecules
+
+
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ManagerDep = Annotated[ModelManager, Depends(get_manager)]
+ModelsServingDep = Annotated[ModelsServing, Depends(get_models_serving)]
+TextServingDep = Annotated[TextServing, Depends(get_text_serving)]
+EmbeddingServingDep = Annotated[EmbeddingServing, Depends(get_embedding_serving)]
+ImageServingDep = Annotated[ImageServing, Depends(get_image_serving)]
+AudioServingDep = Annotated[AudioServing, Depends(get_audio_serving)]
+MoleculeServingDep = Annotated[MoleculeServing, Depends(get_molecule_serving)]
