@@ -78,11 +78,16 @@ def run_embedding(model: Any, seed: int, n: int) -> list[np.ndarray]:
 
 
 def run_image(model: Any, seed: int, n: int) -> list[np.ndarray]:
-    seeds = [item_seed(seed, k) for k in range(n)]
-    if hasattr(model, "sample"):  # our latent generators
-        return list(model.sample(seeds, [None] * n))
-    generators = [torch.Generator().manual_seed(s) for s in seeds]  # a diffusers pipeline
-    return list(model(["a red apple"] * n, num_inference_steps=2, generator=generators, output_type="np").images)
+    """Through the runner serving gives the loaded object (``runner_for``): for a diffusers pipeline the
+    runner that has probed its denoiser and runs its batch-variant layers row by row."""
+    from genserve.models.image.runner import runner_for
+    from genserve.models.params import ImageJob
+
+    runner = runner_for(model, max_rows=2 * BATCH)  # rows double with classifier-free guidance
+    width, height = runner.native
+    jobs = [ImageJob(prompt="a red apple", seed=item_seed(seed, k), width=width, height=height, steps=2)
+            for k in range(n)]
+    return runner.run(jobs)
 
 
 def run_speech(model: Any, seed: int, n: int) -> list[np.ndarray]:
@@ -142,12 +147,7 @@ def test_a_seeded_item_alone_equals_it_inside_a_batch(tiny: tuple[Family, Path])
         assert np.allclose(alone, batch[1], atol=1e-5)  # padding changes the summation order, not the result
         return
     alone = run(model, ITEM_SEED.get(family.backend, item_seed)(SEED, 1), 1)[0]
-    if not hasattr(model, "sample") and family.backend == "image":
-        # A diffusers pipeline batches with the kernels it is given; the serving runner makes its
-        # denoiser batch-invariant bit for bit (tests/app); the pipeline alone agrees to float rounding.
-        assert np.allclose(alone, batch[1], atol=1e-5)
-    else:
-        assert same(alone, batch[1]), f"{family.name}: item 1 alone differs from item 1 of a batch of {BATCH}"
+    assert same(alone, batch[1]), f"{family.name}: item 1 alone differs from item 1 of a batch of {BATCH}"
     if not getattr(model, "streams", False):  # espeak-ng speaks without randomness: it takes no seed
         assert not same(batch[0], batch[1]), f"{family.name}: two seeds gave the same output"
 
