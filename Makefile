@@ -15,11 +15,12 @@ TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
 install: system-deps $(STAMP)
 
-# torch first, pinned, so the package's `torch>=` requirement is already met by the CPU wheel.
+# torch first, pinned and alone from its index (its own requirements come with the package's, from
+# pip's usual index), so the package's `torch>=` requirement is already met by the CPU wheel.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
+	$(BIN)/pip install --quiet --no-deps torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
 	$(BIN)/pip install --quiet -e ".[dev]"
 	$(BIN)/pip install --quiet --no-deps molsets==0.3.1  # MOSES data only; see pyproject's mol extra
 	touch $(STAMP)
