@@ -21,6 +21,7 @@ __all__ = [
     "ImageInterpolationParams",
     "ImageJob",
     "ImageParams",
+    "ModerationParams",
     "MoleculeInterpolationParams",
     "MoleculeParams",
     "MusicParams",
@@ -129,3 +130,11 @@ class MoleculeInterpolationParams:
     steps: int
     method: Literal["slerp", "lerp"]
     include: list[str] = field(default_factory=list)  # "properties", "svg": what each point carries
+
+
+@dataclass
+class ModerationParams:
+    """What to classify: texts and images (RGB uint8 arrays), each its own input with its own result."""
+
+    texts: list[str] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)

@@ -21,6 +21,8 @@ music      ``MusicBackend.compose(MusicParams)``       one ``AudioChunk``: MIDI 
 molecule   ``MoleculeBackend.generate(...)``           ``Molecule``\\* then one ``MoleculeStats``
 molecule   ``MoleculeInterpolationBackend``            the path's points as ``Molecule``\\* (a list)
            ``.interpolate(...)``
+moderation ``ModerationBackend.classify(...)``         one ``ModerationResult`` per input (the
+                                                       contract the moderation layer will serve)
 =========  ==========================================  ==========================================
 
 ``serving/<modality>.py`` turns these into wire formats (``serving/media.py`` encodes media). In each
@@ -59,6 +61,7 @@ from genserve.app.registry import ModelEntry
 from genserve.models.params import (
     ImageInterpolationParams,
     ImageParams,
+    ModerationParams,
     MoleculeInterpolationParams,
     MoleculeParams,
     MusicParams,
@@ -181,6 +184,17 @@ class MoleculeStats:
     completion_tokens: int
 
 
+@dataclass
+class ModerationResult:
+    """One input's verdict in OpenAI's 13 moderation categories (``harassment``, ``self-harm/intent``, ...):
+    every category present, scores in [0, 1]."""
+
+    flagged: bool
+    categories: dict[str, bool]
+    category_scores: dict[str, float]
+    input_type: Literal["text", "image"] = "text"
+
+
 TextEvent = Delta | Usage
 ImageEvent = Progress | ImageArtifact
 MoleculeEvent = Molecule | MoleculeStats
@@ -264,6 +278,13 @@ class MoleculeBackend(ServedModel, Protocol):
 
 class MoleculeInterpolationBackend(ServedModel, Protocol):
     async def interpolate(self, params: MoleculeInterpolationParams) -> list[Molecule]: ...
+
+
+class ModerationBackend(ServedModel, Protocol):
+    """A moderation classifier (the ``moderation`` modality): one result per input, texts first, in
+    order. The contract the moderation layer builds on; no backend implements it yet."""
+
+    async def classify(self, params: ModerationParams) -> list[ModerationResult]: ...
 
 
 def check_token_ids(rows: list[list[int]], vocab: int, param: str) -> None:

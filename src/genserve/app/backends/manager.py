@@ -11,6 +11,7 @@ from genserve.app.backends.base import (
     Backend,
     EmbeddingBackend,
     ImageBackend,
+    ModerationBackend,
     MoleculeBackend,
     MoleculeInterpolationBackend,
     MusicBackend,
@@ -40,6 +41,7 @@ KINDS: dict[tuple[str, str], type[ServedModel]] = {
     ("image", "generation"): ImageBackend, ("image", "edit"): ImageBackend, ("image", "interpolation"): ImageBackend,
     ("audio", "speech"): SpeechBackend, ("audio", "music"): MusicBackend,
     ("molecule", "generation"): MoleculeBackend, ("molecule", "interpolation"): MoleculeInterpolationBackend,
+    ("moderation", "moderation"): ModerationBackend,
 }
 
 # The backend class of each backend kind of the family table (models/registry.py).
