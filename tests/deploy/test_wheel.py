@@ -84,7 +84,8 @@ def test_python_m_genserve_serves_from_the_wheel(clean_venv: Path, tmp_path: Pat
     config = tmp_path / "registry.yaml"
     config.write_text("include_defaults: false\nmodels:\n"
                       "  - {id: genserve-gan, modality: image, backend: local, family: gan,\n"
-                      "     source: 'package:genserve.models/weights/genserve-gan', tasks: [generation, interpolation]}\n")
+                      "     source: 'package:genserve.models/weights/genserve-gan',\n"
+                      "     tasks: [generation, interpolation]}\n")
     port = free_port()
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen([str(clean_venv / "bin" / "python"), "-m", "genserve", "serve", "--port", str(port),
