@@ -77,7 +77,7 @@ def analyse(s: str, include: list[str], compiled: chem.CompiledConstraints,
     analysed in whatever order the sampler finishes them."""
     smiles = chem.selfies_to_smiles(s)
     mol = chem.mol_from_smiles(smiles) if smiles else None
-    if mol is None:
+    if smiles is None or mol is None:
         return Candidate(None)
     wants_props = "properties" in include or compiled.constraints != chem.Constraints()
     exact = chem.properties(mol, decimals=None) if wants_props else None
