@@ -15,7 +15,7 @@ Adding a family: write ``models/<family>`` (a module or a small package) with
   ``quantization=``). ``path`` is always a local directory: hub ids are resolved first;
 - ``make_tiny(path)``: writes a tiny seeded instance to the directory ``path``, what the contract
   test loads and runs (families whose tiny instance needs test-only builders get them from
-  ``tests/models/families.py``);
+  ``tests/conftest.py``);
 
 then add one :class:`Family` line below and one entry to ``registry.yaml``.
 """
