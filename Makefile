@@ -103,7 +103,7 @@ bench-text: install
 bench-molecules: install
 	$(OFFLINE) $(BIN)/python benchmarks/molecule_serving.py $(ARGS)
 
-# Images/s of the embedded diffusion model, batched and not (needs models/weights/genserve-diffusion).
+# Images/s of the embedded diffusion model, batched and not (needs src/genserve/models/weights/genserve-diffusion).
 bench-images: install
 	$(OFFLINE) $(BIN)/python benchmarks/image_serving.py $(ARGS)
 

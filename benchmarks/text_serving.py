@@ -10,7 +10,7 @@ invocation, on the same model directory and the same prompts:
 - ``--sequential-generate``: ``model.generate`` in this process, one prompt after another;
 - ``--target NAME=URL``: any server already running (vLLM, a remote genserve, ...).
 
-With no target arguments it runs the whole comparison on ``models/weights/genserve-text-tiny``::
+With no target arguments it runs the whole comparison on ``src/genserve/models/weights/genserve-text-tiny``::
 
     .venv/bin/python benchmarks/text_serving.py --json /tmp/text_serving.json
 

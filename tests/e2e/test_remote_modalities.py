@@ -151,6 +151,7 @@ def test_molecules_through_the_gateway(upstreams: Upstreams, media_gateway: Serv
 @pytest.mark.parametrize(("path", "body", "param"), [
     ("/v1/images/generations", {"model": "remote-diffusion", "prompt": "x", "size": "48x48"}, "size"),
     ("/v1/images/generations", {"model": "remote-gan", "prompt": "eleven"}, "prompt"),
+    ("/v1/images/generations", {"model": "remote-gan", "prompt": "7", "stream": True}, "stream"),
     ("/v1/audio/speech", {"model": "remote-speech", "input": "hi", "voice": "no-such-voice"}, "voice"),
     ("/v1/audio/music", {"model": "remote-music", "key": "H major"}, "key"),
     ("/v1/molecules/generations", {"model": "remote-mol", "constraints": {"substructure": "[[C"}},

@@ -56,19 +56,22 @@ class LocalSpeechBackend(_AudioBackend):
             raise InvalidRequestError(str(exc), param="voice") from None
         spec = SpeechSpec(params.text, voice, params.speed, params.seed)
         rate, tempo = self.model.sample_rate, self.model.residual_tempo(params.speed)
-        async for samples in self._samples(spec):
-            yield AudioChunk(samples=samples, sample_rate=rate, residual_tempo=tempo)
+        async with contextlib.aclosing(self._samples(spec)) as pieces:  # closing us stops espeak-ng at once
+            async for samples in pieces:
+                yield AudioChunk(samples=samples, sample_rate=rate, residual_tempo=tempo)
 
     async def _samples(self, spec: SpeechSpec) -> AsyncGenerator[np.ndarray, None]:
         if self.model.streams:
-            async for chunk in self._speak_process(spec):
-                yield chunk
+            async with contextlib.aclosing(self._speak_process(spec)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
             return
         assert self.batcher is not None
         pieces = [dataclasses.replace(spec, text=t, seed=None if spec.seed is None else item_seed(spec.seed, i))
                   for i, t in enumerate(split_text(spec.text))]
-        async for audio in self.batcher.submit_stream(pieces):
-            yield audio
+        async with contextlib.aclosing(self.batcher.submit_stream(pieces)) as audio:
+            async for piece in audio:
+                yield piece
 
     async def _speak_process(self, spec: SpeechSpec) -> AsyncGenerator[np.ndarray, None]:
         async with self._processes:

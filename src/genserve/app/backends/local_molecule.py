@@ -12,6 +12,7 @@ dynamic batcher.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import AsyncGenerator
 
@@ -89,13 +90,14 @@ class LocalMoleculeBackend(Backend):
         analyse = functools.partial(rounds.analyse_all, include=params.include, compiled=compiled,
                                     training_set=self.training_set)
         request = TextParams(f"{params.request_id}-{tally.sampled}", sampling, prompt=[self.bos_id])
-        async for ev in self.text.generate(request):
-            if isinstance(ev, Usage):
-                tally.tokens += ev.completion_tokens
-                continue
-            texts[ev.index] += ev.text
-            if ev.finish_reason is not None:
-                work.append(loop.run_in_executor(chemistry_pool(), analyse, [(ev.index, texts[ev.index])]))
+        async with contextlib.aclosing(self.text.generate(request)) as events:  # closing us aborts the round
+            async for ev in events:
+                if isinstance(ev, Usage):
+                    tally.tokens += ev.completion_tokens
+                    continue
+                texts[ev.index] += ev.text
+                if ev.finish_reason is not None:
+                    work.append(loop.run_in_executor(chemistry_pool(), analyse, [(ev.index, texts[ev.index])]))
         return dict(pair for batch in await asyncio.gather(*work) for pair in batch)
 
 

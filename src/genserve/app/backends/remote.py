@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -162,7 +163,7 @@ class RemoteBackend(Backend):
             raise self._bad_upstream(f"sent a {what} response that is not a JSON object")
         return payload
 
-    async def _sse(self, resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    async def _sse(self, resp: httpx.Response) -> AsyncGenerator[dict[str, Any], None]:
         """The JSON objects of an upstream's server-sent events, until ``[DONE]``; an ``error``
         object in the stream becomes the upstream's error."""
         try:
@@ -243,14 +244,15 @@ class RemoteTextBackend(RemoteBackend):
                 body["logprobs"] = p.logprobs
         resp = await self._post("chat/completions" if chat else "completions", body, stream=True)
         choices = 0
-        async for chunk in self._sse(resp):
-            try:
-                events = _text_events(chunk, chat)
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise self._bad_upstream(f"sent a malformed chunk ({exc})") from exc
-            for event in events:
-                choices += isinstance(event, Delta)
-                yield event
+        async with contextlib.aclosing(self._sse(resp)) as chunks:  # closing us closes the upstream response
+            async for chunk in chunks:
+                try:
+                    events = _text_events(chunk, chat)
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    raise self._bad_upstream(f"sent a malformed chunk ({exc})") from exc
+                for event in events:
+                    choices += isinstance(event, Delta)
+                    yield event
         if not choices:
             raise self._bad_upstream("ended its stream without any choice")
 
@@ -321,12 +323,19 @@ class RemoteImageBackend(RemoteBackend):
                 yield artifact
             return
         resp = await self._post("images/generations", {**body, "stream": True}, stream=True)
-        async for event in self._sse(resp):
-            if event.get("type") == "image_generation.progress":
-                yield Progress(int(event.get("step", 0)), int(event.get("total_steps", 0)))
-            elif event.get("type") == "image_generation.completed":
-                for artifact in self._artifacts(event, "image/png"):
-                    yield artifact
+        async with contextlib.aclosing(self._sse(resp)) as events:
+            async for event in events:
+                if event.get("type") == "image_generation.progress":
+                    yield self._progress(event)
+                elif event.get("type") == "image_generation.completed":
+                    for artifact in self._artifacts(event, "image/png"):
+                        yield artifact
+
+    def _progress(self, event: dict[str, Any]) -> Progress:
+        try:
+            return Progress(int(event["step"]), int(event["total_steps"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._bad_upstream(f"sent a malformed progress event ({exc})") from exc
 
     async def interpolate(self, params: ImageInterpolationParams) -> AsyncGenerator[ImageArtifact, None]:
         body = {"model": self.upstream_model, "seed_start": params.seed_start, "seed_end": params.seed_end,

@@ -26,7 +26,7 @@ from sse_starlette import EventSourceResponse
 
 from genserve.app.backends.base import ImageArtifact, ImageBackend, ImageEvent, ModelFacts, Progress
 from genserve.app.backends.manager import ModelManager
-from genserve.app.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
+from genserve.app.errors import GenserveError, InvalidRequestError, NotFoundError, PayloadTooLargeError
 from genserve.app.metrics import Metrics
 from genserve.app.schemas.images import (
     IMAGE_TO_IMAGE_STRENGTH,
@@ -158,7 +158,15 @@ class ImageServing:
             raise InvalidRequestError("stream applies to diffusion models.", param="stream")
         params = ImageParams(jobs=jobs, size=body.size, stream=body.stream)
         if body.stream:
-            return EventSourceResponse(self._stream(backend, params, body, raw), ping=15)
+            # The first event is awaited before any header goes out, so an error that comes first (a
+            # full queue, an upstream's 400) is still an HTTP error, as for text.
+            deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
+            events = deadline.stream(self._checked(backend.generate(params)))
+            try:
+                first = await anext(events)
+            except StopAsyncIteration:
+                first = None
+            return EventSourceResponse(self._stream(first, events, body, raw), ping=15)
 
         async def run() -> ImagesResponse:
             artifacts = await self._artifacts(backend, backend.generate(params))
@@ -166,20 +174,26 @@ class ImageServing:
 
         return await unless_disconnected(raw, run())
 
-    async def _stream(self, backend: ImageBackend, params: ImageParams, body: ImageGenerationRequest,
-                      raw: Request) -> AsyncGenerator[str, None]:
-        deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
+    async def _stream(self, first: ImageEvent | None, events: AsyncGenerator[ImageEvent, None],
+                      body: ImageGenerationRequest, raw: Request) -> AsyncGenerator[str, None]:
         artifacts: list[ImageArtifact] = []
-        async for event in deadline.stream(self._checked(backend.generate(params))):
-            if isinstance(event, Progress):
-                yield json.dumps({"type": "image_generation.progress", "step": event.step,
-                                  "total_steps": event.total})
-            else:
-                artifacts.append(event)
-        result = await self._respond(raw, body.model, artifacts, body.response_format)
-        yield json.dumps({"type": "image_generation.completed", "created": result.created,
-                          "data": [d.model_dump(exclude_none=True) for d in result.data]})
+        try:
+            pending = [first] if first is not None else []
+            async for event in _chain(pending, events):
+                if isinstance(event, Progress):
+                    yield json.dumps({"type": "image_generation.progress", "step": event.step,
+                                      "total_steps": event.total})
+                else:
+                    artifacts.append(event)
+            result = await self._respond(raw, body.model, artifacts, body.response_format)
+            yield json.dumps({"type": "image_generation.completed", "created": result.created,
+                              "data": [d.model_dump(exclude_none=True) for d in result.data]})
+        except GenserveError as err:  # after the headers: the error travels as an event
+            yield json.dumps(err.body())
+        finally:
+            await events.aclose()
         yield "[DONE]"
+
 
     # edits ------------------------------------------------------------------------------------
     async def edit(self, form: ImageEditForm, image: UploadFile, mask: UploadFile | None, raw: Request) -> Any:
@@ -271,3 +285,12 @@ class ImageServing:
             raise NotFoundError("This image does not exist or has expired.")
         data, media_type = item
         return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=60"})
+
+
+async def _chain(first: list[ImageEvent], rest: AsyncGenerator[ImageEvent, None]
+                 ) -> AsyncGenerator[ImageEvent, None]:
+    """``first``'s events, then ``rest``'s."""
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
