@@ -8,6 +8,7 @@ therefore exactly what the wheel installed.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -27,9 +28,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy of what the sdist would hold, so setuptools' build/ never lands in the checkout
+    # (where a stale build/lib could leak deleted files into later wheels).
+    out, source = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(out), str(ROOT)], check=True, timeout=300, cwd=out)
+                    "--wheel-dir", str(out), str(source)], check=True, timeout=300, cwd=out)
     (built,) = out.glob("genserve-*.whl")
     return built
 
