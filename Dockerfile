@@ -54,11 +54,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/home/genserve/.cache/huggingface
 
 # RDKit's wheel (molecule endpoints) links libXrender and libXext, which the slim image lacks;
-# espeak-ng is genserve-speech's synthesiser. Unpinned: the versions follow the base image's
-# Debian release.
+# espeak-ng is genserve-speech's synthesiser; the en_US.UTF-8 locale is what hatesonar's ONNX text
+# normaliser (moderation) constructs. Unpinned: the versions follow the base image's Debian release.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libxrender1 libxext6 espeak-ng \
+    && apt-get install -y --no-install-recommends libxrender1 libxext6 espeak-ng locales \
+    && sed -i 's/^# *en_US.UTF-8 UTF-8/en_US.UTF-8 UTF-8/' /etc/locale.gen \
+    && locale-gen \
     && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --system --gid 10001 genserve \
@@ -67,7 +69,7 @@ RUN groupadd --system --gid 10001 genserve \
 
 COPY --from=builder /opt/venv /opt/venv
 # Fail the build, not the first request, if a native library is missing.
-RUN python -c "import rdkit.Chem.Draw.rdMolDraw2D, torch, av" \
+RUN python -c "import rdkit.Chem.Draw.rdMolDraw2D, torch, av, hatesonar; hatesonar.Sonar()" \
     && espeak-ng --version
 
 USER 10001:10001

@@ -25,10 +25,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps molsets==0.3.1  # MOSES data only; see pyproject's mol extra
 	touch $(STAMP)
 
-# Debian packages the embedded models need: espeak-ng (genserve-speech) and the Noto Color Emoji font
-# (genserve-diffusion's training data). Installed when missing and this user can (root with apt-get,
-# as in CI and the Docker image); otherwise the command to run is printed.
-SYSTEM_PACKAGES := espeak-ng fonts-noto-color-emoji
+# Debian packages the embedded models need: espeak-ng (genserve-speech), the Noto Color Emoji font
+# (genserve-diffusion's training data) and locales, for the en_US.UTF-8 locale that hatesonar's ONNX
+# text normaliser (the moderation classifier) constructs. Installed when missing and this user can
+# (root with apt-get, as in CI and the Docker image); otherwise the command to run is printed.
+SYSTEM_PACKAGES := espeak-ng fonts-noto-color-emoji locales
 system-deps:
 	@if command -v dpkg >/dev/null; then \
 		missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -38,6 +39,11 @@ system-deps:
 			else echo "missing:$$missing; install with: sudo apt-get install$$missing" >&2; exit 1; fi; \
 		fi; \
 	elif ! command -v espeak-ng >/dev/null; then echo "install espeak-ng with your package manager" >&2; exit 1; fi
+	@if command -v locale-gen >/dev/null && ! locale -a 2>/dev/null | grep -qi '^en_US\.utf-\?8$$'; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			sed -i 's/^# *en_US.UTF-8 UTF-8/en_US.UTF-8 UTF-8/' /etc/locale.gen && locale-gen >/dev/null; \
+		else echo "the en_US.UTF-8 locale is missing; generate it with: sudo locale-gen en_US.UTF-8" >&2; exit 1; fi; \
+	fi
 
 serve: install
 	$(OFFLINE) $(BIN)/genserve serve $(ARGS)

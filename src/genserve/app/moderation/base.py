@@ -1,0 +1,28 @@
+"""What the moderation layer asks of a classifier."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class TextClassifier(Protocol):
+    """A synchronous, CPU-cheap text classifier (run in a worker thread by the service).
+
+    ``scores`` returns a score in [0, 1] for each of OpenAI's categories it has an opinion on
+    (``categories.CATEGORIES``); categories it does not cover are left out. It must be thread-safe
+    and never raise on any ``str`` (empty, very long, any script, lone surrogates)."""
+
+    name: str
+
+    def scores(self, text: str) -> dict[str, float]: ...
+
+
+class ImageClassifier(Protocol):
+    """A synchronous image classifier over a batch of (N, H, W, 3) uint8 RGB images: one score dict
+    per image, in OpenAI's categories."""
+
+    name: str
+
+    def scores(self, images: np.ndarray) -> list[dict[str, float]]: ...
