@@ -4,7 +4,8 @@ Each e2e module talks to ``server`` and ``openai_client``; which models that ser
 module's choice (``SERVER_SET = "image"`` at its top; ``text`` if it says nothing), so running one
 module starts only what it needs. One session server per set (``SERVER_SETS``):
 
-- ``text``: the shipped text and embedding models and ``tiny-fp32`` (the text weights in float32);
+- ``text``: the shipped text, embedding and moderation models and ``tiny-fp32`` (the text weights in
+  float32);
 - ``limits``: copies of the text model with tight limits (a queue of one, a deadline, a small KV
   cache), apart so that limit tests do not disturb the others;
 - ``image``: the shipped image models, ``tiny-sd`` (a random Stable Diffusion pipeline the fixture
@@ -203,7 +204,7 @@ def builtin_entry(mid: str) -> str:
     """The built-in registry's entry ``mid`` as registry-file lines, its weights directory made absolute."""
     models = files("genserve.models")
     entry = next(e for e in yaml.safe_load(models.joinpath("registry.yaml").read_text())["models"] if e["id"] == mid)
-    if not entry["source"].startswith("package:"):
+    if "source" in entry and not entry["source"].startswith("package:"):
         entry["source"] = str(models.joinpath(entry["source"]))
     return textwrap.indent(yaml.safe_dump([entry], sort_keys=False), "  ")
 
@@ -235,7 +236,7 @@ def tiny_vits_entry(tmp: pytest.TempPathFactory) -> str:
 
 # The model sets e2e modules choose from (module docstring): each set's registry entries.
 SERVER_SETS: dict[str, Callable[[pytest.TempPathFactory], list[str]]] = {
-    "text": lambda _: [builtin_entry(TEXT), builtin_entry(EMBED),
+    "text": lambda _: [builtin_entry(TEXT), builtin_entry(EMBED), builtin_entry("genserve-moderation"),
                        text_entry("tiny-fp32", dtype="float32")],  # the shipped model as transformers computes it
     "limits": lambda _: [text_entry("tiny-queue1", max_waiting=1, max_batch_size=1),  # one sequence at a time
                          text_entry("tiny-deadline", request_timeout_s=0.3),

@@ -210,3 +210,24 @@ def test_engine_on_cuda_follows_cpu(tm: TextModel, quantization: str) -> None:
     on_gpu = run_all(LLMEngine(gpu, EngineConfig.for_model(gpu.context)), requests, gpu)
     on_cpu = run_all(LLMEngine(cpu, EngineConfig.for_model(cpu.context)), requests, cpu)
     assert on_gpu.tokens == on_cpu.tokens
+
+
+def test_stopping_one_sequence_leaves_the_others_and_frees_its_blocks(tm: TextModel) -> None:
+    """``abort(rid, index)`` (moderation's stop of one choice): that sequence takes no further step, the
+    other choice runs to its end unchanged, and the request finishes with the tokens really generated."""
+    params = SamplingParams(max_tokens=30, seed=5, n=2, ignore_eos=True)
+    alone = run_all(LLMEngine(tm, EngineConfig.for_model(tm.context)), {"r": ("The json module", params)}, tm)
+    engine = LLMEngine(tm, EngineConfig.for_model(tm.context))
+    free = engine.allocator.num_free
+    got = Collector()
+    engine.add_request("r", tm.tokenizer("The json module")["input_ids"], params, got("r"))
+    for _ in range(5):
+        engine.step()
+    engine.abort("r", 0)
+    while engine.has_work():
+        engine.step()
+    assert got.tokens["r"][0] == alone.tokens["r"][0][:5]  # nothing after the stop
+    assert got.tokens["r"][1] == alone.tokens["r"][1]  # the other choice as if alone
+    last = got.events["r"][-1]
+    assert last.finished and last.completion_tokens == 5 + 30 and engine.stopped_sequences == 1
+    assert engine.allocator.num_free == free

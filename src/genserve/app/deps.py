@@ -15,10 +15,12 @@ from fastapi import Depends, FastAPI, Request
 
 from genserve.app.backends.manager import ModelManager
 from genserve.app.metrics import Metrics
+from genserve.app.moderation.service import ModerationService
 from genserve.app.serving.audio import AudioServing
 from genserve.app.serving.embeddings import EmbeddingServing
 from genserve.app.serving.images import ImageServing
 from genserve.app.serving.models import ModelsServing
+from genserve.app.serving.moderations import ModerationServing
 from genserve.app.serving.molecules import MoleculeServing
 from genserve.app.serving.text import TextServing
 
@@ -29,12 +31,14 @@ class Services:
 
     metrics: Metrics
     manager: ModelManager
+    moderation: ModerationService
     models: ModelsServing
     text: TextServing
     embeddings: EmbeddingServing
     images: ImageServing
     audio: AudioServing
     molecules: MoleculeServing
+    moderations: ModerationServing
 
 
 def services_of(app: FastAPI) -> Services:
@@ -85,6 +89,10 @@ def get_molecule_serving(services: ServicesDep) -> MoleculeServing:
     return services.molecules
 
 
+def get_moderation_serving(services: ServicesDep) -> ModerationServing:
+    return services.moderations
+
+
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 ManagerDep = Annotated[ModelManager, Depends(get_manager)]
 ModelsServingDep = Annotated[ModelsServing, Depends(get_models_serving)]
@@ -93,3 +101,4 @@ EmbeddingServingDep = Annotated[EmbeddingServing, Depends(get_embedding_serving)
 ImageServingDep = Annotated[ImageServing, Depends(get_image_serving)]
 AudioServingDep = Annotated[AudioServing, Depends(get_audio_serving)]
 MoleculeServingDep = Annotated[MoleculeServing, Depends(get_molecule_serving)]
+ModerationServingDep = Annotated[ModerationServing, Depends(get_moderation_serving)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,13 +15,15 @@ from genserve.app.deps import Services
 from genserve.app.errors import install_error_handlers
 from genserve.app.metrics import Metrics
 from genserve.app.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
+from genserve.app.moderation.service import ModerationService
 from genserve.app.registry import ModelEntry, load_registry
-from genserve.app.routers import audio, docs, embeddings, images, models, molecules, ops, text
+from genserve.app.routers import audio, docs, embeddings, images, models, moderations, molecules, ops, text
 from genserve.app.security import ApiKeyMiddleware, ApiKeys
 from genserve.app.serving.audio import AudioServing
 from genserve.app.serving.embeddings import EmbeddingServing
 from genserve.app.serving.images import ImageServing
 from genserve.app.serving.models import ModelsServing
+from genserve.app.serving.moderations import ModerationServing
 from genserve.app.serving.molecules import MoleculeServing
 from genserve.app.serving.text import TextServing
 from genserve.app.settings import Settings
@@ -33,24 +36,30 @@ def create_app(settings: Settings, entries: list[ModelEntry] | None = None) -> F
     entries = load_registry(settings.config) if entries is None else entries
     metrics = Metrics()
     manager = ModelManager(entries, settings, metrics)
+    moderation = ModerationService(settings.moderation, entries, metrics, manager)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await manager.start()
+        await asyncio.to_thread(moderation.warm_up)
         yield
         await manager.close()
+        moderation.close()
 
     app = FastAPI(title="genserve", version=__version__, description=DESCRIPTION,
                   lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.services = Services(
-        metrics=metrics, manager=manager, models=ModelsServing(manager),
-        text=TextServing(manager, metrics, settings), embeddings=EmbeddingServing(manager, metrics, settings),
-        images=ImageServing(manager, metrics, settings), audio=AudioServing(manager, metrics, settings),
-        molecules=MoleculeServing(manager, metrics, settings))
+        metrics=metrics, manager=manager, moderation=moderation, models=ModelsServing(manager),
+        text=TextServing(manager, metrics, settings, moderation),
+        embeddings=EmbeddingServing(manager, metrics, settings),
+        images=ImageServing(manager, metrics, settings, moderation),
+        audio=AudioServing(manager, metrics, settings, moderation),
+        molecules=MoleculeServing(manager, metrics, settings, moderation),
+        moderations=ModerationServing(manager, moderation))
 
     install_error_handlers(app)
     for router in (text.router, embeddings.router, images.router, images.files_router, audio.router,
-                   molecules.router, models.router, ops.router, docs.router):
+                   molecules.router, moderations.router, models.router, ops.router, docs.router):
         app.include_router(router)
     app.mount(docs.STATIC_PREFIX, StaticFiles(directory=docs.STATIC_DIR), name="docs-assets")
     # Added innermost first: request id, then metrics (401s and early 413s count under the route

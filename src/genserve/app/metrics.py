@@ -64,6 +64,21 @@ class Metrics:
                                                 "divided by the seconds of audio it produced", m,
                                                 buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
                                                 registry=r)
+        # Moderation: coverage = chars{kind="checked"} / chars{kind="released"} must be 1 (no text leaves
+        # unchecked); failures are classifier errors or timeouts, by what the policy did about them.
+        self.moderation_checks = Counter("genserve_moderation_checks", "Moderation checks run",
+                                         [*m, "direction"], registry=r)
+        self.moderation_flags = Counter("genserve_moderation_flags", "Moderation flags by category and action "
+                                        "(blocked, or flagged only)", [*m, "direction", "category", "action"],
+                                        registry=r)
+        self.moderation_check_seconds = Histogram("genserve_moderation_check_seconds", "Latency of one "
+                                                  "moderation check", ["direction"], buckets=TOKEN_BUCKETS,
+                                                  registry=r)
+        self.moderation_failures = Counter("genserve_moderation_failures", "Checks that failed or timed out, by "
+                                           "the policy's on_error", [*m, "direction", "on_error"], registry=r)
+        self.moderation_chars = Counter("genserve_moderation_chars", "Output characters of moderated text "
+                                        "models: checked before release, and released to clients",
+                                        [*m, "kind"], registry=r)
         self.model_ready = Gauge("genserve_model_ready", "1 when the model is loaded and serving", m,
                                  registry=r)
 

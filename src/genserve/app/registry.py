@@ -17,10 +17,11 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from genserve.app.moderation.policy import PolicyPatch
 from genserve.models.registry import FAMILIES, modality_tasks
 
 Modality = Literal["text", "embedding", "image", "audio", "molecule", "moderation"]
-MODERATION_TASKS = ["moderation"]  # moderation models have no family in models/registry.py yet
+MODERATION_TASKS = ["moderation"]  # moderation families live in app/moderation/backend.py
 DEFAULT_REGISTRY = Path(str(resources.files("genserve.models") / "registry.yaml"))
 
 
@@ -84,6 +85,8 @@ class ModelEntry(BaseModel):
                                                    "take SDPA either way)")
     request_timeout_s: float | None = Field(None, gt=0, description="deadline (default: the setting)")
     limits: Limits = Field(default_factory=Limits)
+    moderation: PolicyPatch | None = Field(None, description="this model's moderation policy, merged with the "
+                                           "global one (GENSERVE_MODERATION): the stricter value of each field wins")
     # Filled by the loader: the path the source resolved to, or None for a hub id / remote.
     resolved_source: Path | None = Field(None, exclude=True)
 
@@ -100,7 +103,9 @@ class ModelEntry(BaseModel):
 
     @model_validator(mode="after")
     def _check_backend(self) -> ModelEntry:
-        if self.backend == "local" and (not self.family or not self.source):
+        # genserve's own moderation classifiers are code and libraries: no weights to point at
+        needs_source = not (self.modality == "moderation" and self.family == "genserve-moderation")
+        if self.backend == "local" and (not self.family or (needs_source and not self.source)):
             missing = "family" if not self.family else "source"
             raise ValueError(f"a local model needs '{missing}'")
         if self.backend == "remote" and not self.url:
@@ -145,7 +150,7 @@ def _read(path: Path) -> RegistryFile:
         field = _field_path(tuple(err["loc"]), raw.get("models") or [])
         raise ConfigError(f"model registry {path}: {field or 'models'}: {err['msg']}") from exc
     for i, entry in enumerate(reg.models):
-        if entry.backend == "local":
+        if entry.backend == "local" and entry.source:
             entry.resolved_source = _resolve_source(entry.source or "", path.parent,
                                                     f"{path}: models[{i}] (id {entry.id!r}).source")
     return reg

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from genserve.app.moderation.policy import Policy
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GENSERVE_", extra="forbid")
@@ -32,6 +34,8 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(300.0, gt=0, description="default deadline of a request (504 after)")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long running requests may "
                                     "finish (queued ones get 503 at once)")
+    moderation: Policy = Field(default_factory=Policy, description="the global moderation policy (JSON), "
+                               "e.g. GENSERVE_MODERATION='{\"action\": \"flag\"}'; models tighten it")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @field_validator("api_keys", mode="before")

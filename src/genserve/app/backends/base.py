@@ -254,6 +254,13 @@ class ServedModel(Protocol):
 class TextBackend(ServedModel, Protocol):
     def generate(self, request: TextParams) -> AsyncGenerator[TextEvent, None]: ...
 
+    def stop_choice(self, request_id: str, index: int) -> bool:
+        """Stop generating choice ``index`` of the running request ``request_id`` (moderation blocked it).
+        True: it stops within a step and the request ends when its last choice has; False: the backend
+        cannot stop one choice alone (an OpenAI upstream), so the caller closes the stream once it wants
+        none of the choices."""
+        ...
+
 
 class EmbeddingBackend(ServedModel, Protocol):
     async def embed(self, inputs: list[str] | list[list[int]], dimensions: int | None) -> EmbeddingResult: ...

@@ -5,7 +5,7 @@ In one process the engine's Python (scheduling, sampling, detokenizing) and the 
 quarter slower under streaming load. Here the gateway keeps the tokenizer, the checks and the HTTP
 work; a spawned child owns the model, the KV cache and the ``LLMEngine``.
 
-Gateway → child, over a pipe, in order: ``("add", rid, prompt_ids, params)``, ``("abort", rid)``,
+Gateway → child, over a pipe, in order: ``("add", rid, prompt_ids, params)``, ``("abort", rid, index or None)``,
 ``("fail_waiting",)``, ``("stop",)``. Child → gateway: ``("ready", info)`` once loaded (or
 ``("failed", message)``), then after every step ``("step", [(rid, RequestEvent), ...], StepStats)``.
 The child reads commands between steps and sleeps on the pipe when it has no work.
@@ -80,7 +80,7 @@ def engine_main(conn: Connection, spec: EngineSpec) -> None:
                 except ValueError as exc:
                     events.append((rid, RequestEvent([], finished=True, error=exc)))
             elif cmd[0] == "abort":
-                engine.abort(cmd[1])
+                engine.abort(cmd[1], cmd[2])
             elif cmd[0] == "fail_waiting":
                 engine.fail_waiting(EngineShutdown("the server is shutting down"))
             elif cmd[0] == "stop":  # whatever is still in the engine learns why before the child exits
@@ -132,8 +132,9 @@ class EngineClient:
     def add(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> None:
         self._outbox.put(("add", rid, prompt_ids, params))
 
-    def abort(self, rid: str) -> None:
-        self._outbox.put(("abort", rid))
+    def abort(self, rid: str, index: int | None = None) -> None:
+        """Aborts request ``rid``, or only its choice ``index``."""
+        self._outbox.put(("abort", rid, index))
 
     def fail_waiting(self) -> None:
         self._outbox.put(("fail_waiting",))

@@ -59,6 +59,7 @@ class LocalTextBackend(Backend):
         self._chars_per_token = 0  # the most characters one token decodes to (+1 for a joining space)
         self._draining = False
         self._ids = itertools.count()  # engine ids: one HTTP request may send several prompts
+        self._engine_ids: dict[str, str] = {}  # TextParams.request_id → engine id, while it runs
 
     # lifecycle --------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -132,6 +133,12 @@ class LocalTextBackend(Backend):
         self._check_length(len(ids), params.max_tokens, param)
         return ids
 
+    def decode(self, ids: list[int]) -> str:
+        """Token ids as text (what input moderation reads of a token-id prompt)."""
+        assert self.tm is not None
+        check_token_ids([ids], len(self.tm.tokenizer), "prompt")
+        return self.tm.tokenizer.decode(ids)
+
     def max_len(self) -> int:
         """Tokens one sequence may reach: the context, or less when the whole KV cache is smaller."""
         ctx = self.tm.context if self.tm else 0
@@ -187,6 +194,7 @@ class LocalTextBackend(Backend):
                                            "retry shortly.", headers={"Retry-After": "5"})
                 self._pending[rid] = _Pending(loop, out, self._meter(len(prompt_ids)))
             self.engine.add(rid, prompt_ids, request.params)
+            self._engine_ids[request.request_id] = rid
             added = True
         finally:
             if not added:
@@ -208,8 +216,16 @@ class LocalTextBackend(Backend):
                 if finished:
                     yield Usage(events[-1].prompt_tokens, events[-1].completion_tokens)
         finally:
+            self._engine_ids.pop(request.request_id, None)
             if not finished:  # the client left, or the deadline passed: out of the batch at the next step
                 self.engine.abort(rid)
+
+    def stop_choice(self, request_id: str, index: int) -> bool:
+        """Choice ``index`` drops out of the batch at the engine's next step; the others go on."""
+        rid = self._engine_ids.get(request_id)
+        if rid is not None and self.engine is not None:
+            self.engine.abort(rid, index)
+        return True
 
     def _merge(self, events: list[RequestEvent], logprobs: int | None
                ) -> tuple[list[Delta], BaseException | None, bool]:

@@ -52,6 +52,10 @@ LOCAL_BACKENDS: dict[str, type] = {"text": LocalTextBackend, "embedding": LocalE
 
 
 def build_backend(entry: ModelEntry, settings: Settings, metrics: Metrics) -> Backend:
+    if entry.modality == "moderation":
+        from genserve.app.moderation.backend import build_moderation_backend
+
+        return build_moderation_backend(entry, metrics, entry.timeout_s(settings.request_timeout_s))
     if entry.backend == "remote":
         remote = REMOTE_BACKENDS.get(entry.modality)
         if remote is None:

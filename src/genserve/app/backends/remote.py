@@ -229,6 +229,9 @@ def upstream_body(params: SamplingParams) -> dict[str, Any]:
 
 
 class RemoteTextBackend(RemoteBackend):
+    def stop_choice(self, request_id: str, index: int) -> bool:
+        return False  # OpenAI's API cannot stop one choice of a stream: the caller closes it when done
+
     async def generate(self, request: TextParams) -> AsyncGenerator[TextEvent, None]:
         p = request.params
         body = {"model": self.upstream_model, **upstream_body(p), "stream": True,

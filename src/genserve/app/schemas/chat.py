@@ -95,7 +95,7 @@ class ChatChoice(OpenAIBaseModel):
     index: int
     message: ChatMessageOut
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "content_filter"] | None = None
 
 
 class ChatCompletionResponse(OpenAIBaseModel):

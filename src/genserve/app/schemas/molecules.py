@@ -154,10 +154,13 @@ class MoleculeInterpolationRequest(OpenAIBaseModel):
 class InterpolatedMolecule(OpenAIBaseModel):
     index: int
     t: float = Field(description="position on the path, 0 (start) to 1 (end)")
-    smiles: str | None = Field(description="canonical SMILES; null where the decoder gave no molecule")
-    selfies: str
+    smiles: str | None = Field(description="canonical SMILES; null where the decoder gave no molecule or "
+                               "moderation withheld it")
+    selfies: str = Field(description="the point's SELFIES; empty where moderation withheld it")
     properties: MoleculeProperties | None = None
     svg: str | None = None
+    withheld_by_moderation: bool = Field(False, description="the point decodes to a chemical weapons agent or "
+                                         "precursor (CWC Schedule 1/2, or close to one): nothing of it is shown")
 
 
 class MoleculeInterpolationResponse(OpenAIBaseModel):

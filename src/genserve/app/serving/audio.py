@@ -22,6 +22,7 @@ from genserve.app.backends.base import AudioChunk, MusicBackend, SpeechBackend
 from genserve.app.backends.manager import ModelManager
 from genserve.app.errors import InvalidRequestError
 from genserve.app.metrics import Metrics
+from genserve.app.moderation.service import ModerationService
 from genserve.app.schemas.audio import MusicRequest, SpeechRequest
 from genserve.app.serving.common import Deadline, seed_or_random, unless_disconnected
 from genserve.app.serving.media import FORMATS, OUTPUT_RATE, ChunkEncoder, audio_bytes
@@ -34,8 +35,9 @@ MUSIC_MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "mid": "audio/mid
 
 
 class AudioServing:
-    def __init__(self, manager: ModelManager, metrics: Metrics, settings: Settings) -> None:
-        self.manager, self.metrics, self.settings = manager, metrics, settings
+    def __init__(self, manager: ModelManager, metrics: Metrics, settings: Settings,
+                 moderation: ModerationService) -> None:
+        self.manager, self.metrics, self.settings, self.moderation = manager, metrics, settings, moderation
 
     # speech -----------------------------------------------------------------------------------
     async def speech(self, body: SpeechRequest, raw: Request) -> Response:
@@ -47,6 +49,7 @@ class AudioServing:
         if body.instructions is not None:
             raise InvalidRequestError(f"The model '{body.model}' does not take instructions.",
                                       param="instructions")
+        await self.moderation.check_input(body.model, [("input", body.input)], raw)
         params = SpeechParams(text=body.input, voice=body.voice, speed=body.speed,
                               response_format=body.response_format, seed=body.seed)
         deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
@@ -62,8 +65,9 @@ class AudioServing:
 
     @staticmethod
     async def _checked(chunks: AsyncGenerator[AudioChunk]) -> AsyncGenerator[AudioChunk]:
-        """The one point every chunk of a backend's audio passes before it is encoded: output
-        moderation and provenance marks (watermarks) go here. Today: unchanged."""
+        """The one point every chunk of a backend's audio passes before it is encoded: provenance marks
+        (watermarks) go here. Speech is its checked ``input`` read aloud, and genserve has no audio
+        classifier, so output moderation of audio is the input check (docs/moderation.md)."""
         try:
             async for chunk in chunks:
                 yield chunk

@@ -28,6 +28,7 @@ from genserve.app.backends.base import ImageArtifact, ImageBackend, ImageEvent, 
 from genserve.app.backends.manager import ModelManager
 from genserve.app.errors import GenserveError, InvalidRequestError, NotFoundError, PayloadTooLargeError
 from genserve.app.metrics import Metrics
+from genserve.app.moderation.service import ModerationService
 from genserve.app.schemas.images import (
     IMAGE_TO_IMAGE_STRENGTH,
     DiffusionKnobs,
@@ -38,7 +39,7 @@ from genserve.app.schemas.images import (
     ImagesResponse,
 )
 from genserve.app.serving.common import Deadline, now, seed_or_random, unless_disconnected
-from genserve.app.serving.media import image_bytes
+from genserve.app.serving.media import artifact_pixels, image_bytes
 from genserve.app.settings import Settings
 from genserve.models.params import ImageInterpolationParams, ImageJob, ImageParams
 from genserve.models.seeding import item_seed
@@ -80,8 +81,9 @@ class ImageStore:
 
 
 class ImageServing:
-    def __init__(self, manager: ModelManager, metrics: Metrics, settings: Settings) -> None:
-        self.manager, self.metrics, self.settings = manager, metrics, settings
+    def __init__(self, manager: ModelManager, metrics: Metrics, settings: Settings,
+                 moderation: ModerationService) -> None:
+        self.manager, self.metrics, self.settings, self.moderation = manager, metrics, settings, moderation
         self.store = ImageStore(settings.image_url_ttl_s, settings.image_store_bytes)
 
     # checks ------------------------------------------------------------------------------------
@@ -135,25 +137,42 @@ class ImageServing:
         media = artifacts[0].media_type if artifacts else "image/png"
         return ImagesResponse(created=now(), data=self._data(raw, encoded, media, fmt, [a.seed for a in artifacts]))
 
-    @staticmethod
-    async def _checked(events: AsyncGenerator[ImageEvent]) -> AsyncGenerator[ImageEvent]:
+    async def _checked(self, model: str, raw: Request, events: AsyncGenerator[ImageEvent]
+                       ) -> AsyncGenerator[ImageEvent]:
         """The one point every event of a backend passes before any PNG, GIF, JSON or SSE is made of
-        it: output moderation and provenance marks (C2PA, watermarks) go here. Today: unchanged."""
+        it: output moderation (the policy's image checker, when it names one) and, later, provenance
+        marks. A flagged image blocks the whole response (OpenAI's ``content_policy_violation``): no
+        byte of it is encoded."""
         try:
             async for event in events:
+                if isinstance(event, ImageArtifact):
+                    await self._check_artifact(model, raw, event)
                 yield event
         finally:
             await events.aclose()
 
-    async def _artifacts(self, backend: ImageBackend, events: AsyncGenerator[ImageEvent]) -> list[ImageArtifact]:
+    async def _check_artifact(self, model: str, raw: Request, artifact: ImageArtifact) -> None:
+        if self.moderation.image_checker(self.moderation.policy_for(model)) is None:
+            return
+        frames = await asyncio.to_thread(artifact_pixels, artifact)
+        for v in await self.moderation.check_images(model, frames, raw):
+            if v.blocked:
+                what = ", ".join(v.categories) or "a failed check"
+                raise InvalidRequestError(f"Your request was rejected by genserve's moderation: a generated image "
+                                          f"was flagged ({what}).", param="prompt", code="content_policy_violation")
+
+    async def _artifacts(self, backend: ImageBackend, raw: Request, events: AsyncGenerator[ImageEvent]
+                         ) -> list[ImageArtifact]:
         deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
-        return [e async for e in deadline.stream(self._checked(events)) if isinstance(e, ImageArtifact)]
+        checked = self._checked(backend.entry.id, raw, events)
+        return [e async for e in deadline.stream(checked) if isinstance(e, ImageArtifact)]
 
     # generation -------------------------------------------------------------------------------
     async def generate(self, body: ImageGenerationRequest, raw: Request) -> Any:
         backend = self.manager.get(body.model, "generation", ImageBackend)
         facts = backend.describe()
         jobs = self._jobs(backend, facts, body, body.prompt, body.n, body.size)
+        await self.moderation.check_input(body.model, [("prompt", body.prompt)], raw)
         if body.stream and facts.image_kind == "latent":
             raise InvalidRequestError("stream applies to diffusion models.", param="stream")
         params = ImageParams(jobs=jobs, size=body.size, stream=body.stream)
@@ -161,7 +180,7 @@ class ImageServing:
             # The first event is awaited before any header goes out, so an error that comes first (a
             # full queue, an upstream's 400) is still an HTTP error, as for text.
             deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
-            events = deadline.stream(self._checked(backend.generate(params)))
+            events = deadline.stream(self._checked(body.model, raw, backend.generate(params)))
             try:
                 first = await anext(events)
             except StopAsyncIteration:
@@ -169,7 +188,7 @@ class ImageServing:
             return EventSourceResponse(self._stream(first, events, body, raw), ping=15)
 
         async def run() -> ImagesResponse:
-            artifacts = await self._artifacts(backend, backend.generate(params))
+            artifacts = await self._artifacts(backend, raw, backend.generate(params))
             return await self._respond(raw, body.model, artifacts, body.response_format)
 
         return await unless_disconnected(raw, run())
@@ -205,6 +224,7 @@ class ImageServing:
             raise InvalidRequestError(f"The model '{form.model}' has no image-to-image or inpainting pipeline.",
                                       param="model", code="model_not_supported")
         jobs = self._jobs(backend, facts, form, form.prompt, form.n, form.size)
+        await self.moderation.check_input(form.model, [("prompt", form.prompt)], raw)
         limits = backend.entry.limits
         picture, upload = await self._read_upload(image, "image", limits.max_upload_bytes, limits.max_upload_pixels)
         alpha_from, upload_mask = picture, None
@@ -239,7 +259,7 @@ class ImageServing:
         params = ImageParams(jobs=jobs, size=form.size, upload=upload, upload_mask=upload_mask)
 
         async def run() -> ImagesResponse:
-            artifacts = await self._artifacts(backend, backend.generate(params))
+            artifacts = await self._artifacts(backend, raw, backend.generate(params))
             return await self._respond(raw, form.model, artifacts, form.response_format)
 
         return await unless_disconnected(raw, run())
@@ -269,11 +289,13 @@ class ImageServing:
     # interpolation ----------------------------------------------------------------------------
     async def interpolate(self, body: ImageInterpolationRequest, raw: Request) -> Any:
         backend = self.manager.get(body.model, "interpolation", ImageBackend)
+        if body.class_:
+            await self.moderation.check_input(body.model, [("class", body.class_)], raw)
         params = ImageInterpolationParams(seed_start=body.seed_start, seed_end=body.seed_end, frames=body.frames,
                                           method=body.method, class_name=body.class_, format=body.format)
 
         async def run() -> ImagesResponse:
-            artifacts = await self._artifacts(backend, backend.interpolate(params))
+            artifacts = await self._artifacts(backend, raw, backend.interpolate(params))
             return await self._respond(raw, body.model, artifacts, body.response_format)
 
         return await unless_disconnected(raw, run())

@@ -187,6 +187,23 @@ def image_bytes(artifact: ImageArtifact) -> bytes:
     return png(artifact.pixels)
 
 
+def artifact_pixels(artifact: ImageArtifact) -> list[np.ndarray]:
+    """What an artifact shows, as (H, W, 3) uint8 images: its pixels, its frames, or its bytes decoded (an
+    upstream's PNG or GIF, every frame)."""
+    if artifact.pixels is not None:
+        return [artifact.pixels]
+    if artifact.frames is not None:
+        return list(artifact.frames)
+    if artifact.encoded is None:
+        raise ValueError("an image artifact without pixels, frames or encoded bytes")
+    out = []
+    with Image.open(io.BytesIO(artifact.encoded)) as im:
+        for k in range(getattr(im, "n_frames", 1)):
+            im.seek(k)
+            out.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+    return out
+
+
 # audio ------------------------------------------------------------------------------------------
 class ChunkEncoder:
     """``AudioChunk`` events in, bytes of ``fmt`` out as they come: encoded chunks pass through, sample

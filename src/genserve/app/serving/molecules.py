@@ -9,6 +9,7 @@ and builds the response. Properties describe the caller's own SMILES, with no mo
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -26,6 +27,7 @@ from genserve.app.backends.chemistry import describe_smiles
 from genserve.app.backends.manager import ModelManager
 from genserve.app.errors import InvalidRequestError
 from genserve.app.metrics import Metrics
+from genserve.app.moderation.service import ModerationService
 from genserve.app.schemas.base import UsageInfo
 from genserve.app.schemas.molecules import (
     GeneratedMolecule,
@@ -45,8 +47,9 @@ from genserve.models.params import MoleculeInterpolationParams, MoleculeParams
 
 
 class MoleculeServing:
-    def __init__(self, manager: ModelManager, metrics: Metrics, settings: Settings) -> None:
-        self.manager, self.metrics, self.settings = manager, metrics, settings
+    def __init__(self, manager: ModelManager, metrics: Metrics, settings: Settings,
+                 moderation: ModerationService) -> None:
+        self.manager, self.metrics, self.settings, self.moderation = manager, metrics, settings, moderation
 
     # generation -------------------------------------------------------------------------------
     async def generate(self, body: MoleculeGenerationRequest, raw: Request) -> Any:
@@ -55,6 +58,10 @@ class MoleculeServing:
         if body.max_samples is not None and body.max_samples > cap:
             raise InvalidRequestError(f"max_samples={body.max_samples} exceeds this model's limit of {cap}.",
                                       param="max_samples")
+        c = body.constraints
+        for kind in ("similar_to", "substructure"):
+            if c is not None and (query := getattr(c, kind)) is not None:
+                await asyncio.to_thread(self.moderation.check_molecule_query, body.model, query, kind, raw)
         params = MoleculeParams(
             request_id=request_id(raw), n=body.n, seed=seed_or_random(body.seed), temperature=body.temperature,
             top_k=body.top_k, unique=body.unique, max_samples=body.max_samples or cap,
@@ -65,7 +72,7 @@ class MoleculeServing:
         async def run() -> MoleculeGenerationResponse:
             kept: list[GeneratedMolecule] = []
             stats: MoleculeStats | None = None
-            async for event in deadline.stream(self._checked(backend.generate(params))):
+            async for event in deadline.stream(self._checked(body.model, backend.generate(params))):
                 if isinstance(event, Molecule):
                     kept.append(GeneratedMolecule.model_validate(dataclasses.asdict(event)))
                 else:
@@ -76,12 +83,20 @@ class MoleculeServing:
 
         return await unless_disconnected(raw, run())
 
-    @staticmethod
-    async def _checked(events: AsyncGenerator[MoleculeEvent]) -> AsyncGenerator[MoleculeEvent]:
+    async def _checked(self, model: str, events: AsyncGenerator[MoleculeEvent]) -> AsyncGenerator[MoleculeEvent]:
         """The one point every molecule of a backend passes before the response is made of it: the
-        dual-use gate of moderation goes here (a withheld molecule counts in the stats). Today: unchanged."""
+        dual-use gate. A molecule it hits is withheld (counted in ``stats.withheld_by_moderation``, not
+        replaced by another sample)."""
+        withheld = 0
         try:
             async for event in events:
+                if isinstance(event, Molecule):
+                    if await asyncio.to_thread(self.moderation.molecule_hit, model, event.smiles) is not None:
+                        withheld += 1
+                        continue
+                elif withheld:
+                    event = dataclasses.replace(event, returned=event.returned - withheld,
+                                                withheld_by_moderation=event.withheld_by_moderation + withheld)
                 yield event
         finally:
             await events.aclose()
@@ -106,23 +121,34 @@ class MoleculeServing:
     # interpolation ----------------------------------------------------------------------------
     async def interpolate(self, body: MoleculeInterpolationRequest, raw: Request) -> Any:
         backend = self.manager.get(body.model, "interpolation", MoleculeInterpolationBackend)
+        for param in ("start", "end"):
+            await asyncio.to_thread(self.moderation.check_molecule_query, body.model, getattr(body, param),
+                                    "similar_to", raw, param)
         deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
         params = MoleculeInterpolationParams(start=body.start, end=body.end, steps=body.steps, method=body.method,
                                              include=list(body.include))
 
         async def run() -> MoleculeInterpolationResponse:
-            path = self._checked_path(await deadline.run(backend.interpolate(params)))
+            points = await deadline.run(backend.interpolate(params))
+            path = await asyncio.to_thread(self._checked_path, body.model, points)
             data = [InterpolatedMolecule.model_validate({"index": i, "t": i / (len(path) - 1), "smiles": p.smiles,
                                                          "selfies": p.selfies, "properties": p.properties,
-                                                         "svg": p.svg}) for i, p in enumerate(path)]
+                                                         "svg": p.svg, "withheld_by_moderation": withheld})
+                    for i, (p, withheld) in enumerate(path)]
             return MoleculeInterpolationResponse(created=now(), model=body.model, data=data)
 
         return await unless_disconnected(raw, run())
 
-    @staticmethod
-    def _checked_path(path: list[Molecule]) -> list[Molecule]:
-        """The one point an interpolation's molecules pass before the response (interpolation's ``_checked``)."""
-        return path
+    def _checked_path(self, model: str, path: list[Molecule]) -> list[tuple[Molecule, bool]]:
+        """The one point an interpolation's molecules pass before the response (interpolation's ``_checked``):
+        a point the dual-use gate hits is blanked (no SMILES, SELFIES, properties or depiction)."""
+        out = []
+        for p in path:
+            if self.moderation.molecule_hit(model, p.smiles) is not None:
+                out.append((Molecule(smiles=None, selfies=""), True))
+            else:
+                out.append((p, False))
+        return out
 
 
 def _response(body: MoleculeGenerationRequest, kept: list[GeneratedMolecule],

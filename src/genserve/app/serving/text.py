@@ -27,6 +27,8 @@ from genserve.app.backends.base import Delta, TextBackend, TokenLogprob, Usage
 from genserve.app.backends.manager import ModelManager
 from genserve.app.errors import GenserveError, InvalidRequestError, internal_error
 from genserve.app.metrics import Metrics
+from genserve.app.moderation.gate import Released
+from genserve.app.moderation.service import ModerationService, TextStream
 from genserve.app.schemas.base import UsageInfo
 from genserve.app.schemas.chat import (
     ChatChoice,
@@ -55,7 +57,7 @@ from genserve.app.settings import Settings
 from genserve.models.params import TextParams
 
 SSE_PING_SECONDS = 15
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "content_filter"]
 log = logging.getLogger(__name__)
 
 
@@ -76,6 +78,8 @@ class _Call:
     body: SamplingFields
     backend: TextBackend
     response_id: str
+    requests: list[TextParams] = field(default_factory=list)  # one per prompt, choices numbered i * n + k
+    gate: TextStream | None = None  # output moderation, when the model's policy checks output
     created: int = field(default_factory=now)
     usage: Usage = field(default_factory=lambda: Usage(0, 0))
 
@@ -91,13 +95,16 @@ class _Call:
 
 
 class TextServing:
-    def __init__(self, manager: ModelManager, metrics: Metrics, settings: Settings) -> None:
-        self.manager, self.metrics, self.settings = manager, metrics, settings
+    def __init__(self, manager: ModelManager, metrics: Metrics, settings: Settings,
+                 moderation: ModerationService) -> None:
+        self.manager, self.metrics, self.settings, self.moderation = manager, metrics, settings, moderation
 
     async def completions(self, body: CompletionRequest, raw: Request) -> Any:
         backend = self.manager.get(body.model, "completion", TextBackend)
         prompts = body.prompts()
         self._check_caps(body, backend, len(prompts), body.logprobs, "logprobs")
+        if self.moderation.policy_for(body.model).checks_input:
+            await self.moderation.check_input(body.model, _prompt_texts(prompts, backend), raw)
         params = body.to_sampling_params()
         rid = request_id(raw)
         requests = [TextParams(f"{rid}-{i}", copy.deepcopy(params), prompt=p) for i, p in enumerate(prompts)]
@@ -109,8 +116,11 @@ class TextServing:
         if body.max_completion_tokens and body.max_tokens and body.max_completion_tokens != body.max_tokens:
             raise InvalidRequestError("Give max_completion_tokens or max_tokens, not two different values.",
                                       param="max_completion_tokens")
+        messages = body.chat_messages()
+        await self.moderation.check_input(body.model, [(f"messages[{i}].content", m["content"])
+                                                       for i, m in enumerate(messages) if m["content"]], raw)
         rid = request_id(raw)
-        request = TextParams(rid, body.to_sampling_params(), messages=body.chat_messages())
+        request = TextParams(rid, body.to_sampling_params(), messages=messages)
         return await self._respond(_Call("chat", body, backend, response_id("chatcmpl")), [request], raw)
 
     def _check_caps(self, body: SamplingFields, backend: TextBackend, prompts: int, logprobs: int | None,
@@ -132,6 +142,7 @@ class TextServing:
     # the shared path ---------------------------------------------------------------------------
     async def _respond(self, call: _Call, requests: list[TextParams], raw: Request) -> Any:
         deadline = Deadline.start(call.backend.entry.timeout_s(self.settings.request_timeout_s))
+        call.requests, call.gate = requests, self.moderation.text_stream(call.model, raw)
         events = deadline.stream(self._checked(call, self._metered(call, self._merged(call.backend, requests,
                                                                                     call.body.n))))
         if not call.body.stream:
@@ -194,12 +205,52 @@ class TextServing:
 
     async def _checked(self, call: _Call, events: AsyncGenerator[Delta | Usage]) -> AsyncGenerator[Delta | Usage]:
         """The one point every backend event passes before any JSON or SSE is made of it: output
-        moderation (with its hold-back window) and provenance marks go here. Today: unchanged."""
+        moderation. Each choice's text goes through its hold-back gate (``moderation.gate``): only
+        checked text comes out; a blocked choice ends with ``finish_reason: "content_filter"``, nothing
+        of its held text released, and its generation stops (the engine drops that sequence at its next
+        step; an upstream stream is closed once no choice is wanted)."""
+        gate = call.gate
         try:
+            if gate is None:
+                async for event in events:
+                    yield event
+                return
+            open_choices = set(range(call.body.n * len(call.requests)))
+            tokens = 0
             async for event in events:
-                yield event
+                if isinstance(event, Usage):
+                    yield event
+                    return
+                i = event.index
+                if gate.is_blocked(i):
+                    continue
+                tokens += event.num_tokens
+                out = None
+                if event.text or event.logprobs:
+                    out = await gate.feed(i, event.text, event.logprobs, event.num_tokens)
+                if not gate.is_blocked(i) and event.finish_reason:
+                    tail = await gate.finish(i)
+                    if tail is not None:
+                        out = _joined(out, tail)
+                if gate.is_blocked(i):
+                    open_choices.discard(i)
+                    yield Delta(i, "", finish_reason="content_filter", num_tokens=0)
+                    if not self._stop_choice(call, i) and not open_choices:
+                        yield Usage(0, tokens)  # the upstream's own count is lost with its stream
+                        return
+                    continue
+                if out is not None and (out.text or out.logprobs or event.finish_reason):
+                    yield Delta(i, out.text, out.logprobs if event.logprobs is not None else None,
+                                event.finish_reason, num_tokens=out.num_tokens)
+                if event.finish_reason:
+                    open_choices.discard(i)
         finally:
             await events.aclose()
+
+    def _stop_choice(self, call: _Call, index: int) -> bool:
+        n = call.body.n
+        request = call.requests[index // n]
+        return call.backend.stop_choice(request.request_id, index % n)
 
     async def _metered(self, call: _Call, events: AsyncGenerator[Delta | Usage]) -> AsyncGenerator[Delta | Usage]:
         """Time to first token, inter-token latency and end-to-end latency for every backend; tokens
@@ -239,6 +290,11 @@ class TextServing:
             with contextlib.suppress(Exception):
                 await events.aclose()
 
+    def _released(self, call: _Call, text: str) -> None:
+        """Counts moderated output as it reaches the wire: against the checked count, the coverage."""
+        if call.gate is not None and text:
+            self.metrics.moderation_chars.labels(call.model, "released").inc(len(text))
+
     # non-streaming -----------------------------------------------------------------------------
     async def _collect(self, call: _Call, events: AsyncGenerator[Delta | Usage]) -> Any:
         choices: dict[int, _Choice] = {}
@@ -246,6 +302,7 @@ class TextServing:
             if isinstance(event, Delta):
                 c = choices.setdefault(event.index, _Choice())
                 c.text += event.text
+                self._released(call, event.text)
                 c.logprobs.extend(event.logprobs or [])
                 # backends report the engine's or an OpenAI upstream's reasons: stop or length
                 c.finish_reason = cast(FinishReason | None, event.finish_reason) or c.finish_reason
@@ -277,6 +334,7 @@ class TextServing:
             async for event in _chain(pending, events):
                 if isinstance(event, Usage):
                     continue
+                self._released(call, event.text)
                 for choice in _stream_choices(call, event, offsets):
                     yield chunk([choice])
             if include_usage:
@@ -289,6 +347,29 @@ class TextServing:
         finally:
             await events.aclose()
         yield "[DONE]"
+
+
+def _prompt_texts(prompts: list, backend: TextBackend) -> list[tuple[str, str]]:
+    """The prompts to moderate, each with its parameter; token-id prompts as the model's tokenizer reads
+    them (a backend that cannot decode them gets them refused while input moderation is on)."""
+    out = []
+    for i, p in enumerate(prompts):
+        param = f"prompt[{i}]" if len(prompts) > 1 else "prompt"
+        if isinstance(p, str):
+            out.append((param, p))
+            continue
+        decode = getattr(backend, "decode", None)
+        if decode is None:
+            raise InvalidRequestError("Token-id prompts cannot be moderated for this model; send text.", param=param,
+                                      code="content_policy_violation")
+        out.append((param, decode(p)))
+    return out
+
+
+def _joined(a: Released | None, b: Released) -> Released:
+    if a is None:
+        return b
+    return Released(a.text + b.text, a.logprobs + b.logprobs, a.num_tokens + b.num_tokens)
 
 
 async def _chain(first: list, rest: AsyncIterator) -> AsyncIterator:

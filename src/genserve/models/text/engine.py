@@ -163,7 +163,8 @@ class LLMEngine:
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
         self._inbox: list[_Request] = []
-        self._aborts: set[str] = set()
+        self._aborts: set[tuple[str, int | None]] = set()  # (request, sequence or None for all)
+        self.stopped_sequences = 0  # sequences stopped alone (abort with an index), for tests and metrics
         self._fail_waiting: BaseException | None = None
         self._requests: dict[str, _Request] = {}
         self._lock = threading.Lock()  # guards the inbox: requests may come from other threads
@@ -199,10 +200,11 @@ class LLMEngine:
         with self._lock:
             self._inbox.append(req)
 
-    def abort(self, request_id: str) -> None:
-        """Removes the request at the next step; its KV blocks are free from then on."""
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Removes the request (or only its sequence ``index``) at the next step; the KV blocks are free
+        from then on. A request whose last running sequence is stopped finishes at that step."""
         with self._lock:
-            self._aborts.add(request_id)
+            self._aborts.add((request_id, index))
 
     def fail_waiting(self, error: BaseException) -> None:
         """Fails, at the next step, every request that has not started (shutdown: running ones finish)."""
@@ -246,12 +248,32 @@ class LLMEngine:
         for req in new:
             self._requests[req.request_id] = req
             self.waiting.extend(req.seqs)
-        for rid in aborts:
-            if (req := self._requests.get(rid)) is not None:
+        for rid, index in aborts:
+            if (req := self._requests.get(rid)) is None:
+                continue
+            if index is None:
                 self._drop(req, RequestEvent([], finished=True, aborted=True))
+            elif 0 <= index < len(req.seqs):
+                self._stop_sequence(req.seqs[index])
         if fail is not None:
             for req in [r for r in self._requests.values() if r.first_scheduled is None]:
                 self._drop(req, RequestEvent([], finished=True, error=fail))
+
+    def _stop_sequence(self, seq: _Sequence) -> None:
+        """One sequence of a request stops where it is (its caller stopped wanting it); the others go on."""
+        if seq.state.done:
+            return
+        seq.state.done = True
+        self.stopped_sequences += 1
+        self.allocator.free(seq.blocks)
+        seq.blocks = []
+        self.running = [s for s in self.running if s is not seq]
+        self.waiting = deque(s for s in self.waiting if s is not seq)
+        req = seq.request
+        if req.done:
+            self._requests.pop(req.request_id, None)
+            req.callback(RequestEvent([], finished=True, prompt_tokens=len(req.prompt_ids),
+                                      completion_tokens=sum(len(s.state.output_ids) for s in req.seqs)))
 
     def fail_all(self, error: BaseException) -> None:
         """After a failed step (on the engine's thread): every request gets ``error``; the engine is empty."""

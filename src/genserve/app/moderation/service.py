@@ -1,0 +1,356 @@
+"""What serving calls: one ``ModerationService`` per app, one resolved ``Policy`` per model.
+
+- ``check_input(model, items, raw)``: the request's texts (each with the parameter it came from); a
+  block is a 400 ``content_policy_violation`` naming the parameter, a failed classifier a 503
+  ``moderation_unavailable`` (unless the policy fails open).
+- ``text_gates(model, raw)``: the output side of text, one ``HoldBack`` per choice, driven by
+  ``TextStream.feed``/``finish``.
+- ``check_images`` and ``molecule_hit`` / ``check_molecule_query``: the output checks of images and the
+  dual-use gate of molecules.
+
+Every check is metered (``genserve_moderation_*``) and every flag written as one JSON line to the
+``genserve.moderation.audit`` logger (the text itself only when the policy says ``log_content``).
+Classifiers run in a small thread pool with the policy's deadline; they are built once per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from fastapi import Request
+
+from genserve.app.backends.base import ModerationBackend
+from genserve.app.errors import InvalidRequestError, UnavailableError
+from genserve.app.metrics import Metrics
+from genserve.app.moderation.base import ImageClassifier, TextClassifier
+from genserve.app.moderation.categories import full_scores, merge_scores
+from genserve.app.moderation.gate import HoldBack, Released, Span
+from genserve.app.moderation.policy import Policy
+from genserve.app.moderation.text import TermMatcher
+from genserve.app.registry import ModelEntry
+from genserve.models.params import ModerationParams
+
+if TYPE_CHECKING:
+    from genserve.app.backends.manager import ModelManager
+    from genserve.app.moderation.molecules import DualUseGate, DualUseHit
+
+Direction = Literal["input", "output"]
+audit = logging.getLogger("genserve.moderation.audit")
+log = logging.getLogger(__name__)
+
+
+class ModerationFailed(RuntimeError):
+    """A classifier raised or ran past the policy's deadline."""
+
+
+@dataclass
+class Verdict:
+    scores: dict[str, float]
+    categories: list[str]  # at or above the policy's thresholds
+    term: str | None = None  # the blocked term that matched
+    blocked: bool = False  # flagged and the policy blocks
+    error: str | None = None  # the check failed (blocked when the policy fails closed)
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.categories or self.term)
+
+
+class ModerationService:
+    def __init__(self, policy: Policy, entries: list[ModelEntry], metrics: Metrics,
+                 manager: ModelManager | None = None) -> None:
+        self.policy = policy
+        self.metrics, self.manager = metrics, manager
+        self._policies = {e.id: policy.stricter(e.moderation) for e in entries}
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="moderation")
+        self._terms: dict[tuple[str, ...], TermMatcher] = {}
+        self._image_checkers: dict[Path, ImageClassifier] = {}
+
+    def policy_for(self, model: str) -> Policy:
+        return self._policies.get(model, self.policy)
+
+    @cached_property
+    def tiers(self) -> tuple[TextClassifier, ...]:
+        from genserve.app.moderation.backend import shared_text_tiers
+
+        return shared_text_tiers()
+
+    @cached_property
+    def dual_use(self) -> DualUseGate:
+        from genserve.app.moderation.molecules import DualUseGate
+
+        return DualUseGate()
+
+    def warm_up(self) -> None:
+        """Builds the classifiers before the first request needs them (start-up, in a worker thread)."""
+        if any(p.checks_input or p.checks_output for p in self._policies.values()):
+            for tier in self.tiers:
+                tier.scores("warm up")
+        if any(p.dual_use for p in self._policies.values()):
+            self.dual_use.check("CCO")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # text -------------------------------------------------------------------------------------
+    def _matcher(self, policy: Policy) -> TermMatcher:
+        m = self._terms.get(policy.blocked_terms)
+        if m is None:
+            m = self._terms[policy.blocked_terms] = TermMatcher(list(policy.blocked_terms))
+        return m
+
+    def classify_sync(self, text: str, policy: Policy, tiers: Sequence[TextClassifier] | None = None) -> Verdict:
+        """Every tier's scores of ``text`` against ``policy`` (in the calling thread)."""
+        match = self._matcher(policy).find(text)
+        scores = full_scores(merge_scores(*(t.scores(text) for t in (self.tiers if tiers is None else tiers))))
+        cats = [c for c, s in scores.items() if s >= policy.threshold(c)]
+        v = Verdict(scores, cats, match.term if match else None)
+        v.blocked = v.flagged and policy.action == "block"
+        return v
+
+    async def classify(self, text: str, policy: Policy) -> Verdict:
+        """``classify_sync`` in the pool with the policy's deadline; a failure is a Verdict with ``error``
+        (blocked when the policy fails closed)."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(self._pool, self.classify_sync, text, policy),
+                                          policy.timeout_s)
+        except Exception as exc:  # a classifier's bug or its deadline: never a reason to let text through
+            reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+            log.error("moderation check failed: %s", reason)
+            return Verdict({}, [], error=reason, blocked=policy.on_error == "fail_closed")
+
+    async def check(self, model: str, direction: Direction, text: str, raw: Request | None,
+                    policy: Policy | None = None) -> Verdict:
+        """One metered, audited check of ``text``."""
+        policy = policy or self.policy_for(model)
+        m = self.metrics
+        start = time.perf_counter()
+        v = await self.classify(text, policy)
+        m.moderation_check_seconds.labels(direction).observe(time.perf_counter() - start)
+        m.moderation_checks.labels(model, direction).inc()
+        if v.error is not None:
+            m.moderation_failures.labels(model, direction, policy.on_error).inc()
+        elif v.flagged:
+            self._record(model, direction, v, policy, text, raw)
+        return v
+
+    def _record(self, model: str, direction: Direction, v: Verdict, policy: Policy, text: str,
+                raw: Request | None) -> None:
+        action = "blocked" if v.blocked else "flagged"
+        for cat in v.categories or ["blocked_term"]:
+            self.metrics.moderation_flags.labels(model, direction, cat, action).inc()
+        state = raw.scope.get("state", {}) if raw is not None else {}
+        line = {"event": "moderation_flag", "request_id": state.get("request_id"), "key_id": state.get("key_id"),
+                "model": model, "direction": direction, "action": action, "categories": v.categories,
+                "term": v.term is not None,
+                "scores": {c: round(s, 4) for c, s in v.scores.items() if s > 0}}
+        if policy.log_content:
+            line["content"] = text
+        audit.info(json.dumps(line, ensure_ascii=False))
+
+    async def check_input(self, model: str, items: list[tuple[str, str]], raw: Request | None) -> None:
+        """400 ``content_policy_violation`` naming the first flagged parameter; 503 when a check failed and
+        the policy fails closed. ``items``: (parameter, text)."""
+        policy = self.policy_for(model)
+        if not policy.checks_input or not items:
+            return
+        verdicts = await asyncio.gather(*(self.check(model, "input", text, raw, policy) for _, text in items))
+        for v in verdicts:
+            if v.error is not None and v.blocked:
+                raise UnavailableError("Moderation is unavailable, and this model's policy refuses what it "
+                                       "cannot check; retry shortly.", code="moderation_unavailable",
+                                       headers={"Retry-After": "5"})
+        for (param, _), v in zip(items, verdicts, strict=True):
+            if v.blocked:
+                raise content_policy_violation(param, v)
+        if policy.guard_model:
+            await self._guard_input(model, policy, items, raw)
+
+    async def _guard_input(self, model: str, policy: Policy, items: list[tuple[str, str]],
+                           raw: Request | None) -> None:
+        """The policy's guard model (a moderation model of the registry) on the inputs, after the tiers."""
+        if self.manager is None:
+            raise UnavailableError("No guard model is reachable.", code="moderation_unavailable")
+        try:
+            guard = self.manager.get(policy.guard_model or "", "moderation", ModerationBackend)
+            results = await asyncio.wait_for(guard.classify(ModerationParams(texts=[t for _, t in items])),
+                                             policy.timeout_s * 4)
+        except Exception as exc:
+            self.metrics.moderation_failures.labels(model, "input", policy.on_error).inc()
+            if policy.on_error == "fail_closed":
+                raise UnavailableError(f"The guard model '{policy.guard_model}' failed ({type(exc).__name__}); "
+                                       "retry shortly.", code="moderation_unavailable",
+                                       headers={"Retry-After": "5"}) from exc
+            return
+        for (param, text), r in zip(items, results, strict=True):
+            v = self.verdict(r.category_scores, policy)
+            if v.flagged:
+                self._record(model, "input", v, policy, text, raw)
+            if v.blocked:
+                raise content_policy_violation(param, v)
+
+    @staticmethod
+    def verdict(scores: dict[str, float], policy: Policy) -> Verdict:
+        """``scores`` (any categories) judged by ``policy``'s thresholds and action."""
+        full = full_scores(scores)
+        cats = [c for c, s in full.items() if s >= policy.threshold(c)]
+        return Verdict(full, cats, blocked=bool(cats) and policy.action == "block")
+
+    def text_stream(self, model: str, raw: Request | None) -> TextStream | None:
+        """The output gate of one text call, or None when the model's output is not moderated."""
+        policy = self.policy_for(model)
+        return TextStream(self, model, policy, raw) if policy.checks_output else None
+
+    # images -----------------------------------------------------------------------------------
+    def image_checker(self, policy: Policy) -> ImageClassifier | None:
+        if policy.image_checker is None or not policy.checks_output:
+            return None
+        checker = self._image_checkers.get(policy.image_checker)
+        if checker is None:
+            from genserve.app.moderation.images import SafetyChecker
+
+            checker = self._image_checkers[policy.image_checker] = SafetyChecker.from_dir(policy.image_checker)
+        return checker
+
+    async def check_images(self, model: str, images: list[np.ndarray], raw: Request | None) -> list[Verdict]:
+        """The image checker's verdict on each (H, W, 3) uint8 image; empty verdicts without a checker."""
+        policy = self.policy_for(model)
+        checker = self.image_checker(policy)
+        if checker is None or not images:
+            return [Verdict({}, []) for _ in images]
+        m = self.metrics
+        start = time.perf_counter()
+        try:
+            batch = stack_images(images)
+            loop = asyncio.get_running_loop()
+            scores = await asyncio.wait_for(loop.run_in_executor(self._pool, checker.scores, batch),
+                                            policy.timeout_s * 4)
+        except Exception as exc:
+            log.error("image moderation failed: %s", exc)
+            m.moderation_failures.labels(model, "output", policy.on_error).inc()
+            return [Verdict({}, [], error=str(exc), blocked=policy.on_error == "fail_closed") for _ in images]
+        m.moderation_check_seconds.labels("output").observe(time.perf_counter() - start)
+        out = []
+        for s in scores:
+            v = self.verdict(s, policy)
+            m.moderation_checks.labels(model, "output").inc()
+            if v.flagged:
+                self._record(model, "output", v, policy, "<image>", raw)
+            out.append(v)
+        return out
+
+    # molecules --------------------------------------------------------------------------------
+    def molecule_hit(self, model: str, smiles: str | None) -> DualUseHit | None:
+        """The dual-use gate's hit for a generated molecule (None: it may go out)."""
+        if smiles is None or not self.policy_for(model).dual_use:
+            return None
+        self.metrics.moderation_checks.labels(model, "output").inc()
+        hit = self.dual_use.check(smiles)
+        if hit is not None:
+            self.metrics.moderation_flags.labels(model, "output", "dual_use", "blocked").inc()
+            audit.info(json.dumps({"event": "moderation_flag", "model": model, "direction": "output",
+                                   "action": "blocked", "categories": ["dual_use"], "agent": hit.agent,
+                                   "reason": hit.reason, "similarity": round(hit.similarity, 3)}))
+        return hit
+
+    def check_molecule_query(self, model: str, query: str, kind: Literal["similar_to", "substructure"],
+                             raw: Request | None, param: str | None = None) -> None:
+        """400 ``content_policy_violation`` when a request's molecule (a constraint, an interpolation's end)
+        targets a scheduled agent. ``param``: the field (default ``constraints.<kind>``)."""
+        policy = self.policy_for(model)
+        param = param or f"constraints.{kind}"
+        if not policy.dual_use:
+            return
+        self.metrics.moderation_checks.labels(model, "input").inc()
+        hit = self.dual_use.check_query(query, kind)
+        if hit is None:
+            return
+        self.metrics.moderation_flags.labels(model, "input", "dual_use", "blocked").inc()
+        state = raw.scope.get("state", {}) if raw is not None else {}
+        audit.info(json.dumps({"event": "moderation_flag", "request_id": state.get("request_id"),
+                               "key_id": state.get("key_id"), "model": model, "direction": "input",
+                               "action": "blocked", "categories": ["dual_use"], "agent": hit.agent}))
+        raise InvalidRequestError(f"Your request was rejected by genserve's moderation: {param} targets a "
+                                  "chemical weapons agent or precursor (CWC Schedule 1/2).",
+                                  param=param, code="content_policy_violation")
+
+
+def content_policy_violation(param: str, v: Verdict) -> InvalidRequestError:
+    what = ", ".join(v.categories) if v.categories else "a blocked term"
+    return InvalidRequestError(f"Your request was rejected by genserve's moderation: {param} was flagged "
+                               f"({what}).", param=param, code="content_policy_violation")
+
+
+def stack_images(images: list[np.ndarray]) -> np.ndarray:
+    shapes = {im.shape for im in images}
+    if len(shapes) == 1:
+        return np.stack(images)
+    h = max(im.shape[0] for im in images)
+    w = max(im.shape[1] for im in images)
+    out = np.zeros((len(images), h, w, 3), dtype=np.uint8)
+    for i, im in enumerate(images):
+        out[i, : im.shape[0], : im.shape[1]] = im
+    return out
+
+
+@dataclass
+class _Choice:
+    gate: HoldBack
+    blocked: bool = False
+
+
+@dataclass
+class TextStream:
+    """The output gate of one text call: one hold-back per choice. ``feed`` takes a choice's new text and
+    returns what may go out (or None: held, or the choice was blocked: see ``blocked``)."""
+
+    service: ModerationService
+    model: str
+    policy: Policy
+    raw: Request | None
+    choices: dict[int, _Choice] = field(default_factory=dict)
+
+    def _choice(self, index: int) -> _Choice:
+        c = self.choices.get(index)
+        if c is None:
+            c = self.choices[index] = _Choice(HoldBack(self.policy.holdback_chars))
+        return c
+
+    def is_blocked(self, index: int) -> bool:
+        c = self.choices.get(index)
+        return c is not None and c.blocked
+
+    async def feed(self, index: int, text: str, logprobs: list | None, num_tokens: int) -> Released | None:
+        c = self._choice(index)
+        if c.blocked:
+            return None
+        c.gate.push(text, logprobs, num_tokens)
+        return await self._pass(c, c.gate.pending())
+
+    async def finish(self, index: int) -> Released | None:
+        """The choice ended: its whole tail checked; what remains goes out, or None if blocked."""
+        c = self._choice(index)
+        if c.blocked:
+            return None
+        return await self._pass(c, c.gate.final())
+
+    async def _pass(self, c: _Choice, span: Span) -> Released | None:
+        v = await self.service.check(self.model, "output", span.text, self.raw, self.policy)
+        if v.blocked:
+            c.blocked = True
+            return None
+        out = c.gate.release(span)
+        m = self.service.metrics
+        m.moderation_chars.labels(self.model, "checked").inc(len(out.text))
+        return out
