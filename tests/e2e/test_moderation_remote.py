@@ -1,6 +1,7 @@
 """Output moderation in front of a ``remote`` upstream that streams one character (or a few) per chunk.
 
-The upstream stands in for vLLM: it streams the text the test asks for (the prompt is a JSON script),
+The upstream stands in for vLLM: it streams the text the test asks for (the prompt is a JSON script in
+base64),
 ``chunk`` characters per SSE event, interleaving ``n`` choices, and records whether each stream was
 read to its end or closed early. A blocked phrase is placed at every position of the text; the
 client must never receive a character of it, the choice ends with ``content_filter``, and once no
@@ -10,6 +11,7 @@ choice is wanted the gateway closes the upstream stream (the upstream request is
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import threading
 import time
@@ -40,7 +42,7 @@ class Upstream:
 
     async def completions(self, request: Request) -> StreamingResponse:
         body = await request.json()
-        script = json.loads(body["prompt"])
+        script = json.loads(base64.b64decode(body["prompt"]))
         texts, size = script["texts"], script["chunk"]
         slot = len(self.finished)
         self.finished.append(False)
@@ -96,7 +98,9 @@ models:
 
 def complete(gw: Server, texts: list[str], chunk: int, stream: bool) -> tuple[dict[int, str], dict[int, str]]:
     """The text and finish reason of each choice, as the client saw them."""
-    body = {"model": "script", "prompt": json.dumps({"texts": texts, "chunk": chunk}), "n": len(texts),
+    # base64, or input moderation would refuse the prompt that carries the phrase
+    script = base64.b64encode(json.dumps({"texts": texts, "chunk": chunk}).encode()).decode()
+    body = {"model": "script", "prompt": script, "n": len(texts),
             "max_tokens": 1000, "stream": stream}
     headers = {"Authorization": f"Bearer {API_KEY}"}
     text: dict[int, str] = {}
@@ -136,10 +140,12 @@ def test_a_phrase_at_every_position_never_reaches_the_client(gateway: Server, up
     leaked = blocked = 0
     positions = range(0, len(BASE) + 1, 1 if stream else 3)
     for p in positions:
-        text = BASE[:p] + PHRASE + BASE[p:] + CLEAN * 2  # the upstream is still streaming when the gate blocks
+        # a long tail (seconds of upstream time at a character a millisecond), so that an upstream still
+        # streaming when the gate blocks shows whether the gateway stopped its request
+        text = BASE[:p] + " " + PHRASE + " " + BASE[p:] + CLEAN * 25
         before = len(up.finished)
         got, finish = complete(gateway, [text], 1, stream)
-        leaked += len(got.get(0, "")) > p  # a character of the phrase (or anything after it) went out
+        leaked += len(got.get(0, "")) > p + 1  # a character of the phrase (or anything after it) went out
         blocked += finish.get(0) == "content_filter"
         assert text.startswith(got.get(0, ""))
         assert wait_for(lambda b=before: len(up.finished) > b)
@@ -152,9 +158,9 @@ def test_a_phrase_at_every_position_never_reaches_the_client(gateway: Server, up
 def test_n2_moderates_each_choice_alone(gateway: Server, chunk: int) -> None:
     leaked = 0
     for p in range(0, 40, 3):
-        bad = CLEAN[:p] + PHRASE + CLEAN[p:]
+        bad = CLEAN[:p] + " " + PHRASE + " " + CLEAN[p:]
         got, finish = complete(gateway, [bad, CLEAN], chunk, stream=True)
-        leaked += len(got.get(0, "")) > p
+        leaked += len(got.get(0, "")) > p + 1
         assert finish == {0: "content_filter", 1: "stop"}
         assert got[1] == CLEAN  # the clean choice is delivered whole
     assert leaked == 0

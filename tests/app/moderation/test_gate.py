@@ -52,8 +52,8 @@ def splits(text: str) -> list[list[str]]:
 @pytest.mark.parametrize("place", [0, 7, len(BENIGN) - 1, len(BENIGN)], ids=lambda p: f"at{p}")
 def test_a_blocked_term_never_leaves_at_any_split(place: int) -> None:
     svc = service()
-    text = BENIGN[:place] + TERM + BENIGN[place:] + BENIGN
-    start = place
+    text = BENIGN[:place] + " " + TERM + " " + BENIGN[place:] + BENIGN
+    start = place + 1
     leaks = 0
     for chunks in splits(text):
         released, blocked = asyncio.run(drive(svc, chunks))
@@ -64,11 +64,11 @@ def test_a_blocked_term_never_leaves_at_any_split(place: int) -> None:
 
 
 @pytest.mark.parametrize("disguise", [
-    "PURPLE   WALRUS", "purp\u200ble wal\u200drus", "ｐｕｒｐｌｅ ｗａｌｒｕｓ", "purp1e wa1rus", "Purple,  walrus",
+    "PURPLE   WALRUS", "purp\u200ble wal\u200drus", "ｐｕｒｐｌｅ ｗａｌｒｕｓ", "purp|e wa|rus", "Purple, walrus",
 ], ids=["case-space", "zero-width", "fullwidth", "leet", "punct"])
 def test_disguised_terms_are_held_too(disguise: str) -> None:
     svc = service()
-    text = BENIGN + disguise + BENIGN
+    text = BENIGN + disguise + " " + BENIGN
     for chunks in splits(text)[:: max(1, len(text) // 60)]:
         released, blocked = asyncio.run(drive(svc, chunks))
         assert blocked, chunks

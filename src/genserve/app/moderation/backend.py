@@ -51,7 +51,7 @@ class TieredModerationBackend(Backend):
         self.tiers: tuple[TextClassifier, ...] = ()
         self.image_checker: ImageClassifier | None = None
         patch = entry.moderation
-        self.thresholds: dict[str, float] = dict(patch.thresholds or {}) if patch else {}
+        self.thresholds: dict[str, float] = {c: t for c, t in ((patch.thresholds or {}) if patch else {}).items()}
 
     def setup(self) -> None:
         self.tiers = shared_text_tiers()
@@ -98,7 +98,7 @@ class GuardModerationBackend(Backend):
         super().__init__(entry)
         self.text = text
         patch = entry.moderation
-        self.thresholds: dict[str, float] = dict(patch.thresholds or {}) if patch else {}
+        self.thresholds: dict[str, float] = {c: t for c, t in ((patch.thresholds or {}) if patch else {}).items()}
 
     def setup(self) -> None:
         self.text.setup()
@@ -130,7 +130,7 @@ class GuardModerationBackend(Backend):
 
             raise InvalidRequestError(f"The moderation model '{self.entry.id}' classifies text only.",
                                       param="input")
-        verdicts = await GuardClassifier(self.text).classify(params.texts)  # type: ignore[arg-type]
+        verdicts = await GuardClassifier(self.text).classify(params.texts)
         return [_result(v.scores, self.thresholds, "text") for v in verdicts]
 
 

@@ -20,7 +20,7 @@ PARENT: dict[str, str] = {c: c.split("/")[0] for c in CATEGORIES if "/" in c}
 
 def full_scores(partial: dict[str, float]) -> dict[str, float]:
     """Every category's score (0 where no classifier said anything), parents at least their children's."""
-    out = {c: 0.0 for c in CATEGORIES}
+    out: dict[str, float] = {c: 0.0 for c in CATEGORIES}
     for c, s in partial.items():
         if c not in out:
             raise ValueError(f"unknown moderation category {c!r}")

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 
 from genserve.app.moderation.text import normalize
 
-
 _PARTIAL_WORD = re.compile(r"\w+\Z")
 
 

@@ -72,6 +72,7 @@ class ModerationService:
         self.policy = policy
         self.metrics, self.manager = metrics, manager
         self._policies = {e.id: policy.stricter(e.moderation) for e in entries}
+        self._molecule_models = {e.id for e in entries if e.modality == "molecule"}
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="moderation")
         self._terms: dict[tuple[str, ...], TermMatcher] = {}
         self._image_checkers: dict[Path, ImageClassifier] = {}
@@ -96,7 +97,7 @@ class ModerationService:
         if any(p.checks_input or p.checks_output for p in self._policies.values()):
             for tier in self.tiers:
                 tier.scores("warm up")
-        if any(p.dual_use for p in self._policies.values()):
+        if any(self._policies[m].dual_use for m in self._molecule_models):
             self.dual_use.check("CCO")
 
     def close(self) -> None:

@@ -214,6 +214,9 @@ def normalize(text: str) -> tuple[str, list[int]]:
 # --------------------------------------------------------------------------------------------------
 
 
+MAX_SEPARATORS = 3  # between the words of a literal term: "kill, you" and "kill - you" match "kill you"
+
+
 class TermMatch(NamedTuple):
     """A blocked term found in a text: ``start``/``end`` index the ORIGINAL text (end exclusive)."""
 
@@ -223,9 +226,11 @@ class TermMatch(NamedTuple):
 
 
 def _literal_pattern(norm: str) -> str:
-    """A normalised literal phrase as a regex: whitespace matches any run of whitespace/punctuation, and
-    the phrase's ends are word boundaries where the phrase itself starts/ends with a word character."""
-    body = r"[\W_]+".join(re.escape(tok) for tok in norm.split())
+    """A normalised literal phrase as a regex: whitespace matches a run of up to ``MAX_SEPARATORS``
+    whitespace/punctuation characters (bounded, so that a match is never longer than the stream
+    hold-back window: ``TermMatcher.max_literal_len``), and the phrase's ends are word boundaries where
+    the phrase itself starts/ends with a word character."""
+    body = rf"[\W_]{{1,{MAX_SEPARATORS}}}".join(re.escape(tok) for tok in norm.split())
     head = r"(?<!\w)" if re.match(r"\w", norm[0]) and norm[0] != "_" else ""
     tail = r"(?!\w)" if re.match(r"\w", norm[-1]) and norm[-1] != "_" else ""
     return head + body + tail
@@ -259,8 +264,9 @@ class TermMatcher:
                 if not norm:
                     raise ValueError(f"blocked term {term!r} is empty once normalised")
                 literals.append((term, _literal_pattern(norm)))
-                # The span it can match is at least this long (more with extra separators).
-                self.max_literal_len = max(self.max_literal_len, len(norm), len(term.strip()))
+                # The longest normalised span it can match: each gap between words at its widest.
+                gaps = len(norm.split()) - 1
+                self.max_literal_len = max(self.max_literal_len, len(norm) + gaps * (MAX_SEPARATORS - 1))
         self._literal_terms = [t for t, _ in literals]
         self._literal: re.Pattern[str] | None = None
         if literals:
