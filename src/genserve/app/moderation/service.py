@@ -110,21 +110,29 @@ class ModerationService:
             m = self._terms[policy.blocked_terms] = TermMatcher(list(policy.blocked_terms))
         return m
 
-    def classify_sync(self, text: str, policy: Policy, tiers: Sequence[TextClassifier] | None = None) -> Verdict:
-        """Every tier's scores of ``text`` against ``policy`` (in the calling thread)."""
+    def classify_sync(self, text: str, policy: Policy) -> Verdict:
+        """Every check of ``text`` against ``policy``, in the calling thread: blocked terms, then the tiers."""
+        return self._term_verdict(text, policy) or self._tier_verdict(text, policy)
+
+    def _term_verdict(self, text: str, policy: Policy) -> Verdict | None:
         match = self._matcher(policy).find(text)
-        scores = full_scores(merge_scores(*(t.scores(text) for t in (self.tiers if tiers is None else tiers))))
-        cats = [c for c, s in scores.items() if s >= policy.threshold(c)]
-        v = Verdict(scores, cats, match.term if match else None)
-        v.blocked = v.flagged and policy.action == "block"
-        return v
+        if match is None:
+            return None
+        return Verdict({}, [], match.term, blocked=policy.action == "block")
+
+    def _tier_verdict(self, text: str, policy: Policy) -> Verdict:
+        scores = full_scores(merge_scores(*(t.scores(text) for t in self.tiers)))
+        return self.verdict(scores, policy)
 
     async def classify(self, text: str, policy: Policy) -> Verdict:
-        """``classify_sync`` in the pool with the policy's deadline; a failure is a Verdict with ``error``
+        """``classify_sync`` with the policy's deadline: blocked terms on the event loop (microseconds, so a
+        stream that writes one stops at once), the tiers in the pool. A failure is a Verdict with ``error``
         (blocked when the policy fails closed)."""
         loop = asyncio.get_running_loop()
         try:
-            return await asyncio.wait_for(loop.run_in_executor(self._pool, self.classify_sync, text, policy),
+            if (v := self._term_verdict(text, policy)) is not None:
+                return v
+            return await asyncio.wait_for(loop.run_in_executor(self._pool, self._tier_verdict, text, policy),
                                           policy.timeout_s)
         except Exception as exc:  # a classifier's bug or its deadline: never a reason to let text through
             reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
