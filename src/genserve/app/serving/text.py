@@ -218,9 +218,9 @@ class TextServing:
             open_choices = set(range(call.body.n * len(call.requests)))
             tokens = 0
             async for event in events:
-                if isinstance(event, Usage):
+                if isinstance(event, Usage):  # the last event: the stream ends by itself after it
                     yield event
-                    return
+                    continue
                 i = event.index
                 if gate.is_blocked(i):
                     continue
