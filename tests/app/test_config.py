@@ -51,7 +51,7 @@ def test_user_registry_extends_replaces_and_overrides(tmp_path: Path) -> None:
     default_ids = [e.id for e in load_registry()]
     assert default_ids == ["genserve-text-tiny", "all-minilm-l6-v2", "genserve-mol", "genserve-mol-vae",
                            "genserve-diffusion", "genserve-gan", "genserve-vae", "genserve-flow", "genserve-speech",
-                           "genserve-music"]
+                           "genserve-music", "genserve-moderation"]
     extra = "  - id: up\n    modality: text\n    backend: remote\n    url: http://h:8000/v1\n"
     assert [e.id for e in load_registry(write(tmp_path, "models:\n" + extra))] == [*default_ids, "up"]
     only = load_registry(write(tmp_path, "include_defaults: false\nmodels:\n" + extra))
@@ -63,6 +63,9 @@ def test_user_registry_extends_replaces_and_overrides(tmp_path: Path) -> None:
 
 def test_embedded_sources_resolve() -> None:
     for entry in load_registry():
+        if entry.family == "genserve-moderation":  # classifiers from libraries: no weights directory
+            assert entry.source is None
+            continue
         assert entry.resolved_source is not None and entry.resolved_source.is_dir()
 
 
@@ -149,6 +152,10 @@ def test_every_generative_modality_can_be_remote_and_others_are_refused_at_start
     for modality, cls in expected.items():
         entry = ModelEntry(id=f"far-{modality}", modality=modality, backend="remote", url="http://gpu:8000/v1")
         assert type(build_backend(entry, Settings(), Metrics())) is cls
+    # a remote moderation model is a guard model on an OpenAI-compatible server (family llama-guard)
+    guard = ModelEntry(id="far-guard", modality="moderation", backend="remote", family="llama-guard",
+                       url="http://gpu:8000/v1")
+    assert type(build_backend(guard, Settings(), Metrics())).__name__ == "GuardModerationBackend"
     entry = ModelEntry(id="far-guard", modality="moderation", backend="remote", url="http://gpu:8000/v1")
-    with pytest.raises(ConfigError, match=r"far-guard.*no remote backend serves moderation"):
+    with pytest.raises(ConfigError, match=r"far-guard.*remote moderation model needs family 'llama-guard'"):
         build_backend(entry, Settings(), Metrics())

@@ -32,9 +32,11 @@ class ApiKeys:
     def __init__(self, keys: list[str]) -> None:
         self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
 
-    def check(self, token: str | None) -> None:
+    def check(self, token: str | None) -> str | None:
+        """Raises unless ``token`` is a known key; returns the key's id (the first 12 hex digits of its
+        SHA-256, for logs: never the key), or None when the API is open."""
         if not self._digests:
-            return
+            return None
         if not token:
             raise AuthenticationError("Missing API key: send 'Authorization: Bearer <key>'.",
                                       headers={"WWW-Authenticate": "Bearer"})
@@ -44,6 +46,7 @@ class ApiKeys:
             matched |= hmac.compare_digest(digest, known)
         if not matched:
             raise AuthenticationError("Incorrect API key provided.", headers={"WWW-Authenticate": "Bearer"})
+        return digest.hex()[:12]
 
 
 class ApiKeyMiddleware:
@@ -55,9 +58,10 @@ class ApiKeyMiddleware:
             header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             scheme, _, token = header.partition(" ")
             try:
-                self.keys.check(token.strip() if scheme.lower() == "bearer" else None)
+                key_id = self.keys.check(token.strip() if scheme.lower() == "bearer" else None)
             except AuthenticationError as err:
                 return await send_json(send, err)
+            scope.setdefault("state", {})["key_id"] = key_id
         await self.app(scope, receive, send)
 
 

@@ -21,8 +21,7 @@ music      ``MusicBackend.compose(MusicParams)``       one ``AudioChunk``: MIDI 
 molecule   ``MoleculeBackend.generate(...)``           ``Molecule``\\* then one ``MoleculeStats``
 molecule   ``MoleculeInterpolationBackend``            the path's points as ``Molecule``\\* (a list)
            ``.interpolate(...)``
-moderation ``ModerationBackend.classify(...)``         one ``ModerationResult`` per input (the
-                                                       contract the moderation layer will serve)
+moderation ``ModerationBackend.classify(...)``         one ``ModerationResult`` per input
 =========  ==========================================  ==========================================
 
 ``serving/<modality>.py`` turns these into wire formats (``serving/media.py`` encodes media). In each
@@ -261,6 +260,11 @@ class TextBackend(ServedModel, Protocol):
         none of the choices."""
         ...
 
+    def decode(self, ids: list[int]) -> str | None:
+        """Token ids as the model reads them (what input moderation checks of a token-id prompt); None
+        where the backend has no tokenizer (an upstream)."""
+        ...
+
 
 class EmbeddingBackend(ServedModel, Protocol):
     async def embed(self, inputs: list[str] | list[list[int]], dimensions: int | None) -> EmbeddingResult: ...
@@ -289,9 +293,13 @@ class MoleculeInterpolationBackend(ServedModel, Protocol):
 
 class ModerationBackend(ServedModel, Protocol):
     """A moderation classifier (the ``moderation`` modality): one result per input, texts first, in
-    order. The contract the moderation layer builds on; no backend implements it yet."""
+    order (``app/moderation/backend.py``)."""
 
     async def classify(self, params: ModerationParams) -> list[ModerationResult]: ...
+
+    def applied_input_types(self, category: str) -> list[str]:
+        """The input types (``text``, ``image``) this model judges ``category`` on."""
+        ...
 
 
 def check_token_ids(rows: list[list[int]], vocab: int, param: str) -> None:

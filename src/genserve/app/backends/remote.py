@@ -232,6 +232,9 @@ class RemoteTextBackend(RemoteBackend):
     def stop_choice(self, request_id: str, index: int) -> bool:
         return False  # OpenAI's API cannot stop one choice of a stream: the caller closes it when done
 
+    def decode(self, ids: list[int]) -> str | None:
+        return None  # the upstream's tokenizer is not here
+
     async def generate(self, request: TextParams) -> AsyncGenerator[TextEvent, None]:
         p = request.params
         body = {"model": self.upstream_model, **upstream_body(p), "stream": True,

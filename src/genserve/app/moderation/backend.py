@@ -15,26 +15,18 @@ family                 what classifies
 from __future__ import annotations
 
 import asyncio
-from functools import cache
 
 from genserve.app.backends.base import Backend, ModelFacts, ModerationResult
 from genserve.app.metrics import Metrics
-from genserve.app.moderation.base import ImageClassifier, TextClassifier
+from genserve.app.moderation.base import ImageClassifier, TextClassifier, stack_images
 from genserve.app.moderation.categories import CATEGORIES, full_scores, merge_scores
 from genserve.app.moderation.policy import DEFAULT_THRESHOLD
+from genserve.app.moderation.text import shared_text_tiers
 from genserve.app.registry import ConfigError, ModelEntry
 from genserve.models.params import ModerationParams
 
 MODERATION_FAMILIES = ("genserve-moderation", "llama-guard")
 IMAGE_CATEGORIES = ("sexual",)  # what the CLIP safety checker judges
-
-
-@cache
-def shared_text_tiers() -> tuple[TextClassifier, ...]:
-    """The default text tiers, built once per process (the gate and every moderation model share them)."""
-    from genserve.app.moderation.text import default_text_classifiers
-
-    return tuple(default_text_classifiers())
 
 
 def _result(scores: dict[str, float], thresholds: dict[str, float], input_type: str) -> ModerationResult:
@@ -84,8 +76,6 @@ class TieredModerationBackend(Backend):
             if self.image_checker is None:
                 out += [_result({}, self.thresholds, "image") for _ in params.images]
             else:
-                from genserve.app.moderation.service import stack_images
-
                 scores = self.image_checker.scores(stack_images(params.images))
                 out += [_result(s, self.thresholds, "image") for s in scores]
         return out
@@ -147,5 +137,8 @@ def build_moderation_backend(entry: ModelEntry, metrics: Metrics, timeout_s: flo
         inner: Backend = (LocalTextBackend(as_text, metrics) if entry.backend == "local"
                           else RemoteTextBackend(as_text, timeout_s))
         return GuardModerationBackend(entry, inner)
+    if entry.backend == "remote":
+        raise ConfigError(f"model {entry.id!r}: a remote moderation model needs family 'llama-guard' (a guard "
+                          "model on an OpenAI-compatible server such as vLLM)")
     raise ConfigError(f"model {entry.id!r}: moderation models have family "
                       f"{' or '.join(repr(f) for f in MODERATION_FAMILIES)}, not {entry.family!r}")

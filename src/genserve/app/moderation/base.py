@@ -26,3 +26,16 @@ class ImageClassifier(Protocol):
     name: str
 
     def scores(self, images: np.ndarray) -> list[dict[str, float]]: ...
+
+
+def stack_images(images: list[np.ndarray]) -> np.ndarray:
+    """(H, W, 3) images of any sizes as one (N, H, W, 3) batch, smaller ones padded with black."""
+    shapes = {im.shape for im in images}
+    if len(shapes) == 1:
+        return np.stack(images)
+    h = max(im.shape[0] for im in images)
+    w = max(im.shape[1] for im in images)
+    out = np.zeros((len(images), h, w, 3), dtype=np.uint8)
+    for i, im in enumerate(images):
+        out[i, : im.shape[0], : im.shape[1]] = im
+    return out

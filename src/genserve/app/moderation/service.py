@@ -19,7 +19,6 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -32,11 +31,11 @@ from fastapi import Request
 from genserve.app.backends.base import ModerationBackend
 from genserve.app.errors import InvalidRequestError, UnavailableError
 from genserve.app.metrics import Metrics
-from genserve.app.moderation.base import ImageClassifier, TextClassifier
+from genserve.app.moderation.base import ImageClassifier, TextClassifier, stack_images
 from genserve.app.moderation.categories import full_scores, merge_scores
 from genserve.app.moderation.gate import HoldBack, Released, Span
 from genserve.app.moderation.policy import Policy
-from genserve.app.moderation.text import TermMatcher
+from genserve.app.moderation.text import TermMatcher, shared_text_tiers
 from genserve.app.registry import ModelEntry
 from genserve.models.params import ModerationParams
 
@@ -82,8 +81,6 @@ class ModerationService:
 
     @cached_property
     def tiers(self) -> tuple[TextClassifier, ...]:
-        from genserve.app.moderation.backend import shared_text_tiers
-
         return shared_text_tiers()
 
     @cached_property
@@ -299,18 +296,6 @@ def content_policy_violation(param: str, v: Verdict) -> InvalidRequestError:
     what = ", ".join(v.categories) if v.categories else "a blocked term"
     return InvalidRequestError(f"Your request was rejected by genserve's moderation: {param} was flagged "
                                f"({what}).", param=param, code="content_policy_violation")
-
-
-def stack_images(images: list[np.ndarray]) -> np.ndarray:
-    shapes = {im.shape for im in images}
-    if len(shapes) == 1:
-        return np.stack(images)
-    h = max(im.shape[0] for im in images)
-    w = max(im.shape[1] for im in images)
-    out = np.zeros((len(images), h, w, 3), dtype=np.uint8)
-    for i, im in enumerate(images):
-        out[i, : im.shape[0], : im.shape[1]] = im
-    return out
 
 
 @dataclass

@@ -56,6 +56,7 @@ folded only between two run characters and when followed by a letter or digit ("
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import unicodedata
@@ -879,3 +880,10 @@ class PhraseRuleClassifier:
 def default_text_classifiers() -> list[TextClassifier]:
     """The default tiers: word list, hatesonar, phrase rules (blocked terms are per policy)."""
     return [WordListClassifier(), SonarClassifier(), PhraseRuleClassifier()]
+
+
+@functools.cache
+def shared_text_tiers() -> tuple[TextClassifier, ...]:
+    """The default tiers, built once per process: the stream gate and every moderation model share them
+    (they are thread-safe)."""
+    return tuple(default_text_classifiers())

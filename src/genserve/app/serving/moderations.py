@@ -45,8 +45,7 @@ class ModerationServing:
         backend = self.manager.get(model, "moderation", ModerationBackend)
         params = _params(body)
         results = await backend.classify(params)
-        applied = getattr(backend, "applied_input_types", lambda c: ["text"])
-        out = [_out(r, applied) for r in results]
+        out = [_out(r, backend.applied_input_types) for r in results]
         if isinstance(body.input, list) and body.input and not isinstance(body.input[0], str):
             out = [_combined(out)]  # OpenAI: an array of parts is one input with one result
         return ModerationResponse(id=response_id("modr"), model=model, results=out)

@@ -358,11 +358,11 @@ def _prompt_texts(prompts: list, backend: TextBackend) -> list[tuple[str, str]]:
         if isinstance(p, str):
             out.append((param, p))
             continue
-        decode = getattr(backend, "decode", None)
-        if decode is None:
+        text = backend.decode(p)
+        if text is None:
             raise InvalidRequestError("Token-id prompts cannot be moderated for this model; send text.", param=param,
                                       code="content_policy_violation")
-        out.append((param, decode(p)))
+        out.append((param, text))
     return out
 
 
