@@ -34,6 +34,8 @@ def test_global_off_makes_a_model_block_its_whole_policy() -> None:
     assert off.stricter(None) is off
     on = off.stricter(PolicyPatch(blocked_terms=["gamma"]))
     assert on.checks_input and on.checks_output and on.blocked_terms == ("gamma",)
+    plain = off.stricter(PolicyPatch(input=True))
+    assert plain.blocked_terms == () and hash(plain.blocked_terms) is not None  # keys the term matcher cache
 
 
 @pytest.mark.parametrize(("block", "field"), [

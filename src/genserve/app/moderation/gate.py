@@ -22,13 +22,9 @@ Logprobs and token counts travel with the text: each delta's are released with i
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from genserve.app.moderation.text import normalize
-
-_PARTIAL_WORD = re.compile(r"\w+\Z")
-
 
 @dataclass
 class Span:
@@ -50,6 +46,7 @@ class Released:
 @dataclass
 class HoldBack:
     window: int
+    batch: int = 1  # characters that must be releasable before a check releases any (fewer, larger checks)
     buf: str = ""
     released: int = 0  # buf[:released] has gone out
     context_from: int = 0  # start of the next check
@@ -69,17 +66,18 @@ class HoldBack:
         A word still being written is left out ("ass" may become "assert"): the span ends at the last
         word boundary, and nothing past the span's end is released."""
         start = self.context_from
-        text = self.buf[start:]
-        if (m := _PARTIAL_WORD.search(text)) is not None:
-            text = text[: m.start()]
+        end = len(self.buf)
+        while end > start and (self.buf[end - 1].isalnum() or self.buf[end - 1] == "_"):
+            end -= 1  # a word still being written
+        text = self.buf[start:end]
         tail = self.buf[self.released:]
-        # The common case needs no normalisation: an ASCII tail within the window in raw characters is
-        # within it normalised too (only NFKC on non-ASCII characters makes a text longer).
-        if len(tail) <= self.window and tail.isascii():
+        # The common case needs no normalisation: normalising ASCII never makes it longer (only NFKC on
+        # other characters can), so an ASCII tail too short in raw characters is too short normalised.
+        if len(tail) < self.window + self.batch and tail.isascii():
             return Span(text, start, self.released, start)
         norm, where = normalize(text)
         q = len(norm) - self.window  # normalised position of the release point
-        if q <= 0 or start + where[q] <= self.released:
+        if q <= 0 or start + where[q] < self.released + self.batch:
             return Span(text, start, self.released, start)
         return Span(text, start, start + where[q], start + where[max(0, q - self.window)])
 

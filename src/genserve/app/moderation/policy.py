@@ -96,7 +96,11 @@ class Policy(BaseModel):
     log_content: bool = False
 
     _thresholds = field_validator("thresholds")(classmethod(lambda cls, v: _check_thresholds(v)))
-    _terms = field_validator("blocked_terms")(classmethod(lambda cls, v: _check_terms(list(v)) and tuple(v)))
+    @field_validator("blocked_terms")
+    @classmethod
+    def _terms_tuple(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        _check_terms(list(value))
+        return tuple(value)
 
     @model_validator(mode="after")
     def _window_holds_terms(self) -> Policy:

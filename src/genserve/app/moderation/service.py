@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from genserve.app.moderation.molecules import DualUseGate, DualUseHit
 
 Direction = Literal["input", "output"]
+RELEASE_BATCH = 24  # characters a stream gathers past its hold-back window before the tiers check them
 audit = logging.getLogger("genserve.moderation.audit")
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,14 @@ class ModerationService:
         elif v.flagged:
             self._record(model, direction, v, policy, text, raw)
         return v
+
+    def term_hit(self, model: str, text: str, raw: Request | None, policy: Policy) -> bool:
+        """The policy's blocked terms alone, on the event loop (microseconds): True if ``text`` must stop."""
+        v = self._term_verdict(text, policy)
+        if v is None:
+            return False
+        self._record(model, "output", v, policy, text, raw)
+        return v.blocked
 
     def _record(self, model: str, direction: Direction, v: Verdict, policy: Policy, text: str,
                 raw: Request | None) -> None:
@@ -318,7 +327,7 @@ class TextStream:
     def _choice(self, index: int) -> _Choice:
         c = self.choices.get(index)
         if c is None:
-            c = self.choices[index] = _Choice(HoldBack(self.policy.holdback_chars))
+            c = self.choices[index] = _Choice(HoldBack(self.policy.holdback_chars, RELEASE_BATCH))
         return c
 
     def is_blocked(self, index: int) -> bool:
@@ -330,7 +339,15 @@ class TextStream:
         if c.blocked:
             return None
         c.gate.push(text, logprobs, num_tokens)
-        return await self._pass(c, c.gate.pending())
+        span = c.gate.pending()
+        # Blocked terms on every delta (a stream that writes one stops at once); the classifier tiers once
+        # RELEASE_BATCH characters can go out, so a stream pays for them every few tokens, not each one.
+        if self.service.term_hit(self.model, span.text, self.raw, self.policy):
+            c.blocked = True
+            return None
+        if span.release_to == c.gate.released:
+            return None
+        return await self._pass(c, span)
 
     async def finish(self, index: int) -> Released | None:
         """The choice ended: its whole tail checked; what remains goes out, or None if blocked."""
