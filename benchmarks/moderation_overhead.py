@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from text_serving import (  # noqa: E402  (a sibling script, imported as a module)
+from text_serving import (
     GENSERVE_ENTRY,
     Target,
     bench_server,

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from genserve.app.moderation.text import normalize
 
+
 @dataclass
 class Span:
     """Text to check: ``text`` is ``buf[start:]``; passing it releases ``buf[:release_to]``."""
