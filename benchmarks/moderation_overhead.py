@@ -64,8 +64,9 @@ def main() -> None:
         best = {n: max(results[n][c], key=lambda s: s["output_throughput"]) for n in results}
         p, m = best["plain"], best["moderated"]
         ratio = m["output_throughput"] / p["output_throughput"]
-        rows.append(f"| {c} | {p['output_throughput']:.1f} | {m['output_throughput']:.1f} | {ratio:.3f} | "
-                    f"{p['ttft_p50_ms']:.1f} | {m['ttft_p50_ms']:.1f} | {p['ttft_p99_ms']:.1f} | {m['ttft_p99_ms']:.1f} |")
+        cells = [p["output_throughput"], m["output_throughput"], ratio, p["ttft_p50_ms"], m["ttft_p50_ms"],
+                 p["ttft_p99_ms"], m["ttft_p99_ms"]]
+        rows.append(f"| {c} | " + " | ".join(f"{v:.3f}" if v is ratio else f"{v:.1f}" for v in cells) + " |")
         out[c] = {"plain": p, "moderated": m, "throughput_ratio": ratio, "all_rounds": {n: results[n][c]
                                                                                         for n in results}}
     print("\n".join(rows))
