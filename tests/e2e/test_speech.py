@@ -183,3 +183,10 @@ def test_transformers_tts_model_serves_through_the_same_endpoint(openai_client, 
         crowd = list(pool.map(lambda i: say("a seeded sentence. and a second one!", seed=9) if i % 2 else
                               say(f"unseeded text {i}."), range(6)))
     assert all(crowd[i] == alone for i in (1, 3, 5))
+
+
+def test_speech_input_is_moderated(server):
+    r = speech(server, input="I am going to kill you and your whole family tonight.")
+    assert r.status_code == 400
+    assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("content_policy_violation", "input")
+    assert speech(server, input="How do I kill a Python process?", response_format="wav").status_code == 200

@@ -17,9 +17,12 @@ from __future__ import annotations
 import asyncio
 
 from genserve.app.backends.base import Backend, ModelFacts, ModerationResult
+from genserve.app.backends.local_text import LocalTextBackend
+from genserve.app.backends.remote import RemoteTextBackend
 from genserve.app.metrics import Metrics
 from genserve.app.moderation.base import ImageClassifier, TextClassifier, stack_images
 from genserve.app.moderation.categories import CATEGORIES, full_scores, merge_scores
+from genserve.app.moderation.guard import GuardClassifier
 from genserve.app.moderation.policy import DEFAULT_THRESHOLD
 from genserve.app.moderation.text import shared_text_tiers
 from genserve.app.registry import ConfigError, ModelEntry
@@ -84,7 +87,7 @@ class TieredModerationBackend(Backend):
 class GuardModerationBackend(Backend):
     """``llama-guard``: a guard model answering ``safe`` / ``unsafe\\nS1,...`` on a text backend."""
 
-    def __init__(self, entry: ModelEntry, text: Backend) -> None:
+    def __init__(self, entry: ModelEntry, text: LocalTextBackend | RemoteTextBackend) -> None:
         super().__init__(entry)
         self.text = text
         patch = entry.moderation
@@ -113,8 +116,6 @@ class GuardModerationBackend(Backend):
         return ["text"]
 
     async def classify(self, params: ModerationParams) -> list[ModerationResult]:
-        from genserve.app.moderation.guard import GuardClassifier
-
         if params.images:
             from genserve.app.errors import InvalidRequestError
 
@@ -130,12 +131,9 @@ def build_moderation_backend(entry: ModelEntry, metrics: Metrics, timeout_s: flo
             raise ConfigError(f"model {entry.id!r}: family 'genserve-moderation' runs in process (backend: local)")
         return TieredModerationBackend(entry, metrics)
     if entry.family == "llama-guard":
-        from genserve.app.backends.local_text import LocalTextBackend
-        from genserve.app.backends.remote import RemoteTextBackend
-
         as_text = entry.model_copy(update={"modality": "text", "family": "llama", "tasks": ["completion"]})
-        inner: Backend = (LocalTextBackend(as_text, metrics) if entry.backend == "local"
-                          else RemoteTextBackend(as_text, timeout_s))
+        inner = (LocalTextBackend(as_text, metrics) if entry.backend == "local"
+                 else RemoteTextBackend(as_text, timeout_s))
         return GuardModerationBackend(entry, inner)
     if entry.backend == "remote":
         raise ConfigError(f"model {entry.id!r}: a remote moderation model needs family 'llama-guard' (a guard "

@@ -36,7 +36,7 @@ from genserve.app.moderation.categories import full_scores, merge_scores
 from genserve.app.moderation.gate import HoldBack, Released, Span
 from genserve.app.moderation.policy import Policy
 from genserve.app.moderation.text import TermMatcher, shared_text_tiers
-from genserve.app.registry import ModelEntry
+from genserve.app.registry import ConfigError, ModelEntry
 from genserve.models.params import ModerationParams
 
 if TYPE_CHECKING:
@@ -72,6 +72,12 @@ class ModerationService:
         self.policy = policy
         self.metrics, self.manager = metrics, manager
         self._policies = {e.id: policy.stricter(e.moderation) for e in entries}
+        guards = {e.id for e in entries if e.modality == "moderation"}
+        for i, e in enumerate(entries):
+            g = self._policies[e.id].guard_model
+            if g is not None and g not in guards:
+                raise ConfigError(f"models[{i}] (id {e.id!r}).moderation.guard_model: {g!r} is not a moderation "
+                                  f"model of the registry ({', '.join(sorted(guards)) or 'none'})")
         self._molecule_models = {e.id for e in entries if e.modality == "molecule"}
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="moderation")
         self._terms: dict[tuple[str, ...], TermMatcher] = {}
