@@ -9,7 +9,8 @@ module starts only what it needs. One session server per set (``SERVER_SETS``):
 - ``limits``: copies of the text model with tight limits (a queue of one, a deadline, a small KV
   cache), apart so that limit tests do not disturb the others;
 - ``image``: the shipped image models, ``tiny-sd`` (a random Stable Diffusion pipeline the fixture
-  saves) and ``genserve-mol``, for the image routes to refuse;
+  saves), ``tiny-sd-flagged`` (the same, behind a random safety checker that flags every image) and
+  ``genserve-mol``, for the image routes to refuse;
 - ``audio``: the shipped speech and music models and ``tiny-vits`` (a random VITS);
 - ``molecule``: the shipped molecule models.
 
@@ -194,6 +195,29 @@ def build_tiny_sd(path: Path) -> Path:
     return path / "sd"
 
 
+def build_tiny_safety_checker(path: Path, threshold: float) -> Path:
+    """A random diffusers ``StableDiffusionSafetyChecker`` (CLIP with 16 hidden units) and its image
+    processor in ``path``, every concept threshold at ``threshold`` (-1: every image is flagged; 1:
+    none is)."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    torch.manual_seed(0)
+    small = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = CLIPConfig(text_config=small, vision_config={**small, "image_size": 32, "patch_size": 8},
+                        projection_dim=8)
+    model = StableDiffusionSafetyChecker(config).eval()
+    with torch.no_grad():
+        model.concept_embeds.normal_()
+        model.special_care_embeds.normal_()
+        model.concept_embeds_weights.fill_(threshold)
+        model.special_care_embeds_weights.fill_(threshold)
+    model.save_pretrained(path / "safety_checker", safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        path / "feature_extractor")
+    return path
+
+
 def text_entry(mid: str, **extra: object) -> str:
     lines = [f"  - id: {mid}", "    modality: text", "    backend: local", "    family: llama",
              f"    source: {TEXT_DIR}"] + [f"    {k}: {v}" for k, v in extra.items()]
@@ -210,11 +234,21 @@ def builtin_entry(mid: str) -> str:
 
 
 def tiny_sd_entry(tmp: pytest.TempPathFactory) -> str:
-    return f"""  - id: tiny-sd
+    sd = build_tiny_sd(tmp.mktemp("tiny-sd"))
+    checker = build_tiny_safety_checker(tmp.mktemp("flag-all-checker"), threshold=-1.0)
+    return f"""  - id: tiny-sd-flagged
     modality: image
     backend: local
     family: diffusers
-    source: {build_tiny_sd(tmp.mktemp("tiny-sd"))}
+    source: {sd}
+    device: cpu
+    limits: {{max_n: 4, max_steps: 20}}
+    moderation: {{image_checker: {checker}}}
+  - id: tiny-sd
+    modality: image
+    backend: local
+    family: diffusers
+    source: {sd}
     tasks: [generation, edit]
     device: cpu
     max_batch_size: 4

@@ -182,3 +182,20 @@ def test_image_prompts_are_moderated_at_every_image_endpoint(server):
         assert (err["type"], err["code"], err["param"]) == ("invalid_request_error", "content_policy_violation",
                                                             "prompt")
     assert generate(server, prompt="a kill switch on a red apple").status_code == 200  # a benign look-alike
+
+
+def test_a_flagged_image_refuses_the_response_and_no_byte_of_it_leaves(server):
+    """tiny-sd-flagged: the policy's image checker flags every image (all concept thresholds at -1)."""
+    before = server.metric("genserve_moderation_flags_total", model_name="tiny-sd-flagged", category="sexual")
+    r = generate(server, model="tiny-sd-flagged", n=2)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["code"], err["param"]) == ("content_policy_violation", "prompt") and "b64_json" not in r.text
+    with server.client() as c:
+        r = c.post("/v1/images/generations", json={"model": "tiny-sd-flagged", "prompt": "red apple",
+                                                    "num_inference_steps": 3, "stream": True})
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert "content_policy_violation" in events[-2] and events[-1] == "[DONE]"
+    assert not any("b64_json" in e for e in events)
+    after = server.metric("genserve_moderation_flags_total", model_name="tiny-sd-flagged", category="sexual")
+    assert after >= before + 2  # one per request: the first flagged image ends it
