@@ -4,7 +4,8 @@ and usable as a policy's ``guard_model``.
 =====================  ==============================================================================
 family                 what classifies
 =====================  ==============================================================================
-``genserve-moderation``  the text tiers of ``moderation.text`` (word lists, hatesonar, phrase rules) and,
+``genserve-moderation``  the text tiers of ``moderation.text`` (word lists, hatesonar, phrase rules, the
+                       semantic tier of ``moderation.semantic``) and,
                        for images, the CLIP safety checker named by the entry's
                        ``moderation.image_checker`` (without one, images get no category applied)
 ``llama-guard``        a Llama Guard 3 style model (``moderation.guard``) on a text backend: ``local``
@@ -24,7 +25,7 @@ from genserve.app.moderation.base import ImageClassifier, TextClassifier, stack_
 from genserve.app.moderation.categories import CATEGORIES, full_scores, merge_scores
 from genserve.app.moderation.guard import GuardClassifier
 from genserve.app.moderation.policy import DEFAULT_THRESHOLD
-from genserve.app.moderation.text import shared_text_tiers
+from genserve.app.moderation.text import shared_input_tiers
 from genserve.app.registry import ConfigError, ModelEntry
 from genserve.models.params import ModerationParams
 
@@ -49,7 +50,7 @@ class TieredModerationBackend(Backend):
         self.thresholds: dict[str, float] = {c: t for c, t in ((patch.thresholds or {}) if patch else {}).items()}
 
     def setup(self) -> None:
-        self.tiers = shared_text_tiers()
+        self.tiers = shared_input_tiers()
         for tier in self.tiers:
             tier.scores("warm up")
         path = self.entry.moderation.image_checker if self.entry.moderation else None

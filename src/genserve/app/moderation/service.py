@@ -35,7 +35,7 @@ from genserve.app.moderation.base import ImageClassifier, TextClassifier, stack_
 from genserve.app.moderation.categories import full_scores, merge_scores
 from genserve.app.moderation.gate import HoldBack, Released, Span
 from genserve.app.moderation.policy import Policy
-from genserve.app.moderation.text import TermMatcher, shared_text_tiers
+from genserve.app.moderation.text import TermMatcher, shared_input_tiers, shared_text_tiers
 from genserve.app.registry import ConfigError, ModelEntry
 from genserve.models.params import ModerationParams
 
@@ -88,7 +88,14 @@ class ModerationService:
 
     @cached_property
     def tiers(self) -> tuple[TextClassifier, ...]:
+        """What checks each release of a stream: the fast tiers (tens of microseconds to a fraction of a
+        millisecond)."""
         return shared_text_tiers()
+
+    @cached_property
+    def input_tiers(self) -> tuple[TextClassifier, ...]:
+        """What checks inputs: the fast tiers and the semantic one (milliseconds; docs/moderation.md)."""
+        return shared_input_tiers()
 
     @cached_property
     def dual_use(self) -> DualUseGate:
@@ -98,8 +105,11 @@ class ModerationService:
 
     def warm_up(self) -> None:
         """Builds the classifiers before the first request needs them (start-up, in a worker thread)."""
-        if any(p.checks_input or p.checks_output for p in self._policies.values()):
+        if any(p.checks_output for p in self._policies.values()):
             for tier in self.tiers:
+                tier.scores("warm up")
+        if any(p.checks_input for p in self._policies.values()):
+            for tier in self.input_tiers:
                 tier.scores("warm up")
         if any(self._policies[m].dual_use for m in self._molecule_models):
             self.dual_use.check("CCO")
@@ -114,9 +124,9 @@ class ModerationService:
             m = self._terms[policy.blocked_terms] = TermMatcher(list(policy.blocked_terms))
         return m
 
-    def classify_sync(self, text: str, policy: Policy) -> Verdict:
+    def classify_sync(self, text: str, policy: Policy, direction: Direction = "output") -> Verdict:
         """Every check of ``text`` against ``policy``, in the calling thread: blocked terms, then the tiers."""
-        return self._term_verdict(text, policy) or self._tier_verdict(text, policy)
+        return self._term_verdict(text, policy) or self._tier_verdict(text, policy, direction)
 
     def _term_verdict(self, text: str, policy: Policy) -> Verdict | None:
         match = self._matcher(policy).find(text)
@@ -124,11 +134,12 @@ class ModerationService:
             return None
         return Verdict({}, [], match.term, blocked=policy.action == "block")
 
-    def _tier_verdict(self, text: str, policy: Policy) -> Verdict:
-        scores = full_scores(merge_scores(*(t.scores(text) for t in self.tiers)))
+    def _tier_verdict(self, text: str, policy: Policy, direction: Direction) -> Verdict:
+        tiers = self.input_tiers if direction == "input" else self.tiers
+        scores = full_scores(merge_scores(*(t.scores(text) for t in tiers)))
         return self.verdict(scores, policy)
 
-    async def classify(self, text: str, policy: Policy) -> Verdict:
+    async def classify(self, text: str, policy: Policy, direction: Direction = "output") -> Verdict:
         """``classify_sync`` with the policy's deadline: blocked terms on the event loop (microseconds, so a
         stream that writes one stops at once), the tiers in the pool. A failure is a Verdict with ``error``
         (blocked when the policy fails closed)."""
@@ -136,8 +147,8 @@ class ModerationService:
         try:
             if (v := self._term_verdict(text, policy)) is not None:
                 return v
-            return await asyncio.wait_for(loop.run_in_executor(self._pool, self._tier_verdict, text, policy),
-                                          policy.timeout_s)
+            return await asyncio.wait_for(loop.run_in_executor(self._pool, self._tier_verdict, text, policy,
+                                                               direction), policy.timeout_s)
         except Exception as exc:  # a classifier's bug or its deadline: never a reason to let text through
             reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
             log.error("moderation check failed: %s", reason)
@@ -149,7 +160,7 @@ class ModerationService:
         policy = policy or self.policy_for(model)
         m = self.metrics
         start = time.perf_counter()
-        v = await self.classify(text, policy)
+        v = await self.classify(text, policy, direction)
         m.moderation_check_seconds.labels(direction).observe(time.perf_counter() - start)
         m.moderation_checks.labels(model, direction).inc()
         if v.error is not None:

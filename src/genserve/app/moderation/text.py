@@ -887,3 +887,12 @@ def shared_text_tiers() -> tuple[TextClassifier, ...]:
     """The default tiers, built once per process: the stream gate and every moderation model share them
     (they are thread-safe)."""
     return tuple(default_text_classifiers())
+
+
+@functools.cache
+def shared_input_tiers() -> tuple[TextClassifier, ...]:
+    """The fast tiers and the semantic one (``moderation.semantic``), built once per process: what checks
+    inputs and answers ``/v1/moderations``."""
+    from genserve.app.moderation.semantic import SemanticClassifier
+
+    return (*shared_text_tiers(), SemanticClassifier())
