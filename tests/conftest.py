@@ -283,6 +283,12 @@ SERVER_SETS: dict[str, Callable[[pytest.TempPathFactory], list[str]]] = {
 }
 
 
+# Settings of a set's server beyond the defaults. The limit tests count tokens a client reads against
+# tokens generated (disconnects, deadlines); moderation's hold-back keeps 48-72 characters from a client
+# until they are checked, so those counts are taken with moderation off (test_moderation_*.py test it).
+SERVER_SET_ENV: dict[str, dict[str, str]] = {"limits": {"GENSERVE_MODERATION": '{"enabled": false}'}}
+
+
 def module_set(module: object) -> str:
     """The set a test module's ``server`` runs: its ``SERVER_SET``, else ``text``."""
     name = getattr(module, "SERVER_SET", "text")
@@ -311,7 +317,7 @@ class ServerSets:
     def launch(self, name: str) -> None:
         if name not in self.servers:
             registry = "include_defaults: false\nmodels:\n" + "".join(SERVER_SETS[name](self.tmp))
-            self.servers[name] = launch_server(self.tmp.mktemp(name), name, registry, {})
+            self.servers[name] = launch_server(self.tmp.mktemp(name), name, registry, SERVER_SET_ENV.get(name, {}))
 
     def get(self, name: str) -> Server:
         self.launch(name)

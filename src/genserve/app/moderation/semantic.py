@@ -13,7 +13,7 @@ benign one: at or above 0.5 exactly when the text is nearer the category than an
 (by ``MARGIN``) and at least ``FLOOR`` similar to it. ``FLOOR`` and ``MARGIN`` were set on the even
 half of the evaluation set and are reported on the odd half (docs/moderation.md).
 
-It costs a forward pass of a 6-layer encoder (milliseconds on a CPU), so the default policy runs it on
+Texts of fewer than ``MIN_WORDS`` words are left to the other tiers. It costs a forward pass of a 6-layer encoder (milliseconds on a CPU), so the default policy runs it on
 inputs (and ``/v1/moderations``), not on every release of a stream, where the cheaper tiers run.
 """
 
@@ -32,6 +32,9 @@ import yaml
 FLOOR = 0.42
 MARGIN = 0.02
 SCALE = 0.03
+# Shorter texts are left to the other tiers: one or two words ("fire", "bomb": emoji an image model draws)
+# sit close to many prototypes, and a threat or a plan needs a sentence.
+MIN_WORDS = 4
 
 
 def _encoder_dir() -> Path:
@@ -71,7 +74,7 @@ class SemanticClassifier:
         return ({cat: float(np.max(p @ emb)) for cat, p in self._protos.items()}, float(np.max(self._benign @ emb)))
 
     def scores(self, text: str) -> dict[str, float]:
-        if not text.strip():
+        if len(text.split()) < MIN_WORDS:
             return {}
         sims, benign = self.similarities(text)
         bar = max(benign + MARGIN, FLOOR)
