@@ -13,8 +13,9 @@ benign one: at or above 0.5 exactly when the text is nearer the category than an
 (by ``MARGIN``) and at least ``FLOOR`` similar to it. ``FLOOR`` and ``MARGIN`` were set on the even
 half of the evaluation set and are reported on the odd half (docs/moderation.md).
 
-Texts of fewer than ``MIN_WORDS`` words are left to the other tiers. It costs a forward pass of a 6-layer encoder (milliseconds on a CPU), so the default policy runs it on
-inputs (and ``/v1/moderations``), not on every release of a stream, where the cheaper tiers run.
+Texts of fewer than ``MIN_WORDS`` words are left to the other tiers. It costs a forward pass of a
+6-layer encoder (milliseconds on a CPU), so the default policy runs it on inputs (and
+``/v1/moderations``), not on every release of a stream, where the cheaper tiers run.
 """
 
 from __future__ import annotations
