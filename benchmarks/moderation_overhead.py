@@ -1,11 +1,11 @@
 """What output and input moderation cost a streamed chat/completions load, in one run.
 
-One genserve server, the global policy off, two entries on the same shipped weights: ``plain`` (no
-moderation) and ``moderated`` (the default policy: input and output, every text tier, the hold-back
-gate). Each has its own engine process, idle while the other is measured. Levels alternate
-(plain, moderated) at each concurrency, ``--rounds`` times, with the same prompts and token counts
-(``ignore_eos``), and the best round of each is reported: output tokens/s and TTFT p50/p99 with and
-without moderation, and their ratio.
+One genserve server, the global policy off, three entries on the same shipped weights: ``plain`` (no
+moderation), ``moderated`` (the default policy: input and output, every text tier, the hold-back gate)
+and ``moderated-fast`` (the same without the semantic tier on inputs). Each has its own engine
+process, idle while another is measured. Levels alternate (plain, moderated, moderated-fast) at each
+concurrency, ``--rounds`` times, with the same prompts and token counts (``ignore_eos``), and the best
+round of each is reported: output tokens/s and TTFT p50/p99, and the ratio to ``plain``.
 
     .venv/bin/python benchmarks/moderation_overhead.py --json /tmp/moderation.json
 """
@@ -42,9 +42,11 @@ def main() -> None:
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     base = builtin_entry(GENSERVE_ENTRY)
-    entries = [base | {"id": "plain"}, base | {"id": "moderated", "moderation": {"input": True, "output": True}}]
+    entries = [base | {"id": "plain"}, base | {"id": "moderated", "moderation": {"input": True, "output": True}},
+               base | {"id": "moderated-fast", "moderation": {"input": True, "output": True, "semantic": False}}]
     prompts = build_prompts(max(64, 4 * max(levels)), seed=0)
-    results: dict[str, dict[int, list[dict[str, float]]]] = {"plain": {}, "moderated": {}}
+    names = ("plain", "moderated", "moderated-fast")
+    results: dict[str, dict[int, list[dict[str, float]]]] = {n: {} for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -53,22 +55,21 @@ def main() -> None:
                             Path(tmp) / "genserve.log", 300):
             for _ in range(args.rounds):
                 for c in levels:
-                    for name in ("plain", "moderated"):
+                    for name in names:
                         target = Target(name, url, name, {"ignore_eos": True})
                         (level,) = bench_server(target, prompts, [c], None, args.max_tokens, warmup=2)
                         results[name].setdefault(c, []).append(level.summary())
-    rows = ["| streams | output tok/s plain | moderated | ratio | TTFT p50 plain (ms) | moderated | TTFT p99 plain "
-            "| moderated |", "|---|---|---|---|---|---|---|---|"]
-    out = {}
+    rows = ["| streams | entry | output tok/s | ratio to plain | TTFT p50 (ms) | TTFT p99 (ms) | failed |",
+            "|---|---|---|---|---|---|---|"]
+    out: dict[int, dict] = {}
     for c in levels:
-        best = {n: max(results[n][c], key=lambda s: s["output_throughput"]) for n in results}
-        p, m = best["plain"], best["moderated"]
-        ratio = m["output_throughput"] / p["output_throughput"]
-        cells = [p["output_throughput"], m["output_throughput"], ratio, p["ttft_p50_ms"], m["ttft_p50_ms"],
-                 p["ttft_p99_ms"], m["ttft_p99_ms"]]
-        rows.append(f"| {c} | " + " | ".join(f"{v:.3f}" if v is ratio else f"{v:.1f}" for v in cells) + " |")
-        out[c] = {"plain": p, "moderated": m, "throughput_ratio": ratio, "all_rounds": {n: results[n][c]
-                                                                                        for n in results}}
+        best = {n: max(results[n][c], key=lambda s: s["output_throughput"]) for n in names}
+        out[c] = {"best": best, "all_rounds": {n: results[n][c] for n in names}}
+        for n in names:
+            b = best[n]
+            ratio = b["output_throughput"] / best["plain"]["output_throughput"]
+            rows.append(f"| {c} | {n} | {b['output_throughput']:.1f} | {ratio:.3f} | {b['ttft_p50_ms']:.1f} | "
+                        f"{b['ttft_p99_ms']:.1f} | {b['failed']:.0f} |")
     print("\n".join(rows))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

@@ -64,6 +64,8 @@ class PolicyPatch(BaseModel):
     guard_model: str | None = Field(None, description="id of a moderation model (e.g. a Llama Guard) that "
                                     "checks inputs too")
     dual_use: bool | None = Field(None, description="molecules: withhold and refuse CWC-scheduled agents")
+    semantic: bool | None = Field(None, description="run the semantic tier (a sentence encoder, milliseconds a "
+                                  "text on a CPU) on inputs")
     log_content: bool | None = Field(None, description="put the flagged text in the audit log line")
 
     _thresholds = field_validator("thresholds")(classmethod(lambda cls, v: _check_thresholds(v)))
@@ -93,6 +95,7 @@ class Policy(BaseModel):
     image_checker: Path | None = None
     guard_model: str | None = None
     dual_use: bool = True
+    semantic: bool = True
     log_content: bool = False
 
     _thresholds = field_validator("thresholds")(classmethod(lambda cls, v: _check_thresholds(v)))
@@ -143,6 +146,7 @@ class Policy(BaseModel):
             "image_checker": patch.image_checker or base.image_checker,
             "guard_model": patch.guard_model or base.guard_model,
             "dual_use": base.dual_use or bool(patch.dual_use),
+            "semantic": base.semantic or bool(patch.semantic),
             "log_content": base.log_content or bool(patch.log_content),
         })
         return Policy.model_validate(merged.model_dump())

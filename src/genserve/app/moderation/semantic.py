@@ -60,7 +60,9 @@ class SemanticClassifier:
         from sentence_transformers import SentenceTransformer
 
         raw = yaml.safe_load(resources.files("genserve.app.moderation").joinpath("data/prototypes.yaml").read_text())
-        model = SentenceTransformer(str(_encoder_dir()), device="cpu")
+        import torch
+
+        model = SentenceTransformer(str(_encoder_dir()), device="cuda" if torch.cuda.is_available() else "cpu")
         self._benign = model.encode(raw.pop("benign"), normalize_embeddings=True)
         self._protos = {cat: model.encode(texts, normalize_embeddings=True) for cat, texts in raw.items()}
         self._model = model

@@ -108,7 +108,7 @@ class ModerationService:
         if any(p.checks_output for p in self._policies.values()):
             for tier in self.tiers:
                 tier.scores("warm up")
-        if any(p.checks_input for p in self._policies.values()):
+        if any(p.checks_input and p.semantic for p in self._policies.values()):
             for tier in self.input_tiers:
                 tier.scores("warm up")
         if any(self._policies[m].dual_use for m in self._molecule_models):
@@ -135,7 +135,7 @@ class ModerationService:
         return Verdict({}, [], match.term, blocked=policy.action == "block")
 
     def _tier_verdict(self, text: str, policy: Policy, direction: Direction) -> Verdict:
-        tiers = self.input_tiers if direction == "input" else self.tiers
+        tiers = self.input_tiers if direction == "input" and policy.semantic else self.tiers
         scores = full_scores(merge_scores(*(t.scores(text) for t in tiers)))
         return self.verdict(scores, policy)
 
