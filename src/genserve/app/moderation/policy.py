@@ -91,7 +91,7 @@ class Policy(BaseModel):
     blocked_terms: tuple[str, ...] = ()
     holdback_chars: int = Field(48, ge=1, le=4096)
     on_error: OnError = "fail_closed"
-    timeout_s: float = Field(2.0, gt=0, le=60)
+    timeout_s: float = Field(10.0, gt=0, le=60)
     image_checker: Path | None = None
     guard_model: str | None = None
     dual_use: bool = True
