@@ -36,3 +36,42 @@ def test_paraphrases_are_flagged(tier: SemanticClassifier, text: str, category: 
                                   "My laptop died during the presentation."])
 def test_look_alikes_are_not(tier: SemanticClassifier, text: str) -> None:
     assert max(tier.scores(text).values()) < 0.5
+
+
+def test_a_batch_scores_each_text_as_alone(tier: SemanticClassifier) -> None:
+    texts = ["I will find you and you will regret being born.", "fire", "Please pass the salt, thank you.",
+             "How do I kill a zombie process on Ubuntu?", ""]
+    batch = tier.scores_batch(texts)
+    for text, scores in zip(texts, batch, strict=True):
+        alone = tier.scores(text)
+        assert scores.keys() == alone.keys()
+        for cat, s in alone.items():
+            assert scores[cat] == pytest.approx(s, abs=1e-3)
+
+
+
+def test_an_array_input_is_one_forward_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``/v1/moderations`` with an array: the encoder runs once over its texts, each judged as alone."""
+    from genserve.app.metrics import Metrics
+    from genserve.app.moderation.backend import TieredModerationBackend
+    from genserve.app.moderation.text import shared_semantic
+    from genserve.app.registry import ModelEntry
+    from genserve.models.params import ModerationParams
+
+    backend = TieredModerationBackend(ModelEntry(id="mod", modality="moderation", backend="local",
+                                                 family="genserve-moderation"), Metrics())
+    backend.setup()
+    sem = shared_semantic()
+    passes: list[int] = []
+    real = sem.similarities_batch
+
+    def counted(texts: list[str]) -> list[tuple[dict[str, float], float]]:
+        passes.append(len(texts))
+        return real(texts)
+
+    monkeypatch.setattr(sem, "similarities_batch", counted)
+    threat = "Meet me behind the school, you're going to need an ambulance."
+    texts = [threat, "Write a short poem about autumn leaves, please.", "hi", "How do I kill a zombie process?"]
+    results = backend._classify(ModerationParams(texts=texts))
+    assert passes == [3]  # "hi" is too short for this tier
+    assert [r.flagged for r in results] == [True, False, False, False]

@@ -25,7 +25,7 @@ from genserve.app.moderation.base import ImageClassifier, TextClassifier, stack_
 from genserve.app.moderation.categories import CATEGORIES, full_scores, merge_scores
 from genserve.app.moderation.guard import GuardClassifier
 from genserve.app.moderation.policy import DEFAULT_THRESHOLD
-from genserve.app.moderation.text import shared_input_tiers
+from genserve.app.moderation.text import shared_semantic, shared_text_tiers
 from genserve.app.registry import ConfigError, ModelEntry
 from genserve.models.params import ModerationParams
 
@@ -50,9 +50,10 @@ class TieredModerationBackend(Backend):
         self.thresholds: dict[str, float] = {c: t for c, t in ((patch.thresholds or {}) if patch else {}).items()}
 
     def setup(self) -> None:
-        self.tiers = shared_input_tiers()
+        self.tiers = shared_text_tiers()
         for tier in self.tiers:
             tier.scores("warm up")
+        shared_semantic().scores("warm up the encoder")
         path = self.entry.moderation.image_checker if self.entry.moderation else None
         if path is not None:
             from genserve.app.moderation.images import SafetyChecker
@@ -74,8 +75,9 @@ class TieredModerationBackend(Backend):
         return await asyncio.to_thread(self._classify, params)
 
     def _classify(self, params: ModerationParams) -> list[ModerationResult]:
-        out = [_result(merge_scores(*(t.scores(text) for t in self.tiers)), self.thresholds, "text")
-               for text in params.texts]
+        semantic = shared_semantic().scores_batch(params.texts)  # one forward pass for an array input
+        out = [_result(merge_scores(*(t.scores(text) for t in self.tiers), sem), self.thresholds, "text")
+               for text, sem in zip(params.texts, semantic, strict=True)]
         if params.images:
             if self.image_checker is None:
                 out += [_result({}, self.thresholds, "image") for _ in params.images]

@@ -67,18 +67,32 @@ class SemanticClassifier:
         self._protos = {cat: model.encode(texts, normalize_embeddings=True) for cat, texts in raw.items()}
         self._model = model
 
-    def similarities(self, text: str) -> tuple[dict[str, float], float]:
-        """The nearest prototype's cosine per category, and the nearest benign prototype's."""
+    def similarities_batch(self, texts: list[str]) -> list[tuple[dict[str, float], float]]:
+        """For each text, the nearest prototype's cosine per category and the nearest benign prototype's:
+        one forward pass for all of them."""
         with self._lock:
             if self._model is None:
                 self._load()
-            emb = self._model.encode([text[:2000]], normalize_embeddings=True)[0]
+            embs = self._model.encode([t[:2000] for t in texts], normalize_embeddings=True,
+                                      batch_size=max(1, len(texts)))
         assert self._benign is not None
-        return ({cat: float(np.max(p @ emb)) for cat, p in self._protos.items()}, float(np.max(self._benign @ emb)))
+        benign = np.max(embs @ self._benign.T, axis=1)
+        per_cat = {cat: np.max(embs @ p.T, axis=1) for cat, p in self._protos.items()}
+        return [({cat: float(v[i]) for cat, v in per_cat.items()}, float(benign[i])) for i in range(len(texts))]
+
+    def similarities(self, text: str) -> tuple[dict[str, float], float]:
+        return self.similarities_batch([text])[0]
+
+    def scores_batch(self, texts: list[str]) -> list[dict[str, float]]:
+        """``scores`` of each text, the encoder run once over those long enough to judge (an array input
+        of ``/v1/moderations``)."""
+        long = [i for i, t in enumerate(texts) if len(t.split()) >= MIN_WORDS]
+        out: list[dict[str, float]] = [{} for _ in texts]
+        if long:
+            for i, (sims, benign) in zip(long, self.similarities_batch([texts[i] for i in long]), strict=True):
+                bar = max(benign + MARGIN, FLOOR)
+                out[i] = {cat: 1.0 / (1.0 + math.exp(-(s - bar) / SCALE)) for cat, s in sims.items()}
+        return out
 
     def scores(self, text: str) -> dict[str, float]:
-        if len(text.split()) < MIN_WORDS:
-            return {}
-        sims, benign = self.similarities(text)
-        bar = max(benign + MARGIN, FLOOR)
-        return {cat: 1.0 / (1.0 + math.exp(-(s - bar) / SCALE)) for cat, s in sims.items()}
+        return self.scores_batch([text])[0]

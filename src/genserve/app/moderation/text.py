@@ -67,6 +67,7 @@ from genserve.app.moderation.categories import CATEGORIES
 
 if TYPE_CHECKING:
     from genserve.app.moderation.base import TextClassifier
+    from genserve.app.moderation.semantic import SemanticClassifier
 
 __all__ = [
     "ClassifierError", "PhraseRuleClassifier", "Rule", "SonarClassifier", "TermMatch", "TermMatcher",
@@ -890,9 +891,14 @@ def shared_text_tiers() -> tuple[TextClassifier, ...]:
 
 
 @functools.cache
-def shared_input_tiers() -> tuple[TextClassifier, ...]:
-    """The fast tiers and the semantic one (``moderation.semantic``), built once per process: what checks
-    inputs and answers ``/v1/moderations``."""
+def shared_semantic() -> SemanticClassifier:
+    """The semantic tier (``moderation.semantic``), built once per process."""
     from genserve.app.moderation.semantic import SemanticClassifier
 
-    return (*shared_text_tiers(), SemanticClassifier())
+    return SemanticClassifier()
+
+
+
+def shared_input_tiers() -> tuple[TextClassifier, ...]:
+    """The fast tiers and the semantic one: what checks inputs."""
+    return (*shared_text_tiers(), shared_semantic())
