@@ -49,7 +49,6 @@ def test_a_batch_scores_each_text_as_alone(tier: SemanticClassifier) -> None:
             assert scores[cat] == pytest.approx(s, abs=1e-3)
 
 
-
 def test_an_array_input_is_one_forward_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     """``/v1/moderations`` with an array: the encoder runs once over its texts, each judged as alone."""
     from genserve.app.metrics import Metrics

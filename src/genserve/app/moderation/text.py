@@ -898,7 +898,7 @@ def shared_semantic() -> SemanticClassifier:
     return SemanticClassifier()
 
 
-
+@functools.cache
 def shared_input_tiers() -> tuple[TextClassifier, ...]:
     """The fast tiers and the semantic one: what checks inputs."""
     return (*shared_text_tiers(), shared_semantic())
