@@ -10,7 +10,7 @@ OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install system-deps serve test lint train-text-tiny train-mol train-music train-images train-diffusion eval-text eval-molecules eval-music eval-images \
+.PHONY: install system-deps test-system-deps serve test lint train-text-tiny train-mol train-music train-images train-diffusion eval-text eval-molecules eval-music eval-images \
         bench-text bench-molecules bench-audio bench-images clean
 
 install: system-deps $(STAMP)
@@ -30,26 +30,41 @@ $(STAMP): pyproject.toml
 # text normaliser (the moderation classifier) constructs. Installed when missing and this user can
 # (root with apt-get, as in CI and the Docker image); otherwise the command to run is printed.
 SYSTEM_PACKAGES := espeak-ng fonts-noto-color-emoji locales
-system-deps:
+# What only the tests need: the browser the playground tests drive (tests/browser). Where it cannot be
+# installed, those tests are skipped and say why; everything else still runs.
+TEST_SYSTEM_PACKAGES := chromium chromium-driver
+
+# $(call apt_missing,PACKAGES,FAIL): installs the missing PACKAGES as root; otherwise prints the
+# command and fails if FAIL is "fail", else only warns.
+define apt_missing
 	@if command -v dpkg >/dev/null; then \
-		missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+		missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 		if [ -n "$$missing" ]; then \
 			if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-				apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
-			else echo "missing:$$missing; install with: sudo apt-get install$$missing" >&2; exit 1; fi; \
+				apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing \
+					$(if $(filter warn,$(2)),|| echo "warning: could not install$$missing; the tests that need them are skipped" >&2); \
+			elif [ "$(2)" = fail ]; then echo "missing:$$missing; install with: sudo apt-get install$$missing" >&2; exit 1; \
+			else echo "warning: missing:$$missing (install with: sudo apt-get install$$missing); the tests that need them are skipped" >&2; fi; \
 		fi; \
-	elif ! command -v espeak-ng >/dev/null; then echo "install espeak-ng with your package manager" >&2; exit 1; fi
+	elif [ "$(2)" = fail ] && ! command -v espeak-ng >/dev/null; then echo "install espeak-ng with your package manager" >&2; exit 1; fi
+endef
+
+system-deps:
+	$(call apt_missing,$(SYSTEM_PACKAGES),fail)
 	@if command -v locale-gen >/dev/null && ! locale -a 2>/dev/null | grep -qi '^en_US\.utf-\?8$$'; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			sed -i 's/^# *en_US.UTF-8 UTF-8/en_US.UTF-8 UTF-8/' /etc/locale.gen && locale-gen >/dev/null; \
 		else echo "the en_US.UTF-8 locale is missing; generate it with: sudo locale-gen en_US.UTF-8" >&2; exit 1; fi; \
 	fi
 
+test-system-deps:
+	$(call apt_missing,$(TEST_SYSTEM_PACKAGES),warn)
+
 serve: install
 	$(OFFLINE) $(BIN)/genserve serve $(ARGS)
 
 # mypy reads its files and settings from pyproject.toml; its cache (.mypy_cache) makes reruns take seconds.
-test: install
+test: install test-system-deps
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(OFFLINE) $(BIN)/pytest $(ARGS)

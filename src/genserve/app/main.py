@@ -17,7 +17,7 @@ from genserve.app.metrics import Metrics
 from genserve.app.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
 from genserve.app.moderation.service import ModerationService
 from genserve.app.registry import ModelEntry, load_registry
-from genserve.app.routers import audio, docs, embeddings, images, models, moderations, molecules, ops, text
+from genserve.app.routers import audio, docs, embeddings, images, models, moderations, molecules, ops, playground, text
 from genserve.app.security import ApiKeyMiddleware, ApiKeys
 from genserve.app.serving.audio import AudioServing
 from genserve.app.serving.embeddings import EmbeddingServing
@@ -59,9 +59,11 @@ def create_app(settings: Settings, entries: list[ModelEntry] | None = None) -> F
 
     install_error_handlers(app)
     for router in (text.router, embeddings.router, images.router, images.files_router, audio.router,
-                   molecules.router, moderations.router, models.router, ops.router, docs.router):
+                   molecules.router, moderations.router, models.router, ops.router, docs.router,
+                   playground.router):
         app.include_router(router)
     app.mount(docs.STATIC_PREFIX, StaticFiles(directory=docs.STATIC_DIR), name="docs-assets")
+    app.mount(playground.STATIC_PREFIX, StaticFiles(directory=playground.STATIC_DIR), name="playground-assets")
     # Added innermost first: request id, then metrics (401s and early 413s count under the route
     # "unmatched": they are answered before routing), then the key check, then the body cap, so
     # nothing is read for a caller without a key.

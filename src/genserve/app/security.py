@@ -1,10 +1,11 @@
 """API keys: ``Authorization: Bearer <key>`` on every ``/v1`` route, checked in constant time.
 
 ``ApiKeyMiddleware`` enforces the key before the request body is read, so an unauthenticated
-caller cannot make the server parse anything. It denies by default: only probes, metrics and the
-docs are open, judged on the path the router sees (``root_path`` removed), so a new route is
-protected without anyone remembering to protect it. The ``bearer`` scheme is what the routers declare,
-so that OpenAPI shows the lock and the docs page its Authorize button.
+caller cannot make the server parse anything. It denies by default: only probes, metrics, the docs
+and the playground page (which asks its user for a key) are open, judged on the path the router sees
+(``root_path`` removed), so a new route is protected without anyone remembering to protect it. The
+``bearer`` scheme is what the routers declare, so that OpenAPI shows the lock and the docs page its
+Authorize button.
 
 Keys are kept as SHA-256 digests and every digest is compared, so neither the key's length nor
 which key matched shows in the timing. With no keys configured the API is open; the CLI refuses
@@ -22,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from genserve.app.errors import AuthenticationError
 from genserve.app.middleware import route_path, send_json
 
-OPEN_PATHS = {"/health/live", "/health/ready", "/metrics", "/docs", "/redoc", "/openapi.json"}
+OPEN_PATHS = {"/health/live", "/health/ready", "/metrics", "/docs", "/redoc", "/openapi.json", "/playground"}
 OPEN_PREFIXES = ("/static/", "/v1/images/files/")  # image URLs: the unguessable id is the credential
 bearer = HTTPBearer(auto_error=False, scheme_name="APIKey",
                     description="A key from GENSERVE_API_KEYS or GENSERVE_API_KEYS_FILE.")

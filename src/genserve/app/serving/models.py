@@ -29,4 +29,7 @@ def _card(backend: ServedModel, ready: bool) -> ModelCard:
     facts = backend.describe()
     return ModelCard(id=e.id, created=backend.created, modality=e.modality, tasks=e.tasks, ready=ready,
                      backend=e.backend, context_length=facts.context_length,
-                     sample_rate=facts.sample_rate)
+                     sample_rate=facts.sample_rate, image_kind=facts.image_kind,
+                     sizes=[f"{w}x{h}" for w, h in facts.sizes] if facts.sizes else None,
+                     native_size="{}x{}".format(*facts.native_size) if facts.native_size else None,
+                     class_names=facts.class_names, can_inpaint=facts.can_inpaint)
