@@ -151,6 +151,7 @@ def test_chat_streams_its_code_runs_as_shown_and_stop_stops_it(browser: Any, set
     assert len(set(lengths)) >= 3, f"the answer arrived in one piece, not streamed: {lengths}"
     answer = page.js("return [...document.querySelectorAll('#chat-log .msg.assistant .text')].pop().textContent")
     assert answer
+    page.js("document.querySelector('#chat-code details').open = true")
     page.shot("chat")
     # The Python the page shows streams the same answer (the page drew no seed: the field said 4).
     assert run_shown(page.code("chat-code", "python"), "python", tmp_path) == answer + "\n"
@@ -209,6 +210,7 @@ def test_images_stream_progress_and_a_reused_seed_gives_the_same_picture(browser
     assert page.error("images-error") == ""
     steps = [s for s in page.js("return window.statuses") if s.startswith("denoising step")]
     assert "denoising step 4 of 4" in steps, f"no progress from the stream: {page.js('return window.statuses')}"
+    page.shot("images")
     first = _image_srcs(page, "images-grid")
     seeds = page.js("return [...document.querySelectorAll('#images-grid figure')].map(f => Number(f.dataset.seed))")
     assert seeds[1] == seeds[0] + 1 and all(s.startswith("data:image/png;base64,") for s in first)
@@ -220,10 +222,17 @@ def test_images_stream_progress_and_a_reused_seed_gives_the_same_picture(browser
     page.wait(lambda _: _image_srcs(page, "images-grid") != first and len(_image_srcs(page, "images-grid")) == 1)
     again = _image_srcs(page, "images-grid")[0]
     assert again == first[1], "the reused seed drew another picture"
-    page.shot("images")
 
     run_shown(page.code("images-code", "python"), "python", tmp_path)
     assert base64.b64encode((tmp_path / "image-0.png").read_bytes()).decode() == again.split(",", 1)[1]
+
+    # An image that moderation's checker flags: the error event that ends the stream is shown.
+    page.choose("images-model", "tiny-sd-flagged")
+    page.set("images-steps", 2)
+    page.el("images-generate").click()
+    page.wait(lambda _: page.error("images-error"))
+    assert page.error("images-error").startswith("Your request was rejected by genserve's moderation: a generated "
+                                                 "image was flagged")
 
 
 def test_an_inpainting_mask_painted_with_the_mouse_changes_only_that_region(browser: Any, sets: ServerSets) -> None:
@@ -249,6 +258,7 @@ def test_an_inpainting_mask_painted_with_the_mouse_changes_only_that_region(brow
     page.el("inpaint-run").click()
     page.wait(lambda _: _image_srcs(page, "inpaint-result") or page.error("inpaint-error"))
     assert page.error("inpaint-error") == ""
+    page.js("document.getElementById('inpaint-run').scrollIntoView()")
     page.shot("inpainting")
     changed = page.d.execute_async_script("""
       const done = arguments[arguments.length - 1];

@@ -487,7 +487,7 @@ function showImages(data, model) {
       });
       caption.append(edit);
     }
-    caption.append(download(src, `image-${item.seed}.png`, "PNG"));
+    caption.append(download(src, `image-${item.seed}.png`, "Download"));
     const fig = el("figure", {}, [thumb, caption]);
     fig.dataset.seed = item.seed;
     grid.append(fig);
@@ -495,7 +495,7 @@ function showImages(data, model) {
 }
 
 // Inpainting. The mask is kept as one bit per pixel of the picture (no antialiasing, so "kept" means
-// exactly the pixels not painted) and shown as a red overlay.
+// exactly the pixels not painted) and shown as a magenta overlay.
 const inpaint = { w: 0, h: 0, bits: null, painting: false, loaded: false, last: null };
 
 function loadInpaintImage(src) {
@@ -515,7 +515,7 @@ function loadInpaintImage(src) {
 function drawMask() {
   const ctx = $("inpaint-mask").getContext("2d");
   const image = ctx.createImageData(inpaint.w, inpaint.h);
-  inpaint.bits.forEach((on, i) => { if (on) image.data.set([230, 30, 30, 140], i * 4); });
+  inpaint.bits.forEach((on, i) => { if (on) image.data.set([255, 0, 200, 170], i * 4); });
   ctx.putImageData(image, 0, 0);
 }
 
