@@ -81,11 +81,18 @@ function showError(slot, err) {
   box.hidden = false;
 }
 
-// Runs ``work`` with ``button`` disabled and any error shown in ``slot``.
-async function guarded(button, slot, work) {
+// Runs ``work`` with ``button`` disabled and any error shown in ``slot`` (and ``status`` emptied).
+async function guarded(button, slot, work, status) {
   showError(slot, null);
   button.disabled = true;
-  try { await work(); } catch (err) { showError(slot, err); } finally { button.disabled = false; }
+  button.setAttribute("aria-busy", "true");
+  try { await work(); } catch (err) {
+    showError(slot, err);
+    if (status) $(status).textContent = "";
+  } finally {
+    button.disabled = false;
+    button.removeAttribute("aria-busy");
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -457,6 +464,9 @@ async function generateImages() {
       }
       if (!data) throw new Error("The stream ended before the images came.");
     }
+  } catch (err) {
+    status.textContent = "";
+    throw err;
   } finally {
     progress.hidden = true;
   }
@@ -749,8 +759,8 @@ function drawPianoRoll(notes) {
 function setUpAudio() {
   for (const v of VOICES) $("speech-voice").append(new Option(v, v));
   for (const mode of ["major", "minor"]) for (const t of TONICS) $("music-key").append(new Option(`${t} ${mode}`));
-  $("speech-form").addEventListener("submit", (e) => { e.preventDefault(); guarded($("speech-run"), "speech-error", runSpeech); });
-  $("music-form").addEventListener("submit", (e) => { e.preventDefault(); guarded($("music-run"), "music-error", runMusic); });
+  $("speech-form").addEventListener("submit", (e) => { e.preventDefault(); guarded($("speech-run"), "speech-error", runSpeech, "speech-status"); });
+  $("music-form").addEventListener("submit", (e) => { e.preventDefault(); guarded($("music-run"), "music-error", runMusic, "music-status"); });
 }
 
 // ---------------------------------------------------------------------------------------------
