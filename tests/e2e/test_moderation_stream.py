@@ -193,4 +193,6 @@ def test_blocked_stretch_at_every_split_never_leaves_and_the_sequence_stops(serv
     assert leaked == 0
     print(f"tokens generated after the stretch became visible: {lags}")
     assert all(0 <= lag <= 2 for lag in lags), lags  # the step in flight when the stop was sent, at most one more
-    assert sorted(lags)[len(lags) // 2] == 1, lags  # typically: only the step that was already running
+    # Typically only the step that was already running (1), or none when the stop lands between steps
+    # (0: the engine was slower than the check, as on a busy machine).
+    assert sorted(lags)[len(lags) // 2] <= 1, lags
