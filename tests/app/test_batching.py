@@ -63,6 +63,29 @@ def test_full_queue_raises_429_and_takes_nothing() -> None:
     run(main())
 
 
+def test_a_failing_item_fails_only_its_own_request() -> None:
+    """The batch fails; each item is then run alone, so the bad one fails and the others get their results."""
+    seen: list[list[int]] = []
+
+    def fn(items: list[int]) -> list[int]:
+        seen.append(items)
+        if any(x < 0 for x in items):
+            raise ValueError("negative")
+        return [x * 10 for x in items]
+
+    async def main() -> list:
+        b = DynamicBatcher(fn, max_batch_size=8, max_wait_ms=50, max_waiting=100)
+        b.start()
+        try:
+            return await asyncio.gather(*(b.submit_many([x]) for x in (1, -1, 2)), return_exceptions=True)
+        finally:
+            await b.close()
+
+    first, bad, second = run(main())
+    assert (first, second) == ([10], [20]) and isinstance(bad, ValueError)
+    assert seen == [[1, -1, 2], [1], [-1], [2]]
+
+
 def test_errors_reach_every_caller_and_cancelled_items_are_skipped() -> None:
     seen: list[list[int]] = []
 
@@ -81,7 +104,7 @@ def test_errors_reach_every_caller_and_cancelled_items_are_skipped() -> None:
         await b.close()
 
     run(main())
-    assert seen == [[1, 2]]
+    assert seen == [[1, 2], [1], [2]]  # the batch, then each item alone: the cancelled 99 never runs
 
 
 def test_submit_stream_yields_in_order_as_batches_finish_and_drops_the_rest_when_left() -> None:

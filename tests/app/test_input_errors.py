@@ -29,3 +29,12 @@ def test_an_input_error_is_a_400_with_its_param() -> None:
                                       "type": "invalid_request_error", "param": "end", "code": None}}
         r = client.post("/constraints")
         assert r.status_code == 400 and r.json()["error"]["param"] == "constraints.similarity_min"
+
+
+def test_an_error_quoting_a_lone_surrogate_still_encodes() -> None:
+    """The 404 for model "x\\ud800" failed to encode its own body (a 500); the message is escaped now."""
+    from genserve.app.errors import ModelNotFoundError, error_response
+
+    response = error_response(ModelNotFoundError("The model 'x\ud800' does not exist.", param="model"))
+    assert response.status_code == 404
+    assert "x\\\\ud800" in response.body.decode("utf-8")

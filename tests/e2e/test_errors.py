@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -145,3 +147,60 @@ def test_oversized_body(server: Server) -> None:
 def test_unknown_route(server: Server) -> None:
     with server.client() as client:
         assert_openai_error(client.get("/v1/nothing-here"), 404, None)
+
+
+SURROGATE = "\ud800"
+UNICODE_CASES = [
+    # (path, body, param): a lone surrogate (JSON "\ud800") in each kind of text field is a 400 naming
+    # the field, never a 500 from an encoder, a tokenizer or the error body itself.
+    (CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": "hi " + SURROGATE}]}, "messages[0].content"),
+    (C, {**OK_C, "prompt": ["fine", "x" + SURROGATE]}, "prompt"),
+    (EMB, {"model": EMBED, "input": [SURROGATE]}, "input"),
+    (C, {**OK_C, "model": "no-such-model" + SURROGATE}, "model"),
+    ("/v1/molecules/properties", {"smiles": ["CCO", "CCO" + SURROGATE]}, "smiles"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "param"), UNICODE_CASES, ids=[c[2] for c in UNICODE_CASES])
+def test_lone_surrogates_are_a_400_naming_the_field(server: Server, path: str, body: dict, param: str) -> None:
+    raw = json.dumps(body).encode()  # ensure_ascii: the surrogate travels as the JSON escape \ud800
+    assert b"\\ud800" in raw
+    with server.client() as client:
+        r = client.post(path, content=raw, headers={"Content-Type": "application/json"})
+    assert_openai_error(r, 400, param)
+    assert "lone surrogate (U+D800)" in r.json()["error"]["message"]
+    if param == "smiles":
+        assert "of smiles[1]" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("smiles", ["C" * 20000, "C" * 300, "C" + "(C" * 70 + ")" * 70, "C%11%12" * 110],
+                         ids=["20000 atoms", "300 atoms", "branches 70 deep", "110 rings"])
+def test_molecules_too_large_for_rdkit_are_refused_before_it_sees_them(server: Server, smiles: str) -> None:
+    """A 20,000-atom chain crashed the whole server inside RDKit (stack overflow); now it is a 400."""
+    with server.client() as client:
+        r = client.post("/v1/molecules/properties", json={"smiles": ["CCO", smiles]})
+        assert_openai_error(r, 400, "smiles[1]")
+        assert "at most" in r.json()["error"]["message"]
+        assert client.post("/v1/molecules/properties", json={"smiles": ["CCO"]}).json()["data"][0]["valid"]
+    assert httpx.get(server.url + "/health/live").status_code == 200
+
+
+@pytest.mark.parametrize("field", [{"temperature": 1e-45}, {"top_p": 1e-46}, {"temperature": 5e-324}])
+def test_subnormal_sampling_parameters_are_greedy(server: Server, field: dict) -> None:
+    """Dividing logits by a subnormal temperature gave NaN probabilities and a junk token; a top_p that
+    float32 rounds to 0 kept no token at all. Both now sample what greedy does."""
+    body = {**OK_C, "prompt": "The json module", "max_tokens": 12}
+    with server.client() as client:
+        greedy = client.post(C, json={**body, "temperature": 0}).json()["choices"][0]["text"]
+        tiny = client.post(C, json={**body, **field, "seed": 3})
+    assert tiny.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["text"] == greedy
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/audio/music", {"model": "genserve-music", "temperature": 5e-324}),
+    ("/v1/molecules/generations", {"model": "genserve-mol", "temperature": 1e-45})])
+def test_a_subnormal_temperature_without_a_greedy_mode_is_a_400(server: Server, path: str, body: dict) -> None:
+    """Music's sampler raised inside torch.multinomial on 5e-324 and failed its whole batch."""
+    with server.client() as client:
+        assert_openai_error(client.post(path, json=body), 400, "temperature")

@@ -31,7 +31,8 @@ class GenserveError(Exception):
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.message = message
+        # A message quoting a caller's text must still encode as JSON: a lone surrogate is escaped.
+        self.message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         self.param = param
         self.code = code or self.code
         self.headers = headers or {}

@@ -2,9 +2,10 @@
 
 A ``DynamicBatcher`` owns a bounded queue and one worker task. The worker takes the first waiting
 item, waits up to ``max_wait_ms`` for more (up to ``max_batch_size`` that are compatible, by
-``key``), runs ``fn`` on the batch in a thread, and resolves every item's future. Items whose
-caller went away are dropped before the model sees them. Batching is a property of the runner:
-``fn`` knows nothing of queues, and each item must give the same result alone or batched.
+``key``), runs ``fn`` on the batch in a thread, and resolves every item's future; when ``fn`` fails,
+each item is run alone, so only the item at fault fails. Items whose caller went away are dropped
+before the model sees them. Batching is a property of the runner: ``fn`` knows nothing of queues,
+and each item must give the same result alone or batched.
 """
 
 from __future__ import annotations
@@ -129,13 +130,10 @@ class DynamicBatcher(Generic[T, R]):
                 self.on_batch(len(batch), [now - i.enqueued for i in batch])
             self._busy_since = now
             try:
-                results: Sequence[R | BaseException] = await loop.run_in_executor(
-                    self._executor, self.fn, [i.value for i in batch])
+                results = await loop.run_in_executor(self._executor, self._run_batch, [i.value for i in batch])
             except asyncio.CancelledError:  # closing: the running batch's callers must not hang
                 _fail(batch)
                 raise
-            except Exception as exc:  # every caller of the batch gets the error
-                results = [exc] * len(batch)
             finally:
                 self._busy_since = None
             for item, result in zip(batch, results, strict=True):
@@ -145,6 +143,22 @@ class DynamicBatcher(Generic[T, R]):
                     item.future.set_exception(result)
                 else:
                     item.future.set_result(result)
+
+    def _run_batch(self, values: list[T]) -> Sequence[R | BaseException]:
+        """``fn`` over the batch; when it fails, each item alone, so that one bad item fails only its
+        own request (items give the same result alone as batched, so the others lose nothing)."""
+        try:
+            return self.fn(values)
+        except Exception as exc:
+            if len(values) == 1:
+                return [exc]
+        results: list[R | BaseException] = []
+        for value in values:
+            try:
+                results.extend(self.fn([value]))
+            except Exception as exc:
+                results.append(exc)
+        return results
 
     def _compatible(self) -> list[_Item[T]]:
         live = [i for i in self._waiting if not i.future.done()]

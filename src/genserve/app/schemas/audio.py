@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import ConfigDict, Field, field_validator
 from pydantic.json_schema import JsonDict
 
-from genserve.app.schemas.base import OpenAIBaseModel, Seed
+from genserve.app.schemas.base import OpenAIBaseModel, PositiveTemperature, Seed
 from genserve.app.serving.media import FORMATS
 
 SPEECH_EXAMPLE: JsonDict = {"model": "genserve-speech", "input": "The quick brown fox jumped over the lazy dog.",
@@ -51,7 +51,7 @@ class MusicRequest(OpenAIBaseModel):
     tempo: float = Field(90.0, ge=30, le=240, description="beats (quarter notes) per minute")
     key: str = Field("C major", description="tonic A–G with an optional # or b, then major or minor: "
                      "'D major', 'F# minor', 'Bb major'")
-    temperature: float = Field(1.0, gt=0, le=2.0, description="sampling temperature of the note model")
+    temperature: float = PositiveTemperature
     seed: Seed | None = Field(None, description="the same seed and fields give the same bytes; "
                               "without one a seed is drawn and returned in the x-genserve-seed header")
     response_format: Literal["wav", "flac", "mid"] = "wav"

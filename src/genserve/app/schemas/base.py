@@ -1,19 +1,50 @@
 """The one pydantic base every public schema derives from.
 
 Strict types (``"5"`` is not an integer, ``true`` is not a number) as OpenAI's API checks them;
-unknown fields are ignored, as the issue asks and OpenAI SDK extras need.
+unknown fields are ignored, as the issue asks and OpenAI SDK extras need. Every text in a request is
+valid Unicode: JSON can carry a lone surrogate (``"\\ud800"``), which no tokenizer, encoder or JSON
+response can take, so it is a 400 naming the field here, once for every schema.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import re
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from typing_extensions import TypeIs
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, value: Any, info: ValidationInfo) -> Any:
+        where = _lone_surrogate(value, info.field_name or "")
+        if where is not None:
+            raise ValueError(f"not valid Unicode: a lone surrogate {where}; send text as UTF-8 code points")
+        return value
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """Where in ``value`` (texts, lists and mappings of them) a lone surrogate is, or None. Nested
+    schemas check their own fields."""
+    if isinstance(value, str):
+        if value.isascii() or (found := _SURROGATE.search(value)) is None:
+            return None
+        return f"(U+{ord(found.group()):04X}) at character {found.start()} of {path}"
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if isinstance(item, str | list | dict) and (where := _lone_surrogate(item, f"{path}[{i}]")):
+                return where
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if where := _lone_surrogate(key, f"{path} (a key)") or _lone_surrogate(item, f"{path}[{key!r}]"):
+                return where
+    return None
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -67,6 +98,11 @@ def _is_token_list(value: list[str] | list[int] | list[list[int]]) -> TypeIs[lis
 
 
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
-Temperature = Field(1.0, ge=0.0, le=2.0, description="0 means greedy")
+# Below this a temperature only divides logits into overflow (NaN probabilities, a junk token): text
+# models treat it as 0 (greedy, as OpenAI treats 0); samplers without a greedy mode refuse it.
+MIN_TEMPERATURE = 1e-4
+Temperature = Field(1.0, ge=0.0, le=2.0, description=f"0 means greedy (so does anything below {MIN_TEMPERATURE})")
+# A positive temperature for the samplers that have no greedy mode (music, molecules).
+PositiveTemperature = Field(1.0, ge=MIN_TEMPERATURE, le=2.0, description="sampling temperature")
 TopP = Field(1.0, gt=0.0, le=1.0)
 Penalty = Field(0.0, ge=-2.0, le=2.0)

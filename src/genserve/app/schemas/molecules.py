@@ -3,12 +3,25 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.json_schema import JsonDict
 
-from genserve.app.schemas.base import OpenAIBaseModel, Seed, UsageInfo
+from genserve.app.schemas.base import OpenAIBaseModel, PositiveTemperature, Seed, UsageInfo
+from genserve.models.molecule.chem import MAX_ATOMS, MAX_SMILES_CHARS, size_problem
+
+
+def _small_enough(text: str) -> str:
+    problem = size_problem(text)
+    if problem is not None:
+        raise ValueError(f"the molecule {problem}")
+    return text
+
+
+# A caller's SMILES or SMARTS: small enough for RDKit (models/molecule/chem.py says why and how much).
+Molecule = Annotated[str, AfterValidator(_small_enough),
+                     Field(description=f"at most {MAX_SMILES_CHARS} characters and {MAX_ATOMS} atoms")]
 
 Include = Literal["properties", "svg"]
 PropertyInclude = Literal["properties", "alerts", "svg"]
@@ -39,9 +52,9 @@ class Constraints(OpenAIBaseModel):
     logp_min: float | None = Field(None, description="Crippen logP")
     logp_max: float | None = None
     tpsa_max: float | None = Field(None, ge=0, description="topological polar surface area, Å²")
-    substructure: str | None = Field(None, min_length=1, max_length=1000,
+    substructure: Molecule | None = Field(None, min_length=1,
                                      description="SMARTS the molecule must contain")
-    similar_to: str | None = Field(None, min_length=1, max_length=1000, description="reference SMILES")
+    similar_to: Molecule | None = Field(None, min_length=1, description="reference SMILES")
     similarity_min: float | None = Field(None, ge=0, le=1, description="Tanimoto similarity to similar_to "
                                          "(Morgan radius-2, 2048-bit fingerprints)")
 
@@ -51,7 +64,7 @@ class MoleculeGenerationRequest(OpenAIBaseModel):
 
     model: str
     n: int = Field(1, ge=1, le=1000, description="molecules to return")
-    temperature: float = Field(1.0, gt=0, le=2.0)
+    temperature: float = PositiveTemperature
     top_k: int = Field(0, ge=0, description="0: the whole vocabulary")
     seed: Seed | None = Field(None, description="same seed and parameters: same molecules")
     unique: bool = Field(True, description="no molecule (canonical SMILES) twice in one response")
@@ -115,7 +128,7 @@ class MoleculeGenerationResponse(OpenAIBaseModel):
 class MoleculePropertiesRequest(OpenAIBaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [PROPERTIES_EXAMPLE]})
 
-    smiles: list[str] = Field(min_length=1, max_length=1000)
+    smiles: list[Molecule] = Field(min_length=1, max_length=1000)
     include: list[PropertyInclude] = Field(default_factory=_properties_and_alerts)
 
 
@@ -144,8 +157,8 @@ class MoleculeInterpolationRequest(OpenAIBaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [INTERPOLATION_EXAMPLE]})
 
     model: str
-    start: str = Field(min_length=1, max_length=1000, description="SMILES")
-    end: str = Field(min_length=1, max_length=1000, description="SMILES")
+    start: Molecule = Field(min_length=1, description="SMILES")
+    end: Molecule = Field(min_length=1, description="SMILES")
     steps: int = Field(8, ge=2, le=64, description="points on the path, both ends included")
     method: Literal["slerp", "lerp"] = "slerp"
     include: list[Include] = Field(default_factory=_properties)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from genserve.app.schemas.base import OpenAIBaseModel, Penalty, Seed, StreamOptions, Temperature, TopP
+from genserve.app.schemas.base import (
+    MIN_TEMPERATURE,
+    OpenAIBaseModel,
+    Penalty,
+    Seed,
+    StreamOptions,
+    Temperature,
+    TopP,
+)
 from genserve.models.text.sampling import SamplingParams
 
 
@@ -38,6 +46,11 @@ class SamplingFields(OpenAIBaseModel):
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
         return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_below_min(cls, value: float) -> float:
+        return 0.0 if value < MIN_TEMPERATURE else value
 
     @field_validator("logit_bias")
     @classmethod

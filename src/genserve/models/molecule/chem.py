@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -33,6 +34,42 @@ PROPERTY_DECIMALS = 4
 SIMILARITY_RADIUS = 2
 SIMILARITY_BITS = 2048
 SVG_SIZE_RANGE = (50, 2000)
+
+
+# --- input size ---------------------------------------------------------------------------------
+
+# What a caller's SMILES or SMARTS may hold. RDKit recurses over a molecule's atoms: a 20,000-atom chain
+# overflows its stack (the process dies) and a 2,000-atom one takes 13 s to draw while holding the
+# GIL, so the size is judged on the string, before RDKit sees it. Drug-like molecules have under 100
+# heavy atoms; these bounds leave room for macrocycles and peptides.
+MAX_SMILES_CHARS = 1000
+MAX_ATOMS = 200
+MAX_RING_CLOSURES = 100
+MAX_BRANCH_DEPTH = 64
+_BRACKET = re.compile(r"\[[^\]]*\]")
+_ATOM = re.compile(r"\[[^\]]*\]|Cl|Br|[BCNOPSFIbcnopsaA*]")
+_RING_CLOSURE = re.compile(r"%\d\d|\d")
+
+
+def size_problem(text: str) -> str | None:
+    """Why ``text``, a SMILES or SMARTS string, is too large to hand to RDKit, or None. Judged on the
+    string alone (atoms: bracket atoms and organic-subset symbols; ring closures: digits outside
+    brackets, two per ring; branch depth: nested parentheses)."""
+    if len(text) > MAX_SMILES_CHARS:
+        return f"is {len(text)} characters long; at most {MAX_SMILES_CHARS} are accepted"
+    atoms = len(_ATOM.findall(text))
+    if atoms > MAX_ATOMS:
+        return f"has {atoms} atoms; at most {MAX_ATOMS} are accepted"
+    closures = len(_RING_CLOSURE.findall(_BRACKET.sub("", text)))
+    if closures > 2 * MAX_RING_CLOSURES:
+        return f"opens {closures // 2} rings; at most {MAX_RING_CLOSURES} are accepted"
+    depth = deepest = 0
+    for char in text:
+        depth += (char == "(") - (char == ")")
+        deepest = max(deepest, depth)
+    if deepest > MAX_BRANCH_DEPTH:
+        return f"nests branches {deepest} deep; at most {MAX_BRANCH_DEPTH} are accepted"
+    return None
 
 
 # --- parsing ------------------------------------------------------------------------------------

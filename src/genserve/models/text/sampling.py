@@ -99,7 +99,8 @@ def filter_batch(logits: torch.Tensor, params: list[SamplingParams], prefix: int
         lse = torch.where(ks < V, vals.logsumexp(-1), x.logsumexp(-1))
         probs = (vals - lse[:, None]).exp()
         before = probs.cumsum(-1) - probs  # mass strictly ahead of each entry
-        keep = ((before < top_p[:, None]) | (top_p[:, None] >= 1.0)) & (vals > float("-inf"))
+        # The first token stays even when top_p is too small for float32 to hold (it rounds to 0).
+        keep = ((before < top_p[:, None]) | (top_p[:, None] >= 1.0) | (rank[None] == 0)) & (vals > float("-inf"))
         if width < V and bool(((top_p < 1.0) & (ks == V) & keep.all(-1)).any()):
             return filter_batch(logits, params, prefix=V)  # some row's top-p cut lies beyond the prefix
         thr = vals.masked_fill(~keep, float("inf")).min(-1).values  # (B,): smallest kept value
