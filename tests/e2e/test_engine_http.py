@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import signal
 import time
 from pathlib import Path
 
 import httpx
 
-from tests.conftest import API_KEY, Server, start_server, stop_server, text_entry
+from tests.conftest import API_KEY, Server
 
 MODEL = "genserve-text-tiny"
 
@@ -51,31 +52,39 @@ def engine_children(server_pid: int) -> list[int]:
     return [int(k) for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
 
 
-def test_a_dead_engine_fails_its_requests_fast_and_comes_back(tmp_path: Path) -> None:
-    registry = "include_defaults: false\nmodels:\n" + text_entry("tiny-crash")
-    srv = start_server(tmp_path, "crash", registry, {})
-    try:
-        (child,) = engine_children(srv.proc.pid)
-        with httpx.stream("POST", srv.url + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
-                          json={"model": "tiny-crash", "prompt": "The json module", "max_tokens": 480,
-                                "ignore_eos": True, "stream": True}, timeout=30) as r:
-            lines = r.iter_lines()
-            assert next(line for line in lines if line.startswith("data: {"))
-            os.kill(child, signal.SIGKILL)
-            rest = [line for line in lines if line.startswith("data: ")]
-        assert rest[-1] == "data: [DONE]" and '"error"' in rest[-2]  # the stream ends with an error event
-        assert httpx.get(srv.url + "/health/ready", timeout=5).status_code == 503
-        r = httpx.post(srv.url + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
-                       json={"model": "tiny-crash", "prompt": "x", "max_tokens": 4}, timeout=10)
-        assert r.status_code == 503 and "restarting" in r.json()["error"]["message"]
-        assert r.headers["retry-after"] == "5"
-        deadline = time.monotonic() + 60  # a new engine process loads after a 1 s back-off
-        while httpx.get(srv.url + "/health/ready", timeout=5).status_code != 200:
-            assert time.monotonic() < deadline, "the engine did not come back"
-            time.sleep(0.5)
-        assert engine_children(srv.proc.pid) not in ([], [child])
-        r = httpx.post(srv.url + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
-                       json={"model": "tiny-crash", "prompt": "x", "max_tokens": 4}, timeout=30)
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
-    finally:
-        stop_server(srv)
+def engine_of(server: Server, model: str) -> int:
+    """The process id of ``model``'s engine, from the server's log (its start, or its latest restart)."""
+    pattern = rf"(?:{model}: engine process|engine of {model} restarted \(process) (\d+)"
+    found = re.findall(pattern, server.log.read_text())
+    return int(found[-1])
+
+
+def test_a_dead_engine_fails_its_requests_fast_and_comes_back(server: Server) -> None:
+    # tiny-fp32 of the session's text server (the model only test_openai_sdk.py also uses, and only
+    # once it is back): no server of its own to start, which took most of this test's time.
+    model = "tiny-fp32"
+    children = engine_children(server.proc.pid)
+    child = engine_of(server, model)
+    assert child in children
+    with httpx.stream("POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"model": model, "prompt": "The json module", "max_tokens": 480,
+                            "ignore_eos": True, "stream": True}, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))
+        os.kill(child, signal.SIGKILL)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]" and '"error"' in rest[-2]  # the stream ends with an error event
+    assert httpx.get(server.url + "/health/ready", timeout=5).status_code == 503
+    r = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                   json={"model": model, "prompt": "x", "max_tokens": 4}, timeout=10)
+    assert r.status_code == 503 and "restarting" in r.json()["error"]["message"]
+    assert r.headers["retry-after"] == "5"
+    deadline = time.monotonic() + 60  # a new engine process loads after a 1 s back-off
+    while httpx.get(server.url + "/health/ready", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "the engine did not come back"
+        time.sleep(0.5)
+    now = engine_children(server.proc.pid)
+    assert child not in now and len(now) == len(children) and engine_of(server, model) in now
+    r = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                   json={"model": model, "prompt": "x", "max_tokens": 4}, timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
