@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -13,6 +15,7 @@ TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        self._rendering: asyncio.Future[bytes] | None = None
         m = ["model_name"]
         self.http_requests = Counter("genserve_http_requests", "HTTP requests by route and status",
                                      ["method", "route", "status"], registry=r)
@@ -84,3 +87,10 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    async def render_shared(self) -> bytes:
+        """``render`` in a worker thread, one at a time: scrapes that arrive while a render runs share
+        its result, so any number of scrapers costs the event loop nothing and the CPU one render."""
+        if self._rendering is None or self._rendering.done():
+            self._rendering = asyncio.ensure_future(asyncio.to_thread(self.render))
+        return await asyncio.shield(self._rendering)

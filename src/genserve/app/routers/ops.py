@@ -26,5 +26,5 @@ async def ready(manager: ManagerDep) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(app_metrics: MetricsDep) -> Response:
-    """Prometheus text format."""
-    return Response(app_metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus text format, rendered off the event loop (scrapes at once share one render)."""
+    return Response(await app_metrics.render_shared(), media_type=CONTENT_TYPE_LATEST)
