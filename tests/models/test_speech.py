@@ -114,3 +114,30 @@ def test_vits_seeded_text_is_the_same_alone_or_batched_through_the_backend(tiny_
     items = metrics.registry.get_sample_value("genserve_batch_size_sum", {"model_name": "tiny-vits"})
     calls = metrics.registry.get_sample_value("genserve_batch_size_count", {"model_name": "tiny-vits"})
     assert items == 8 and calls <= 3, f"8 pieces in {calls} model calls: concurrent pieces must share calls"
+
+
+def test_espeak_requests_beyond_the_queue_get_429_and_the_rest_all_speak() -> None:
+    """espeak-ng runs one process per request, at most ``max_batch_size`` at once; the requests waiting
+    for one were unbounded (100 taken with max_waiting 64). Now the one past ``max_waiting`` is a 429."""
+    from genserve.app.errors import RateLimitError
+
+    entry = ModelEntry(id="genserve-speech", modality="audio", backend="local", family="espeak-ng",
+                       source=str(SPEECH_DIR), max_batch_size=1, max_waiting=2)
+    backend = LocalSpeechBackend(entry, Metrics())
+    backend.setup()
+
+    async def speak(text: str) -> int:
+        params = SpeechParams(text, "alloy", 1.0, response_format="pcm")
+        return sum([len(c.samples) async for c in backend.speak(params)])
+
+    async def scenario() -> list[int | BaseException]:
+        await backend.start()
+        try:
+            return await asyncio.gather(*(speak(f"Request number {i} is spoken.") for i in range(4)),
+                                        return_exceptions=True)
+        finally:
+            await backend.close()
+
+    results = asyncio.run(scenario())
+    assert isinstance(results[3], RateLimitError) and results[3].headers["Retry-After"] == "1"
+    assert all(isinstance(n, int) and n > 0 for n in results[:3]), results  # one running, two queued

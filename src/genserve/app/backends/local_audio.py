@@ -19,7 +19,7 @@ import numpy as np
 
 from genserve.app.backends.base import AudioChunk, ModelFacts
 from genserve.app.backends.batching import BatchedBackend
-from genserve.app.errors import InvalidRequestError
+from genserve.app.errors import InvalidRequestError, RateLimitError
 from genserve.models.audio import SpeechSpec, split_text
 from genserve.models.audio.espeak import pcm16_to_float, read_wav_header
 from genserve.models.params import MusicParams, SpeechParams
@@ -41,6 +41,7 @@ class LocalSpeechBackend(_AudioBackend):
     async def start(self) -> None:
         if self.model.streams:
             self._processes = asyncio.Semaphore(self.entry.max_batch_size)
+            self._queued = 0  # requests waiting for a process: at most the entry's max_waiting
         else:
             self.start_batcher(self.model.synthesize, key=lambda s: (s.voice, s.speed))
 
@@ -74,32 +75,47 @@ class LocalSpeechBackend(_AudioBackend):
                 yield piece
 
     async def _speak_process(self, spec: SpeechSpec) -> AsyncGenerator[np.ndarray, None]:
-        async with self._processes:
-            proc = await asyncio.create_subprocess_exec(
-                *self.model.argv(spec), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.DEVNULL)
-            try:
-                assert proc.stdin is not None and proc.stdout is not None
-                proc.stdin.write(spec.text.encode())
-                await proc.stdin.drain()
-                proc.stdin.close()
-                buf, start = b"", None
-                while data := await proc.stdout.read(READ_BYTES):
-                    buf += data
-                    if start is None and (header := read_wav_header(buf)) is not None:
-                        start = header[1]
-                        buf = buf[start:]
-                    if start is not None and len(buf) >= 2:
-                        cut = len(buf) // 2 * 2
-                        yield pcm16_to_float(buf[:cut])
-                        buf = buf[cut:]
-                if await proc.wait() != 0:
-                    raise RuntimeError(f"espeak-ng exited with status {proc.returncode}")
-            finally:
-                if proc.returncode is None:  # the caller left: stop speaking
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-                    await proc.wait()
+        if self._processes.locked() and self._queued >= self.entry.max_waiting:
+            raise RateLimitError(f"Too many requests waiting for this model ({self._queued} queued, limit "
+                                 f"{self.entry.max_waiting}); retry shortly.", headers={"Retry-After": "1"})
+        self._queued += 1
+        try:
+            await self._processes.acquire()
+        finally:
+            self._queued -= 1
+        try:
+            async with contextlib.aclosing(self._run_process(spec)) as chunks:  # closing stops the process
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            self._processes.release()
+
+    async def _run_process(self, spec: SpeechSpec) -> AsyncGenerator[np.ndarray, None]:
+        proc = await asyncio.create_subprocess_exec(
+            *self.model.argv(spec), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL)
+        try:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(spec.text.encode())
+            await proc.stdin.drain()
+            proc.stdin.close()
+            buf, start = b"", None
+            while data := await proc.stdout.read(READ_BYTES):
+                buf += data
+                if start is None and (header := read_wav_header(buf)) is not None:
+                    start = header[1]
+                    buf = buf[start:]
+                if start is not None and len(buf) >= 2:
+                    cut = len(buf) // 2 * 2
+                    yield pcm16_to_float(buf[:cut])
+                    buf = buf[cut:]
+            if await proc.wait() != 0:
+                raise RuntimeError(f"espeak-ng exited with status {proc.returncode}")
+        finally:
+            if proc.returncode is None:  # the caller left: stop speaking
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
 
 
 class LocalMusicBackend(_AudioBackend):
