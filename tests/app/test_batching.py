@@ -52,15 +52,32 @@ def test_key_keeps_incompatible_items_apart() -> None:
 
 def test_full_queue_raises_429_and_takes_nothing() -> None:
     async def main() -> None:
-        b = DynamicBatcher(lambda xs: xs, max_batch_size=2, max_wait_ms=1000, max_waiting=3)
-        waiting = asyncio.ensure_future(b.submit_many([1, 2]))  # the worker is not started: they stay queued
+        b = DynamicBatcher(lambda xs: xs, max_batch_size=2, max_wait_ms=1000, max_waiting=2)
+        # The worker is not started: they stay queued. Two requests of 3 and 1 items fill the queue.
+        waiting = [asyncio.ensure_future(b.submit_many(v)) for v in ([1, 2, 3], [4])]
         await asyncio.sleep(0)
-        with pytest.raises(RateLimitError):
-            await b.submit_many([3, 4])
-        assert b.waiting == 2
-        waiting.cancel()
+        with pytest.raises(RateLimitError) as caught:
+            await b.submit_many([5])
+        assert caught.value.headers["Retry-After"] == "1"
+        assert b.waiting == 4
+        for w in waiting:
+            w.cancel()
 
     run(main())
+
+
+def test_the_queue_counts_requests_not_their_inputs() -> None:
+    """An idle model took no embeddings request of more than max_waiting inputs (the queue counted
+    inputs); the documented limit is on queued requests."""
+    async def main() -> list[int]:
+        b = DynamicBatcher(lambda xs: [x + 1 for x in xs], max_batch_size=32, max_wait_ms=0, max_waiting=4)
+        b.start()
+        try:
+            return await b.submit_many(list(range(100)))
+        finally:
+            await b.close()
+
+    assert run(main()) == list(range(1, 101))
 
 
 def test_a_failing_item_fails_only_its_own_request() -> None:

@@ -1,6 +1,7 @@
 """Dynamic batching: requests that arrive close together share one call of the model.
 
-A ``DynamicBatcher`` owns a bounded queue and one worker task. The worker takes the first waiting
+A ``DynamicBatcher`` owns a queue bounded in requests (a request's inputs are its items) and one
+worker task. The worker takes the first waiting
 item, waits up to ``max_wait_ms`` for more (up to ``max_batch_size`` that are compatible, by
 ``key``), runs ``fn`` on the batch in a thread, and resolves every item's future; when ``fn`` fails,
 each item is run alone, so only the item at fault fails. Items whose caller went away are dropped
@@ -33,6 +34,7 @@ R = TypeVar("R")
 class _Item(Generic[T]):
     value: T
     future: asyncio.Future
+    request: int  # the items of one submit share it: the queue's limit counts requests, not items
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -48,6 +50,7 @@ class DynamicBatcher(Generic[T, R]):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher")
         self._task: asyncio.Task | None = None
         self._busy_since: float | None = None  # perf_counter time the running batch started
+        self._requests = 0  # submits so far: each one's items share its number
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -80,7 +83,7 @@ class DynamicBatcher(Generic[T, R]):
         return bool(self._waiting) and now - self._waiting[0].enqueued > seconds
 
     async def submit_many(self, values: list[T]) -> list[R]:
-        """Queues all of ``values`` or none (429 when the queue cannot take them all)."""
+        """Queues all of ``values`` as one request, or none (429 when ``max_waiting`` requests wait)."""
         items = self._enqueue(values)
         try:
             return list(await asyncio.gather(*(i.future for i in items)))
@@ -98,12 +101,13 @@ class DynamicBatcher(Generic[T, R]):
             _abandon(items)
 
     def _enqueue(self, values: list[T]) -> list[_Item[T]]:
-        if len(self._waiting) + len(values) > self.max_waiting:
-            raise RateLimitError(f"Too many requests waiting for this model ({len(self._waiting)} "
-                                 f"queued, limit {self.max_waiting}); retry shortly.",
-                                 headers={"Retry-After": "1"})
+        queued = len({i.request for i in self._waiting if not i.future.done()})
+        if queued >= self.max_waiting:
+            raise RateLimitError(f"Too many requests waiting for this model ({queued} queued, limit "
+                                 f"{self.max_waiting}); retry shortly.", headers={"Retry-After": "1"})
         loop = asyncio.get_running_loop()
-        items = [_Item(v, loop.create_future()) for v in values]
+        self._requests += 1
+        items = [_Item(v, loop.create_future(), self._requests) for v in values]
         self._waiting.extend(items)
         self._wakeup.set()
         return items
