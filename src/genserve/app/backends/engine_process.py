@@ -108,10 +108,12 @@ class EngineClient:
         self.process = ctx.Process(target=engine_main, args=(child, spec), name=f"engine-{name}", daemon=True)
         self._outbox: queue.Queue[tuple | None] = queue.Queue()
         self.info: dict[str, Any] = {}
-        self.last_message = time.monotonic()
+        self.last_message = self.started = time.monotonic()
+        self.stopping = False  # stop() was called: the child's exit is expected
 
     def start(self, timeout: float = 600.0) -> None:
         """Starts the child and waits until its model is loaded; raises with its error otherwise."""
+        self.started = time.monotonic()
         self.process.start()
         if not self._conn.poll(timeout):
             self.process.kill()
@@ -140,6 +142,7 @@ class EngineClient:
         self._outbox.put(("fail_waiting",))
 
     def stop(self) -> None:
+        self.stopping = True
         self._outbox.put(("stop",))
         self._outbox.put(None)
 
@@ -163,7 +166,10 @@ class EngineClient:
                 _, events, stats = self._conn.recv()  # ("step", events, stats)
             except (EOFError, OSError):
                 self.process.join(5)
-                log.error("engine process for %s exited (code %s)", self.name, self.process.exitcode)
+                if self.stopping:
+                    log.info("engine process for %s stopped (code %s)", self.name, self.process.exitcode)
+                else:
+                    log.error("engine process for %s exited (code %s)", self.name, self.process.exitcode)
                 self.on_step(None, StepStats())
                 return
             self.last_message = time.monotonic()

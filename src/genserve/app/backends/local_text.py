@@ -30,6 +30,7 @@ from genserve.models.text.engine import EngineConfig, EngineError, EngineShutdow
 from genserve.models.text.generate import SampleOutput, TextModel
 
 log = logging.getLogger(__name__)
+RESTART_BACKOFF_RESET_S = 60.0  # an engine that served this long before dying was not crash-looping
 
 
 @dataclass
@@ -37,6 +38,12 @@ class _Pending:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     meter: Callable[[RequestEvent], None]
+
+
+def restarts_after_exit(restarts: int, lived_s: float) -> int:
+    """The restart back-off's count once an engine that ran ``lived_s`` seconds has died: kept while
+    engines die soon after starting (a crash loop), back to 0 after one that served a good while."""
+    return 0 if lived_s > RESTART_BACKOFF_RESET_S else restarts
 
 
 class LocalTextBackend(Backend):
@@ -285,6 +292,8 @@ class LocalTextBackend(Backend):
             with self._lock:
                 self._engine_exited = True
                 pending, self._pending = self._pending, {}
+                if self.engine is not None:
+                    self._restarts = restarts_after_exit(self._restarts, time.monotonic() - self.engine.started)
             gone = UnavailableError(f"The engine of model '{self.entry.id}' stopped; retry shortly.",
                                     headers={"Retry-After": "5"})
             if not self._draining:
@@ -309,7 +318,8 @@ class LocalTextBackend(Backend):
     def _restart_engine(self) -> None:
         """A new engine process after the last one died (killed, out of memory, a crashed kernel):
         its requests have failed with 503; new ones get 503 until it is loaded. Backs off 1, 2, 4 ...
-        60 s between attempts, so a model that crashes at once does not spin."""
+        60 s between attempts, so a model that crashes at once does not spin; an engine that ran for
+        ``RESTART_BACKOFF_RESET_S`` before dying starts over at 1 s."""
         while not self._draining:
             time.sleep(min(60.0, 2.0 ** self._restarts))
             self._restarts += 1
