@@ -79,6 +79,9 @@ def _serve(args: argparse.Namespace) -> int:
         log.warning("no API keys configured: the API is open to anyone who can reach %s", settings.host)
     app = create_app(settings, entries)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            # X-Forwarded-* only from the proxies the operator names (uvicorn trusts loopback).
+                            proxy_headers=bool(settings.trusted_proxies),
+                            forwarded_allow_ips=settings.trusted_proxies or None,
                             # uvicorn annotates int but hands it to asyncio.timeout, which takes float seconds.
                             timeout_graceful_shutdown=settings.shutdown_grace_s)  # type: ignore[arg-type]
     DrainingServer(config, on_exit=services_of(app).manager.drain_threadsafe).run()

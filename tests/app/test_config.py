@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from genserve.app.registry import ConfigError, load_registry
+from genserve.app.settings import Settings
 from genserve.cli import main
 
 
@@ -159,3 +161,22 @@ def test_every_generative_modality_can_be_remote_and_others_are_refused_at_start
     entry = ModelEntry(id="far-guard", modality="moderation", backend="remote", url="http://gpu:8000/v1")
     with pytest.raises(ConfigError, match=r"far-guard.*remote moderation model needs family 'llama-guard'"):
         build_backend(entry, Settings(), Metrics())
+
+
+@pytest.mark.parametrize(("env", "base"), [
+    ({}, "http://127.0.0.1:8000"),
+    ({"GENSERVE_HOST": "0.0.0.0", "GENSERVE_PORT": "9000"}, "http://127.0.0.1:9000"),
+    ({"GENSERVE_HOST": "::"}, "http://[::1]:8000"),
+    ({"GENSERVE_HOST": "0.0.0.0", "GENSERVE_PUBLIC_URL": "https://api.example.com/genserve/"},
+     "https://api.example.com/genserve"),
+])
+def test_the_base_url_of_image_links_comes_from_settings(monkeypatch: pytest.MonkeyPatch, env: dict, base: str) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert Settings().base_url() == base
+
+
+def test_a_public_url_must_be_an_http_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GENSERVE_PUBLIC_URL", "evil.example")
+    with pytest.raises(ValidationError, match="public_url"):
+        Settings()

@@ -66,6 +66,17 @@ def test_url_format_serves_the_png_without_a_key_until_it_is_gone(server):
     assert missing.status_code == 404 and "expired" in missing.json()["error"]["message"]
 
 
+def test_image_urls_never_take_the_requests_host(server):
+    """The Host header (and X-Forwarded-Host from a loopback peer) was reflected into image URLs: anyone
+    could make the server hand out links to a host of their choosing."""
+    with server.client() as c:
+        r = c.post("/v1/images/generations", json={"model": SD, "prompt": "red apple", "num_inference_steps": 2,
+                                                   "response_format": "url"},
+                   headers={"Host": "evil.example", "X-Forwarded-Host": "evil.example",
+                            "X-Forwarded-Proto": "https"})
+    assert r.json()["data"][0]["url"].startswith(server.url + "/"), r.json()
+
+
 @pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm++", "euler", "euler_a"])
 def test_every_scheduler_by_name(server, scheduler):
     r = generate(server, seed=5, scheduler=scheduler)

@@ -37,8 +37,15 @@ class Settings(BaseSettings):
     moderation: Policy = Field(default_factory=Policy, description="the global moderation policy (JSON), "
                                "e.g. GENSERVE_MODERATION='{\"action\": \"flag\"}'; models tighten it")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    public_url: str | None = Field(None, pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$",
+                                   description="the address clients reach this server at, for the image URLs "
+                                   "it hands out (default: http://HOST:PORT, loopback for a wildcard HOST); "
+                                   "never taken from a request's Host header")
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated addresses whose X-Forwarded-For/-Proto headers "
+        "are believed (default: nobody's)")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "trusted_proxies", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
@@ -62,6 +69,14 @@ class Settings(BaseSettings):
                 if line and not line.startswith("#"):
                     keys.append(line)
         return keys
+
+    def base_url(self) -> str:
+        """Where clients reach this server: ``public_url``, else the bound address (loopback when the
+        server binds every interface, which no client can dial)."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
 
     def binds_loopback_only(self) -> bool:
         if self.host == "localhost":

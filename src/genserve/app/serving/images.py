@@ -127,7 +127,7 @@ class ImageServing:
         if fmt == "b64_json":
             return [ImageData(b64_json=base64.b64encode(b).decode(), seed=s)
                     for b, s in zip(images, seeds, strict=True)]
-        base = str(raw.base_url).rstrip("/")
+        base = self.settings.base_url()  # never the request's Host
         return [ImageData(url=f"{base}{FILES_PATH}/{self.store.put(b, media_type)}", seed=s)
                 for b, s in zip(images, seeds, strict=True)]
 
