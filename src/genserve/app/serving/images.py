@@ -49,20 +49,24 @@ FILES_PATH = "/v1/images/files"
 
 class ImageStore:
     """PNG and GIF bytes behind unguessable ids, for ``response_format: url``; each expires after
-    ``ttl_s``, and the oldest go first once ``max_bytes`` are held."""
+    ``ttl_s``, and the oldest go first once ``max_bytes`` are held, counting what each entry costs
+    beside its bytes (``ITEM_OVERHEAD``: its id, tuple and dict slot), or ``max_items`` are."""
 
-    def __init__(self, ttl_s: float, max_bytes: int) -> None:
-        self.ttl_s, self.max_bytes = ttl_s, max_bytes
+    ITEM_OVERHEAD = 300  # bytes: 267 measured with tracemalloc on CPython 3.11, rounded up
+
+    def __init__(self, ttl_s: float, max_bytes: int, max_items: int = 100_000) -> None:
+        self.ttl_s, self.max_bytes, self.max_items = ttl_s, max_bytes, max_items
         self._items: OrderedDict[str, tuple[bytes, str, float]] = OrderedDict()
         self._bytes = 0
 
     def put(self, data: bytes, media_type: str) -> str:
         self._expire()
-        while self._items and self._bytes + len(data) > self.max_bytes:
+        cost = len(data) + self.ITEM_OVERHEAD
+        while self._items and (self._bytes + cost > self.max_bytes or len(self._items) >= self.max_items):
             self._drop(next(iter(self._items)))
         key = uuid.uuid4().hex + uuid.uuid4().hex
         self._items[key] = (data, media_type, time.monotonic() + self.ttl_s)
-        self._bytes += len(data)
+        self._bytes += cost
         return key
 
     def get(self, key: str) -> tuple[bytes, str] | None:
@@ -77,7 +81,7 @@ class ImageStore:
 
     def _drop(self, key: str) -> None:
         data, _, _ = self._items.pop(key)
-        self._bytes -= len(data)
+        self._bytes -= len(data) + self.ITEM_OVERHEAD
 
 
 class ImageServing:
