@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
-from genserve.app.backends.batching import DynamicBatcher
+from genserve.app.backends.batching import BatchAbandoned, DynamicBatcher
 from genserve.app.errors import RateLimitError
 
 
@@ -147,3 +148,42 @@ def test_submit_stream_yields_in_order_as_batches_finish_and_drops_the_rest_when
     assert all(len(x) <= 2 for x in batches)
     ran = [x for batch in batches for x in batch]
     assert ran[:5] == [1, 2, 3, 4, 5] and 11 not in ran, "items of a stream that was left must not run"
+
+
+def test_a_batch_that_steps_is_not_stalled_and_one_nobody_waits_for_stops() -> None:
+    """Readiness called a batch stalled once it had run 60 s, however it progressed (a valid 81 s image
+    request took a replica out of rotation); now a stall is that long without a step. A batch whose
+    callers all left is told so at its next step."""
+    stepped, go = threading.Event(), threading.Event()
+    answers: list[bool] = []
+    batcher: DynamicBatcher
+
+    def fn(items: list[int]) -> list[int]:
+        threading.Event().wait(0.3)  # a long first step
+        answers.append(batcher.beat())
+        stepped.set()
+        go.wait(5)
+        answers.append(batcher.beat())  # the next step
+        if not answers[-1]:
+            raise BatchAbandoned("nobody waits")
+        return items
+
+    async def main() -> bool:
+        nonlocal batcher
+        batcher = DynamicBatcher(fn, max_batch_size=1, max_wait_ms=0, max_waiting=10)
+        batcher.start()
+        try:
+            work = asyncio.ensure_future(batcher.submit_many([1]))
+            await asyncio.get_running_loop().run_in_executor(None, stepped.wait, 5)
+            stalled = batcher.stalled(0.2)  # 0.3 s into the batch, just after a step
+            work.cancel()  # the caller leaves
+            await asyncio.sleep(0)
+            go.set()
+            while batcher._running:
+                await asyncio.sleep(0.01)
+            return stalled
+        finally:
+            await batcher.close()
+
+    assert run(main()) is False
+    assert answers == [True, False]

@@ -126,3 +126,38 @@ def test_image_to_image_redoes_as_much_as_strength_says(openai_client, emoji, na
     assert distance[0.1] < distance[0.5] < distance[1.0], distance
     assert name_of(redraw("rocket", 1.0)) == ["rocket"], "strength 1 ignores the image"
     assert name_of(redraw("cat face", 0.5)) == ["cat face"], "redrawn toward its own name, the cat stays"
+
+
+def test_a_streamed_client_that_leaves_stops_the_denoising(server) -> None:
+    """Denoising went on for 66 s (146 steps) after a streamed client left; now the batch stops at its
+    next step. The step counter is the server's own (the denoising-step histogram's count)."""
+    import time
+
+    import httpx
+
+    from tests.conftest import API_KEY
+
+    def steps() -> float:
+        return server.metric("genserve_denoising_step_seconds_count", model_name=MODEL)
+
+    before = steps()
+    body = {"model": MODEL, "prompt": "rocket", "n": 8, "num_inference_steps": 200, "stream": True, "seed": 1}
+    seen = 0
+    with httpx.stream("POST", server.url + "/v1/images/generations", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        for line in r.iter_lines():
+            if '"image_generation.progress"' in line:
+                seen += 1
+                if seen == 3:
+                    break  # leaving the block closes the connection after the third step's event
+    done, settled = steps(), time.monotonic() + 30
+    while time.monotonic() < settled:  # until the counter stops moving
+        time.sleep(0.5)
+        if (now := steps()) == done:
+            break
+        done = now
+    ran = done - before
+    assert ran < 200, "the batch ran to the end after its client left"
+    # The steps the server had made before it noticed (its events are sent as the steps end), plus the
+    # one running then; a small constant, not the 197 left.
+    assert ran <= seen + 3, f"{ran} steps ran for a client that left after {seen}"

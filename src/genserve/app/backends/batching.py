@@ -30,6 +30,10 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+class BatchAbandoned(Exception):
+    """Raised by a model between steps when ``DynamicBatcher.beat`` says nobody waits for its batch."""
+
+
 @dataclass
 class _Item(Generic[T]):
     value: T
@@ -49,7 +53,8 @@ class DynamicBatcher(Generic[T, R]):
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher")
         self._task: asyncio.Task | None = None
-        self._busy_since: float | None = None  # perf_counter time the running batch started
+        self._busy_since: float | None = None  # perf_counter time the running batch last made progress
+        self._running: list[_Item[T]] = []  # the batch in the model now
         self._requests = 0  # submits so far: each one's items share its number
 
     def start(self) -> None:
@@ -75,8 +80,16 @@ class DynamicBatcher(Generic[T, R]):
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    def beat(self) -> bool:
+        """Called by the model between steps of the running batch (from its thread): the batch made
+        progress, so it is not stalled however long it runs. Returns whether any caller still waits for
+        it; when none does, the model stops (``BatchAbandoned``) instead of finishing work nobody reads."""
+        self._busy_since = time.perf_counter()
+        return any(not i.future.done() for i in self._running)
+
     def stalled(self, seconds: float) -> bool:
-        """True when a batch has run, or an item has waited with no batch running, for ``seconds``."""
+        """True when a batch has run without progress (its start or last ``beat``), or an item has waited
+        with no batch running, for ``seconds``."""
         now = time.perf_counter()
         if self._busy_since is not None:
             return now - self._busy_since > seconds
@@ -132,14 +145,14 @@ class DynamicBatcher(Generic[T, R]):
             now = time.perf_counter()
             if self.on_batch:
                 self.on_batch(len(batch), [now - i.enqueued for i in batch])
-            self._busy_since = now
+            self._busy_since, self._running = now, batch
             try:
                 results = await loop.run_in_executor(self._executor, self._run_batch, [i.value for i in batch])
             except asyncio.CancelledError:  # closing: the running batch's callers must not hang
                 _fail(batch)
                 raise
             finally:
-                self._busy_since = None
+                self._busy_since, self._running = None, []
             for item, result in zip(batch, results, strict=True):
                 if item.future.done():
                     continue
@@ -154,8 +167,8 @@ class DynamicBatcher(Generic[T, R]):
         try:
             return self.fn(values)
         except Exception as exc:
-            if len(values) == 1:
-                return [exc]
+            if len(values) == 1 or not any(not i.future.done() for i in self._running):
+                return [exc] * len(values)  # one item, or nobody waits (BatchAbandoned): nothing to redo
         results: list[R | BaseException] = []
         for value in values:
             try:

@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, Callable
 import numpy as np
 
 from genserve.app.backends.base import ImageArtifact, ImageEvent, ModelFacts, Progress
-from genserve.app.backends.batching import BatchedBackend
+from genserve.app.backends.batching import BatchAbandoned, BatchedBackend
 from genserve.app.errors import InvalidRequestError
 from genserve.models.diffusion.runner import DiffusionRunner
 from genserve.models.image.runner import LatentRunner, runner_for
@@ -37,7 +37,9 @@ class LocalImageBackend(BatchedBackend):
         self.start_batcher(self._timed(runner.run), key=ImageJob.key, max_batch_size=None if runner.invariant else 1)
 
     def _timed(self, run: Callable[..., list[np.ndarray]]) -> Callable[[list[ImageJob]], list[np.ndarray]]:
-        """``run`` reporting each denoising step's latency to the metrics."""
+        """``run`` reporting each denoising step: its latency to the metrics (their count is the step
+        counter), its progress to the batcher (a long batch that steps is not stalled), and stopping
+        at the next step once every caller of the batch has gone."""
         hist, mid = self.metrics.denoising_step_seconds, self.entry.id
 
         def timed(jobs: list[ImageJob]) -> list[np.ndarray]:
@@ -48,6 +50,8 @@ class LocalImageBackend(BatchedBackend):
                 now = time.perf_counter()
                 hist.labels(mid).observe(now - last)
                 last = now
+                if self.batcher is not None and not self.batcher.beat():
+                    raise BatchAbandoned(f"every caller of a batch of {len(jobs)} image(s) has gone")
 
             return run(jobs, tick)
 
