@@ -21,6 +21,7 @@ import functools
 import math
 import shutil
 from collections.abc import AsyncGenerator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -276,15 +277,23 @@ def nudge(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[LocalTextBackend, Path]]]:
     """genserve-text-tiny and its nudged copy, each on its own engine (float32, one thread)."""
-    nudged = nudge(TEXT_DIR, tmp_path_factory.mktemp("nudged"))
     out: dict[str, tuple[LocalTextBackend, Path]] = {}
+
+    def start(name: str, src: Path) -> None:
+        entry = ModelEntry(id=f"guard-{name}", modality="text", backend="local", family="llama", source=str(src),
+                           device="cpu", dtype="float32", threads=1, max_batch_size=8, kv_cache_tokens=4096)
+        backend = LocalTextBackend(entry, Metrics())
+        out[name] = (backend, src)
+        backend.setup()
+
     try:
-        for name, src in [("tiny", TEXT_DIR), ("nudged", nudged)]:
-            entry = ModelEntry(id=f"guard-{name}", modality="text", backend="local", family="llama", source=str(src),
-                               device="cpu", dtype="float32", threads=1, max_batch_size=8, kv_cache_tokens=4096)
-            backend = LocalTextBackend(entry, Metrics())
-            out[name] = (backend, src)
-            backend.setup()
+        # The first engine process loads while the copy is fitted, the second beside it: setup() mostly
+        # waits for its process.
+        with ThreadPoolExecutor(2) as pool:
+            started = [pool.submit(start, "tiny", TEXT_DIR)]
+            started.append(pool.submit(start, "nudged", nudge(TEXT_DIR, tmp_path_factory.mktemp("nudged"))))
+            for future in started:
+                future.result()
         yield out
     finally:
         for backend, _ in out.values():
