@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from typing import TypeVar, cast
 
 from genserve.app.backends.base import (
@@ -32,6 +33,7 @@ from genserve.app.settings import Settings
 from genserve.models.registry import FAMILIES
 
 log = logging.getLogger(__name__)
+ANSWER_MARGIN_S = 1.0  # of the shutdown grace, kept to send the answers of work cut at its end
 B = TypeVar("B", bound=ServedModel)
 
 # The Protocol a model's backend serves a task through, by the model's modality.
@@ -79,6 +81,8 @@ class ModelManager:
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.draining = False
+        self.grace_ends: float | None = None  # once draining: the loop time by which running work answers
+        self._timeouts: weakref.WeakSet[asyncio.Timeout] = weakref.WeakSet()  # running requests' deadlines
 
     async def start(self) -> None:
         """Loads every model in the background; requests for one still loading get a 503."""
@@ -100,10 +104,22 @@ class ModelManager:
         self.metrics.model_ready.labels(mid).set(1 if backend.ready() else 0)
 
     def drain(self) -> None:
-        """Shutdown has begun: new requests and queued ones get 503; running ones may finish."""
+        """Shutdown has begun: new requests and queued ones get 503; running ones may finish within the
+        grace period, less a second to answer: what runs then ends with a 503 (an SSE error event in
+        a stream), before the server closes its connections."""
         self.draining = True
+        loop = self._loop or asyncio.get_event_loop()
+        self.grace_ends = loop.time() + max(0.0, self.settings.shutdown_grace_s - ANSWER_MARGIN_S)
+        for timeout in list(self._timeouts):
+            when = timeout.when()
+            if when is None or when > self.grace_ends:
+                timeout.reschedule(self.grace_ends)
         for backend in self.backends.values():
             backend.drain()
+
+    def watch(self, timeout: asyncio.Timeout) -> None:
+        """A running request's deadline, to be brought forward to the grace's end if shutdown begins."""
+        self._timeouts.add(timeout)
 
     def drain_threadsafe(self) -> None:
         """``drain`` from a signal handler or another thread."""

@@ -52,7 +52,7 @@ class AudioServing:
         await self.moderation.check_input(body.model, [("input", body.input)], raw)
         params = SpeechParams(text=body.input, voice=body.voice, speed=body.speed,
                               response_format=body.response_format, seed=body.seed)
-        deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
+        deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s), self.manager)
         chunks = self._checked(deadline.stream(backend.speak(params)))
         started = time.perf_counter()
         try:
@@ -106,7 +106,7 @@ class AudioServing:
         seed = seed_or_random(body.seed)
         params = MusicParams(seconds=body.seconds, tempo=body.tempo, key=body.key, temperature=body.temperature,
                              seed=seed, response_format=body.response_format)
-        deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
+        deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s), self.manager)
         started = time.perf_counter()
 
         async def run() -> Response:

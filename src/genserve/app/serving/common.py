@@ -13,7 +13,8 @@ from typing import TypeVar
 from fastapi import Request
 from fastapi.responses import Response
 
-from genserve.app.errors import DeadlineError
+from genserve.app.backends.manager import ModelManager
+from genserve.app.errors import DeadlineError, GenserveError, UnavailableError
 from genserve.models.seeding import seed_or_random  # noqa: F401  (the serving modules take it from here)
 
 T = TypeVar("T")
@@ -35,21 +36,31 @@ def now() -> int:
 
 @dataclass
 class Deadline:
-    """The moment by which a request must be done; past it the work is cancelled and a 504 raised."""
+    """The moment by which a request must be done; past it the work is cancelled and a 504 raised. Once
+    shutdown begins (``manager.drain``) the moment is the grace period's end at the latest, and
+    passing it is a 503: the server is going away, the request was fine."""
 
     seconds: float
     at: float
+    manager: ModelManager | None = None
 
     @classmethod
-    def start(cls, seconds: float) -> Deadline:
-        return cls(seconds, asyncio.get_running_loop().time() + seconds)
+    def start(cls, seconds: float, manager: ModelManager | None = None) -> Deadline:
+        return cls(seconds, asyncio.get_running_loop().time() + seconds, manager)
 
-    def error(self) -> DeadlineError:
+    def error(self) -> GenserveError:
+        grace = self.manager.grace_ends if self.manager is not None else None
+        if grace is not None and grace <= self.at and asyncio.get_running_loop().time() >= grace:
+            return UnavailableError("The server is shutting down and its grace period ended before this "
+                                    "request finished; retry on another replica.", headers={"Retry-After": "5"})
         return DeadlineError(f"The request did not finish within {self.seconds:g} s.")
 
     async def run(self, work: Awaitable[T]) -> T:
+        grace = self.manager.grace_ends if self.manager is not None else None
         try:
-            async with asyncio.timeout_at(self.at):
+            async with asyncio.timeout_at(self.at if grace is None else min(self.at, grace)) as timeout:
+                if self.manager is not None:
+                    self.manager.watch(timeout)
                 return await work
         except TimeoutError:
             raise self.error() from None

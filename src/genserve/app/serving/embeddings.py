@@ -31,7 +31,7 @@ class EmbeddingServing:
         if len(inputs) > limit:
             raise InvalidRequestError(f"{len(inputs)} inputs exceed this model's limit of {limit} per request.",
                                       param="input")
-        deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
+        deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s), self.manager)
 
         async def run() -> EmbeddingResponse:
             result = self._checked(await deadline.run(backend.embed(inputs, body.dimensions)))

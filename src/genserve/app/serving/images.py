@@ -167,7 +167,7 @@ class ImageServing:
 
     async def _artifacts(self, backend: ImageBackend, raw: Request, events: AsyncGenerator[ImageEvent]
                          ) -> list[ImageArtifact]:
-        deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
+        deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s), self.manager)
         checked = self._checked(backend.entry.id, raw, events)
         return [e async for e in deadline.stream(checked) if isinstance(e, ImageArtifact)]
 
@@ -183,13 +183,16 @@ class ImageServing:
         if body.stream:
             # The first event is awaited before any header goes out, so an error that comes first (a
             # full queue, an upstream's 400) is still an HTTP error, as for text.
-            deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
+            deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s), self.manager)
             events = deadline.stream(self._checked(body.model, raw, backend.generate(params)))
             try:
                 first = await anext(events)
             except StopAsyncIteration:
                 first = None
-            return EventSourceResponse(self._stream(first, events, body, raw), ping=15)
+            # sse-starlette ends streams the moment SIGTERM arrives unless given a grace: they run on, and the
+            # request's deadline (``Deadline``) ends what is left at the grace's end with an error event.
+            return EventSourceResponse(self._stream(first, events, body, raw), ping=15,
+                                       shutdown_grace_period=self.settings.shutdown_grace_s)
 
         async def run() -> ImagesResponse:
             artifacts = await self._artifacts(backend, raw, backend.generate(params))

@@ -67,7 +67,7 @@ class MoleculeServing:
             top_k=body.top_k, unique=body.unique, max_samples=body.max_samples or cap,
             constraints=body.constraints.model_dump() if body.constraints is not None else None,
             include=list(body.include))
-        deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
+        deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s), self.manager)
 
         async def run() -> MoleculeGenerationResponse:
             kept: list[GeneratedMolecule] = []
@@ -124,7 +124,7 @@ class MoleculeServing:
         for param in ("start", "end"):
             await asyncio.to_thread(self.moderation.check_molecule_query, body.model, getattr(body, param),
                                     "similar_to", raw, param)
-        deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s))
+        deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s), self.manager)
         params = MoleculeInterpolationParams(start=body.start, end=body.end, steps=body.steps, method=body.method,
                                              include=list(body.include))
 

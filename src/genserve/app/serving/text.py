@@ -141,7 +141,7 @@ class TextServing:
 
     # the shared path ---------------------------------------------------------------------------
     async def _respond(self, call: _Call, requests: list[TextParams], raw: Request) -> Any:
-        deadline = Deadline.start(call.backend.entry.timeout_s(self.settings.request_timeout_s))
+        deadline = Deadline.start(call.backend.entry.timeout_s(self.settings.request_timeout_s), self.manager)
         call.requests, call.gate = requests, self.moderation.text_stream(call.model, raw)
         events = deadline.stream(self._checked(call, self._metered(call, self._merged(call.backend, requests,
                                                                                     call.body.n))))
@@ -157,7 +157,10 @@ class TextServing:
         if isinstance(first, Response):
             await events.aclose()
             return first
-        return EventSourceResponse(self._sse(call, first, events), sep="\n", ping=SSE_PING_SECONDS)
+        # sse-starlette ends streams the moment SIGTERM arrives unless given a grace: they run on, and the
+        # request's deadline (``Deadline``) ends what is left at the grace's end with an error event.
+        return EventSourceResponse(self._sse(call, first, events), sep="\n", ping=SSE_PING_SECONDS,
+                                   shutdown_grace_period=self.settings.shutdown_grace_s)
 
     async def _merged(self, backend: TextBackend, requests: list[TextParams], n: int
                       ) -> AsyncGenerator[Delta | Usage, None]:
