@@ -281,10 +281,20 @@ def test_an_inpainting_mask_painted_with_the_mouse_changes_only_that_region(brow
     assert outside == 0, f"{outside} pixels outside the painted mask changed"
     assert inside > painted // 4, f"only {inside} of {painted} painted pixels were redone"
 
+    # The same brush from the keyboard: Space paints under the cursor, Shift+arrows paint along.
+    page.el("inpaint-clear").click()
+    mask.send_keys(Keys.SPACE)
+    dab = page.js("return document.getElementById('inpaint-mask').getContext('2d')"
+                  ".getImageData(0, 0, 32, 32).data.filter((v, i) => i % 4 === 3 && v > 0).length")
+    mask.send_keys(Keys.SHIFT + Keys.ARROW_RIGHT + Keys.ARROW_RIGHT + Keys.ARROW_DOWN)
+    stroke = page.js("return document.getElementById('inpaint-mask').getContext('2d')"
+                     ".getImageData(0, 0, 32, 32).data.filter((v, i) => i % 4 === 3 && v > 0).length")
+    assert 0 < dab < stroke, (dab, stroke)
+    assert page.el("inpaint-cursor").is_displayed()
+
 
 def test_latent_models_interpolate_to_frames_and_a_gif(browser: Any, sets: ServerSets) -> None:
     page = Page(browser, sets.get("image")).open("images")
-    page.el("interp").click()  # the <details>' summary toggles it open
     page.js("document.getElementById('interp').open = true")
     page.choose("interp-model", "genserve-gan")
     page.set("interp-frames", 4)
@@ -365,6 +375,8 @@ def test_molecules_render_as_svg_with_properties_sort_and_repeat_from_curl(brows
 
     shown = json.loads(run_shown(page.code("mol-code", "curl"), "curl", tmp_path))
     assert [m["smiles"] for m in shown["data"]] == order
+    printed = run_shown(page.code("mol-code", "python"), "python", tmp_path).splitlines()
+    assert [line.split()[0] for line in printed[:6]] == order
 
     page.js("document.getElementById('props').open = true")
     page.el("props-run").click()
@@ -393,6 +405,17 @@ def test_embeddings_heatmap_matches_the_code_it_shows(browser: Any, sets: Server
     page.shot("embeddings")
     printed = [line.split() for line in run_shown(page.code("emb-code", "python"), "python", tmp_path).splitlines()]
     assert printed == cells
+
+    # Six sentences on a phone: the heatmap scrolls inside its box, the page does not.
+    page.set("emb-input", "\n".join(f"Sentence number {i} about something else." for i in range(6)))
+    page.el("emb-run").click()
+    page.wait(lambda _: len(page.d.find_elements(By.CSS_SELECTOR, "#emb-matrix tr")) == 7)
+    page.d.set_window_size(390, 844)
+    try:
+        width = page.js("return [document.documentElement.scrollWidth, window.innerWidth]")
+        assert width[0] <= width[1], f"the heatmap makes the page scroll sideways on a phone: {width}"
+    finally:
+        page.d.set_window_size(1280, 1000)
 
 
 def test_tabs_work_from_the_keyboard_and_fit_a_phone(browser: Any, sets: ServerSets) -> None:

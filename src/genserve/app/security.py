@@ -25,7 +25,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from genserve.app.errors import AuthenticationError
 from genserve.app.middleware import route_path, send_json
 
-OPEN_PATHS = {"/health/live", "/health/ready", "/metrics", "/docs", "/redoc", "/openapi.json", "/playground"}
+OPEN_PATHS = {"/health/live", "/health/ready", "/metrics", "/docs", "/redoc", "/openapi.json", "/playground",
+              "/playground/"}  # the last is redirected to /playground
 OPEN_PREFIXES = ("/static/", "/v1/images/files/")  # image URLs: the unguessable id is the credential
 bearer = HTTPBearer(auto_error=False, scheme_name="APIKey",
                     description="A key from GENSERVE_API_KEYS or GENSERVE_API_KEYS_FILE.")

@@ -10,6 +10,7 @@ const VOICES = ["alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "ony
 const TONICS = ["C", "C#", "Db", "D", "Eb", "E", "F", "F#", "Gb", "G", "Ab", "A", "Bb", "B"];
 const state = { models: [], key: sessionStorage.getItem(KEY_STORE) || "", chat: [], molecules: [] };
 const $ = (id) => document.getElementById(id);
+const FILE_FIELDS = { image: true, mask: true };  // the multipart fields that are files
 
 // ---------------------------------------------------------------------------------------------
 // Talking to the API
@@ -54,21 +55,34 @@ async function call(path, { json, form, signal } = {}) {
 }
 
 // Server-sent events of a fetch response: each event's data, as the server sent it.
-async function* events(resp) {
+// Once ``signal`` aborts, nothing more is yielded, not even events already received (an AbortError
+// is thrown instead), and the connection is let go.
+async function* events(resp, signal) {
   const reader = resp.body.getReader();
   const decoder = new TextDecoder();
+  const stopped = () => {
+    if (signal && signal.aborted) throw new DOMException("Stopped by the user.", "AbortError");
+  };
   let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
-    let cut;
-    while ((cut = buffer.indexOf("\n\n")) >= 0) {
-      const block = buffer.slice(0, cut);
-      buffer = buffer.slice(cut + 2);
-      const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).replace(/^ /, ""));
-      if (data.length) yield data.join("\n");
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      stopped();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).replace(/^ /, ""));
+        if (data.length) {
+          yield data.join("\n");
+          stopped();
+        }
+      }
     }
+  } finally {
+    reader.cancel().catch(() => {});
   }
 }
 
@@ -137,9 +151,14 @@ function fillModels(id, keep) {
   if (!models.length) select.append(new Option("no model of this kind is served", ""));
   if (models.some((m) => m.id === before)) select.value = before;
   select.disabled = !models.length;
+  for (const button of RUN_BUTTONS[id] || []) $(button).disabled = !models.length;
 }
 
 const card = (id) => state.models.find((m) => m.id === id) || {};
+// The buttons that need a model of each list.
+const RUN_BUTTONS = { "chat-model": ["chat-send"], "images-model": ["images-generate"], "inpaint-model": ["inpaint-run"],
+  "interp-model": ["interp-run"], "speech-model": ["speech-run"], "music-model": ["music-run"], "mol-model": ["mol-run"],
+  "molint-model": ["molint-run"], "emb-model": ["emb-run"] };
 
 // ---------------------------------------------------------------------------------------------
 // "View code": the request as curl and as OpenAI Python SDK code
@@ -182,7 +201,11 @@ function curl(path, { json, form, stream, output } = {}) {
   const lines = [`curl -sS${stream ? "N" : ""} ${API}${path}`];
   if (state.key) lines.push('  -H "Authorization: Bearer $GENSERVE_API_KEY"');
   if (json) lines.push('  -H "Content-Type: application/json"', `  -d ${shellQuote(JSON.stringify(json))}`);
-  for (const [k, v] of form || []) lines.push(`  -F ${shellQuote(`${k}=${v}`)}`);
+  // Text fields with --form-string: in -F, a value starting with @ or < names a file.
+  for (const [k, v] of form || []) {
+    const file = typeof v === "string" && v.startsWith("@") && k in FILE_FIELDS;
+    lines.push(`  ${file ? "-F" : "--form-string"} ${shellQuote(`${k}=${v}`)}`);
+  }
   if (output) lines.push(`  -o ${output}`);
   return lines.join(" \\\n");
 }
@@ -225,8 +248,8 @@ function seedOf(id) {
   const text = $(id).value.trim();
   if (text === "") return Math.floor(Math.random() * 2 ** 31);
   const seed = Number(text);
-  if (!Number.isSafeInteger(seed)) {
-    throw new ApiError(`The page handles whole-number seeds of at most ${Number.MAX_SAFE_INTEGER}; got ${text}.`, 0,
+  if (!Number.isSafeInteger(seed) || seed < 0) {
+    throw new ApiError(`The page takes whole-number seeds from 0 to ${Number.MAX_SAFE_INTEGER}; got ${text}.`, 0,
       { param: "seed" });
   }
   return seed;
@@ -237,7 +260,7 @@ const svgUrl = (svg) => `data:image/svg+xml;charset=utf-8,${encodeURIComponent(s
 // Drops undefined, empty-string and NaN fields so the request holds only what the user set.
 function compact(obj) {
   return Object.fromEntries(Object.entries(obj).filter(([, v]) => v !== undefined && v !== "" &&
-    !(typeof v === "number" && Number.isNaN(v))));
+    !(typeof v === "number" && !Number.isFinite(v))));
 }
 
 function download(href, name, text) {
@@ -287,7 +310,10 @@ function chatBody(mode) {
   });
   const system = $("chat-system").value;
   const text = $("chat-input").value;
-  if (mode === "completions") return { ...common, prompt: (system ? `${system}\n` : "") + text, stream: true };
+  if (mode === "completions") {
+    return { model: common.model, prompt: (system ? `${system}\n` : "") + text, ...common, stream: true,
+      stream_options: { include_usage: true } };
+  }
   const messages = [...(system ? [{ role: "system", content: system }] : []), ...state.chat,
     { role: "user", content: text }];
   return { model: common.model, messages, ...common, stream: true, stream_options: { include_usage: true } };
@@ -322,7 +348,7 @@ async function sendChat() {
   showError("chat-error", null);
   addMessage("user", text);
   const out = addMessage("assistant", "");
-  out.setAttribute("aria-busy", "true");
+  $("chat-log").setAttribute("aria-busy", "true");  // screen readers read the answer once, when it ends
   $("chat-send").disabled = true;
   $("chat-stop-button").disabled = false;
   $("chat-stats").textContent = "waiting for the first token…";
@@ -331,7 +357,7 @@ async function sendChat() {
   let firstAt = null; let usage = null; let finish = null; let chunks = 0;
   try {
     const resp = await call(mode === "chat" ? "chat/completions" : "completions", { json: body, signal: chatAbort.signal });
-    for await (const data of events(resp)) {
+    for await (const data of events(resp, chatAbort.signal)) {
       if (data === "[DONE]") break;
       const event = JSON.parse(data);
       if (event.error) throw new ApiError(event.error.message, 200, event.error);
@@ -353,7 +379,7 @@ async function sendChat() {
     if (err.name === "AbortError") finish = "stopped by you";
     else showError("chat-error", err);
   } finally {
-    out.removeAttribute("aria-busy");
+    $("chat-log").removeAttribute("aria-busy");
     chatAbort = null;
     $("chat-send").disabled = false;
     $("chat-stop-button").disabled = true;
@@ -457,7 +483,10 @@ async function generateImages() {
         if (event.type === "image_generation.progress") {
           progress.max = event.total_steps;
           progress.value = event.step;
-          status.textContent = `denoising step ${event.step} of ${event.total_steps}`;
+          const tenth = Math.max(1, Math.round(event.total_steps / 10));  // announced every 10%, not every step
+          if (event.step % tenth === 0 || event.step === event.total_steps) {
+            status.textContent = `denoising step ${event.step} of ${event.total_steps}`;
+          }
         } else if (event.type === "image_generation.completed") {
           data = event.data;
         }
@@ -514,7 +543,7 @@ function loadInpaintImage(src) {
     const [w, h] = [img.naturalWidth, img.naturalHeight];
     for (const c of [$("inpaint-image"), $("inpaint-mask")]) { c.width = w; c.height = h; }
     $("inpaint-image").getContext("2d").drawImage(img, 0, 0);
-    Object.assign(inpaint, { w, h, bits: new Uint8Array(w * h), loaded: true });
+    Object.assign(inpaint, { w, h, bits: new Uint8Array(w * h), loaded: true, cursor: [w / 2, h / 2], last: null });
     $("inpaint-brush").max = Math.max(4, Math.round(Math.max(w, h) / 3));
     $("inpaint-brush").value = Math.max(1, Math.round(Math.max(w, h) / 10));
     drawMask();
@@ -537,18 +566,55 @@ function dab(x, y, r) {
   }
 }
 
-// Paints the brush along the straight line from the previous pointer position (pointer events come
-// far apart when the hand moves fast), so a stroke has no gaps.
-function paintAt(event, start) {
-  const rect = $("inpaint-mask").getBoundingClientRect();
-  const x = ((event.clientX - rect.left) * inpaint.w) / rect.width;
-  const y = ((event.clientY - rect.top) * inpaint.h) / rect.height;
+// Paints the brush along the straight line from the previous position to (x, y), in picture pixels
+// (pointer events come far apart when the hand moves fast), so a stroke has no gaps.
+function strokeTo(x, y, start) {
   const r = Math.max(0.5, Number($("inpaint-brush").value) / 2);
   const [x0, y0] = start || !inpaint.last ? [x, y] : inpaint.last;
   const steps = Math.max(1, Math.ceil(Math.hypot(x - x0, y - y0) / (r / 2)));
   for (let i = 0; i <= steps; i += 1) dab(x0 + ((x - x0) * i) / steps, y0 + ((y - y0) * i) / steps, r);
   inpaint.last = [x, y];
   drawMask();
+}
+
+function paintAt(event, start) {
+  const rect = $("inpaint-mask").getBoundingClientRect();
+  strokeTo(((event.clientX - rect.left) * inpaint.w) / rect.width, ((event.clientY - rect.top) * inpaint.h) / rect.height,
+    start);
+}
+
+// From the keyboard: the arrow keys move a brush cursor, Space or Enter paints under it, Shift with an
+// arrow paints along the move.
+function keyPaint(event) {
+  if (!inpaint.loaded) return;
+  const moves = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
+  const [x, y] = inpaint.cursor;
+  if (event.key in moves) {
+    event.preventDefault();
+    const step = Math.max(1, Math.round(Number($("inpaint-brush").value) / 2));
+    const [dx, dy] = moves[event.key];
+    inpaint.cursor = [Math.min(inpaint.w - 0.5, Math.max(0.5, x + dx * step)),
+      Math.min(inpaint.h - 0.5, Math.max(0.5, y + dy * step))];
+    if (event.shiftKey) {
+      strokeTo(x, y, true);
+      strokeTo(...inpaint.cursor, false);
+    }
+  } else if (event.key === " " || event.key === "Enter") {
+    event.preventDefault();
+    strokeTo(x, y, true);
+  } else {
+    return;
+  }
+  showCursor();
+}
+
+function showCursor() {
+  const box = $("inpaint-cursor");
+  const size = Number($("inpaint-brush").value);
+  box.hidden = false;
+  Object.assign(box.style, { left: `${((inpaint.cursor[0] - size / 2) / inpaint.w) * 100}%`,
+    top: `${((inpaint.cursor[1] - size / 2) / inpaint.h) * 100}%`, width: `${(size / inpaint.w) * 100}%`,
+    height: `${(size / inpaint.h) * 100}%` });
 }
 
 // The picture and the mask as PNG files: the mask is opaque where the picture is kept and transparent
@@ -601,6 +667,8 @@ function setUpInpaint() {
     paintAt(e, true);
   });
   canvas.addEventListener("pointermove", (e) => { if (inpaint.painting) paintAt(e); });
+  canvas.addEventListener("keydown", keyPaint);
+  canvas.addEventListener("blur", () => { $("inpaint-cursor").hidden = true; });
   for (const type of ["pointerup", "pointercancel"]) canvas.addEventListener(type, () => { inpaint.painting = false; });
   $("inpaint-clear").addEventListener("click", () => { if (inpaint.loaded) { inpaint.bits.fill(0); drawMask(); } });
   $("inpaint-file").addEventListener("change", () => {
@@ -611,7 +679,7 @@ function setUpInpaint() {
 }
 
 async function runInterpolation() {
-  const base = compact({ model: $("interp-model").value, seed_start: num("interp-start"), seed_end: num("interp-end"),
+  const base = compact({ model: $("interp-model").value, seed_start: seedOf("interp-start"), seed_end: seedOf("interp-end"),
     frames: num("interp-frames"), method: $("interp-method").value, class: $("interp-class").value });
   if (base.class === "random") delete base.class;
   const frames = { ...base, format: "png" };
@@ -884,7 +952,7 @@ async function runEmbeddings() {
       const v = cosine(a, b);
       const cell = el("td", { textContent: v.toFixed(2) });
       cell.style.background = `rgba(36, 87, 197, ${Math.max(0, v).toFixed(3)})`;
-      cell.style.color = v > 0.55 ? "#fff" : "#1b1c1f";
+      cell.style.color = v > 0.75 ? "#fff" : "#1b1c1f";  // 4.5:1 contrast either side
       row.append(cell);
     }
     table.append(row);
