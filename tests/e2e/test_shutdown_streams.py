@@ -9,12 +9,12 @@ import concurrent.futures
 import json
 import signal
 import time
-from pathlib import Path
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.conftest import API_KEY, start_server, text_entry
+from tests.conftest import API_KEY, Server, launch_server, text_entry, wait_ready
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -46,11 +46,26 @@ def _post(url: str, body: dict) -> httpx.Response:
     return httpx.post(url + "/v1/completions", json=body, headers=HEADERS, timeout=60)
 
 
-def _under_sigterm(tmp_path: Path, grace_s: float, max_tokens: int, n: int) -> tuple[list, list, list, int | None]:
-    # 8 sequences a step at most (n each), so 4 streams and 4 requests run and 4 more wait in the queue.
-    registry = "include_defaults: false\nmodels:\n" + text_entry("tiny-drain", max_batch_size=8 * n)
-    srv = start_server(tmp_path, "drain", registry, {"GENSERVE_SHUTDOWN_GRACE_S": str(grace_s),
-                                                     "GENSERVE_MODERATION": '{"enabled": false}'})
+GRACES = {"long": (30.0, 1), "short": (1.5, 4)}  # grace seconds, choices per request
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
+    """Both scenarios' servers, loading at once (each test then stops its own with SIGTERM)."""
+    launched = {}
+    for name, (grace_s, n) in GRACES.items():
+        # 8 requests' sequences a step at most, so 4 streams and 4 requests run and 4 more wait in the queue.
+        registry = "include_defaults: false\nmodels:\n" + text_entry("tiny-drain", max_batch_size=8 * n)
+        launched[name] = launch_server(tmp_path_factory.mktemp(name), "drain", registry, {
+            "GENSERVE_SHUTDOWN_GRACE_S": str(grace_s), "GENSERVE_MODERATION": '{"enabled": false}'})
+    yield launched
+    for srv in launched.values():
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+
+
+def _under_sigterm(srv: Server, max_tokens: int, n: int) -> tuple[list, list, list, int | None]:
+    wait_ready(srv)
     body = {"model": "tiny-drain", "prompt": "The json module", "max_tokens": max_tokens, "ignore_eos": True, "n": n}
     try:
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
@@ -70,21 +85,21 @@ def _under_sigterm(tmp_path: Path, grace_s: float, max_tokens: int, n: int) -> t
             srv.proc.kill()
 
 
-def test_sigterm_lets_running_streams_and_requests_finish_and_turns_queued_away(tmp_path: Path) -> None:
-    streams, unary, queued, code = _under_sigterm(tmp_path, grace_s=30, max_tokens=150, n=1)
+def test_sigterm_lets_running_streams_and_requests_finish_and_turns_queued_away(servers: dict[str, Server]) -> None:
+    # 400 tokens: the first eight still run when the signal comes 0.8 s in, so the last four are queued.
+    streams, unary, queued, code = _under_sigterm(servers["long"], max_tokens=400, n=GRACES["long"][1])
     for s in streams:
         assert s["status"] == 200 and s["finish"] == {"length"} and s["done"] and not s["errors"], s
     for r in unary:
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 150
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 400
     for r in queued:
         assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
     assert code in (0, -signal.SIGTERM)
 
 
-@pytest.mark.parametrize("grace_s", [1.5])
-def test_work_the_grace_cannot_cover_ends_with_an_error_event_or_a_503(tmp_path: Path, grace_s: float) -> None:
-    # Long work: 4 choices of 480 tokens each per request, 32 sequences in every step.
-    streams, unary, queued, code = _under_sigterm(tmp_path, grace_s=grace_s, max_tokens=480, n=4)
+def test_work_the_grace_cannot_cover_ends_with_an_error_event_or_a_503(servers: dict[str, Server]) -> None:
+    # Long work, beyond a 1.5 s grace: 4 choices of 480 tokens each per request, 32 sequences in every step.
+    streams, unary, queued, code = _under_sigterm(servers["short"], max_tokens=480, n=GRACES["short"][1])
     for s in streams:
         assert s["status"] == 200 and s["done"], s
         assert s["errors"] and "shutting down" in s["errors"][0]["message"], s  # said, not silent
