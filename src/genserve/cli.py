@@ -77,6 +77,9 @@ def _serve(args: argparse.Namespace) -> int:
                           "or GENSERVE_API_KEYS_FILE, or pass --allow-unauthenticated")
     if not settings.keys():
         log.warning("no API keys configured: the API is open to anyone who can reach %s", settings.host)
+    if settings.public_url is None and not settings.binds_loopback_only():
+        log.warning("GENSERVE_PUBLIC_URL is not set: the links of response_format=url point at %s, which "
+                    "clients elsewhere cannot open; set it to the address they use", settings.base_url())
     app = create_app(settings, entries)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             # X-Forwarded-* only from the proxies the operator names (uvicorn trusts loopback).

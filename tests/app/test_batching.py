@@ -159,7 +159,7 @@ def test_a_batch_that_steps_is_not_stalled_and_one_nobody_waits_for_stops() -> N
     batcher: DynamicBatcher
 
     def fn(items: list[int]) -> list[int]:
-        threading.Event().wait(0.3)  # a long first step
+        threading.Event().wait(0.6)  # a long first step
         answers.append(batcher.beat())
         stepped.set()
         go.wait(5)
@@ -175,7 +175,7 @@ def test_a_batch_that_steps_is_not_stalled_and_one_nobody_waits_for_stops() -> N
         try:
             work = asyncio.ensure_future(batcher.submit_many([1]))
             await asyncio.get_running_loop().run_in_executor(None, stepped.wait, 5)
-            stalled = batcher.stalled(0.2)  # 0.3 s into the batch, just after a step
+            stalled = batcher.stalled(0.4)  # 0.6 s into the batch, just after a step
             work.cancel()  # the caller leaves
             await asyncio.sleep(0)
             go.set()
@@ -187,3 +187,35 @@ def test_a_batch_that_steps_is_not_stalled_and_one_nobody_waits_for_stops() -> N
 
     assert run(main()) is False
     assert answers == [True, False]
+
+
+def test_after_a_failed_batch_only_items_still_awaited_are_run_again() -> None:
+    """An item whose caller left during the failed batch is not redone alone (with images, a whole
+    denoising run for nobody)."""
+    seen: list[list[int]] = []
+    started = threading.Event()
+    release = threading.Event()
+
+    def fn(items: list[int]) -> list[int]:
+        seen.append(items)
+        if len(items) > 1:
+            started.set()
+            release.wait(5)
+            raise ValueError("the batch failed")
+        return [x * 10 for x in items]
+
+    async def main() -> list:
+        b = DynamicBatcher(fn, max_batch_size=8, max_wait_ms=50, max_waiting=100)
+        b.start()
+        try:
+            left, stays = (asyncio.ensure_future(b.submit_many([x])) for x in (1, 2))
+            await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)
+            left.cancel()  # its caller goes away while the batch runs
+            await asyncio.sleep(0)
+            release.set()
+            return await stays
+        finally:
+            await b.close()
+
+    assert run(main()) == [20]
+    assert seen == [[1, 2], [2]]

@@ -34,7 +34,7 @@ class BatchAbandoned(Exception):
     """Raised by a model between steps when ``DynamicBatcher.beat`` says nobody waits for its batch."""
 
 
-@dataclass
+@dataclass(eq=False)  # items are compared by identity: a queue may hold 100,000 of them
 class _Item(Generic[T]):
     value: T
     future: asyncio.Future
@@ -56,6 +56,7 @@ class DynamicBatcher(Generic[T, R]):
         self._busy_since: float | None = None  # perf_counter time the running batch last made progress
         self._running: list[_Item[T]] = []  # the batch in the model now
         self._requests = 0  # submits so far: each one's items share its number
+        self._queued: dict[int, int] = {}  # request number -> its items still in the queue (the limit counts keys)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -63,7 +64,7 @@ class DynamicBatcher(Generic[T, R]):
     def fail_waiting(self) -> None:
         """Callers still queued get a 503 now rather than waiting for their deadline."""
         _fail(self._waiting)
-        self._waiting = []
+        self._waiting, self._queued = [], {}
 
     async def close(self) -> None:
         self.fail_waiting()
@@ -101,7 +102,7 @@ class DynamicBatcher(Generic[T, R]):
         try:
             return list(await asyncio.gather(*(i.future for i in items)))
         finally:
-            _abandon(items)
+            self._leave(items)
 
     async def submit_stream(self, values: list[T]) -> AsyncGenerator[R, None]:
         """Queues all of ``values`` or none, as ``submit_many``, and yields each result in order as
@@ -111,16 +112,16 @@ class DynamicBatcher(Generic[T, R]):
             for item in items:
                 yield await item.future
         finally:
-            _abandon(items)
+            self._leave(items)
 
     def _enqueue(self, values: list[T]) -> list[_Item[T]]:
-        queued = len({i.request for i in self._waiting if not i.future.done()})
-        if queued >= self.max_waiting:
-            raise RateLimitError(f"Too many requests waiting for this model ({queued} queued, limit "
+        if len(self._queued) >= self.max_waiting:
+            raise RateLimitError(f"Too many requests waiting for this model ({len(self._queued)} queued, limit "
                                  f"{self.max_waiting}); retry shortly.", headers={"Retry-After": "1"})
         loop = asyncio.get_running_loop()
         self._requests += 1
         items = [_Item(v, loop.create_future(), self._requests) for v in values]
+        self._queued[self._requests] = len(items)
         self._waiting.extend(items)
         self._wakeup.set()
         return items
@@ -128,7 +129,10 @@ class DynamicBatcher(Generic[T, R]):
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            self._waiting = [i for i in self._waiting if not i.future.done()]
+            done = [i for i in self._waiting if i.future.done()]
+            if done:
+                self._dequeue(done)
+                self._waiting = [i for i in self._waiting if not i.future.done()]
             if not self._waiting:
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -141,7 +145,9 @@ class DynamicBatcher(Generic[T, R]):
             batch = self._compatible()[: self.max_batch_size]
             if not batch:
                 continue
-            self._waiting = [i for i in self._waiting if i not in batch]
+            self._dequeue(batch)
+            taken = set(map(id, batch))
+            self._waiting = [i for i in self._waiting if id(i) not in taken]
             now = time.perf_counter()
             if self.on_batch:
                 self.on_batch(len(batch), [now - i.enqueued for i in batch])
@@ -162,20 +168,44 @@ class DynamicBatcher(Generic[T, R]):
                     item.future.set_result(result)
 
     def _run_batch(self, values: list[T]) -> Sequence[R | BaseException]:
-        """``fn`` over the batch; when it fails, each item alone, so that one bad item fails only its
-        own request (items give the same result alone as batched, so the others lose nothing)."""
+        """``fn`` over the batch; when it fails, each item whose caller still waits alone, so that one
+        bad item fails only its own request (items give the same result alone as batched, so the
+        others lose nothing)."""
         try:
             return self.fn(values)
         except Exception as exc:
-            if len(values) == 1 or not any(not i.future.done() for i in self._running):
-                return [exc] * len(values)  # one item, or nobody waits (BatchAbandoned): nothing to redo
+            failure = exc
+        items = list(self._running)
+        if len(values) == 1 or isinstance(failure, BatchAbandoned) or len(items) != len(values):
+            return [failure] * len(values)  # nothing to tell apart, or nobody waits any more
         results: list[R | BaseException] = []
-        for value in values:
+        for item, value in zip(items, values, strict=True):
+            if item.future.done():  # its caller left: not redone
+                results.append(failure)
+                continue
             try:
                 results.extend(self.fn([value]))
             except Exception as exc:
                 results.append(exc)
         return results
+
+    def _dequeue(self, items: list[_Item[T]]) -> None:
+        """``items`` leave the queue: a request with none left there no longer counts against the limit."""
+        for item in items:
+            left = self._queued.get(item.request)
+            if left is None:
+                continue
+            if left <= 1:
+                del self._queued[item.request]
+            else:
+                self._queued[item.request] = left - 1
+
+    def _leave(self, items: list[_Item[T]]) -> None:
+        """The caller of ``items`` is done with them (answered, or gone): what was not run is abandoned."""
+        for item in items:
+            item.future.cancel()  # no-op when done; marks the rest as abandoned
+        if items:
+            self._queued.pop(items[0].request, None)
 
     def _compatible(self) -> list[_Item[T]]:
         live = [i for i in self._waiting if not i.future.done()]
@@ -183,11 +213,6 @@ class DynamicBatcher(Generic[T, R]):
             return []
         first = self.key(live[0].value)
         return [i for i in live if self.key(i.value) == first]
-
-
-def _abandon(items: list[_Item]) -> None:
-    for item in items:
-        item.future.cancel()  # no-op when done; marks the rest as abandoned
 
 
 def _fail(items: list[_Item]) -> None:

@@ -113,7 +113,6 @@ class EngineClient:
 
     def start(self, timeout: float = 600.0) -> None:
         """Starts the child and waits until its model is loaded; raises with its error otherwise."""
-        self.started = time.monotonic()
         self.process.start()
         if not self._conn.poll(timeout):
             self.process.kill()
@@ -125,6 +124,7 @@ class EngineClient:
         if kind == "failed":
             raise RuntimeError(f"engine process for {self.name} failed to load:\n{payload}")
         self.info = payload
+        self.started = time.monotonic()  # serving from now: how long it lived counts from here
         threading.Thread(target=self._send_loop, name=f"engine-send-{self.name}", daemon=True).start()
         threading.Thread(target=self._recv_loop, name=f"engine-recv-{self.name}", daemon=True).start()
 

@@ -4,8 +4,8 @@ one a request names."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import weakref
 from typing import TypeVar, cast
 
 from genserve.app.backends.base import (
@@ -82,7 +82,7 @@ class ModelManager:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.draining = False
         self.grace_ends: float | None = None  # once draining: the loop time by which running work answers
-        self._timeouts: weakref.WeakSet[asyncio.Timeout] = weakref.WeakSet()  # running requests' deadlines
+        self._timeouts: set[asyncio.Timeout] = set()  # the deadlines of running requests (``watch``)
 
     async def start(self) -> None:
         """Loads every model in the background; requests for one still loading get a 503."""
@@ -107,19 +107,27 @@ class ModelManager:
         """Shutdown has begun: new requests and queued ones get 503; running ones may finish within the
         grace period, less a second to answer: what runs then ends with a 503 (an SSE error event in
         a stream), before the server closes its connections."""
+        first = not self.draining
         self.draining = True
-        loop = self._loop or asyncio.get_event_loop()
-        self.grace_ends = loop.time() + max(0.0, self.settings.shutdown_grace_s - ANSWER_MARGIN_S)
-        for timeout in list(self._timeouts):
-            when = timeout.when()
-            if when is None or when > self.grace_ends:
-                timeout.reschedule(self.grace_ends)
         for backend in self.backends.values():
             backend.drain()
+        if not first:  # a second signal: the grace already runs
+            return
+        loop = self._loop or asyncio.get_event_loop()
+        self.grace_ends = grace = loop.time() + max(0.0, self.settings.shutdown_grace_s - ANSWER_MARGIN_S)
+        for timeout in list(self._timeouts):
+            when = timeout.when()
+            if not timeout.expired() and (when is None or when > grace):
+                with contextlib.suppress(RuntimeError):  # one that has just fired or ended
+                    timeout.reschedule(grace)
 
     def watch(self, timeout: asyncio.Timeout) -> None:
-        """A running request's deadline, to be brought forward to the grace's end if shutdown begins."""
+        """A running request's deadline, to be brought forward to the grace's end if shutdown begins
+        (until ``unwatch``)."""
         self._timeouts.add(timeout)
+
+    def unwatch(self, timeout: asyncio.Timeout) -> None:
+        self._timeouts.discard(timeout)
 
     def drain_threadsafe(self) -> None:
         """``drain`` from a signal handler or another thread."""

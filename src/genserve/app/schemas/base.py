@@ -37,6 +37,8 @@ def _lone_surrogate(value: Any, path: str) -> str | None:
             return None
         return f"(U+{ord(found.group()):04X}) at character {found.start()} of {path}"
     if isinstance(value, list):
+        if value and isinstance(value[0], int | float):  # token ids, numbers: no text (lists are uniform)
+            return None
         for i, item in enumerate(value):
             if isinstance(item, str | list | dict) and (where := _lone_surrogate(item, f"{path}[{i}]")):
                 return where

@@ -61,7 +61,11 @@ class Deadline:
             async with asyncio.timeout_at(self.at if grace is None else min(self.at, grace)) as timeout:
                 if self.manager is not None:
                     self.manager.watch(timeout)
-                return await work
+                try:
+                    return await work
+                finally:
+                    if self.manager is not None:
+                        self.manager.unwatch(timeout)
         except TimeoutError:
             raise self.error() from None
 
