@@ -68,9 +68,14 @@ class Page:
             return next((o for o in Select(self.el(id_)).options if o.get_attribute("value") == value), None)
         self.wait(option).click()
 
-    def idle(self, button: str) -> None:
-        """Waits until ``button`` is enabled again: its request has ended."""
-        self.wait(lambda _: self.el(button).is_enabled())
+    def run(self, button: str, error_slot: str, done: Any) -> None:
+        """Clicks ``button`` and waits until ``done()`` holds or the tab shows an error (which fails)."""
+        self.el(button).click()
+        self.wait(lambda _: done() or self.error(error_slot))
+        assert self.error(error_slot) == "", self.error(error_slot)
+
+    def count(self, selector: str) -> int:
+        return self.js(f"return document.querySelectorAll('{selector}').length")
 
     def code(self, slot: str, lang: str) -> str:
         return self.js(f"return document.querySelector('#{slot} pre[data-lang=\"{lang}\"] code').textContent")
@@ -205,9 +210,7 @@ def test_images_stream_progress_and_a_reused_seed_gives_the_same_picture(browser
     page.js("""window.statuses = [];
       new MutationObserver(() => window.statuses.push(document.getElementById('images-status').textContent))
         .observe(document.getElementById('images-status'), {childList: true, characterData: true, subtree: true});""")
-    page.el("images-generate").click()
-    page.wait(lambda _: len(_image_srcs(page, "images-grid")) == 2 or page.error("images-error"))
-    assert page.error("images-error") == ""
+    page.run("images-generate", "images-error", lambda: len(_image_srcs(page, "images-grid")) == 2)
     steps = [s for s in page.js("return window.statuses") if s.startswith("denoising step")]
     assert "denoising step 4 of 4" in steps, f"no progress from the stream: {page.js('return window.statuses')}"
     page.shot("images")
@@ -242,9 +245,7 @@ def test_an_inpainting_mask_painted_with_the_mouse_changes_only_that_region(brow
     page.set("images-n", 1)
     page.set("images-steps", 4)
     page.set("images-seed", 11)
-    page.el("images-generate").click()
-    page.wait(lambda _: len(_image_srcs(page, "images-grid")) == 1 or page.error("images-error"))
-    assert page.error("images-error") == ""
+    page.run("images-generate", "images-error", lambda: len(_image_srcs(page, "images-grid")) == 1)
     page.d.find_element(By.XPATH, "//div[@id='images-grid']//button[text()='Edit']").click()
     page.wait(lambda _: page.js("return document.getElementById('inpaint-image').width") == 32)
     mask = page.el("inpaint-mask")
@@ -255,9 +256,7 @@ def test_an_inpainting_mask_painted_with_the_mouse_changes_only_that_region(brow
     assert 30 < painted < 32 * 32 / 2, f"{painted} pixels painted"
     page.set("inpaint-seed", 3)
     page.set("inpaint-prompt", "rocket")
-    page.el("inpaint-run").click()
-    page.wait(lambda _: _image_srcs(page, "inpaint-result") or page.error("inpaint-error"))
-    assert page.error("inpaint-error") == ""
+    page.run("inpaint-run", "inpaint-error", lambda: _image_srcs(page, "inpaint-result"))
     page.js("document.getElementById('inpaint-run').scrollIntoView()")
     page.shot("inpainting")
     changed = page.d.execute_async_script("""
@@ -298,10 +297,7 @@ def test_latent_models_interpolate_to_frames_and_a_gif(browser: Any, sets: Serve
     page.js("document.getElementById('interp').open = true")
     page.choose("interp-model", "genserve-gan")
     page.set("interp-frames", 4)
-    page.el("interp-run").click()
-    page.wait(lambda _: page.js("return document.querySelectorAll('#interp-gif img').length") == 1
-              or page.error("interp-error"))
-    assert page.error("interp-error") == ""
+    page.run("interp-run", "interp-error", lambda: page.count("#interp-gif img") == 1)
     assert len(_image_srcs(page, "interp-frames-out")) == 4
     assert _image_srcs(page, "interp-gif")[0].startswith("data:image/gif;base64,R0lG")  # "GIF8"
 
@@ -327,10 +323,7 @@ def test_speech_plays_in_the_page_and_music_draws_its_piano_roll(browser: Any, s
     page = Page(browser, sets.get("audio")).open("audio")
     page.choose("speech-model", "genserve-speech")
     page.choose("speech-format", "wav")
-    page.el("speech-run").click()
-    page.wait(lambda _: page.js("return document.querySelector('#speech-out audio') !== null")
-              or page.error("speech-error"))
-    assert page.error("speech-error") == ""
+    page.run("speech-run", "speech-error", lambda: page.count("#speech-out audio") == 1)
     assert 0.5 < _duration(page, "#speech-out audio") < 5
     run_shown(page.code("speech-code", "python"), "python", tmp_path)
     assert base64.b64encode((tmp_path / "speech.wav").read_bytes()).decode() == _blob_b64(page, "#speech-out audio")
@@ -338,9 +331,7 @@ def test_speech_plays_in_the_page_and_music_draws_its_piano_roll(browser: Any, s
     page.choose("music-model", "genserve-music")
     page.set("music-seconds", 3)
     page.set("music-seed", 7)
-    page.el("music-run").click()
-    page.wait(lambda _: page.el("music-roll").get_attribute("data-notes") or page.error("music-error"))
-    assert page.error("music-error") == ""
+    page.run("music-run", "music-error", lambda: page.el("music-roll").get_attribute("data-notes"))
     assert int(page.el("music-roll").get_attribute("data-notes")) > 3
     assert 2.5 < _duration(page, "#music-out audio") < 3.5
     assert page.d.find_element(By.CSS_SELECTOR, '#music-out a[download="music.mid"]')
@@ -354,10 +345,7 @@ def test_molecules_render_as_svg_with_properties_sort_and_repeat_from_curl(brows
     page.set("mol-n", 6)
     page.set("mol-seed", 7)
     page.set("mol-qed-min", 0.3)
-    page.el("mol-run").click()
-    page.wait(lambda _: page.js("return document.querySelectorAll('#mol-grid figure').length") == 6
-              or page.error("mol-error"))
-    assert page.error("mol-error") == ""
+    page.run("mol-run", "mol-error", lambda: page.count("#mol-grid figure") == 6)
     figures = page.d.find_elements(By.CSS_SELECTOR, "#mol-grid figure")
     for fig in figures:
         assert fig.find_element(By.TAG_NAME, "img").get_attribute("src").startswith("data:image/svg+xml")
@@ -379,25 +367,20 @@ def test_molecules_render_as_svg_with_properties_sort_and_repeat_from_curl(brows
     assert [line.split()[0] for line in printed[:6]] == order
 
     page.js("document.getElementById('props').open = true")
-    page.el("props-run").click()
-    page.wait(lambda _: page.js("return document.querySelectorAll('#props-out figure').length") == 3)
+    page.run("props-run", "props-error", lambda: page.count("#props-out figure") == 3)
     assert "QED" in page.d.find_elements(By.CSS_SELECTOR, "#props-out figure")[0].text
     assert page.d.find_elements(By.CSS_SELECTOR, "#props-out figure .error")
 
     page.js("document.getElementById('molint').open = true")
     page.choose("molint-model", "genserve-mol-vae")
     page.set("molint-steps", 4)
-    page.el("molint-run").click()
-    page.wait(lambda _: page.js("return document.querySelectorAll('#molint-out figure').length") == 4
-              or page.error("molint-error"))
-    assert page.error("molint-error") == ""
+    page.run("molint-run", "molint-error", lambda: page.count("#molint-out figure") == 4)
 
 
 def test_embeddings_heatmap_matches_the_code_it_shows(browser: Any, sets: ServerSets, tmp_path: Path) -> None:
     page = Page(browser, sets.get("text")).open("embeddings")
     page.choose("emb-model", "all-minilm-l6-v2")
-    page.el("emb-run").click()
-    page.wait(lambda _: page.el("emb-matrix").is_displayed() or page.error("emb-error"))
+    page.run("emb-run", "emb-error", lambda: page.el("emb-matrix").is_displayed())
     cells = page.js("return [...document.querySelectorAll('#emb-matrix tr')].slice(1)"
                     ".map(r => [...r.querySelectorAll('td')].map(td => td.textContent))")
     assert len(cells) == 4 and all(row[i] == "1.00" for i, row in enumerate(cells))
@@ -408,8 +391,7 @@ def test_embeddings_heatmap_matches_the_code_it_shows(browser: Any, sets: Server
 
     # Six sentences on a phone: the heatmap scrolls inside its box, the page does not.
     page.set("emb-input", "\n".join(f"Sentence number {i} about something else." for i in range(6)))
-    page.el("emb-run").click()
-    page.wait(lambda _: len(page.d.find_elements(By.CSS_SELECTOR, "#emb-matrix tr")) == 7)
+    page.run("emb-run", "emb-error", lambda: page.count("#emb-matrix tr") == 7)
     page.d.set_window_size(390, 844)
     try:
         width = page.js("return [document.documentElement.scrollWidth, window.innerWidth]")
