@@ -1,12 +1,12 @@
 """Dynamic batching: requests that arrive close together share one call of the model.
 
 A ``DynamicBatcher`` owns a queue bounded in requests (a request's inputs are its items) and one
-worker task. The worker takes the first waiting
-item, waits up to ``max_wait_ms`` for more (up to ``max_batch_size`` that are compatible, by
-``key``), runs ``fn`` on the batch in a thread, and resolves every item's future; when ``fn`` fails,
-each item is run alone, so only the item at fault fails. Items whose caller went away are dropped
-before the model sees them. Batching is a property of the runner: ``fn`` knows nothing of queues,
-and each item must give the same result alone or batched.
+worker task. The worker takes the first waiting item, waits up to ``max_wait_ms`` for more (up to
+``max_batch_size`` that are compatible, by ``key``), runs ``fn`` on the batch in a thread, and
+resolves every item's future; when ``fn`` fails, each item is run alone, so only the item at fault
+fails. Items whose caller went away are dropped before the model sees them. Batching is a property
+of the runner: ``fn`` knows nothing of queues, and each item must give the same result alone or
+batched.
 """
 
 from __future__ import annotations

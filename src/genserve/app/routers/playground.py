@@ -7,6 +7,7 @@ types kept in the tab's session storage, so it needs no privilege of its own and
 ``/docs``.
 """
 
+from functools import cache
 from importlib.resources import files
 
 from fastapi import APIRouter
@@ -21,6 +22,12 @@ router = APIRouter(include_in_schema=False)
 
 @router.api_route("/playground", methods=["GET", "HEAD"])
 async def playground() -> HTMLResponse:
+    html, policy = _page()
+    return HTMLResponse(html, headers={"Content-Security-Policy": policy, "Cache-Control": "no-cache"})
+
+
+@cache
+def _page() -> tuple[str, str]:
+    """The page and its policy, read once: the file ships inside the package."""
     html = (files("genserve.app") / "playground" / "index.html").read_text(encoding="utf-8")
-    return HTMLResponse(html, headers={"Content-Security-Policy": content_security_policy(html),
-                                       "Cache-Control": "no-cache"})
+    return html, content_security_policy(html)

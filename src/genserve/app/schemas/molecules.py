@@ -52,8 +52,7 @@ class Constraints(OpenAIBaseModel):
     logp_min: float | None = Field(None, description="Crippen logP")
     logp_max: float | None = None
     tpsa_max: float | None = Field(None, ge=0, description="topological polar surface area, Å²")
-    substructure: Molecule | None = Field(None, min_length=1,
-                                     description="SMARTS the molecule must contain")
+    substructure: Molecule | None = Field(None, min_length=1, description="SMARTS the molecule must contain")
     similar_to: Molecule | None = Field(None, min_length=1, description="reference SMILES")
     similarity_min: float | None = Field(None, ge=0, le=1, description="Tanimoto similarity to similar_to "
                                          "(Morgan radius-2, 2048-bit fingerprints)")

@@ -12,12 +12,14 @@ from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
+from sse_starlette import EventSourceResponse
 
 from genserve.app.backends.manager import ModelManager
 from genserve.app.errors import DeadlineError, GenserveError, UnavailableError
 from genserve.models.seeding import seed_or_random  # noqa: F401  (the serving modules take it from here)
 
 T = TypeVar("T")
+SSE_PING_SECONDS = 15
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; only ever seen in metrics
 
 
@@ -81,6 +83,13 @@ class Deadline:
         finally:
             with contextlib.suppress(Exception):
                 await items.aclose()
+
+
+def event_stream(events: AsyncGenerator[str, None], grace_s: float, sep: str | None = None) -> EventSourceResponse:
+    """The SSE response of a stream. sse-starlette ends streams the moment SIGTERM arrives unless given a
+    grace: they run on, and the request's ``Deadline`` ends what is left at the grace's end with an
+    error event."""
+    return EventSourceResponse(events, ping=SSE_PING_SECONDS, shutdown_grace_period=grace_s, sep=sep)
 
 
 async def unless_disconnected(raw: Request, work: Awaitable[T]) -> T | Response:

@@ -22,7 +22,6 @@ import numpy as np
 from fastapi import Request, UploadFile
 from fastapi.responses import Response
 from PIL import Image
-from sse_starlette import EventSourceResponse
 
 from genserve.app.backends.base import ImageArtifact, ImageBackend, ImageEvent, ModelFacts, Progress
 from genserve.app.backends.manager import ModelManager
@@ -38,7 +37,7 @@ from genserve.app.schemas.images import (
     ImageInterpolationRequest,
     ImagesResponse,
 )
-from genserve.app.serving.common import Deadline, now, seed_or_random, unless_disconnected
+from genserve.app.serving.common import Deadline, event_stream, now, seed_or_random, unless_disconnected
 from genserve.app.serving.media import artifact_pixels, image_bytes
 from genserve.app.settings import Settings
 from genserve.models.params import ImageInterpolationParams, ImageJob, ImageParams
@@ -189,10 +188,7 @@ class ImageServing:
                 first = await anext(events)
             except StopAsyncIteration:
                 first = None
-            # sse-starlette ends streams the moment SIGTERM arrives unless given a grace: they run on, and the
-            # request's deadline (``Deadline``) ends what is left at the grace's end with an error event.
-            return EventSourceResponse(self._stream(first, events, body, raw), ping=15,
-                                       shutdown_grace_period=self.settings.shutdown_grace_s)
+            return event_stream(self._stream(first, events, body, raw), self.settings.shutdown_grace_s)
 
         async def run() -> ImagesResponse:
             artifacts = await self._artifacts(backend, raw, backend.generate(params))

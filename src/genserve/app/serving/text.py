@@ -21,7 +21,6 @@ from typing import Any, Literal, cast
 
 from fastapi import Request
 from fastapi.responses import Response
-from sse_starlette import EventSourceResponse
 
 from genserve.app.backends.base import Delta, TextBackend, TokenLogprob, Usage
 from genserve.app.backends.manager import ModelManager
@@ -48,6 +47,7 @@ from genserve.app.schemas.completions import (
 from genserve.app.schemas.sampling import SamplingFields
 from genserve.app.serving.common import (
     Deadline,
+    event_stream,
     now,
     request_id,
     response_id,
@@ -56,7 +56,6 @@ from genserve.app.serving.common import (
 from genserve.app.settings import Settings
 from genserve.models.params import TextParams
 
-SSE_PING_SECONDS = 15
 FinishReason = Literal["stop", "length", "content_filter"]
 log = logging.getLogger(__name__)
 
@@ -157,10 +156,7 @@ class TextServing:
         if isinstance(first, Response):
             await events.aclose()
             return first
-        # sse-starlette ends streams the moment SIGTERM arrives unless given a grace: they run on, and the
-        # request's deadline (``Deadline``) ends what is left at the grace's end with an error event.
-        return EventSourceResponse(self._sse(call, first, events), sep="\n", ping=SSE_PING_SECONDS,
-                                   shutdown_grace_period=self.settings.shutdown_grace_s)
+        return event_stream(self._sse(call, first, events), self.settings.shutdown_grace_s, sep="\n")
 
     async def _merged(self, backend: TextBackend, requests: list[TextParams], n: int
                       ) -> AsyncGenerator[Delta | Usage, None]:
