@@ -4,9 +4,11 @@ measures them (targets and their entry points: the family table, ``models/regist
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -15,6 +17,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from genserve import __version__
+from genserve.app import logs
 from genserve.app.registry import ConfigError
 from genserve.app.settings import Settings
 from genserve.models.registry import EVAL_TARGETS, TRAIN_TARGETS, Target
@@ -61,27 +64,55 @@ class DrainingServer(uvicorn.Server):
         self.on_exit()
         super().handle_exit(sig, frame)
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn dies by the signal again once it has shut down; a stop asked for and done cleanly
+        exits 0 instead, so ``make serve`` prints no "Error 143" and supervisors log a clean stop."""
+        with super().capture_signals():
+            yield
+            if self._captured_signals:
+                log.info("stopped cleanly (signal %d)", self._captured_signals[-1])
+            self._captured_signals.clear()
+
 
 def _serve(args: argparse.Namespace) -> int:
     from genserve.app.deps import services_of
     from genserve.app.main import create_app
-    from genserve.app.registry import load_registry
+    from genserve.app.registry import entry_for_source, load_registry, select
+    from genserve.app.tenancy import read_keys
 
-    settings = load_settings({"host": args.host, "port": args.port, "config": args.config,
+    settings = load_settings({"host": args.host, "port": args.port, "config": args.config, "models": args.models,
                               "api_keys_file": args.api_keys_file, "log_level": args.log_level,
+                              "log_format": args.log_format,
                               "allow_unauthenticated": args.allow_unauthenticated or None})
-    logging.getLogger().setLevel(settings.log_level.upper())
-    entries = load_registry(settings.config)
-    if not settings.keys() and not settings.binds_loopback_only() and not settings.allow_unauthenticated:
+    logs.setup(settings.log_level, settings.log_format, quiet=True)
+    if args.model is None:
+        if args.id is not None:
+            raise ConfigError("--id names the model of --model: pass --model DIR_OR_HUB_ID too")
+        entries = load_registry(settings.config)
+        if settings.models:
+            entries = select(entries, settings.models, "--models" if args.models else "GENSERVE_MODELS")
+    elif settings.models or settings.config:
+        other = (("--models" if args.models else "GENSERVE_MODELS") if settings.models
+                 else "--config" if args.config else "GENSERVE_CONFIG")
+        raise ConfigError(f"--model serves that one model alone and cannot be combined with {other}; to serve "
+                          "several, list them in a registry file (--config) and choose with --models")
+    else:
+        entries = [entry_for_source(args.model, args.id)]
+    keys = read_keys(settings.api_keys, settings.api_keys_file)  # a bad keys file stops here, named
+    if not keys and not settings.binds_loopback_only() and not settings.allow_unauthenticated:
         raise ConfigError(f"refusing to serve on {settings.host} without API keys: set GENSERVE_API_KEYS "
                           "or GENSERVE_API_KEYS_FILE, or pass --allow-unauthenticated")
-    if not settings.keys():
+    if not keys:
         log.warning("no API keys configured: the API is open to anyone who can reach %s", settings.host)
     if settings.public_url is None and not settings.binds_loopback_only():
         log.warning("GENSERVE_PUBLIC_URL is not set: the links of response_format=url point at %s, which "
                     "clients elsewhere cannot open; set it to the address they use", settings.base_url())
     app = create_app(settings, entries)
+    if hasattr(signal, "SIGHUP"):  # the keys file again, without a restart (a bad file keeps the old keys)
+        signal.signal(signal.SIGHUP, lambda *_: services_of(app).tenancy.reload())
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            log_config=None,  # its lines go through the root handler (logs.setup)
                             # X-Forwarded-* only from the proxies the operator names (uvicorn trusts loopback).
                             proxy_headers=bool(settings.trusted_proxies),
                             forwarded_allow_ips=settings.trusted_proxies or None,
@@ -91,19 +122,47 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    """Prints the SHA-256 of each key read from standard input, for a keys file's ``key_sha256``: the key
+    itself need never be written into the file."""
+    import hashlib
+
+    for line in sys.stdin:
+        if key := line.strip():
+            print(hashlib.sha256(key.encode()).hexdigest())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="genserve", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="genserve", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="One HTTP API for generative models: text, images, audio and molecules.\n"
+        "'genserve COMMAND -h' describes a command and its options.",
+        epilog="examples:\n"
+        "  genserve serve                         serve the embedded models on port 8000\n"
+        "  genserve serve --model /models/llama   serve one model directory alone\n"
+        "  genserve serve --config my.yaml        add models or replace built-in ones\n"
+        "  genserve train text-tiny --minutes 40  retrain the embedded text model")
     parser.add_argument("--version", action="version", version=f"genserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the models of the registry over HTTP")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1, GENSERVE_HOST)")
     serve.add_argument("--port", type=int, help="port (default 8000, GENSERVE_PORT)")
     serve.add_argument("--config", help="model registry YAML extending the built-in one (GENSERVE_CONFIG)")
+    serve.add_argument("--models", metavar="ID,ID", help="serve only these registry entries (GENSERVE_MODELS)")
+    serve.add_argument("--model", metavar="DIR_OR_HUB_ID", help="serve this one model alone, its family "
+                       "recognised from its files (a model directory, or an org/name in the Hugging Face cache)")
+    serve.add_argument("--id", help="--model's public id (default: the directory's name, or the hub id)")
     serve.add_argument("--api-keys-file", help="file with one API key per line (GENSERVE_API_KEYS_FILE)")
     serve.add_argument("--allow-unauthenticated", action="store_true",
                        help="serve a non-loopback address without API keys")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--log-format", choices=["text", "json"],
+                       help="json: one JSON object a line (default text, GENSERVE_LOG_FORMAT)")
     serve.set_defaults(func=_serve)
+    keys = sub.add_parser("keys", help="print the key_sha256 of API keys for the keys file")
+    keys.add_argument("action", choices=["hash"], help="hash: read keys, one per line, from standard input")
+    keys.set_defaults(func=_keys)
     train = sub.add_parser("train", help="train an embedded model and save it under models/weights/")
     train.add_argument("target", choices=list(TRAIN_TARGETS))
     train.add_argument("--out", default=None, help="output directory (default: the shipped one)")
@@ -119,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="diffusion: what the UNet predicts (default v_prediction)")
     train.add_argument("--lr", type=float, help="diffusion: peak learning rate (default 1e-3)")
     train.set_defaults(func=_train)
-    ev = sub.add_parser("eval", help="measure a model: held-out perplexity, int8 and int4 against full precision")
+    ev = sub.add_parser("eval", help="measure a model: text (held-out perplexity, int8 and int4 against full "
+                        "precision), molecules (MOSES metrics), music, images (FID and more)")
     ev.add_argument("target", choices=list(EVAL_TARGETS))
     ev.add_argument("--model", help="model directory (default: the embedded genserve-text-tiny, genserve-mol or "
                     "genserve-music); images: genserve-gan, genserve-vae, genserve-flow, genserve-diffusion or all "
@@ -142,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup("info")
     args = build_parser().parse_args(argv)
     if args.command == "train":
         target = TRAIN_TARGETS[args.target]

@@ -127,12 +127,13 @@ def test_public_bind_without_keys_is_refused(monkeypatch: pytest.MonkeyPatch, ca
 
 def test_keys_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from genserve.app.settings import Settings
+    from genserve.app.tenancy import read_keys
 
     keys = tmp_path / "keys"
     keys.write_text("# team keys\nk-file-1\n\n  k-file-2  \n")
     monkeypatch.setenv("GENSERVE_API_KEYS", "k1, k2,")
     s = Settings(api_keys_file=keys)
-    assert s.keys() == ["k1", "k2", "k-file-1", "k-file-2"]
+    assert [k.key for k in read_keys(s.api_keys, s.api_keys_file)] == ["k1", "k2", "k-file-1", "k-file-2"]
     assert Settings(host="::1").binds_loopback_only() and not Settings(host="0.0.0.0").binds_loopback_only()
 
 

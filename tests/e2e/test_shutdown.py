@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import signal
 import time
 from pathlib import Path
@@ -39,10 +40,14 @@ def test_sigterm_drains_the_queue_and_finishes_running_work(tmp_path: Path) -> N
             done = running.result()
         assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 300
         assert answered < 2.0  # at once, not after the running request or the grace period
-        # uvicorn re-raises the signal after a clean shutdown, as a process stopped by SIGTERM should.
-        assert srv.proc.wait(30) in (0, -signal.SIGTERM)
+        # A stop asked for and done cleanly exits 0 (`make serve` prints no "Error 143"), logging no ERROR.
+        assert srv.proc.wait(30) == 0
         log = srv.log.read_text()
-        assert "Application shutdown complete" in log and "Traceback" not in log
+        assert "Application shutdown complete" in log and "stopped cleanly (signal 15)" in log
+        assert "Traceback" not in log and " ERROR " not in log and " WARNING " not in log
+        # One line says the server is ready, where, with what, after how long.
+        assert re.search(rf"INFO genserve.app.backends.manager: ready in \d+\.\d s: 1 model \(tiny-drain\) at "
+                         rf"{srv.url}/v1 \| docs {srv.url}/docs \| playground {srv.url}/playground\n", log), log
     finally:
         if srv.proc.poll() is None:
             srv.proc.kill()

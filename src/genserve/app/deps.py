@@ -23,6 +23,7 @@ from genserve.app.serving.models import ModelsServing
 from genserve.app.serving.moderations import ModerationServing
 from genserve.app.serving.molecules import MoleculeServing
 from genserve.app.serving.text import TextServing
+from genserve.app.tenancy import Tenancy
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Services:
     metrics: Metrics
     manager: ModelManager
     moderation: ModerationService
+    tenancy: Tenancy
     models: ModelsServing
     text: TextServing
     embeddings: EmbeddingServing

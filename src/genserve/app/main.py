@@ -18,7 +18,7 @@ from genserve.app.middleware import BodyLimitMiddleware, MetricsMiddleware, Requ
 from genserve.app.moderation.service import ModerationService
 from genserve.app.registry import ModelEntry, load_registry
 from genserve.app.routers import audio, docs, embeddings, images, models, moderations, molecules, ops, playground, text
-from genserve.app.security import ApiKeyMiddleware, ApiKeys
+from genserve.app.security import ApiKeyMiddleware
 from genserve.app.serving.audio import AudioServing
 from genserve.app.serving.embeddings import EmbeddingServing
 from genserve.app.serving.images import ImageServing
@@ -27,6 +27,7 @@ from genserve.app.serving.moderations import ModerationServing
 from genserve.app.serving.molecules import MoleculeServing
 from genserve.app.serving.text import TextServing
 from genserve.app.settings import Settings
+from genserve.app.tenancy import Tenancy
 
 DESCRIPTION = """One HTTP API for generative models. OpenAI-compatible where OpenAI has an endpoint:
 point the official SDKs at `/v1`. Press **Authorize** and paste an API key to try the endpoints."""
@@ -37,6 +38,7 @@ def create_app(settings: Settings, entries: list[ModelEntry] | None = None) -> F
     metrics = Metrics()
     manager = ModelManager(entries, settings, metrics)
     moderation = ModerationService(settings.moderation, entries, metrics, manager)
+    tenancy = Tenancy(settings.api_keys, settings.api_keys_file, metrics, settings.redis_url)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -45,11 +47,12 @@ def create_app(settings: Settings, entries: list[ModelEntry] | None = None) -> F
         yield
         await manager.close()
         moderation.close()
+        await tenancy.close()
 
     app = FastAPI(title="genserve", version=__version__, description=DESCRIPTION,
                   lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.services = Services(
-        metrics=metrics, manager=manager, moderation=moderation, models=ModelsServing(manager),
+        metrics=metrics, manager=manager, moderation=moderation, tenancy=tenancy, models=ModelsServing(manager),
         text=TextServing(manager, metrics, settings, moderation),
         embeddings=EmbeddingServing(manager, metrics, settings),
         images=ImageServing(manager, metrics, settings, moderation),
@@ -69,7 +72,7 @@ def create_app(settings: Settings, entries: list[ModelEntry] | None = None) -> F
     # nothing is read for a caller without a key.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        upload_paths={"/v1/images/edits": settings.max_upload_bytes})
-    app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(settings.keys()))
+    app.add_middleware(ApiKeyMiddleware, tenancy=tenancy)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -82,6 +82,12 @@ class Metrics:
         self.moderation_chars = Counter("genserve_moderation_chars", "Output characters of moderated text "
                                         "models: checked before release, and released to clients",
                                         [*m, "kind"], registry=r)
+        # Per API key, by the name the keys file gives it (never the key): what it used and when it was refused.
+        self.key_usage = Counter("genserve_key_usage", "What each API key used: requests, tokens, images, "
+                                 "audio_seconds, molecules", ["key_name", "unit"], registry=r)
+        self.key_rate_limited = Counter("genserve_key_rate_limited", "Requests refused by a key's rate limit "
+                                        "(per_minute) or quota (per_day)", ["key_name", "unit", "period"],
+                                        registry=r)
         self.model_ready = Gauge("genserve_model_ready", "1 when the model is loaded and serving", m,
                                  registry=r)
 

@@ -10,9 +10,10 @@ inside an installed Python package; anything else that is not a directory is tak
 from __future__ import annotations
 
 import importlib.util
+import json
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -152,16 +153,18 @@ def _read(path: Path) -> RegistryFile:
     for i, entry in enumerate(reg.models):
         if entry.backend == "local" and entry.source:
             entry.resolved_source = _resolve_source(entry.source or "", path.parent,
-                                                    f"{path}: models[{i}] (id {entry.id!r}).source")
+                                                    f"model registry {path}: models[{i}] (id {entry.id!r}).source")
     return reg
 
 
 def _resolve_source(source: str, base: Path, where: str) -> Path | None:
+    """The directory ``source`` names (relative to ``base``), or None for a hub id; ConfigError after
+    ``where`` (what declared it) when it is neither."""
     if source.startswith("package:"):
         name, _, sub = source.removeprefix("package:").partition("/")
         spec = importlib.util.find_spec(name)
         if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(f"model registry {where}: package {name!r} is not installed")
+            raise ConfigError(f"{where}: package {name!r} is not installed")
         path = Path(next(iter(spec.submodule_search_locations))) / sub
     else:
         path = Path(source).expanduser()
@@ -169,7 +172,7 @@ def _resolve_source(source: str, base: Path, where: str) -> Path | None:
     if path.is_dir():
         return path.resolve()
     if source.startswith(("package:", ".", "/", "~")) or source.count("/") != 1:
-        raise ConfigError(f"model registry {where}: directory not found: {path}")
+        raise ConfigError(f"{where}: directory not found: {path}")
     return None  # "org/name": a hub id, loaded by the family's loader (offline unless allowed)
 
 
@@ -184,3 +187,107 @@ def load_registry(path: Path | None = None) -> list[ModelEntry]:
             raise ConfigError(f"model registry {path}: id {dup!r} appears twice")
         entries.update({e.id: e for e in user.models})
     return list(entries.values())
+
+
+def select(entries: list[ModelEntry], ids: list[str], where: str = "--models") -> list[ModelEntry]:
+    """The entries whose id is in ``ids``, in registry order (``genserve serve --models``); ConfigError
+    after ``where`` naming the unknown ids and listing the known ones."""
+    known = [e.id for e in entries]
+    unknown = [i for i in dict.fromkeys(ids) if i not in known]
+    if unknown:
+        raise ConfigError(f"{where}: unknown model id{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+    return [e for e in entries if e.id in ids]
+
+
+# What ``--model`` recognises a directory by: the files its family writes. genserve's own networks name
+# themselves in config.json, by ``model_type`` (models/common/weights.py: the shipped weights' name, or the
+# family's in ``make_tiny``; the molecule VAE its own) or by ``family`` (music, speech); transformers'
+# TTS models by their ``model_type``.
+MODEL_TYPES: dict[str, str] = {
+    "genserve-gan": "gan", "gan": "gan", "genserve-vae": "image-vae", "image-vae": "image-vae",
+    "genserve-flow": "flow", "flow": "flow", "genserve-mol-vae": "mol-vae",
+    "vits": "transformers-tts", "bark": "transformers-tts", "musicgen": "transformers-tts",
+}
+SELFIES_TRAINING_SET = "training_set.safetensors"  # models/molecule/generator.py: a SELFIES generator's novelty set
+LOOKED_FOR = ("model_index.json (diffusers); modules.json or config_sentence_transformers.json "
+              "(sentence-transformers); config.json with model_type 'llama' or architecture LlamaForCausalLM "
+              f"(llama; selfies-llama with {SELFIES_TRAINING_SET}), with model_type "
+              f"{', '.join(repr(t) for t in MODEL_TYPES)}, or with 'family' naming a family")
+
+
+def _read_json(path: Path, where: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{where}: cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {path} is not a JSON object")
+    return data
+
+
+def _diffusers_tasks(index: dict[str, Any]) -> list[str]:
+    """``generation``, plus ``edit`` when the pipeline can edit: genserve's own inpaints and varies images
+    itself (``GenserveEmojiPipeline``, as models/diffusion/loading.py tells it); another when diffusers has
+    an inpainting or image-to-image pipeline for its class, the one the image runner derives at load
+    (``AutoPipelineFor*.from_pipe``, models/diffusion/runner.py)."""
+    name = index.get("_class_name")
+    if name == "GenserveEmojiPipeline":
+        return ["generation", "edit"]
+    from diffusers.pipelines import auto_pipeline as auto  # seconds to import: only for other pipelines
+
+    tables = (auto.AUTO_TEXT2IMAGE_PIPELINES_MAPPING, auto.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
+              auto.AUTO_INPAINT_PIPELINES_MAPPING)
+    kinds = {kind for table in tables for kind, cls in table.items() if cls.__name__ == name}
+    edits = set(auto.AUTO_INPAINT_PIPELINES_MAPPING) | set(auto.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING)
+    return ["generation", "edit"] if kinds & edits else ["generation"]
+
+
+def recognise(path: Path, where: str = "--model") -> tuple[str, list[str]]:
+    """The family of the model directory ``path`` and its tasks ([] for the family's defaults), from the
+    files in it (:data:`LOOKED_FOR`); ConfigError after ``where`` when nothing there says."""
+    if (path / "model_index.json").is_file():
+        return "diffusers", _diffusers_tasks(_read_json(path / "model_index.json", where))
+    if (path / "modules.json").is_file() or (path / "config_sentence_transformers.json").is_file():
+        return "sentence-transformers", []
+    config = _read_json(path / "config.json", where) if (path / "config.json").is_file() else {}
+    model_type, family = config.get("model_type"), config.get("family")
+    if isinstance(family, str) and family in FAMILIES:
+        return family, []
+    if isinstance(model_type, str) and model_type in MODEL_TYPES:
+        return MODEL_TYPES[model_type], []
+    if model_type == "llama" or "LlamaForCausalLM" in (config.get("architectures") or []):
+        return ("selfies-llama" if (path / SELFIES_TRAINING_SET).is_file() else "llama"), []
+    says = f" (its config.json says model_type {model_type!r})" if model_type else ""
+    raise ConfigError(f"{where}: cannot tell which model family serves {path}{says}: looked for {LOOKED_FOR}; "
+                      "write a registry entry for it (docs/registry.md) and serve it with --config")
+
+
+def entry_for_source(source: str, model_id: str | None = None) -> ModelEntry:
+    """The registry entry of ``genserve serve --model SOURCE [--id ID]``: ``source`` resolved as an
+    entry's (a directory relative to the working directory, ``package:NAME/dir``, or an ``org/name`` hub
+    id, which must be in the local Hugging Face cache when offline), its family recognised from its
+    files (:func:`recognise`), its id ``model_id``, else the directory's name (a hub id: the id itself)."""
+    resolved = _resolve_source(source, Path.cwd(), "--model")
+    directory = resolved
+    if directory is None:
+        from genserve.models.common.loading import local_dir  # imports torch
+
+        try:
+            directory = local_dir(source)
+        except OSError as exc:
+            raise ConfigError(f"--model: {exc}") from exc
+    family, tasks = recognise(directory)
+    mid = model_id if model_id is not None else source if resolved is None else resolved.name
+    try:
+        entry = ModelEntry.model_validate({"id": mid, "modality": FAMILIES[family].modality, "backend": "local",
+                                           "family": family, "source": source, "tasks": tasks})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        if field != "id":
+            raise ConfigError(f"--model {source}: {field}: {err['msg']}") from exc
+        hint = "" if model_id is not None else f" (the default, from {source!r}); name it with --id"
+        raise ConfigError(f"--id: {mid!r} is not a valid model id{hint}: {err['msg']}") from exc
+    entry.resolved_source = resolved
+    return entry

@@ -7,23 +7,27 @@ and the playground page (which asks its user for a key) are open, judged on the 
 ``bearer`` scheme is what the routers declare, so that OpenAPI shows the lock and the docs page its
 Authorize button.
 
-Keys are kept as SHA-256 digests and every digest is compared, so neither the key's length nor
-which key matched shows in the timing. With no keys configured the API is open; the CLI refuses
-that on a non-loopback address unless ``--allow-unauthenticated`` is given.
+Keys, their scopes and their limits are ``app/tenancy.py``'s. With no keys configured the API is open;
+the CLI refuses that on a non-loopback address unless ``--allow-unauthenticated`` is given.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
-import hmac
+import logging
 import re
 
 from fastapi.security import HTTPBearer
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from genserve.app.errors import AuthenticationError
+from genserve.app.errors import GenserveError
 from genserve.app.middleware import route_path, send_json
+from genserve.app.tenancy import CURRENT, Tenancy, Usage
+
+log = logging.getLogger(__name__)
 
 OPEN_PATHS = {"/health/live", "/health/ready", "/metrics", "/docs", "/redoc", "/openapi.json", "/playground",
               "/playground/"}  # the last is redirected to /playground
@@ -32,41 +36,60 @@ bearer = HTTPBearer(auto_error=False, scheme_name="APIKey",
                     description="A key from GENSERVE_API_KEYS or GENSERVE_API_KEYS_FILE.")
 
 
-class ApiKeys:
-    def __init__(self, keys: list[str]) -> None:
-        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
-
-    def check(self, token: str | None) -> str | None:
-        """Raises unless ``token`` is a known key; returns the key's id (the first 12 hex digits of its
-        SHA-256, for logs: never the key), or None when the API is open."""
-        if not self._digests:
-            return None
-        if not token:
-            raise AuthenticationError("Missing API key: send 'Authorization: Bearer <key>'.",
-                                      headers={"WWW-Authenticate": "Bearer"})
-        digest = hashlib.sha256(token.encode()).digest()
-        matched = False
-        for known in self._digests:
-            matched |= hmac.compare_digest(digest, known)
-        if not matched:
-            raise AuthenticationError("Incorrect API key provided.", headers={"WWW-Authenticate": "Bearer"})
-        return digest.hex()[:12]
-
-
 class ApiKeyMiddleware:
-    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
-        self.app, self.keys = app, keys
+    """Authenticates, counts the request against its key's request limits, and makes the key's ``Usage``
+    the request's (``tenancy.CURRENT``): the rate-limit headers go on the response, and what the request
+    made is charged when its last byte is sent (before it, so the caller's next request sees the count)."""
+
+    def __init__(self, app: ASGIApp, tenancy: Tenancy) -> None:
+        self.app, self.tenancy = app, tenancy
+        self._charging: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not is_open(route_path(scope)):
-            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = header.partition(" ")
-            try:
-                key_id = self.keys.check(token.strip() if scheme.lower() == "bearer" else None)
-            except AuthenticationError as err:
-                return await send_json(send, err)
-            scope.setdefault("state", {})["key_id"] = key_id
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or is_open(route_path(scope)):
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        try:
+            key = self.tenancy.authenticate(token.strip() if scheme.lower() == "bearer" else None)
+            if key is None:
+                return await self.app(scope, receive, send)
+            scope.setdefault("state", {})["key_id"] = key.name
+            usage = Usage(key, self.tenancy)
+            await self.tenancy.take(usage, "requests", 1)
+        except GenserveError as err:
+            return await send_json(send, err)
+        self.tenancy.metrics.key_usage.labels(key.name, "requests").inc()
+
+        async def send_counted(message: Message) -> None:
+            if message["type"] == "http.response.start":  # a 429 from a model's unit has them already
+                have = {name.lower() for name, _ in message.get("headers", [])}
+                message["headers"] = [*message.get("headers", []), *((k.encode(), v.encode()) for k, v in
+                                                                     usage.headers.items() if k.encode() not in have)]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                await self._charge(usage)
+            await send(message)
+
+        reset = CURRENT.set(usage)
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            CURRENT.reset(reset)
+            if not usage.charged:  # the client left, or the app failed: what was made still counts
+                await self._charge(usage)
+
+    async def _charge(self, usage: Usage) -> None:
+        """Charges in a task of its own, so a cancelled request (its client left) is still charged."""
+        task = asyncio.ensure_future(self.tenancy.charge(usage))
+        self._charging.add(task)
+        task.add_done_callback(self._charged)
+        with contextlib.suppress(Exception):  # logged by _charged; the response goes out regardless
+            await asyncio.shield(task)
+
+    def _charged(self, task: asyncio.Task[None]) -> None:
+        self._charging.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("usage not charged: %s", exc)
 
 
 def is_open(path: str) -> bool:

@@ -22,8 +22,14 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     config: Path | None = Field(None, description="model registry YAML that extends or replaces the built-in one")
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated ids: serve "
+                                                   "only these entries of the registry (default: all)")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated keys")
-    api_keys_file: Path | None = Field(None, description="file with one API key per line")
+    api_keys_file: Path | None = Field(None, description="keys file: one API key per line, or YAML with each "
+                                       "key's name, models, limits and moderation (docs/keys.md)")
+    redis_url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://", description="Redis that every "
+                                  "gateway replica shares its keys' rate-limit counts through (default: "
+                                  "counted in this process)")
     allow_unauthenticated: bool = False
     max_body_bytes: int = Field(1 << 20, gt=0, description="largest request body accepted (413 above)")
     max_upload_bytes: int = Field(16 << 20, gt=0, description="largest multipart body of an image edit "
@@ -37,6 +43,7 @@ class Settings(BaseSettings):
     moderation: Policy = Field(default_factory=Policy, description="the global moderation policy (JSON), "
                                "e.g. GENSERVE_MODERATION='{\"action\": \"flag\"}'; models tighten it")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object a line")
     public_url: str | None = Field(None, pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$",
                                    description="the address clients reach this server at, for the image URLs "
                                    "it hands out (default: http://HOST:PORT, loopback for a wildcard HOST); "
@@ -45,7 +52,7 @@ class Settings(BaseSettings):
         default_factory=list, description="comma-separated addresses whose X-Forwarded-For/-Proto headers "
         "are believed (default: nobody's)")
 
-    @field_validator("api_keys", "trusted_proxies", mode="before")
+    @field_validator("api_keys", "trusted_proxies", "models", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
@@ -58,17 +65,6 @@ class Settings(BaseSettings):
         if value is not None and not value.is_file():
             raise ValueError(f"file not found: {value}")
         return value
-
-    def keys(self) -> list[str]:
-        """Every accepted API key: from ``api_keys`` and from ``api_keys_file`` (blank lines and
-        ``#`` comments skipped)."""
-        keys = list(self.api_keys)
-        if self.api_keys_file is not None:
-            for line in self.api_keys_file.read_text().splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    keys.append(line)
-        return keys
 
     def base_url(self) -> str:
         """Where clients reach this server: ``public_url``, else the bound address (loopback when the

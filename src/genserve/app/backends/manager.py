@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TypeVar, cast
 
 from genserve.app.backends.base import (
@@ -30,6 +31,7 @@ from genserve.app.errors import InvalidRequestError, ModelNotFoundError, Unavail
 from genserve.app.metrics import Metrics
 from genserve.app.registry import ConfigError, ModelEntry
 from genserve.app.settings import Settings
+from genserve.app.tenancy import admit_model
 from genserve.models.registry import FAMILIES
 
 log = logging.getLogger(__name__)
@@ -88,8 +90,21 @@ class ModelManager:
         """Loads every model in the background; requests for one still loading get a 503."""
         self._loop = asyncio.get_running_loop()
         lock = asyncio.Lock()  # one at a time: bounded memory and CPU, no concurrent first imports
-        for backend in self.backends.values():
-            self._tasks.append(asyncio.create_task(self._load(backend, lock)))
+        loads = [asyncio.create_task(self._load(backend, lock)) for backend in self.backends.values()]
+        self._tasks += [*loads, asyncio.create_task(self._announce(loads, time.monotonic()))]
+
+    async def _announce(self, loads: list[asyncio.Task], started: float) -> None:
+        """One line once every model has loaded (or failed): where to go, what is served, how long it took."""
+        await asyncio.gather(*loads, return_exceptions=True)
+        took, base = time.monotonic() - started, self.settings.base_url()
+        failed = [mid for mid, b in self.backends.items() if b.load_error]
+        served = [mid for mid in self.backends if mid not in failed]
+        if failed:
+            log.error("%d of %d models failed to load (%s; their errors are above); serving %s at %s in %.1f s",
+                      len(failed), len(self.backends), ", ".join(failed), ", ".join(served) or "nothing", base, took)
+            return
+        log.info("ready in %.1f s: %d model%s (%s) at %s/v1 | docs %s/docs | playground %s/playground",
+                 took, len(served), "" if len(served) == 1 else "s", ", ".join(served), base, base, base)
 
     async def _load(self, backend: Backend, lock: asyncio.Lock) -> None:
         mid = backend.entry.id
@@ -162,6 +177,13 @@ class ModelManager:
             raise UnavailableError(f"The model '{model_id}' is still loading; retry shortly.",
                                    headers={"Retry-After": "5"})
         return cast(B, backend)
+
+    async def acquire(self, model_id: str, task: str, kind: type[B]) -> B:
+        """``get`` for the model a request names: also 403 unless the request's API key may use it, and
+        429 while the key has used up its allowance of the model's unit (app/tenancy.py)."""
+        backend = self.get(model_id, task, kind)
+        await admit_model(backend.entry)
+        return backend
 
     def known_readiness(self) -> dict[str, bool]:
         """Each model's state as last checked, without asking any upstream."""

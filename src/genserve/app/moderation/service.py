@@ -37,6 +37,7 @@ from genserve.app.moderation.gate import HoldBack, Released, Span
 from genserve.app.moderation.policy import Policy
 from genserve.app.moderation.text import TermMatcher, shared_input_tiers, shared_text_tiers
 from genserve.app.registry import ConfigError, ModelEntry
+from genserve.app.tenancy import current_key
 from genserve.models.params import ModerationParams
 
 if TYPE_CHECKING:
@@ -81,10 +82,21 @@ class ModerationService:
         self._molecule_models = {e.id for e in entries if e.modality == "molecule"}
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="moderation")
         self._terms: dict[tuple[str, ...], TermMatcher] = {}
+        self._key_policies: dict[tuple[str, str], Policy] = {}
         self._image_checkers: dict[Path, ImageClassifier] = {}
 
     def policy_for(self, model: str) -> Policy:
-        return self._policies.get(model, self.policy)
+        """The model's policy, made stricter by the request's API key's ``moderation`` (app/tenancy.py)."""
+        policy = self._policies.get(model, self.policy)
+        key = current_key()
+        if key is None or key.moderation is None:
+            return policy
+        cache_key = (model, key.moderation.model_dump_json())
+        if (keyed := self._key_policies.get(cache_key)) is None:
+            if len(self._key_policies) > 4096:
+                self._key_policies.clear()
+            keyed = self._key_policies[cache_key] = policy.stricter(key.moderation)
+        return keyed
 
     @cached_property
     def tiers(self) -> tuple[TextClassifier, ...]:

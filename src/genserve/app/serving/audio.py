@@ -27,6 +27,7 @@ from genserve.app.schemas.audio import MusicRequest, SpeechRequest
 from genserve.app.serving.common import Deadline, seed_or_random, unless_disconnected
 from genserve.app.serving.media import FORMATS, OUTPUT_RATE, ChunkEncoder, audio_bytes
 from genserve.app.settings import Settings
+from genserve.app.tenancy import note_usage
 from genserve.models.params import MusicParams, SpeechParams
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class AudioServing:
 
     # speech -----------------------------------------------------------------------------------
     async def speech(self, body: SpeechRequest, raw: Request) -> Response:
-        backend = self.manager.get(body.model, "speech", SpeechBackend)
+        backend = await self.manager.acquire(body.model, "speech", SpeechBackend)
         limits = backend.entry.limits
         if len(body.input) > limits.max_input_chars:
             raise InvalidRequestError(f"input has {len(body.input)} characters; this model accepts at most "
@@ -98,7 +99,7 @@ class AudioServing:
 
     # music ------------------------------------------------------------------------------------
     async def music(self, body: MusicRequest, raw: Request) -> Response:
-        backend = self.manager.get(body.model, "music", MusicBackend)
+        backend = await self.manager.acquire(body.model, "music", MusicBackend)
         cap = backend.entry.limits.max_audio_seconds
         if body.seconds > cap:
             raise InvalidRequestError(f"seconds={body.seconds:g} exceeds this model's limit of {cap:g}.",
@@ -124,6 +125,7 @@ class AudioServing:
         return piece
 
     def _observe(self, model: str, audio_seconds: float, wall_seconds: float) -> None:
+        note_usage("audio", audio_seconds)
         if audio_seconds > 0:
             self.metrics.audio_seconds.labels(model).inc(audio_seconds)
             self.metrics.audio_real_time_factor.labels(model).observe(wall_seconds / audio_seconds)

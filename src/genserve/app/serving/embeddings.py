@@ -17,6 +17,7 @@ from genserve.app.schemas.base import UsageInfo
 from genserve.app.schemas.embeddings import EmbeddingData, EmbeddingRequest, EmbeddingResponse
 from genserve.app.serving.common import Deadline, unless_disconnected
 from genserve.app.settings import Settings
+from genserve.app.tenancy import note_usage
 
 
 class EmbeddingServing:
@@ -24,7 +25,7 @@ class EmbeddingServing:
         self.manager, self.metrics, self.settings = manager, metrics, settings
 
     async def embeddings(self, body: EmbeddingRequest, raw: Request) -> Any:
-        backend = self.manager.get(body.model, "embedding", EmbeddingBackend)
+        backend = await self.manager.acquire(body.model, "embedding", EmbeddingBackend)
         # The schema makes the inputs of one request all strings or all token lists.
         inputs = cast(list[str] | list[list[int]], body.inputs())
         limit = backend.entry.limits.max_inputs
@@ -36,6 +37,7 @@ class EmbeddingServing:
         async def run() -> EmbeddingResponse:
             result = self._checked(await deadline.run(backend.embed(inputs, body.dimensions)))
             self.metrics.prompt_tokens.labels(body.model).inc(result.prompt_tokens)
+            note_usage("embedding", result.prompt_tokens)
             data = [EmbeddingData(index=i, embedding=_encode(v, body.encoding_format))
                     for i, v in enumerate(result.vectors)]
             return EmbeddingResponse(data=data, model=body.model, usage=UsageInfo(

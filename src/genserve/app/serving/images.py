@@ -40,6 +40,7 @@ from genserve.app.schemas.images import (
 from genserve.app.serving.common import Deadline, event_stream, now, seed_or_random, unless_disconnected
 from genserve.app.serving.media import artifact_pixels, image_bytes
 from genserve.app.settings import Settings
+from genserve.app.tenancy import note_usage
 from genserve.models.params import ImageInterpolationParams, ImageJob, ImageParams
 from genserve.models.seeding import item_seed
 
@@ -135,7 +136,9 @@ class ImageServing:
                 for b, s in zip(images, seeds, strict=True)]
 
     async def _respond(self, raw: Request, model: str, artifacts: list[ImageArtifact], fmt: str) -> ImagesResponse:
-        self.metrics.images.labels(model).inc(sum(1 if a.frames is None else len(a.frames) for a in artifacts))
+        made = sum(1 if a.frames is None else len(a.frames) for a in artifacts)
+        self.metrics.images.labels(model).inc(made)
+        note_usage("image", made)
         encoded = await asyncio.to_thread(lambda: [image_bytes(a) for a in artifacts])
         media = artifacts[0].media_type if artifacts else "image/png"
         return ImagesResponse(created=now(), data=self._data(raw, encoded, media, fmt, [a.seed for a in artifacts]))
@@ -172,7 +175,7 @@ class ImageServing:
 
     # generation -------------------------------------------------------------------------------
     async def generate(self, body: ImageGenerationRequest, raw: Request) -> Any:
-        backend = self.manager.get(body.model, "generation", ImageBackend)
+        backend = await self.manager.acquire(body.model, "generation", ImageBackend)
         facts = backend.describe()
         jobs = self._jobs(backend, facts, body, body.prompt, body.n, body.size)
         await self.moderation.check_input(body.model, [("prompt", body.prompt)], raw)
@@ -221,7 +224,7 @@ class ImageServing:
     async def edit(self, form: ImageEditForm, image: UploadFile, mask: UploadFile | None, raw: Request) -> Any:
         """Inpainting where the mask (or, without one, the image's own alpha) is transparent; with
         neither a mask nor transparent pixels, image-to-image of the whole picture."""
-        backend = self.manager.get(form.model, "edit", ImageBackend)
+        backend = await self.manager.acquire(form.model, "edit", ImageBackend)
         facts = backend.describe()
         if facts.can_inpaint is False and facts.can_vary is False:  # None: the backend will say
             raise InvalidRequestError(f"The model '{form.model}' has no image-to-image or inpainting pipeline.",
@@ -291,7 +294,7 @@ class ImageServing:
 
     # interpolation ----------------------------------------------------------------------------
     async def interpolate(self, body: ImageInterpolationRequest, raw: Request) -> Any:
-        backend = self.manager.get(body.model, "interpolation", ImageBackend)
+        backend = await self.manager.acquire(body.model, "interpolation", ImageBackend)
         if body.class_:
             await self.moderation.check_input(body.model, [("class", body.class_)], raw)
         params = ImageInterpolationParams(seed_start=body.seed_start, seed_end=body.seed_end, frames=body.frames,

@@ -6,6 +6,7 @@ from genserve.app.backends.base import ServedModel
 from genserve.app.backends.manager import ModelManager
 from genserve.app.errors import ModelNotFoundError
 from genserve.app.schemas.models import ModelCard, ModelList
+from genserve.app.tenancy import key_allows
 
 
 class ModelsServing:
@@ -15,11 +16,12 @@ class ModelsServing:
     async def list(self, probe: bool = False) -> ModelList:
         """``probe``: a gateway asks; answer from the states already known instead of checking them."""
         ready = self.manager.known_readiness() if probe else await self.manager.readiness()
-        return ModelList(data=[_card(b, ready[mid]) for mid, b in self.manager.backends.items()])
+        return ModelList(data=[_card(b, ready[mid]) for mid, b in self.manager.backends.items()
+                               if key_allows(b.entry)])
 
     async def get(self, model_id: str) -> ModelCard:
         backend = self.manager.backends.get(model_id)
-        if backend is None:
+        if backend is None or not key_allows(backend.entry):
             raise ModelNotFoundError(f"The model '{model_id}' does not exist.", param="model")
         return _card(backend, await backend.check_ready())
 

@@ -42,7 +42,7 @@ class ModerationServing:
 
     async def create(self, body: ModerationRequest, raw: Request) -> ModerationResponse:
         model = body.model if body.model and body.model not in OPENAI_ALIASES else self.default_model()
-        backend = self.manager.get(model, "moderation", ModerationBackend)
+        backend = await self.manager.acquire(model, "moderation", ModerationBackend)
         params = _params(body)
         results = await backend.classify(params)
         out = [_out(r, backend.applied_input_types) for r in results]

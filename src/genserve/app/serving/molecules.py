@@ -43,6 +43,7 @@ from genserve.app.schemas.molecules import (
 )
 from genserve.app.serving.common import Deadline, now, request_id, response_id, seed_or_random, unless_disconnected
 from genserve.app.settings import Settings
+from genserve.app.tenancy import note_usage
 from genserve.models.params import MoleculeInterpolationParams, MoleculeParams
 
 
@@ -53,7 +54,7 @@ class MoleculeServing:
 
     # generation -------------------------------------------------------------------------------
     async def generate(self, body: MoleculeGenerationRequest, raw: Request) -> Any:
-        backend = self.manager.get(body.model, "generation", MoleculeBackend)
+        backend = await self.manager.acquire(body.model, "generation", MoleculeBackend)
         cap = backend.entry.limits.max_samples
         if body.max_samples is not None and body.max_samples > cap:
             raise InvalidRequestError(f"max_samples={body.max_samples} exceeds this model's limit of {cap}.",
@@ -102,6 +103,7 @@ class MoleculeServing:
             await events.aclose()
 
     def _meter(self, model: str, stats: MoleculeStats) -> None:
+        note_usage("molecule", stats.returned)
         m = self.metrics.molecules
         for outcome, count in (("returned", stats.returned), ("invalid", stats.invalid),
                                ("duplicate", stats.duplicates), ("rejected", stats.rejected_by_constraints),
@@ -120,7 +122,7 @@ class MoleculeServing:
 
     # interpolation ----------------------------------------------------------------------------
     async def interpolate(self, body: MoleculeInterpolationRequest, raw: Request) -> Any:
-        backend = self.manager.get(body.model, "interpolation", MoleculeInterpolationBackend)
+        backend = await self.manager.acquire(body.model, "interpolation", MoleculeInterpolationBackend)
         for param in ("start", "end"):
             await asyncio.to_thread(self.moderation.check_molecule_query, body.model, getattr(body, param),
                                     "similar_to", raw, param)
@@ -131,6 +133,7 @@ class MoleculeServing:
         async def run() -> MoleculeInterpolationResponse:
             points = await deadline.run(backend.interpolate(params))
             path = await asyncio.to_thread(self._checked_path, body.model, points)
+            note_usage("molecule", len(path))
             data = [InterpolatedMolecule.model_validate({"index": i, "t": i / (len(path) - 1), "smiles": p.smiles,
                                                          "selfies": p.selfies, "properties": p.properties,
                                                          "svg": p.svg, "withheld_by_moderation": withheld})

@@ -54,6 +54,7 @@ from genserve.app.serving.common import (
     unless_disconnected,
 )
 from genserve.app.settings import Settings
+from genserve.app.tenancy import note_usage
 from genserve.models.params import TextParams
 
 FinishReason = Literal["stop", "length", "content_filter"]
@@ -99,7 +100,7 @@ class TextServing:
         self.manager, self.metrics, self.settings, self.moderation = manager, metrics, settings, moderation
 
     async def completions(self, body: CompletionRequest, raw: Request) -> Any:
-        backend = self.manager.get(body.model, "completion", TextBackend)
+        backend = await self.manager.acquire(body.model, "completion", TextBackend)
         prompts = body.prompts()
         self._check_caps(body, backend, len(prompts), body.logprobs, "logprobs")
         if self.moderation.policy_for(body.model).checks_input:
@@ -110,7 +111,7 @@ class TextServing:
         return await self._respond(_Call("completion", body, backend, response_id("cmpl")), requests, raw)
 
     async def chat(self, body: ChatCompletionRequest, raw: Request) -> Any:
-        backend = self.manager.get(body.model, "chat", TextBackend)
+        backend = await self.manager.acquire(body.model, "chat", TextBackend)
         self._check_caps(body, backend, 1, body.top_logprobs, "top_logprobs")
         if body.max_completion_tokens and body.max_tokens and body.max_completion_tokens != body.max_tokens:
             raise InvalidRequestError("Give max_completion_tokens or max_tokens, not two different values.",
@@ -273,6 +274,7 @@ class TextServing:
                         m.request_success.labels(mid, event.finish_reason).inc()
                 else:
                     call.usage = event
+                    note_usage("text", event.prompt_tokens + event.completion_tokens)
                     if count:
                         m.prompt_tokens.labels(mid).inc(event.prompt_tokens)
                         m.generation_tokens.labels(mid).inc(event.completion_tokens)

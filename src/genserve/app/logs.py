@@ -1,0 +1,52 @@
+"""The server's log: one format for genserve's, uvicorn's and the libraries' lines (text, or one JSON
+object a line for a log pipeline), and the libraries' chatter (per-request INFO lines, progress bars,
+deprecation warnings) kept out of it unless the level is ``debug``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import UTC, datetime
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Loggers that speak at INFO about things an operator need not see: every HTTP call a remote backend
+# or the hub client makes, file locks, model-loading chatter.
+CHATTY = ("httpx", "httpcore", "urllib3", "filelock", "huggingface_hub", "sentence_transformers",
+          "transformers", "diffusers", "torch", "matplotlib", "PIL", "multipart", "numexpr")
+# Read by the libraries when they are first imported (the engine's child processes inherit them).
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error",
+             "DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+             "TOKENIZERS_PARALLELISM": "false"}
+
+
+class JsonFormatter(logging.Formatter):
+    """``{"time": "2026-12-04T06:10:00.123Z", "level": "info", "logger": ..., "message": ...}``, plus
+    ``exception`` with the traceback when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        out = {"time": when.replace("+00:00", "Z"),
+               "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup(level: str, fmt: str = "text", quiet: bool = False) -> None:
+    """The root handler every logger (uvicorn's too: it is given no config of its own) writes through;
+    ``quiet`` (serving, unless at debug level): the libraries' chatter off."""
+    quiet = quiet and level.lower() != "debug"
+    if quiet:
+        for name, value in QUIET_ENV.items():
+            os.environ.setdefault(name, value)
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    if quiet:
+        logging.captureWarnings(True)  # the libraries' warnings become log lines, below ERROR dropped
+        logging.getLogger("py.warnings").setLevel(logging.ERROR)
+        for name in CHATTY:
+            logging.getLogger(name).setLevel(logging.WARNING)
