@@ -31,7 +31,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Built from a copy of what the sdist would hold, so setuptools' build/ never lands in the checkout
     # (where a stale build/lib could leak deleted files into later wheels).
     out, source = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("source")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(ROOT / name, source / name)
     shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
@@ -68,6 +68,11 @@ def test_wheel_holds_one_top_level_package(wheel: Path) -> None:
     assert "genserve/models/registry.yaml" in names
     assert "genserve/models/weights/genserve-text-tiny/model.safetensors" in names
     assert not [n for n in names if n.endswith((".pt", ".pth", ".bin", ".pkl"))]
+    # The licence pyproject names travels with it.
+    licence = next(n for n in names if n.endswith(".dist-info/licenses/LICENSE"))
+    with zipfile.ZipFile(wheel) as zf:
+        assert zf.read(licence) == (ROOT / "LICENSE").read_bytes()
+    assert b"Apache License" in (ROOT / "LICENSE").read_bytes()[:100]
 
 
 def test_installed_wheel_imports_only_genserve(clean_venv: Path, tmp_path: Path) -> None:
