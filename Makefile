@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # torch's wheels: CPU ones by default (as the Dockerfile's build argument), so a stock machine does not
 # pull CUDA wheels; a GPU node passes TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128, and an
@@ -10,10 +11,14 @@ OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install system-deps test-system-deps serve test lint train-text-tiny train-mol train-music train-images train-diffusion eval-text eval-molecules eval-music eval-images \
-        bench-text bench-molecules bench-audio bench-images clean
+.PHONY: install install-dev system-deps test-system-deps serve test lint train-text-tiny train-mol train-music train-images \
+        train-diffusion eval-text eval-molecules eval-music eval-images bench-text bench-molecules bench-audio \
+        bench-images clean
 
+# `make serve` installs what serving needs (the runtime dependencies); `make test` and the train, eval and
+# bench targets add the dev extra (test tools, Triton, the training extras) on top of it.
 install: system-deps $(STAMP)
+install-dev: install $(DEV_STAMP)
 
 # torch first, pinned and alone from its index (its own requirements come with the package's, from
 # pip's usual index), so the package's `torch>=` requirement is already met by the CPU wheel.
@@ -21,18 +26,23 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet --no-deps torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
+	$(BIN)/pip install --quiet -e .
+	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e ".[dev]"
 	$(BIN)/pip install --quiet --no-deps molsets==0.3.1  # MOSES data only; see pyproject's mol extra
-	touch $(STAMP)
+	touch $(DEV_STAMP)
 
 # Debian packages the embedded models need: espeak-ng (genserve-speech), the Noto Color Emoji font
 # (genserve-diffusion's training data) and locales, for the en_US.UTF-8 locale that hatesonar's ONNX
 # text normaliser (the moderation classifier) constructs. Installed when missing and this user can
 # (root with apt-get, as in CI and the Docker image); otherwise the command to run is printed.
 SYSTEM_PACKAGES := espeak-ng fonts-noto-color-emoji locales
-# What only the tests need: the browser the playground tests drive (tests/browser). Where it cannot be
-# installed, those tests are skipped and say why; everything else still runs.
-TEST_SYSTEM_PACKAGES := chromium chromium-driver
+# What only the tests need: the browser the playground tests drive (tests/browser) and the Redis that
+# gateway replicas share rate limits through (tests/e2e/test_keys.py). Where they cannot be installed,
+# those tests are skipped and say why; everything else still runs.
+TEST_SYSTEM_PACKAGES := chromium chromium-driver redis-server
 
 # $(call apt_missing,PACKAGES,FAIL): installs the missing PACKAGES as root; otherwise prints the
 # command and fails if FAIL is "fail", else only warns.
@@ -64,28 +74,28 @@ serve: install
 	$(OFFLINE) $(BIN)/genserve serve $(ARGS)
 
 # mypy reads its files and settings from pyproject.toml; its cache (.mypy_cache) makes reruns take seconds.
-test: install test-system-deps
+test: install-dev test-system-deps
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(OFFLINE) $(BIN)/pytest $(ARGS)
 
-lint: install
+lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 
-train-text-tiny: install
+train-text-tiny: install-dev
 	$(BIN)/genserve train text-tiny $(ARGS)
 
-train-mol: install
+train-mol: install-dev
 	$(BIN)/genserve train mol $(ARGS)
 	$(BIN)/genserve train mol-vae $(ARGS)
 
-train-music: install
+train-music: install-dev
 	$(BIN)/genserve train music $(ARGS)
 
 # The digit classifier first: the others' FID uses its features.
-train-images: install
+train-images: install-dev
 	$(BIN)/genserve train digits-classifier --minutes 1.5 --threads 1
 	$(BIN)/genserve train vae --minutes 5 --threads 1
 	$(BIN)/genserve train flow --minutes 5 --threads 1
@@ -94,7 +104,7 @@ train-images: install
 # genserve-diffusion as shipped: three stages on this 2-core CPU, each continuing from the last (the
 # first two predicted the noise; see the model card), then the emoji classifier its eval reads.
 DIFFUSION_STAGES := $(HOME)/.cache/genserve/diffusion/stages
-train-diffusion: install
+train-diffusion: install-dev
 	$(BIN)/genserve train diffusion --prediction-type epsilon --lr 1e-3 --minutes 34 --threads 1 \
 		--out $(DIFFUSION_STAGES)/1
 	$(BIN)/genserve train diffusion --prediction-type epsilon --lr 1e-3 --minutes 42 --threads 2 \
@@ -103,33 +113,33 @@ train-diffusion: install
 		--init-from $(DIFFUSION_STAGES)/2
 	$(BIN)/genserve train emoji-classifier --minutes 3 --threads 1
 
-eval-images: install
+eval-images: install-dev
 	$(OFFLINE) $(BIN)/genserve eval images $(ARGS)
 
-eval-music: install
+eval-music: install-dev
 	$(OFFLINE) $(BIN)/genserve eval music $(ARGS)
 
-eval-molecules: install
+eval-molecules: install-dev
 	$(OFFLINE) $(BIN)/genserve eval molecules $(ARGS)
 
-eval-text: install
+eval-text: install-dev
 	$(OFFLINE) $(BIN)/genserve eval text $(ARGS)
 
 # genserve against `transformers serve --continuous-batching` and sequential generate (docs/benchmarks.md).
-bench-text: install
+bench-text: install-dev
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
 	$(OFFLINE) $(BIN)/python benchmarks/text_serving.py $(ARGS)
 
 # Valid unique molecules/s against transformers generate, one at a time and batched.
-bench-molecules: install
+bench-molecules: install-dev
 	$(OFFLINE) $(BIN)/python benchmarks/molecule_serving.py $(ARGS)
 
 # Images/s of the embedded diffusion model, batched and not (needs src/genserve/models/weights/genserve-diffusion).
-bench-images: install
+bench-images: install-dev
 	$(OFFLINE) $(BIN)/python benchmarks/image_serving.py $(ARGS)
 
 # Real-time factor of speech and music, sequential and concurrent.
-bench-audio: install
+bench-audio: install-dev
 	$(OFFLINE) $(BIN)/python benchmarks/audio_serving.py $(ARGS)
 
 clean:
