@@ -70,8 +70,10 @@ system-deps:
 test-system-deps:
 	$(call apt_missing,$(TEST_SYSTEM_PACKAGES),warn)
 
+# exec: genserve is make's child itself, so a signal meant for it reaches it alone, and its clean stop
+# (exit 0) is what make sees.
 serve: install
-	$(OFFLINE) $(BIN)/genserve serve $(ARGS)
+	exec env $(OFFLINE) $(BIN)/genserve serve $(ARGS)
 
 # mypy reads its files and settings from pyproject.toml; its cache (.mypy_cache) makes reruns take seconds.
 test: install-dev test-system-deps

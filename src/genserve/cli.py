@@ -103,8 +103,9 @@ def _serve(args: argparse.Namespace) -> int:
     if not keys and not settings.binds_loopback_only() and not settings.allow_unauthenticated:
         raise ConfigError(f"refusing to serve on {settings.host} without API keys: set GENSERVE_API_KEYS "
                           "or GENSERVE_API_KEYS_FILE, or pass --allow-unauthenticated")
-    if not keys:
-        log.warning("no API keys configured: the API is open to anyone who can reach %s", settings.host)
+    if not keys:  # on loopback (the default) only this machine's users can; elsewhere it was asked for
+        log.log(logging.INFO if settings.binds_loopback_only() else logging.WARNING,
+                "no API keys configured: the API is open to anyone who can reach %s", settings.host)
     if settings.public_url is None and not settings.binds_loopback_only():
         log.warning("GENSERVE_PUBLIC_URL is not set: the links of response_format=url point at %s, which "
                     "clients elsewhere cannot open; set it to the address they use", settings.base_url())

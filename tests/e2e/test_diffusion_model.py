@@ -103,15 +103,51 @@ def test_unsupported_size_lists_the_supported_ones(server):
     assert r.status_code == 400 and "32x32, 64x64, 128x128, 256x256" in r.json()["error"]["message"]
 
 
-def test_openai_sdk_inpaints_the_hole_and_keeps_the_rest(openai_client, emoji):
-    picture = np.dstack([emoji("red apple"), np.full((32, 32), 255, np.uint8)])
-    picture[10:22, 10:22, 3] = 0  # transparent: repaint
+@pytest.mark.parametrize("side", [32, 64, 128, 256])
+def test_openai_sdk_inpaints_the_hole_and_keeps_the_rest_exactly_at_every_size(openai_client, emoji, side):
+    """The model paints at 32x32; every pixel the mask keeps is still the caller's own at the output size
+    (composited there, not at 32x32 and enlarged: that changed kept pixels by up to 21/255)."""
+    k = side // 32
+    picture = np.dstack([emoji("red apple"), np.full((32, 32), 255, np.uint8)]).repeat(k, 0).repeat(k, 1)
+    picture[:, :, :3] = np.clip(picture[:, :, :3].astype(int) + np.arange(side)[:, None, None] % 3, 0, 255)
+    picture[10 * k:22 * k - 1, 10 * k + 1:22 * k, 3] = 0  # transparent: repaint (edges off the 32x32 grid)
     out = openai_client.images.edit(model=MODEL, image=("apple.png", png(picture), "image/png"), prompt="red apple",
-                                    response_format="b64_json", extra_body={"seed": 3})
+                                    size=f"{side}x{side}", response_format="b64_json",
+                                    extra_body={"seed": 3, "num_inference_steps": 8})
     edited = decode(out.data[0].b64_json)
     keep = picture[..., 3] == 255
+    assert edited.shape == (side, side, 3)
     assert np.array_equal(edited[keep], picture[..., :3][keep])
     assert not np.array_equal(edited[~keep], picture[..., :3][~keep])
+
+
+def test_edits_take_png_jpeg_webp_in_the_outputs_shape_and_nothing_else(server, emoji):
+    def send(data: bytes, **form):
+        with server.client() as c:
+            return c.post("/v1/images/edits", data={"model": MODEL, "prompt": "red apple", "seed": "1",
+                                                    "num_inference_steps": "2", **form},
+                          files={"image": ("in", data)})
+
+    def encoded(array: np.ndarray, fmt: str) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(array).save(out, format=fmt)
+        return out.getvalue()
+
+    apple = emoji("red apple")
+    for fmt in ("PNG", "JPEG", "WEBP"):
+        assert send(encoded(apple, fmt)).status_code == 200, fmt
+    for fmt in ("BMP", "GIF", "TIFF"):
+        r = send(encoded(apple, fmt))
+        assert r.status_code == 400 and r.json()["error"] == {
+            "message": "image is not a PNG, JPEG or WebP image.", "type": "invalid_request_error",
+            "param": "image", "code": None}, fmt
+    wide = np.zeros((200, 300, 3), np.uint8)  # never silently squashed into the square output
+    r = send(encoded(wide, "PNG"))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+    assert r.json()["error"]["message"].startswith("image is 300x200 but the output is 32x32: genserve neither "
+                                                   "crops nor stretches, so the image must have the output's aspect "
+                                                   "ratio (1:1)")
+    assert send(encoded(np.zeros((64, 64, 3), np.uint8), "PNG"), size="128x128").status_code == 200  # same shape
 
 
 def test_image_to_image_redoes_as_much_as_strength_says(openai_client, emoji, name_of):

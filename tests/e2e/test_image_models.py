@@ -72,6 +72,22 @@ def test_interpolation_walks_from_one_seed_to_the_other(server, model):
     assert len(gif) == 1 and animation.format == "GIF" and animation.n_frames == 6
 
 
+def test_interpolation_frames_come_at_the_size_asked_for(server):
+    body = {"model": "genserve-gan", "seed_start": 1, "seed_end": 2, "frames": 3, "class": "4"}
+    small = [np.asarray(decode(d["b64_json"])) for d in
+             post(server, "/v1/images/interpolations", **body).json()["data"]]
+    large = [np.asarray(decode(d["b64_json"])) for d in
+             post(server, "/v1/images/interpolations", size="64x64", **body).json()["data"]]
+    assert [f.shape[:2] for f in small] == [(8, 8)] * 3 and [f.shape[:2] for f in large] == [(64, 64)] * 3
+    assert all(np.array_equal(b[::8, ::8], a) for a, b in zip(small, large, strict=True))
+    gif = decode(post(server, "/v1/images/interpolations", size="32x32", format="gif", **body).json()["data"][0]
+                 ["b64_json"])
+    assert gif.size == (32, 32) and gif.n_frames == 3
+    r = post(server, "/v1/images/interpolations", size="100x100", **body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "size"
+    assert "8x8, 16x16" in r.json()["error"]["message"]
+
+
 def test_module_refuses_diffusion_knobs_and_unknown_classes(server):
     r = post(server, "/v1/images/generations", model="genserve-gan", prompt="7", num_inference_steps=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "num_inference_steps"

@@ -85,6 +85,9 @@ class ImageInterpolationParams:
     method: Literal["slerp", "lerp"]
     class_name: str | None
     format: Literal["png", "gif"]
+    width: int = 0    # every frame's size (0: the model's native size)
+    height: int = 0
+    size: str | None = None  # the request's ``size`` as given, for a remote backend to forward
 
 
 @dataclass

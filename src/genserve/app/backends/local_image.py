@@ -106,13 +106,13 @@ class LocalImageBackend(BatchedBackend):
             work.cancel()
 
     async def interpolate(self, params: ImageInterpolationParams) -> AsyncGenerator[ImageArtifact, None]:
-        """The frames at the model's native size: one artifact per frame, or one with all ``frames``
-        for a GIF."""
+        """The frames at the size asked for (the serving layer checked it is one of the model's sizes),
+        else the model's native size: one artifact per frame, or one with all ``frames`` for a GIF."""
         runner = self.runner
         if not isinstance(runner, LatentRunner):
             raise InvalidRequestError("Interpolation needs a GAN, VAE or flow model.", param="model")
         class_index = self._class_index(params.class_name, "class") if params.class_name is not None else None
-        width, height = runner.native
+        width, height = (params.width, params.height) if params.width and params.height else runner.native
         frames = await asyncio.to_thread(runner.interpolate, params.seed_start, params.seed_end, params.frames,
                                          params.method, class_index, width, height)
         if params.format == "gif":

@@ -346,7 +346,7 @@ class RemoteImageBackend(RemoteBackend):
     async def interpolate(self, params: ImageInterpolationParams) -> AsyncGenerator[ImageArtifact, None]:
         body = {"model": self.upstream_model, "seed_start": params.seed_start, "seed_end": params.seed_end,
                 "frames": params.frames, "method": params.method, "format": params.format,
-                "class": params.class_name, "response_format": "b64_json"}
+                "class": params.class_name, "size": params.size, "response_format": "b64_json"}
         payload = await self._post_json("images/interpolations", {k: v for k, v in body.items() if v is not None},
                                         "images")
         for artifact in self._artifacts(payload, "image/gif" if params.format == "gif" else "image/png"):

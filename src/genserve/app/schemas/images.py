@@ -77,6 +77,8 @@ class ImageInterpolationRequest(OpenAIBaseModel):
     method: Literal["lerp", "slerp"] = Field("slerp", description="straight line, or the great circle that "
                                              "keeps Gaussian latents at a typical norm")
     format: Literal["png", "gif"] = Field("png", description="png: one image per frame; gif: one animated GIF")
+    size: str | None = Field(None, pattern=r"^(auto|\d{1,5}x\d{1,5})$", description="WIDTHxHEIGHT of every "
+                             "frame, one the model lists in /v1/models (default: its native size)")
     class_: str | None = Field(None, alias="class", description="class-conditional models: one of the class "
                                "names (default: each end's own class, drawn from its seed)")
     response_format: ResponseFormat = "b64_json"

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import json
+import math
 import time
 import uuid
 from collections import OrderedDict
@@ -45,6 +47,9 @@ from genserve.models.params import ImageInterpolationParams, ImageJob, ImagePara
 from genserve.models.seeding import item_seed
 
 FILES_PATH = "/v1/images/files"
+
+
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")  # what image edits accept (docs: README's Images)
 
 
 class ImageStore:
@@ -240,6 +245,13 @@ class ImageServing:
         if mask is not None and alpha_from.size != picture.size:
             raise InvalidRequestError(f"mask is {alpha_from.size[0]}x{alpha_from.size[1]} but image is "
                                       f"{picture.size[0]}x{picture.size[1]}; they must match.", param="mask")
+        out = (jobs[0].width, jobs[0].height)
+        (pw, ph), (ow, oh) = picture.size, out
+        if ow and oh and pw * oh != ph * ow:  # never stretched: the caller crops or pads, knowing how
+            raise InvalidRequestError(f"image is {pw}x{ph} but the output is {ow}x{oh}: genserve neither crops nor "
+                                      f"stretches, so the image must have the output's aspect ratio "
+                                      f"({ow // math.gcd(ow, oh)}:{oh // math.gcd(ow, oh)}); crop or pad it, or "
+                                      "ask for a size of its shape.", param="image")
         native = facts.native_size if facts.edit_at_native_size and facts.native_size else (jobs[0].width,
                                                                                               jobs[0].height)
         native = native if all(native) else picture.size  # a remote model's sizes are its upstream's to check
@@ -266,6 +278,8 @@ class ImageServing:
 
         async def run() -> ImagesResponse:
             artifacts = await self._artifacts(backend, raw, backend.generate(params))
+            if hole is not None and all(out):
+                artifacts = await asyncio.to_thread(_keep_unmasked, artifacts, picture, alpha_from, out)
             return await self._respond(raw, form.model, artifacts, form.response_format)
 
         return await unless_disconnected(raw, run())
@@ -278,10 +292,10 @@ class ImageServing:
         data = await upload.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise PayloadTooLargeError(f"{param} is larger than this model's limit of {max_bytes} bytes.")
-        try:
-            picture = Image.open(io.BytesIO(data))  # reads the header only
+        try:  # the header only, and only of the formats documented: no other decoder sees the bytes
+            picture = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
         except Exception:
-            raise InvalidRequestError(f"{param} is not an image PIL can read (PNG expected).", param=param) from None
+            raise InvalidRequestError(f"{param} is not a PNG, JPEG or WebP image.", param=param) from None
         w, h = picture.size
         if w * h > max_pixels:
             raise InvalidRequestError(f"{param} is {w}x{h}; this model accepts at most {max_pixels} pixels.",
@@ -297,8 +311,10 @@ class ImageServing:
         backend = await self.manager.acquire(body.model, "interpolation", ImageBackend)
         if body.class_:
             await self.moderation.check_input(body.model, [("class", body.class_)], raw)
+        width, height = self._size(backend, backend.describe(), body.size)
         params = ImageInterpolationParams(seed_start=body.seed_start, seed_end=body.seed_end, frames=body.frames,
-                                          method=body.method, class_name=body.class_, format=body.format)
+                                          method=body.method, class_name=body.class_, format=body.format,
+                                          width=width, height=height, size=body.size)
 
         async def run() -> ImagesResponse:
             artifacts = await self._artifacts(backend, raw, backend.interpolate(params))
@@ -313,6 +329,16 @@ class ImageServing:
             raise NotFoundError("This image does not exist or has expired.")
         data, media_type = item
         return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=60"})
+
+
+def _keep_unmasked(artifacts: list[ImageArtifact], picture: Image.Image, alpha_from: Image.Image,
+                   size: tuple[int, int]) -> list[ImageArtifact]:
+    """Inpainting at the output's resolution: every pixel the mask keeps is the caller's own (the
+    picture at the output size), however the model made the rest (at its native size, then scaled)."""
+    keep = np.asarray(alpha_from.getchannel("A").resize(size, Image.Resampling.NEAREST)) >= 128
+    original = np.asarray(picture.convert("RGB").resize(size, Image.Resampling.LANCZOS))
+    return [dataclasses.replace(a, pixels=np.where(keep[..., None], original, a.pixels))
+            if a.pixels is not None and a.pixels.shape[:2] == keep.shape else a for a in artifacts]
 
 
 async def _chain(first: list[ImageEvent], rest: AsyncGenerator[ImageEvent, None]
