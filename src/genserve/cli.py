@@ -76,16 +76,17 @@ class DrainingServer(uvicorn.Server):
 
 
 def _serve(args: argparse.Namespace) -> int:
+    settings = load_settings({"host": args.host, "port": args.port, "config": args.config, "models": args.models,
+                              "api_keys_file": args.api_keys_file, "log_level": args.log_level,
+                              "log_format": args.log_format,
+                              "allow_unauthenticated": args.allow_unauthenticated or None})
+    # Before the app's imports: the libraries read their progress-bar and verbosity settings on import.
+    logs.setup(settings.log_level, settings.log_format, quiet=True)
     from genserve.app.deps import services_of
     from genserve.app.main import create_app
     from genserve.app.registry import entry_for_source, load_registry, select
     from genserve.app.tenancy import read_keys
 
-    settings = load_settings({"host": args.host, "port": args.port, "config": args.config, "models": args.models,
-                              "api_keys_file": args.api_keys_file, "log_level": args.log_level,
-                              "log_format": args.log_format,
-                              "allow_unauthenticated": args.allow_unauthenticated or None})
-    logs.setup(settings.log_level, settings.log_format, quiet=True)
     if args.model is None:
         if args.id is not None:
             raise ConfigError("--id names the model of --model: pass --model DIR_OR_HUB_ID too")

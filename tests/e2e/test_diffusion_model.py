@@ -197,3 +197,12 @@ def test_a_streamed_client_that_leaves_stops_the_denoising(server) -> None:
     # The steps the server had made before it noticed (its events are sent as the steps end), plus the
     # one running then; a small constant, not the 197 left.
     assert ran <= seen + 3, f"{ran} steps ran for a client that left after {seen}"
+
+
+def test_the_servers_log_has_no_library_chatter(server):
+    """Loading diffusers pipelines, transformers and sentence-transformers models prints progress bars
+    and deprecation warnings unless the server quiets them (app/logs.py): none reach the log."""
+    log = server.log.read_text()
+    assert "genserve-diffusion ready" in log
+    for chatter in ("Loading pipeline components", "it/s]", "FutureWarning", "UserWarning", "DeprecationWarning"):
+        assert chatter not in log, chatter

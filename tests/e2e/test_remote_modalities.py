@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import API_KEY, TEXT, Server, ServerSets, free_port, start_server, stop_server
+from tests.conftest import API_KEY, Server, ServerSets, free_port, start_server, stop_server
 from tests.e2e.test_errors import assert_openai_error
 
 Upstreams = dict[str, Server]  # set name: its server
@@ -165,12 +165,14 @@ def test_upstream_errors_pass_through(media_gateway: Server, path: str, body: di
 
 
 def test_a_remote_entry_pointing_at_its_own_server_is_one_request(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Readiness of an entry whose upstream is this very server: single-flight and no recursion."""
+    """Readiness of an entry whose upstream is this very server: single-flight and no recursion. (The
+    digit GAN as the local model: it loads in a second; every remote modality probes readiness alike.)"""
     port = free_port()
     registry = f"""include_defaults: false
 models:
-  - {{id: {TEXT}, modality: text, backend: local, family: llama, source: 'package:genserve.models/weights/{TEXT}'}}
-  - {{id: self-text, modality: text, backend: remote, url: 'http://127.0.0.1:{port}/v1', upstream_model: {TEXT},
+  - {{id: genserve-gan, modality: image, backend: local, family: gan,
+      source: 'package:genserve.models/weights/genserve-gan'}}
+  - {{id: self-gan, modality: image, backend: remote, url: 'http://127.0.0.1:{port}/v1', upstream_model: genserve-gan,
       api_key_env: TEST_UPSTREAM_KEY}}
 """
     srv = start_server(tmp_path_factory.mktemp("self"), "self", registry, {"TEST_UPSTREAM_KEY": API_KEY},
@@ -179,7 +181,7 @@ models:
         before = _model_list_requests(srv)
         r = httpx.get(f"{srv.url}/health/ready", timeout=10)
         assert r.status_code == 200, r.text
-        assert r.json()["models"] == {TEXT: True, "self-text": True}
+        assert r.json()["models"] == {"genserve-gan": True, "self-gan": True}
         assert _model_list_requests(srv) - before <= 1
     finally:
         stop_server(srv)
