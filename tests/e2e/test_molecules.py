@@ -6,6 +6,7 @@ module), so a constraint that genserve checks wrongly fails the test.
 
 from __future__ import annotations
 
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -32,7 +33,7 @@ def check_stats(out: dict, n: int) -> None:
     assert s["requested"] == n and s["returned"] == len(out["data"])
     assert s["sampled"] == (s["returned"] + s["invalid"] + s["duplicates"] + s["rejected_by_constraints"]
                             + s["withheld_by_moderation"])
-    assert s["stopped_by"] == ("n" if s["returned"] == n else "max_samples")
+    assert s["stopped_by"] == "n" if s["returned"] == n else s["stopped_by"] in ("max_samples", "time")
 
 
 def test_generation_returns_n_distinct_canonical_molecules(server):
@@ -99,6 +100,22 @@ def test_impossible_constraints_stop_at_max_samples(server):
     check_stats(out, 5)
     assert out["data"] == [] and out["stats"]["sampled"] == 200 and out["stats"]["stopped_by"] == "max_samples"
     assert out["stats"]["rejected_by_constraints"] == 200 - out["stats"]["invalid"] - out["stats"]["duplicates"]
+
+
+def test_hopeless_constraints_stop_at_max_seconds_with_what_was_found(server):
+    """Impossible constraints and 20,000 samples allowed: sampling ends at max_seconds, and the answer
+    (200, its stats) comes then, not a 504 at the deadline after all that work."""
+    started = time.monotonic()
+    r = generate(server, n=5, seed=1, constraints={"mw_min": 5000}, max_samples=20_000, max_seconds=1.0)
+    took = time.monotonic() - started
+    assert r.status_code == 200, r.text
+    stats = r.json()["stats"]
+    check_stats(r.json(), 5)
+    assert stats["stopped_by"] == "time" and 0 < stats["sampled"] < 20_000 and r.json()["data"] == []
+    assert took < 10
+    r = generate(server, n=1, max_seconds=61)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_seconds"
+    assert "exceeds this model's limit of 60.0" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(("constraints", "param"), [

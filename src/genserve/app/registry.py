@@ -41,6 +41,9 @@ class Limits(BaseModel):
     max_inputs: int = Field(2048, ge=1, description="inputs in one /v1/embeddings request")
     max_samples: int = Field(20_000, ge=1, description="molecule generators: strings sampled for one request "
                              "at most (the default and cap of its max_samples)")
+    max_sampling_seconds: float = Field(60.0, gt=0, description="molecule generators: seconds one request may "
+                                        "sample at most (the default and cap of its max_seconds); what was "
+                                        "found by then is returned, with stats.stopped_by 'time'")
     max_image_pixels: int = Field(1024 * 1024, ge=1, description="images: width x height of one output image")
     max_steps: int = Field(150, ge=1, description="diffusion: num_inference_steps")
     max_upload_bytes: int = Field(8 << 20, ge=1, description="image edits: bytes of each uploaded file")

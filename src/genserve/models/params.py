@@ -124,6 +124,7 @@ class MoleculeParams:
     max_samples: int
     constraints: dict | None = None
     include: list[str] = field(default_factory=list)
+    max_seconds: float | None = None  # sampling time budget; what was found by then is returned
 
 
 @dataclass

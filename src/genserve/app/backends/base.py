@@ -178,7 +178,7 @@ class MoleculeStats:
     duplicates: int
     rejected_by_constraints: int
     withheld_by_moderation: int
-    stopped_by: Literal["n", "max_samples"]
+    stopped_by: Literal["n", "max_samples", "time"]
     prompt_tokens: int
     completion_tokens: int
 

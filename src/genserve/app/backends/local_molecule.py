@@ -67,16 +67,25 @@ class LocalMoleculeBackend(Backend):
     async def generate(self, params: MoleculeParams) -> AsyncGenerator[MoleculeEvent, None]:
         """The kept molecules, round by round, then the stats of every string drawn."""
         compiled = rounds.compile_constraints(params.constraints)  # a bad one: InputError naming the field
-        tally = rounds.Tally()
+        tally, ends, out_of_time = rounds.Tally(), None, False
+        if params.max_seconds is not None:
+            ends = asyncio.get_running_loop().time() + params.max_seconds
         while len(tally.kept) < params.n and tally.sampled < params.max_samples:
             count = rounds.round_size(params.n - len(tally.kept), tally, params.max_samples)
-            analysed = await self._round(params, compiled, count, rounds.round_seed(params.seed, tally), tally)
+            try:
+                async with asyncio.timeout_at(ends):  # a round cut short is dropped; the engine aborts it
+                    analysed = await self._round(params, compiled, count, rounds.round_seed(params.seed, tally),
+                                                 tally)
+            except TimeoutError:
+                out_of_time = True
+                break
             tally.drawn += count
             for kept in rounds.select([analysed[i] for i in range(count)], params.n, params.unique, tally):
                 yield _molecule(kept)
         yield MoleculeStats(requested=params.n, returned=len(tally.kept), sampled=tally.sampled,
                             invalid=tally.invalid, duplicates=tally.duplicates, rejected_by_constraints=tally.rejected,
-                            withheld_by_moderation=0, stopped_by="n" if len(tally.kept) == params.n else "max_samples",
+                            withheld_by_moderation=0,
+                            stopped_by="n" if len(tally.kept) == params.n else "time" if out_of_time else "max_samples",
                             prompt_tokens=tally.drawn, completion_tokens=tally.tokens)
 
     async def _round(self, params: MoleculeParams, compiled: chem.CompiledConstraints, count: int, seed: int,

@@ -387,7 +387,7 @@ class RemoteMoleculeBackend(RemoteBackend):
     async def generate(self, params: MoleculeParams) -> AsyncGenerator[MoleculeEvent, None]:
         body = {"model": self.upstream_model, "n": params.n, "seed": params.seed, "temperature": params.temperature,
                 "top_k": params.top_k, "unique": params.unique, "max_samples": params.max_samples,
-                "constraints": params.constraints, "include": params.include}
+                "max_seconds": params.max_seconds, "constraints": params.constraints, "include": params.include}
         payload = await self._post_json("molecules/generations", body, "molecules")
         try:
             molecules = [Molecule(smiles=m["smiles"], selfies=m["selfies"], properties=m.get("properties"),

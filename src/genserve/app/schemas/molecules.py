@@ -70,6 +70,9 @@ class MoleculeGenerationRequest(OpenAIBaseModel):
     constraints: Constraints | None = None
     max_samples: int | None = Field(None, ge=1, description="stop after sampling this many; default and "
                                     "cap are the model's limits")
+    max_seconds: float | None = Field(None, gt=0, description="stop sampling after this long and return what "
+                                      "was found (stats.stopped_by 'time'); default and cap: the model's "
+                                      "limits.max_sampling_seconds, and always within the request's deadline")
     include: list[Include] = Field(default_factory=_properties)
     user: str | None = None
 
@@ -111,7 +114,8 @@ class GenerationStats(OpenAIBaseModel):
     duplicates: int = Field(description="valid molecules dropped as repeats (unique=true)")
     rejected_by_constraints: int
     withheld_by_moderation: int
-    stopped_by: Literal["n", "max_samples"] = Field(description="why sampling stopped")
+    stopped_by: Literal["n", "max_samples", "time"] = Field(description="why sampling stopped: n found, "
+                                                            "max_samples drawn, or max_seconds spent")
 
 
 class MoleculeGenerationResponse(OpenAIBaseModel):

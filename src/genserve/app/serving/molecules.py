@@ -24,7 +24,7 @@ from genserve.app.backends.base import (
     MoleculeStats,
 )
 from genserve.app.backends.chemistry import describe_smiles
-from genserve.app.backends.manager import ModelManager
+from genserve.app.backends.manager import ANSWER_MARGIN_S, ModelManager
 from genserve.app.errors import InvalidRequestError
 from genserve.app.metrics import Metrics
 from genserve.app.moderation.service import ModerationService
@@ -59,6 +59,10 @@ class MoleculeServing:
         if body.max_samples is not None and body.max_samples > cap:
             raise InvalidRequestError(f"max_samples={body.max_samples} exceeds this model's limit of {cap}.",
                                       param="max_samples")
+        time_cap = backend.entry.limits.max_sampling_seconds
+        if body.max_seconds is not None and body.max_seconds > time_cap:
+            raise InvalidRequestError(f"max_seconds={body.max_seconds} exceeds this model's limit of {time_cap}.",
+                                      param="max_seconds")
         c = body.constraints
         for kind in ("similar_to", "substructure"):
             if c is not None and (query := getattr(c, kind)) is not None:
@@ -68,7 +72,10 @@ class MoleculeServing:
             top_k=body.top_k, unique=body.unique, max_samples=body.max_samples or cap,
             constraints=body.constraints.model_dump() if body.constraints is not None else None,
             include=list(body.include))
-        deadline = Deadline.start(backend.entry.timeout_s(self.settings.request_timeout_s), self.manager)
+        timeout_s = backend.entry.timeout_s(self.settings.request_timeout_s)
+        # Sampling stops in time to answer with what it found, never a 504 after all that work.
+        params.max_seconds = min(body.max_seconds or time_cap, max(0.1, timeout_s - ANSWER_MARGIN_S))
+        deadline = Deadline.start(timeout_s, self.manager)
 
         async def run() -> MoleculeGenerationResponse:
             kept: list[GeneratedMolecule] = []
