@@ -26,12 +26,14 @@ their own, so a verdict from an older probe cannot hide a regression.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.resources import files
@@ -67,6 +69,24 @@ def fresh_probe_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
         path = tmp_path_factory.mktemp("cache")
         mp.setenv("GENSERVE_CACHE_DIR", str(path))
         yield path
+
+
+@pytest.fixture(autouse=True)
+def logging_state() -> Iterator[None]:
+    """Each test leaves the process's logging as it found it: ``genserve serve`` run in-process (``main``)
+    installs a root handler on the test's captured stderr, captures warnings and quiets libraries."""
+    from genserve.app import logs
+
+    root = logging.getLogger()
+    handlers, level, filters = root.handlers[:], root.level, warnings.filters[:]
+    levels = {name: logging.getLogger(name).level for name in logs.CHATTY}
+    yield
+    logging.captureWarnings(False)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    warnings.filters[:] = filters
+    for name, value in levels.items():
+        logging.getLogger(name).setLevel(value)
 
 
 @dataclass

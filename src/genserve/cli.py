@@ -70,9 +70,9 @@ class DrainingServer(uvicorn.Server):
         exits 0 instead, so ``make serve`` prints no "Error 143" and supervisors log a clean stop."""
         with super().capture_signals():
             yield
-            if self._captured_signals:
+            if self._captured_signals and not self.force_exit:  # a second Ctrl-C: dies by the signal
                 log.info("stopped cleanly (signal %d)", self._captured_signals[-1])
-            self._captured_signals.clear()
+                self._captured_signals.clear()
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -112,7 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
                     "clients elsewhere cannot open; set it to the address they use", settings.base_url())
     app = create_app(settings, entries)
     if hasattr(signal, "SIGHUP"):  # the keys file again, without a restart (a bad file keeps the old keys)
-        signal.signal(signal.SIGHUP, lambda *_: services_of(app).tenancy.reload())
+        signal.signal(signal.SIGHUP, lambda *_: services_of(app).tenancy.reload_threadsafe())
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             log_config=None,  # its lines go through the root handler (logs.setup)
                             # X-Forwarded-* only from the proxies the operator names (uvicorn trusts loopback).
@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", metavar="DIR_OR_HUB_ID", help="serve this one model alone, its family "
                        "recognised from its files (a model directory, or an org/name in the Hugging Face cache)")
     serve.add_argument("--id", help="--model's public id (default: the directory's name, or the hub id)")
-    serve.add_argument("--api-keys-file", help="file with one API key per line (GENSERVE_API_KEYS_FILE)")
+    serve.add_argument("--api-keys-file", help="keys file: one API key a line, or YAML with each key's models, "
+                       "rate limits, quotas and moderation (docs/keys.md; reread on SIGHUP; GENSERVE_API_KEYS_FILE)")
     serve.add_argument("--allow-unauthenticated", action="store_true",
                        help="serve a non-loopback address without API keys")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])

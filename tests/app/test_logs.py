@@ -14,14 +14,8 @@ from genserve.app import logs
 
 @pytest.fixture
 def restore_logging():
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    """(tests/conftest.py's logging_state restores it afterwards) from a clean start: warnings not captured."""
     logging.captureWarnings(False)
-    for name in (*logs.CHATTY, "py.warnings"):
-        logging.getLogger(name).setLevel(logging.NOTSET)
 
 
 def test_json_lines_carry_time_level_logger_message_and_traceback(restore_logging, capsys) -> None:
@@ -32,17 +26,20 @@ def test_json_lines_carry_time_level_logger_message_and_traceback(restore_loggin
     except ValueError:
         logging.getLogger("genserve.test").exception("failed")
     logging.getLogger("httpx").info("HTTP Request: GET http://upstream/v1/models")  # chatter: dropped
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.warn("a library's deprecation", FutureWarning, stacklevel=1)  # dropped below debug
+    # a library's notice about its own future is dropped; any other warning is a log line
+    warnings.warn_explicit("a library's deprecation", FutureWarning, "diffusers/x.py", 1, module="diffusers.x")
+    warnings.warn_explicit("coroutine 'x' was never awaited", RuntimeWarning, "genserve/x.py", 2,
+                           module="genserve.x")
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
-    assert [(r["level"], r["logger"], r["message"]) for r in lines] == [
-        ("info", "genserve.test", "ready: ünïcode"), ("error", "genserve.test", "failed")]
+    assert [(r["level"], r["logger"], r["message"].splitlines()[0]) for r in lines] == [
+        ("info", "genserve.test", "ready: ünïcode"), ("error", "genserve.test", "failed"),
+        ("warning", "py.warnings", "genserve/x.py:2: RuntimeWarning: coroutine 'x' was never awaited")]
     assert lines[0]["time"].endswith("Z") and len(lines[0]["time"]) == len("2026-12-04T06:10:00.123Z")
     assert "ValueError: boom" in lines[1]["exception"] and "exception" not in lines[0]
 
 
 def test_debug_keeps_the_chatter(restore_logging, capsys) -> None:
+    logs.setup("info", "text", quiet=True)  # as an earlier serve in the same process left it
     logs.setup("debug", "text", quiet=True)
     logging.getLogger("httpx").info("HTTP Request: GET http://upstream/v1/models")
     assert "INFO httpx: HTTP Request" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import pytest
 from genserve.app.errors import AuthenticationError, RateLimitError
 from genserve.app.metrics import Metrics
 from genserve.app.registry import ConfigError, ModelEntry
-from genserve.app.tenancy import CURRENT, LocalCounters, Tenancy, Usage, _duration, admit_model, read_keys
+from genserve.app.tenancy import CURRENT, LocalCounters, Tenancy, Usage, _duration, _number, admit_model, read_keys
 
 
 def _file(tmp_path: Path, text: str) -> Path:
@@ -39,6 +39,9 @@ def _tenancy(tmp_path: Path, text: str, redis_url: str | None = None) -> Tenancy
     ("keys:\n  - {name: a, key: k1, modalities: [video]}\n", "keys[0].modalities[0]: Input should be"),
     ("keys:\n  - {name: 'a b', key: k1}\n", "keys[0].name: String should match pattern"),
     ("keys: [\n", "cannot read keys file"),
+    ("keys: []\n", "keys: List should have at least 1 item"),
+    ("- {name: a, key: k1}\n", "the top level must be a mapping with 'keys'"),
+    ("team: {key: k1}\n", "keys: Field required"),
 ])
 def test_a_bad_keys_file_is_refused_with_the_entry_and_field_named(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match="keys file") as err:
@@ -57,9 +60,9 @@ def test_keys_come_hashed_or_plain_and_plain_files_still_work(tmp_path: Path) ->
             t.authenticate(bad)
     with pytest.raises(AuthenticationError, match="Missing API key"):
         t.authenticate(None)
-    plain = read_keys(["env-key"], _file(tmp_path, "# comment\nk-1\n\nk-2\n"))
-    assert [(k.name, k.key) for k in plain] == [
-        (f"key-{hashlib.sha256(k.encode()).hexdigest()[:12]}", k) for k in ("env-key", "k-1", "k-2")]
+    plain = read_keys(["env-key"], _file(tmp_path, "# comment\nk-1\n\n  k-2\n"))
+    # named by their place, never by anything derived from the key (/metrics is open)
+    assert [(k.name, k.key) for k in plain] == [("key-1", "env-key"), ("key-2", "k-1"), ("key-3", "k-2")]
     assert Tenancy([], None, Metrics()).authenticate(None) is None  # no keys: open
 
 
@@ -97,7 +100,14 @@ async def _race(t: Tenancy, key_token: str, unit: str, n: int) -> list[bool]:
     return await asyncio.gather(*(one() for _ in range(n)))
 
 
+def _fresh_minute(needed_s: float) -> None:
+    """Waits, if need be, until the current minute window has ``needed_s`` left."""
+    if (left := 60 - time.time() % 60) < needed_s:
+        time.sleep(left + 0.05)
+
+
 def test_exactly_the_limit_passes_under_concurrency_and_the_429_says_when(tmp_path: Path) -> None:
+    _fresh_minute(3)
     t = _tenancy(tmp_path, "keys:\n  - {name: a, key: k1, limits: {per_minute: {requests: 20}}}\n")
     assert sum(asyncio.run(_race(t, "k1", "requests", 50))) == 20
     usage = Usage(t.authenticate("k1"), t)
@@ -135,16 +145,70 @@ def test_windows_end(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_reset_durations_read_as_openai_writes_them() -> None:
-    assert [_duration(s) for s in (0.0201, 1, 1.5, 59.25, 60, 360, 3723)] == [
-        "21ms", "1s", "1.5s", "59.25s", "1m0s", "6m0s", "1h2m3s"]
+    assert [_duration(s) for s in (0.0201, 0.9999, 1, 1.5, 59.25, 59.9999, 60, 360, 3599.9999, 3723)] == [
+        "21ms", "1s", "1s", "1.5s", "59.25s", "1m0s", "1m0s", "6m0s", "1h0m0s", "1h2m3s"]
+    assert [_number(v) for v in (0, 20.0, 119.9996, 0.0004, 2.25)] == ["0", "20", "120", "0", "2.25"]
 
 
 def test_sighup_reload_keeps_the_old_keys_when_the_new_file_is_bad(tmp_path: Path) -> None:
     t = _tenancy(tmp_path, "keys:\n  - {name: a, key: k1}\n")
     _file(tmp_path, "keys:\n  - {name: a, key: k1}\n  - {name: b, key: k2}\n")
     assert t.reload() and t.authenticate("k2").name == "b"
-    _file(tmp_path, "keys:\n  - {name: a}\n")
+    for bad in ("keys:\n  - {name: a}\n", "", "# all keys removed\n", "- {name: b, key: k2}\n"):
+        _file(tmp_path, bad)  # broken, or empty as an editor leaves it mid-write: never an open API
+        assert not t.reload() and t.authenticate("k2").name == "b", bad
+        with pytest.raises(AuthenticationError):
+            t.authenticate(None)
+    (tmp_path / "keys.yaml").write_bytes(b"keys:\n  - {name: \xff\xfe, key: k3}\n")  # not UTF-8
     assert not t.reload() and t.authenticate("k2").name == "b"
+
+
+def test_a_keys_moderation_that_no_request_could_use_is_refused_at_load(tmp_path: Path) -> None:
+    from genserve.app.moderation.service import ModerationService
+    from genserve.app.registry import load_registry
+    from genserve.app.settings import Settings
+
+    moderation = ModerationService(Settings().moderation, load_registry(), Metrics())
+    for patch, message in [
+        ("{blocked_terms: ['" + "x" * 60 + "']}", "keys[0] (a).moderation: merged with the global policy's policy"),
+        ("{guard_model: nope}", "keys[0] (a).moderation: guard_model 'nope' is not a moderation model"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            Tenancy([], _file(tmp_path, f"keys:\n  - {{name: a, key: k1, moderation: {patch}}}\n"), Metrics(),
+                    check_moderation=moderation.check_patch)
+        assert message in str(err.value)
+    ok = Tenancy([], _file(tmp_path, "keys:\n  - {name: a, key: k1, moderation: {blocked_terms: [pineapple]}}\n"),
+                 Metrics(), check_moderation=moderation.check_patch)
+    assert ok.authenticate("k1").moderation.blocked_terms == ["pineapple"]
+
+
+def test_what_is_noted_after_the_response_ended_is_charged_too(tmp_path: Path) -> None:
+    t = _tenancy(tmp_path, "keys:\n  - {name: a, key: k1, limits: {per_minute: {tokens: 10}}}\n")
+
+    async def run() -> None:
+        usage = Usage(t.authenticate("k1"), t)
+        usage.note("tokens", 4)
+        await t.charge(usage)
+        await t.charge(usage)  # nothing new: nothing charged
+        usage.closed = True
+        usage.note("tokens", 6)  # a stream's generator closed late, after its client left
+        await asyncio.sleep(0)
+        await asyncio.gather(*t._charging)
+        with pytest.raises(RateLimitError):
+            await t.take(Usage(usage.key, t), "tokens", 0)
+
+    asyncio.run(run())
+    assert t.metrics.key_usage.labels("a", "tokens")._value.get() == 10
+
+
+def test_the_429_waits_for_the_window_used_up_longest_and_a_quota_says_do_not_retry(tmp_path: Path) -> None:
+    t = _tenancy(tmp_path, "keys:\n  - {name: a, key: k1, limits: {per_minute: {requests: 1}, "
+                           "per_day: {requests: 1}}}\n")
+    asyncio.run(t.take(Usage(t.authenticate("k1"), t), "requests", 1))
+    with pytest.raises(RateLimitError) as err:
+        asyncio.run(t.take(Usage(t.authenticate("k1"), t), "requests", 1))
+    assert err.value.code == "insufficient_quota" and err.value.headers["x-should-retry"] == "false"
+    assert int(err.value.headers["Retry-After"]) > 60 or time.time() % 86400 > 86400 - 61
 
 
 def test_replicas_sharing_redis_count_exactly(tmp_path: Path, redis_url: str) -> None:
@@ -152,6 +216,7 @@ def test_replicas_sharing_redis_count_exactly(tmp_path: Path, redis_url: str) ->
     and what one charges the others see."""
     text = "keys:\n  - {name: shared, key: k1, limits: {per_minute: {requests: 25, images: 4}}}\n"
     replicas = [_tenancy(tmp_path, text, redis_url) for _ in range(3)]
+    _fresh_minute(3)
 
     async def run() -> tuple[int, bool]:
         results = await asyncio.gather(*(_race(r, "k1", "requests", 20) for r in replicas))

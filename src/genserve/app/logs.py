@@ -1,12 +1,14 @@
 """The server's log: one format for genserve's, uvicorn's and the libraries' lines (text, or one JSON
 object a line for a log pipeline), and the libraries' chatter (per-request INFO lines, progress bars,
-deprecation warnings) kept out of it unless the level is ``debug``."""
+their deprecation notices) kept out of it unless the level is ``debug``. The engine's child processes
+log in text."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import warnings
 from datetime import UTC, datetime
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -15,9 +17,11 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 CHATTY = ("httpx", "httpcore", "urllib3", "filelock", "huggingface_hub", "sentence_transformers",
           "transformers", "diffusers", "torch", "matplotlib", "PIL", "multipart", "numexpr")
 # Read by the libraries when they are first imported (the engine's child processes inherit them).
-QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error",
-             "DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
-             "TOKENIZERS_PARALLELISM": "false"}
+# Progress bars off; the libraries keep their warnings (a model's weights "newly initialized" matters).
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "warning",
+             "DIFFUSERS_VERBOSITY": "warning", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+# Python warnings the libraries raise about their own future: nothing an operator can act on.
+LIBRARIES = r"(torch|transformers|diffusers|sentence_transformers|huggingface_hub|tokenizers|hatesonar|rdkit)(\.|$)"
 
 
 class JsonFormatter(logging.Formatter):
@@ -45,8 +49,9 @@ def setup(level: str, fmt: str = "text", quiet: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    if quiet:
-        logging.captureWarnings(True)  # the libraries' warnings become log lines, below ERROR dropped
-        logging.getLogger("py.warnings").setLevel(logging.ERROR)
-        for name in CHATTY:
-            logging.getLogger(name).setLevel(logging.WARNING)
+    logging.captureWarnings(True)  # warnings become log lines, in the log's format
+    for name in CHATTY:
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.NOTSET)
+    if quiet:  # the libraries' deprecation notices; genserve's own and every other warning stay
+        for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
+            warnings.filterwarnings("ignore", category=category, module=LIBRARIES)

@@ -38,10 +38,12 @@ def create_app(settings: Settings, entries: list[ModelEntry] | None = None) -> F
     metrics = Metrics()
     manager = ModelManager(entries, settings, metrics)
     moderation = ModerationService(settings.moderation, entries, metrics, manager)
-    tenancy = Tenancy(settings.api_keys, settings.api_keys_file, metrics, settings.redis_url)
+    tenancy = Tenancy(settings.api_keys, settings.api_keys_file, metrics, settings.redis_url,
+                      check_moderation=moderation.check_patch)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tenancy.loop = asyncio.get_running_loop()
         await manager.start()
         await asyncio.to_thread(moderation.warm_up)
         yield

@@ -43,7 +43,6 @@ class ApiKeyMiddleware:
 
     def __init__(self, app: ASGIApp, tenancy: Tenancy) -> None:
         self.app, self.tenancy = app, tenancy
-        self._charging: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or is_open(route_path(scope)):
@@ -75,21 +74,15 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send_counted)
         finally:
             CURRENT.reset(reset)
-            if not usage.charged:  # the client left, or the app failed: what was made still counts
+            usage.closed = True  # what is noted from now on is charged as it is noted
+            if usage.unbilled():  # the client left, or the app failed: what was made still counts
                 await self._charge(usage)
 
     async def _charge(self, usage: Usage) -> None:
         """Charges in a task of its own, so a cancelled request (its client left) is still charged."""
-        task = asyncio.ensure_future(self.tenancy.charge(usage))
-        self._charging.add(task)
-        task.add_done_callback(self._charged)
-        with contextlib.suppress(Exception):  # logged by _charged; the response goes out regardless
-            await asyncio.shield(task)
-
-    def _charged(self, task: asyncio.Task[None]) -> None:
-        self._charging.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("usage not charged: %s", exc)
+        if (task := self.tenancy.charge_soon(usage)) is not None:
+            with contextlib.suppress(Exception):  # logged by the task; the response goes out regardless
+                await asyncio.shield(task)
 
 
 def is_open(path: str) -> bool:

@@ -30,6 +30,7 @@ the keys file; a file that does not parse keeps the old keys and logs why.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import fnmatch
 import hashlib
@@ -38,7 +39,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -113,7 +114,7 @@ class KeyPolicy(BaseModel):
 
 class KeysFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    keys: list[KeyPolicy]
+    keys: list[KeyPolicy] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _unique(self) -> KeysFile:
@@ -133,30 +134,35 @@ def hash_key(key: str) -> bytes:
 
 
 def read_keys(plain: Iterable[str], path: Path | None) -> list[KeyPolicy]:
-    """Every key: ``plain`` ones (unlimited) and the file's, YAML or one key per line (blank lines and
-    ``#`` comments skipped). A file that cannot be used raises ConfigError naming the entry and field."""
-    policies = [_unlimited(k) for k in plain]
+    """Every key: ``plain`` ones (unlimited) and the file's, YAML (a mapping with ``keys``) or one key per
+    line (blank lines and ``#`` comments skipped). A file that cannot be used raises ConfigError naming
+    the entry and field."""
+    keys = list(plain)
     if path is None:
-        return policies
+        return _unlimited(keys)
     try:
         text = path.read_text()
         raw = yaml.safe_load(text)
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read keys file {path}: {exc}") from exc
-    if not isinstance(raw, dict):
+    if raw is None or isinstance(raw, str):  # a key a line (YAML reads that as one string)
         lines = (line.strip() for line in text.splitlines())
-        return policies + [_unlimited(line) for line in lines if line and not line.startswith("#")]
+        return _unlimited(keys + [line for line in lines if line and not line.startswith("#")])
+    if not isinstance(raw, dict):
+        raise ConfigError(f"keys file {path}: the top level must be a mapping with 'keys' (a list of keys), or "
+                          "the file one key a line; see docs/keys.md")
     try:
-        return policies + KeysFile.model_validate(raw).keys
+        return _unlimited(keys) + KeysFile.model_validate(raw).keys
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
         raise ConfigError(f"keys file {path}: {where}: {err['msg']}") from exc
 
 
-def _unlimited(key: str) -> KeyPolicy:
-    """A key given alone: every model, no limits; named by its digest's first 12 hex digits."""
-    return KeyPolicy(name=f"key-{hash_key(key).hex()[:12]}", key=key)
+def _unlimited(keys: list[str]) -> list[KeyPolicy]:
+    """Keys given alone: every model, no limits; named by their place (``key-1``, ...), never by anything
+    derived from the key (``/metrics`` is open, and a short hash would let anyone test guesses)."""
+    return [KeyPolicy(name=f"key-{i}", key=key) for i, key in enumerate(keys, 1)]
 
 
 # ------------------------------------------------------------------------------------------------ counters
@@ -272,17 +278,25 @@ class ModelNotAllowedError(GenserveError):
 
 @dataclass
 class Usage:
-    """What one request of one key has used; the middleware charges it when the response ends."""
+    """What one request of one key has used; the middleware charges it when the response ends, and
+    anything noted after that (a stream's generator closed late, after its client left) is charged
+    when it is noted."""
 
     key: KeyPolicy
     tenancy: Tenancy
     headers: dict[str, str] = field(default_factory=dict)
     used: dict[Unit, float] = field(default_factory=dict)
-    charged: bool = False
+    billed: dict[Unit, float] = field(default_factory=dict)  # what has been charged of ``used``
+    closed: bool = False  # the response has ended
 
     def note(self, unit: Unit, amount: float) -> None:
         if amount > 0:
             self.used[unit] = self.used.get(unit, 0.0) + amount
+            if self.closed:
+                self.tenancy.charge_soon(self)
+
+    def unbilled(self) -> dict[Unit, float]:
+        return {u: a - self.billed.get(u, 0.0) for u, a in self.used.items() if a > self.billed.get(u, 0.0)}
 
 
 CURRENT: contextvars.ContextVar[Usage | None] = contextvars.ContextVar("genserve_usage", default=None)
@@ -293,9 +307,10 @@ def current_key() -> KeyPolicy | None:
     return usage.key if usage is not None else None
 
 
-def note_usage(modality: str, amount: float) -> None:
-    """Counts what a request made (in its modality's unit) against its key's limits."""
-    usage, unit = CURRENT.get(), UNIT_OF.get(modality)
+def note_usage(modality: str, amount: float, usage: Usage | None = None) -> None:
+    """Counts what a request made (in its modality's unit) against its key's limits. ``usage``: the
+    request's, taken (``CURRENT.get()``) where a generator may finish outside the request's context."""
+    usage, unit = usage or CURRENT.get(), UNIT_OF.get(modality)
     if usage is not None and unit is not None:
         usage.note(unit, amount)
 
@@ -314,31 +329,66 @@ async def admit_model(entry: ModelEntry) -> None:
     if not usage.key.allows(entry):
         raise ModelNotAllowedError(f"This API key ({usage.key.name}) may not use the model '{entry.id}'.",
                                    param="model")
-    unit = UNIT_OF.get(entry.modality)
+    await _admit_unit(usage, entry.modality)
+
+
+async def admit_modality(modality: Modality) -> None:
+    """``admit_model`` for an endpoint that names no model (``/v1/molecules/properties``): 403 unless the
+    key may use the modality, 429 while its unit is used up."""
+    usage = CURRENT.get()
+    if usage is None:
+        return
+    if usage.key.modalities is not None and modality not in usage.key.modalities:
+        raise ModelNotAllowedError(f"This API key ({usage.key.name}) may not use {modality} endpoints.")
+    await _admit_unit(usage, modality)
+
+
+async def _admit_unit(usage: Usage, modality: str) -> None:
+    unit = UNIT_OF.get(modality)
     if unit is not None:
         await usage.tenancy.take(usage, unit, 0.0)
 
 
 def _duration(seconds: float) -> str:
-    """OpenAI's reset format: ``20ms``, ``1.5s``, ``6m0s``, ``1h2m3s``."""
-    if seconds < 1:
-        return f"{max(1, math.ceil(seconds * 1000))}ms"
-    out, rest = "", seconds
-    for size, suffix in ((3600, "h"), (60, "m")):
+    """OpenAI's reset format: ``20ms``, ``1.5s``, ``6m0s``, ``1h2m3s`` (to the millisecond)."""
+    ms = max(1, math.ceil(seconds * 1000))
+    if ms < 1000:
+        return f"{ms}ms"
+    out, rest = "", ms
+    for size, suffix in ((3_600_000, "h"), (60_000, "m")):
         if rest >= size or out:
-            whole = int(rest // size)
-            out, rest = out + f"{whole}{suffix}", rest - whole * size
-    return out + f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+            out, rest = out + f"{rest // size}{suffix}", rest % size
+    return out + f"{rest / 1000:.3f}".rstrip("0").rstrip(".") + "s"
 
 
 class Tenancy:
     """The keys and their counters; one per app."""
 
     def __init__(self, plain_keys: list[str], keys_file: Path | None, metrics: Metrics,
-                 redis_url: str | None = None) -> None:
+                 redis_url: str | None = None, check_moderation: Callable[[PolicyPatch], None] | None = None) -> None:
         self.plain_keys, self.keys_file, self.metrics = list(plain_keys), keys_file, metrics
+        self.check_moderation = check_moderation
         self.counters: Counters = RedisCounters(redis_url) if redis_url else LocalCounters()
-        self._install(read_keys(self.plain_keys, keys_file))
+        self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once the app has started
+        self._charging: set[asyncio.Task[None]] = set()
+        self._install(self._read())
+
+    def _read(self) -> list[KeyPolicy]:
+        """``read_keys``, each key's moderation checked against every model's policy (ConfigError)."""
+        keys = read_keys(self.plain_keys, self.keys_file)
+        for i, key in enumerate(keys):
+            if key.moderation is not None and self.check_moderation is not None:
+                try:
+                    self.check_moderation(key.moderation)
+                except ValueError as exc:
+                    raise ConfigError(f"keys file {self.keys_file}: keys[{i - len(self.plain_keys)}] "
+                                      f"({key.name}).moderation: {exc}") from exc
+        return keys
+
+    def reload_threadsafe(self) -> None:
+        """``reload`` from a signal handler: on the event loop, between requests, never inside one."""
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.reload)
 
     def _install(self, keys: list[KeyPolicy]) -> None:
         self.keys = keys
@@ -349,11 +399,16 @@ class Tenancy:
         return not self._digests
 
     def reload(self) -> bool:
-        """Rereads the keys file (SIGHUP); a file that cannot be used keeps the old keys."""
+        """Rereads the keys file (SIGHUP); a file that cannot be used keeps the old keys, and so does one
+        that lists none (a file truncated while an editor writes it must not open the API to anyone)."""
         try:
-            keys = read_keys(self.plain_keys, self.keys_file)
-        except ConfigError as exc:
+            keys = self._read()
+        except Exception as exc:  # whatever the file holds, the server keeps serving
             log.error("keys not reloaded, the old ones stay: %s", exc)
+            return False
+        if self._digests and not keys:
+            log.error("keys not reloaded, the old ones stay: %s lists no key, which would open the API to "
+                      "anyone", self.keys_file)
             return False
         self._install(keys)
         log.info("keys reloaded from %s: %d keys", self.keys_file, len(keys))
@@ -383,7 +438,9 @@ class Tenancy:
             if limit is not None:
                 index = int(now // seconds)
                 reset = (index + 1) * seconds - now
-                out.append((period, f"genserve:rl:{key.name}:{unit}:{period}:{index}", float(limit), reset + 5, reset))
+                # {name}: a Redis Cluster hash tag, so one request's windows share a slot (one script, one node)
+                out.append((period, f"genserve:rl:{{{key.name}}}:{unit}:{period}:{index}", float(limit), reset + 5,
+                            reset))
         return out
 
     async def take(self, usage: Usage, unit: Unit, amount: float) -> None:
@@ -402,32 +459,50 @@ class Tenancy:
                                       f"x-ratelimit-reset-{unit}": _duration(reset)})
         if ok:
             return
-        period, _, limit, _, reset = next(w for w, c in zip(windows, counts, strict=True)
-                                          if c >= w[2] or c + amount > w[2])
+        # the window used up the longest: retrying before it ends is refused again
+        period, _, limit, _, reset = max((w for w, c in zip(windows, counts, strict=True)
+                                          if c >= w[2] or c + amount > w[2]), key=lambda w: w[4])
         self.metrics.key_rate_limited.labels(usage.key.name, unit, period).inc()
         word = unit.replace("_", " ")
         if period == "per_day":
             raise RateLimitError(f"This API key ({usage.key.name}) has used its daily quota of {_number(limit)} "
                                  f"{word}; it renews at 00:00 UTC.", code="insufficient_quota",
-                                 headers={**usage.headers, "Retry-After": str(math.ceil(reset))})
+                                 # the OpenAI SDKs retry a 429 unless told not to; hours later is no retry
+                                 headers={**usage.headers, "Retry-After": str(math.ceil(reset)),
+                                          "x-should-retry": "false"})
         raise RateLimitError(f"Rate limit reached for this API key ({usage.key.name}): {_number(limit)} {word} per "
                              f"minute. Retry in {_duration(reset)}.", code="rate_limit_exceeded",
                              headers={**usage.headers, "Retry-After": str(math.ceil(reset))})
 
     async def charge(self, usage: Usage) -> None:
-        """Adds what the request made to its key's windows (once, when its response ends)."""
-        if usage.charged:
-            return
-        usage.charged = True
-        for unit, amount in usage.used.items():
+        """Adds what the request made since the last charge to its key's windows."""
+        for unit, amount in usage.unbilled().items():
+            usage.billed[unit] = usage.billed.get(unit, 0.0) + amount
             self.metrics.key_usage.labels(usage.key.name, unit).inc(amount)
             windows = self._windows(usage.key, unit)
             if windows:
                 await self.counters.add([w[1] for w in windows], [w[3] for w in windows], amount)
+
+    def charge_soon(self, usage: Usage) -> asyncio.Task[None] | None:
+        """``charge`` in a task of its own: a request cancelled while it waits (its client left) is still
+        charged, and what is noted after the response ended too."""
+        try:
+            task = asyncio.get_running_loop().create_task(self.charge(usage))
+        except RuntimeError:  # no loop: the process is ending
+            return None
+        self._charging.add(task)
+        task.add_done_callback(self._charged)
+        return task
+
+    def _charged(self, task: asyncio.Task[None]) -> None:
+        self._charging.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("usage not charged: %s", exc)
 
     async def close(self) -> None:
         await self.counters.close()
 
 
 def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:.3f}".rstrip("0")
+    text = f"{value:.3f}".rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from fastapi import Request
+from pydantic import ValidationError
 
 from genserve.app.backends.base import ModerationBackend
 from genserve.app.errors import InvalidRequestError, UnavailableError
@@ -34,7 +35,7 @@ from genserve.app.metrics import Metrics
 from genserve.app.moderation.base import ImageClassifier, TextClassifier, stack_images
 from genserve.app.moderation.categories import full_scores, merge_scores
 from genserve.app.moderation.gate import HoldBack, Released, Span
-from genserve.app.moderation.policy import Policy
+from genserve.app.moderation.policy import Policy, PolicyPatch
 from genserve.app.moderation.text import TermMatcher, shared_input_tiers, shared_text_tiers
 from genserve.app.registry import ConfigError, ModelEntry
 from genserve.app.tenancy import current_key
@@ -73,7 +74,7 @@ class ModerationService:
         self.policy = policy
         self.metrics, self.manager = metrics, manager
         self._policies = {e.id: policy.stricter(e.moderation) for e in entries}
-        guards = {e.id for e in entries if e.modality == "moderation"}
+        guards = self._guards = {e.id for e in entries if e.modality == "moderation"}
         for i, e in enumerate(entries):
             g = self._policies[e.id].guard_model
             if g is not None and g not in guards:
@@ -84,6 +85,18 @@ class ModerationService:
         self._terms: dict[tuple[str, ...], TermMatcher] = {}
         self._key_policies: dict[tuple[str, str], Policy] = {}
         self._image_checkers: dict[Path, ImageClassifier] = {}
+
+    def check_patch(self, patch: PolicyPatch) -> None:
+        """Raises ValueError unless ``patch`` (an API key's ``moderation``) merges with the global policy and
+        every model's into a valid policy, so that no request of that key can fail on it."""
+        if patch.guard_model is not None and patch.guard_model not in self._guards:
+            raise ValueError(f"guard_model {patch.guard_model!r} is not a moderation model of the registry "
+                             f"({', '.join(sorted(self._guards)) or 'none'})")
+        for model, policy in [("the global policy", self.policy), *self._policies.items()]:
+            try:
+                policy.stricter(patch)
+            except ValidationError as exc:
+                raise ValueError(f"merged with {model}'s policy: {exc.errors()[0]['msg']}") from None
 
     def policy_for(self, model: str) -> Policy:
         """The model's policy, made stricter by the request's API key's ``moderation`` (app/tenancy.py)."""

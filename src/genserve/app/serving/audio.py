@@ -27,7 +27,7 @@ from genserve.app.schemas.audio import MusicRequest, SpeechRequest
 from genserve.app.serving.common import Deadline, seed_or_random, unless_disconnected
 from genserve.app.serving.media import FORMATS, OUTPUT_RATE, ChunkEncoder, audio_bytes
 from genserve.app.settings import Settings
-from genserve.app.tenancy import note_usage
+from genserve.app.tenancy import CURRENT, Usage, note_usage
 from genserve.models.params import MusicParams, SpeechParams
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class AudioServing:
     async def _encode_speech(self, body: SpeechRequest, first: AudioChunk, rest: AsyncGenerator[AudioChunk],
                              started: float, cap_s: float) -> AsyncGenerator[bytes]:
         encoder, produced, full = ChunkEncoder(body.response_format, OUTPUT_RATE), 0, False
+        usage = CURRENT.get()  # the key's: this generator may be closed outside the request's context
         try:
             chunk: AudioChunk | None = first
             while chunk is not None:
@@ -95,7 +96,7 @@ class AudioServing:
             yield await asyncio.to_thread(encoder.finish)
         finally:
             await rest.aclose()
-            self._observe(body.model, encoder.seconds_out, time.perf_counter() - started)
+            self._observe(body.model, encoder.seconds_out, time.perf_counter() - started, usage)
 
     # music ------------------------------------------------------------------------------------
     async def music(self, body: MusicRequest, raw: Request) -> Response:
@@ -124,8 +125,8 @@ class AudioServing:
         """The one point a composed piece passes before it is encoded (music's ``_checked``)."""
         return piece
 
-    def _observe(self, model: str, audio_seconds: float, wall_seconds: float) -> None:
-        note_usage("audio", audio_seconds)
+    def _observe(self, model: str, audio_seconds: float, wall_seconds: float, usage: Usage | None = None) -> None:
+        note_usage("audio", audio_seconds, usage)
         if audio_seconds > 0:
             self.metrics.audio_seconds.labels(model).inc(audio_seconds)
             self.metrics.audio_real_time_factor.labels(model).observe(wall_seconds / audio_seconds)

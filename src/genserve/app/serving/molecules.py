@@ -43,7 +43,7 @@ from genserve.app.schemas.molecules import (
 )
 from genserve.app.serving.common import Deadline, now, request_id, response_id, seed_or_random, unless_disconnected
 from genserve.app.settings import Settings
-from genserve.app.tenancy import note_usage
+from genserve.app.tenancy import admit_modality, note_usage
 from genserve.models.params import MoleculeInterpolationParams, MoleculeParams
 
 
@@ -121,8 +121,11 @@ class MoleculeServing:
 
     # properties -------------------------------------------------------------------------------
     async def properties(self, body: MoleculePropertiesRequest, raw: Request) -> Any:
+        await admit_modality("molecule")
+
         async def run() -> MoleculePropertiesResponse:
             items = await describe_smiles(body.smiles, list(body.include))
+            note_usage("molecule", len(items))
             return MoleculePropertiesResponse(data=[MoleculePropertiesItem(**item) for item in items])
 
         return await unless_disconnected(raw, run())

@@ -54,7 +54,7 @@ from genserve.app.serving.common import (
     unless_disconnected,
 )
 from genserve.app.settings import Settings
-from genserve.app.tenancy import note_usage
+from genserve.app.tenancy import CURRENT, note_usage
 from genserve.models.params import TextParams
 
 FinishReason = Literal["stop", "length", "content_filter"]
@@ -260,10 +260,12 @@ class TextServing:
         start = time.perf_counter()
         last: dict[int, float] = {}
         finished = aborted = False
+        usage, generated, charged = CURRENT.get(), 0, False  # the key's, kept for a late finally
         try:
             async for event in events:
                 t = time.perf_counter()
                 if isinstance(event, Delta):
+                    generated += event.num_tokens
                     if not last:
                         ttft.observe(t - start)
                     elif event.index in last:  # k merged tokens: k gaps of a k-th of the wait each
@@ -274,7 +276,8 @@ class TextServing:
                         m.request_success.labels(mid, event.finish_reason).inc()
                 else:
                     call.usage = event
-                    note_usage("text", event.prompt_tokens + event.completion_tokens)
+                    note_usage("text", event.prompt_tokens + event.completion_tokens, usage)
+                    charged = True
                     if count:
                         m.prompt_tokens.labels(mid).inc(event.prompt_tokens)
                         m.generation_tokens.labels(mid).inc(event.completion_tokens)
@@ -284,6 +287,8 @@ class TextServing:
             aborted = True
             raise
         finally:
+            if not charged:  # cut off before its usage came (the client left, a deadline): what was made
+                note_usage("text", generated, usage)
             if finished:
                 m.e2e_request_latency.labels(mid).observe(time.perf_counter() - start)
             elif aborted and count:  # an error from the backend is not a finished request
