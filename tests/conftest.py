@@ -12,7 +12,8 @@ module starts only what it needs. One session server per set (``SERVER_SETS``):
   saves), ``tiny-sd-flagged`` (the same, behind a random safety checker that flags every image) and
   ``genserve-mol``, for the image routes to refuse;
 - ``audio``: the shipped speech and music models and ``tiny-vits`` (a random VITS);
-- ``molecule``: the shipped molecule models.
+- ``molecule``: the shipped molecule models;
+- ``guard``: a guard model (family ``llama-guard``) and a text model whose policy asks it.
 
 All the sets a session's tests use start together when the first is needed (``server_sets``), and
 each is shared by every module that names it. ``gateway`` is a second process whose models are
@@ -300,6 +301,10 @@ SERVER_SETS: dict[str, Callable[[pytest.TempPathFactory], list[str]]] = {
                                                "genserve-mol")), tiny_sd_entry(tmp)],
     "audio": lambda tmp: [builtin_entry("genserve-speech"), builtin_entry("genserve-music"), tiny_vits_entry(tmp)],
     "molecule": lambda _: [builtin_entry("genserve-mol"), builtin_entry("genserve-mol-vae")],
+    # a guard model (the text weights as family llama-guard) and a text model whose policy asks it
+    "guard": lambda _: [f"""  - {{id: tiny-guard, modality: moderation, backend: local, family: llama-guard,
+      source: {TEXT_DIR}}}
+""", text_entry("guarded", moderation={"guard_model": "tiny-guard"})],
 }
 
 

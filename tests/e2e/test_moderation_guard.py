@@ -7,36 +7,15 @@ flagged; ``tests/app/moderation/test_guard.py`` checks the prompt and the score 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from genserve.app.moderation.categories import CATEGORIES
 from genserve.cli import main
-from tests.conftest import TEXT_DIR, Server, start_server, stop_server
+from tests.conftest import TEXT_DIR, Server
 
-REGISTRY = f"""include_defaults: false
-models:
-  - id: tiny-guard
-    modality: moderation
-    backend: local
-    family: llama-guard
-    source: {TEXT_DIR}
-  - id: guarded
-    modality: text
-    backend: local
-    family: llama
-    source: {TEXT_DIR}
-    moderation: {{guard_model: tiny-guard}}
-"""
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp("guard"), "guard", REGISTRY, {})
-    yield srv
-    stop_server(srv)
+SERVER_SET = "guard"  # tests/conftest.py: loads with the session's other servers
 
 
 def test_the_guard_answers_moderations(server: Server) -> None:
