@@ -62,7 +62,10 @@ def test_keys_come_hashed_or_plain_and_plain_files_still_work(tmp_path: Path) ->
         t.authenticate(None)
     plain = read_keys(["env-key"], _file(tmp_path, "# comment\nk-1\n\n  k-2\n"))
     # named by their place, never by anything derived from the key (/metrics is open)
-    assert [(k.name, k.key) for k in plain] == [("key-1", "env-key"), ("key-2", "k-1"), ("key-3", "k-2")]
+    assert [(k.name, k.key_sha256) for k in plain] == [
+        ("key-1", hashlib.sha256(b"env-key").hexdigest()), ("key-2", hashlib.sha256(b"k-1").hexdigest()),
+        ("key-3", hashlib.sha256(b"k-2").hexdigest())]
+    assert all(k.key is None for k in plain)  # only digests are kept
     assert Tenancy([], None, Metrics()).authenticate(None) is None  # no keys: open
 
 

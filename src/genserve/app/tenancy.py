@@ -102,10 +102,12 @@ class KeyPolicy(BaseModel):
             self.key_sha256 = self.key_sha256.lower()
             if not _HEX64.match(self.key_sha256):
                 raise ValueError("'key_sha256' must be 64 hex digits (genserve keys hash prints it)")
+        else:  # only the digest is kept, in memory too
+            self.key_sha256, self.key = hash_key(self.key or "").hex(), None
         return self
 
     def digest(self) -> bytes:
-        return bytes.fromhex(self.key_sha256) if self.key_sha256 else hash_key(self.key or "")
+        return bytes.fromhex(self.key_sha256 or "")
 
     def allows(self, entry: ModelEntry) -> bool:
         return ((self.models is None or any(fnmatch.fnmatchcase(entry.id, p) for p in self.models))
