@@ -89,6 +89,16 @@ def test_long_input_streams_in_chunks_before_it_ends(server):
     assert len(sizes) > 10 and sum(sizes) / 2 / 24_000 > 120
 
 
+def test_emoji_are_skipped_not_read_out(server):
+    """espeak-ng read each emoji's name: 4,096 emoji made a 32 MB WAV. They are skipped, as a reader would."""
+    plain = speech(server, input="Hello there.", response_format="wav")
+    decorated = speech(server, input="👋🏽 Hello there. 🎉🎉‍🔥", response_format="wav")
+    assert plain.status_code == decorated.status_code == 200 and decorated.content == plain.content
+    r = speech(server, input="🎉👍🏽❤️" * 800, response_format="wav")  # 4,000 characters
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    assert r.json()["error"]["message"] == "input has nothing to speak: emoji and other pictographs are not read out."
+
+
 def test_same_request_same_bytes(server):
     a = speech(server, input="Determinism matters.", response_format="mp3")
     b = speech(server, input="Determinism matters.", response_format="mp3")

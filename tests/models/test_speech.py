@@ -141,3 +141,11 @@ def test_espeak_requests_beyond_the_queue_get_429_and_the_rest_all_speak() -> No
     results = asyncio.run(scenario())
     assert isinstance(results[3], RateLimitError) and results[3].headers["Retry-After"] == "1"
     assert all(isinstance(n, int) and n > 0 for n in results[:3]), results  # one running, two queued
+
+
+def test_speakable_skips_pictographs_and_keeps_words_and_symbols_that_are_words():
+    from genserve.models.audio import speakable
+
+    assert speakable("👋🏽 Hello there. 🎉🎉\u200d🔥 Bye ❤️") == "Hello there. Bye"
+    assert speakable("🎉👍🏽❤️🇫🇷⭐1️⃣" * 50) == "1" * 50  # a keycap's digit is a digit
+    assert speakable("Café №5 — 3°C, 50% © x² ™ → ok") == "Café №5 — 3°C, 50% © x² ™ → ok"

@@ -20,7 +20,7 @@ import numpy as np
 from genserve.app.backends.base import AudioChunk, ModelFacts
 from genserve.app.backends.batching import BatchedBackend
 from genserve.app.errors import InvalidRequestError, RateLimitError
-from genserve.models.audio import SpeechSpec, split_text
+from genserve.models.audio import SpeechSpec, speakable, split_text
 from genserve.models.audio.espeak import pcm16_to_float, read_wav_header
 from genserve.models.params import MusicParams, SpeechParams
 from genserve.models.seeding import item_seed
@@ -55,7 +55,11 @@ class LocalSpeechBackend(_AudioBackend):
             voice = self.model.resolve_voice(params.voice)
         except ValueError as exc:
             raise InvalidRequestError(str(exc), param="voice") from None
-        spec = SpeechSpec(params.text, voice, params.speed, params.seed)
+        text = speakable(params.text)
+        if not text:
+            raise InvalidRequestError("input has nothing to speak: emoji and other pictographs are not read out.",
+                                      param="input")
+        spec = SpeechSpec(text, voice, params.speed, params.seed)
         rate, tempo = self.model.sample_rate, self.model.residual_tempo(params.speed)
         async with contextlib.aclosing(self._samples(spec)) as pieces:  # closing us stops espeak-ng at once
             async for samples in pieces:
