@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 
 import pytest
@@ -43,3 +44,18 @@ def test_debug_keeps_the_chatter(restore_logging, capsys) -> None:
     logs.setup("debug", "text", quiet=True)
     logging.getLogger("httpx").info("HTTP Request: GET http://upstream/v1/models")
     assert "INFO httpx: HTTP Request" in capsys.readouterr().err
+
+
+def test_a_spawned_child_logs_as_the_server_does(restore_logging, capsys, monkeypatch) -> None:
+    """The text engines run in child processes: in a JSON log their lines are JSON too."""
+    monkeypatch.delenv(logs.CHILD_ENV, raising=False)
+    logs.setup("info", "json", quiet=True)
+    child_env = os.environ[logs.CHILD_ENV]
+    logs.setup("info", "text")  # as a fresh child process starts: nothing configured yet
+    capsys.readouterr()
+    monkeypatch.setenv(logs.CHILD_ENV, child_env)
+    logs.setup_child()
+    logging.getLogger("genserve.app.backends.engine_process").error("engine step failed")
+    line = json.loads(capsys.readouterr().err)
+    assert (line["level"], line["logger"], line["message"]) == ("error", "genserve.app.backends.engine_process",
+                                                                 "engine step failed")

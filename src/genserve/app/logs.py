@@ -1,7 +1,7 @@
 """The server's log: one format for genserve's, uvicorn's and the libraries' lines (text, or one JSON
 object a line for a log pipeline), and the libraries' chatter (per-request INFO lines, progress bars,
-their deprecation notices) kept out of it unless the level is ``debug``. The engine's child processes
-log in text."""
+their deprecation notices) kept out of it unless the level is ``debug``. The engines' child processes
+log the same way (``setup_child``)."""
 
 from __future__ import annotations
 
@@ -37,9 +37,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+CHILD_ENV = "_GENSERVE_CHILD_LOG"  # "level:format:quiet", for the processes the server spawns
+
+
 def setup(level: str, fmt: str = "text", quiet: bool = False) -> None:
     """The root handler every logger (uvicorn's too: it is given no config of its own) writes through;
-    ``quiet`` (serving, unless at debug level): the libraries' chatter off."""
+    ``quiet`` (serving, unless at debug level): the libraries' chatter off. Child processes (the text
+    engines) inherit the choice through ``CHILD_ENV`` and call :func:`setup_child`."""
+    os.environ[CHILD_ENV] = f"{level}:{fmt}:{int(quiet)}"
     quiet = quiet and level.lower() != "debug"
     if quiet:
         for name, value in QUIET_ENV.items():
@@ -55,3 +60,10 @@ def setup(level: str, fmt: str = "text", quiet: bool = False) -> None:
     if quiet:  # the libraries' deprecation notices; genserve's own and every other warning stay
         for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
             warnings.filterwarnings("ignore", category=category, module=LIBRARIES)
+
+
+def setup_child() -> None:
+    """In a process the server spawned: the server's level, format and quieting, so that a JSON log
+    stays one JSON object a line."""
+    level, fmt, quiet = (os.environ.get(CHILD_ENV) or "warning:text:1").split(":")
+    setup(level, fmt, quiet == "1")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from genserve.app import logs
 from genserve.models.text.engine import EngineConfig, EngineShutdown, RequestEvent, StepStats
 from genserve.models.text.sampling import SamplingParams
 
@@ -49,6 +50,7 @@ class EngineSpec:
 
 def engine_main(conn: Connection, spec: EngineSpec) -> None:
     """The child: load, report, then step whenever there is work, between commands."""
+    logs.setup_child()
     import torch
 
     from genserve.models.common.loading import load_family
