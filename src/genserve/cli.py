@@ -127,11 +127,11 @@ def _serve(args: argparse.Namespace) -> int:
 def _keys(args: argparse.Namespace) -> int:
     """Prints the SHA-256 of each key read from standard input, for a keys file's ``key_sha256``: the key
     itself need never be written into the file."""
-    import hashlib
+    from genserve.app.tenancy import hash_key
 
     for line in sys.stdin:
         if key := line.strip():
-            print(hashlib.sha256(key.encode()).hexdigest())
+            print(hash_key(key).hex())
     return 0
 
 

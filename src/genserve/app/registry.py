@@ -127,7 +127,9 @@ class RegistryFile(BaseModel):
     models: list[ModelEntry] = Field(default_factory=list)
 
 
-def _field_path(loc: tuple, models: list) -> str:
+def field_path(loc: tuple, models: list | None = None) -> str:
+    """A pydantic error's ``loc`` as the file writes it: ``models[2] (id 'x').limits.max_n``, ``keys[0].name``."""
+    models = models or []
     out = ""
     for part in loc:
         if isinstance(part, int):
@@ -151,7 +153,7 @@ def _read(path: Path) -> RegistryFile:
         reg = RegistryFile.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = _field_path(tuple(err["loc"]), raw.get("models") or [])
+        field = field_path(tuple(err["loc"]), raw.get("models") or [])
         raise ConfigError(f"model registry {path}: {field or 'models'}: {err['msg']}") from exc
     for i, entry in enumerate(reg.models):
         if entry.backend == "local" and entry.source:

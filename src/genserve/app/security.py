@@ -54,11 +54,9 @@ class ApiKeyMiddleware:
             if key is None:
                 return await self.app(scope, receive, send)
             scope.setdefault("state", {})["key_id"] = key.name
-            usage = Usage(key, self.tenancy)
-            await self.tenancy.take(usage, "requests", 1)
+            usage = await self.tenancy.admit_request(key)
         except GenserveError as err:
             return await send_json(send, err)
-        self.tenancy.metrics.key_usage.labels(key.name, "requests").inc()
 
         async def send_counted(message: Message) -> None:
             if message["type"] == "http.response.start":  # a 429 from a model's unit has them already
@@ -75,12 +73,12 @@ class ApiKeyMiddleware:
         finally:
             CURRENT.reset(reset)
             usage.closed = True  # what is noted from now on is charged as it is noted
-            if usage.unbilled():  # the client left, or the app failed: what was made still counts
-                await self._charge(usage)
+            await self._charge(usage)  # the client left, or the app failed: what was made still counts
 
     async def _charge(self, usage: Usage) -> None:
-        """Charges in a task of its own, so a cancelled request (its client left) is still charged."""
-        if (task := self.tenancy.charge_soon(usage)) is not None:
+        """Charges in a task of its own, so a cancelled request (its client left) is still charged; most
+        requests have nothing to charge beyond the request itself, and no task is made for them."""
+        if usage.unbilled() and (task := self.tenancy.charge_soon(usage)) is not None:
             with contextlib.suppress(Exception):  # logged by the task; the response goes out regardless
                 await asyncio.shield(task)
 

@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from genserve.app.errors import AuthenticationError, GenserveError, RateLimitError, UnavailableError
 from genserve.app.metrics import Metrics
 from genserve.app.moderation.policy import PolicyPatch
-from genserve.app.registry import ConfigError, Modality, ModelEntry
+from genserve.app.registry import ConfigError, Modality, ModelEntry, field_path
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +157,7 @@ def read_keys(plain: Iterable[str], path: Path | None) -> list[KeyPolicy]:
         return _unlimited(keys) + KeysFile.model_validate(raw).keys
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
-        raise ConfigError(f"keys file {path}: {where}: {err['msg']}") from exc
+        raise ConfigError(f"keys file {path}: {field_path(tuple(err['loc']))}: {err['msg']}") from exc
 
 
 def _unlimited(keys: list[str]) -> list[KeyPolicy]:
@@ -322,16 +321,19 @@ def key_allows(entry: ModelEntry) -> bool:
     return key is None or key.allows(entry)
 
 
+def check_scope(entry: ModelEntry) -> None:
+    """403 unless the request's key may use ``entry``."""
+    key = current_key()
+    if key is not None and not key.allows(entry):
+        raise ModelNotAllowedError(f"This API key ({key.name}) may not use the model '{entry.id}'.", param="model")
+
+
 async def admit_model(entry: ModelEntry) -> None:
     """403 unless the request's key may use ``entry``; 429 while the key has used up its minute's or day's
     allowance of the model's unit."""
-    usage = CURRENT.get()
-    if usage is None:
-        return
-    if not usage.key.allows(entry):
-        raise ModelNotAllowedError(f"This API key ({usage.key.name}) may not use the model '{entry.id}'.",
-                                   param="model")
-    await _admit_unit(usage, entry.modality)
+    check_scope(entry)
+    if (usage := CURRENT.get()) is not None:
+        await _admit_unit(usage, entry.modality)
 
 
 async def admit_modality(modality: Modality) -> None:
@@ -393,12 +395,7 @@ class Tenancy:
             self.loop.call_soon_threadsafe(self.reload)
 
     def _install(self, keys: list[KeyPolicy]) -> None:
-        self.keys = keys
         self._digests = [(k.digest(), k) for k in keys]
-
-    @property
-    def open(self) -> bool:
-        return not self._digests
 
     def reload(self) -> bool:
         """Rereads the keys file (SIGHUP); a file that cannot be used keeps the old keys, and so does one
@@ -444,6 +441,13 @@ class Tenancy:
                 out.append((period, f"genserve:rl:{{{key.name}}}:{unit}:{period}:{index}", float(limit), reset + 5,
                             reset))
         return out
+
+    async def admit_request(self, key: KeyPolicy) -> Usage:
+        """The request's ``Usage``, once its key's request limits let it in (429 otherwise)."""
+        usage = Usage(key, self)
+        await self.take(usage, "requests", 1)
+        self.metrics.key_usage.labels(key.name, "requests").inc()
+        return usage
 
     async def take(self, usage: Usage, unit: Unit, amount: float) -> None:
         """Takes ``amount`` of ``unit`` (0: only checks something is left); 429 if a window is used up.

@@ -31,7 +31,7 @@ from genserve.app.errors import InvalidRequestError, ModelNotFoundError, Unavail
 from genserve.app.metrics import Metrics
 from genserve.app.registry import ConfigError, ModelEntry
 from genserve.app.settings import Settings
-from genserve.app.tenancy import admit_model, key_allows
+from genserve.app.tenancy import admit_model, check_scope
 from genserve.models.registry import FAMILIES
 
 log = logging.getLogger(__name__)
@@ -181,9 +181,8 @@ class ModelManager:
     async def acquire(self, model_id: str, task: str, kind: type[B]) -> B:
         """``get`` for the model a request names: also 403 unless the request's API key may use it, and
         429 while the key has used up its allowance of the model's unit (app/tenancy.py)."""
-        known = self.backends.get(model_id)
-        if known is not None and not key_allows(known.entry):  # before its tasks or state say it exists
-            await admit_model(known.entry)  # raises the 403
+        if (known := self.backends.get(model_id)) is not None:
+            check_scope(known.entry)  # before its tasks or state say anything about it
         backend = self.get(model_id, task, kind)
         await admit_model(backend.entry)
         return backend

@@ -252,8 +252,7 @@ class ImageServing:
                                       f"stretches, so the image must have the output's aspect ratio "
                                       f"({ow // math.gcd(ow, oh)}:{oh // math.gcd(ow, oh)}); crop or pad it, or "
                                       "ask for a size of its shape.", param="image")
-        native = facts.native_size if facts.edit_at_native_size and facts.native_size else (jobs[0].width,
-                                                                                              jobs[0].height)
+        native = facts.native_size if facts.edit_at_native_size and facts.native_size else out
         native = native if all(native) else picture.size  # a remote model's sizes are its upstream's to check
         rgb = np.asarray(picture.convert("RGB").resize(native, Image.Resampling.LANCZOS))
         hole = None
