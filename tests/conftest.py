@@ -26,12 +26,15 @@ their own, so a verdict from an older probe cannot hide a regression.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import warnings
@@ -55,6 +58,10 @@ EMBED = "all-minilm-l6-v2"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# What servers make for themselves (the watermark key) goes to the session's own directory, never the user's.
+if "GENSERVE_STATE_DIR" not in os.environ:
+    os.environ["GENSERVE_STATE_DIR"] = tempfile.mkdtemp(prefix="genserve-state-")
+    atexit.register(shutil.rmtree, os.environ["GENSERVE_STATE_DIR"], True)
 # Without a GPU the Triton kernels run in Triton's interpreter, which reads TRITON_INTERPRET when
 # triton is first imported; diffusers imports triton, and tests in every directory import diffusers,
 # so it is set here, before any test module is collected (tests/kernels/conftest.py explains more).

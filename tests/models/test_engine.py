@@ -15,6 +15,7 @@ from genserve.models.llama import load
 from genserve.models.text.engine import EngineConfig, EngineError, LLMEngine, RequestEvent
 from genserve.models.text.generate import TextModel, generate
 from genserve.models.text.sampling import SamplingParams
+from genserve.models.text.watermark import Watermark
 from tests.conftest import TEXT_DIR
 
 PROMPTS = ["The json module", "def", "Return a new list containing all items from the iterable in ascending order",
@@ -116,7 +117,8 @@ def mixed_batch() -> dict[str, tuple[str, SamplingParams]]:
              SamplingParams(max_tokens=12, top_k=5, temperature=1.3, n=2),
              SamplingParams(max_tokens=25, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4),
              SamplingParams(max_tokens=40, min_p=0.1, logprobs=3, stop=["."]),
-             SamplingParams(max_tokens=18, min_tokens=10, temperature=0.7, logit_bias={65: 3.0})]
+             SamplingParams(max_tokens=18, min_tokens=10, temperature=0.7, logit_bias={65: 3.0}),
+             SamplingParams(max_tokens=22, temperature=0.8, watermark=Watermark(key=99))]
     return {f"other{i}": (PROMPTS[i % len(PROMPTS)] * (1 + i % 3), kinds[i % len(kinds)]) for i in range(15)}
 
 
@@ -124,7 +126,8 @@ def mixed_batch() -> dict[str, tuple[str, SamplingParams]]:
     SamplingParams(max_tokens=48, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True, n=2,
                    repetition_penalty=1.1),
     SamplingParams(max_tokens=48, seed=7, ignore_eos=True, n=2),  # no filter of its own, beside filtered rows
-], ids=["filtered", "plain"])
+    SamplingParams(max_tokens=48, temperature=0.8, seed=11, ignore_eos=True, n=2, watermark=Watermark(key=12345)),
+], ids=["filtered", "plain", "watermarked"])
 def test_seeded_request_draws_the_same_tokens_alone_and_in_a_batch_of_16(tm: TextModel,
                                                                           params: SamplingParams) -> None:
     alone = run_all(LLMEngine(tm, EngineConfig.for_model(tm.context)), {"me": ("The json module", params)}, tm)

@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI, Request
 from genserve.app.backends.manager import ModelManager
 from genserve.app.metrics import Metrics
 from genserve.app.moderation.service import ModerationService
+from genserve.app.provenance.service import ProvenanceService
 from genserve.app.serving.audio import AudioServing
 from genserve.app.serving.embeddings import EmbeddingServing
 from genserve.app.serving.images import ImageServing
@@ -34,6 +35,7 @@ class Services:
     manager: ModelManager
     moderation: ModerationService
     tenancy: Tenancy
+    provenance: ProvenanceService
     models: ModelsServing
     text: TextServing
     embeddings: EmbeddingServing
@@ -95,6 +97,10 @@ def get_moderation_serving(services: ServicesDep) -> ModerationServing:
     return services.moderations
 
 
+def get_provenance(services: ServicesDep) -> ProvenanceService:
+    return services.provenance
+
+
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 ManagerDep = Annotated[ModelManager, Depends(get_manager)]
 ModelsServingDep = Annotated[ModelsServing, Depends(get_models_serving)]
@@ -104,3 +110,4 @@ ImageServingDep = Annotated[ImageServing, Depends(get_image_serving)]
 AudioServingDep = Annotated[AudioServing, Depends(get_audio_serving)]
 MoleculeServingDep = Annotated[MoleculeServing, Depends(get_molecule_serving)]
 ModerationServingDep = Annotated[ModerationServing, Depends(get_moderation_serving)]
+ProvenanceDep = Annotated[ProvenanceService, Depends(get_provenance)]

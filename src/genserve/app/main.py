@@ -16,8 +16,21 @@ from genserve.app.errors import install_error_handlers
 from genserve.app.metrics import Metrics
 from genserve.app.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
 from genserve.app.moderation.service import ModerationService
+from genserve.app.provenance.service import ProvenanceService
 from genserve.app.registry import ModelEntry, load_registry
-from genserve.app.routers import audio, docs, embeddings, images, models, moderations, molecules, ops, playground, text
+from genserve.app.routers import (
+    audio,
+    docs,
+    embeddings,
+    images,
+    models,
+    moderations,
+    molecules,
+    ops,
+    playground,
+    provenance,
+    text,
+)
 from genserve.app.security import ApiKeyMiddleware
 from genserve.app.serving.audio import AudioServing
 from genserve.app.serving.embeddings import EmbeddingServing
@@ -38,12 +51,14 @@ def create_app(settings: Settings, entries: list[ModelEntry] | None = None) -> F
     metrics = Metrics()
     manager = ModelManager(entries, settings, metrics)
     moderation = ModerationService(settings.moderation, entries, metrics, manager)
+    provenance_service = ProvenanceService(settings, manager)
     tenancy = Tenancy(settings.api_keys, settings.api_keys_file, metrics, settings.redis_url,
                       check_moderation=moderation.check_patch)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tenancy.loop = asyncio.get_running_loop()
+        provenance_service.start()
         await manager.start()
         await asyncio.to_thread(moderation.warm_up)
         yield
@@ -54,8 +69,8 @@ def create_app(settings: Settings, entries: list[ModelEntry] | None = None) -> F
     app = FastAPI(title="genserve", version=__version__, description=DESCRIPTION,
                   lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.services = Services(
-        metrics=metrics, manager=manager, moderation=moderation, tenancy=tenancy, models=ModelsServing(manager),
-        text=TextServing(manager, metrics, settings, moderation),
+        metrics=metrics, manager=manager, moderation=moderation, tenancy=tenancy, provenance=provenance_service,
+        models=ModelsServing(manager), text=TextServing(manager, metrics, settings, moderation, provenance_service),
         embeddings=EmbeddingServing(manager, metrics, settings),
         images=ImageServing(manager, metrics, settings, moderation),
         audio=AudioServing(manager, metrics, settings, moderation),
@@ -64,7 +79,7 @@ def create_app(settings: Settings, entries: list[ModelEntry] | None = None) -> F
 
     install_error_handlers(app)
     for router in (text.router, embeddings.router, images.router, images.files_router, audio.router,
-                   molecules.router, moderations.router, models.router, ops.router, docs.router,
+                   molecules.router, moderations.router, provenance.router, models.router, ops.router, docs.router,
                    playground.router):
         app.include_router(router)
     app.mount(docs.STATIC_PREFIX, StaticFiles(directory=docs.STATIC_DIR), name="docs-assets")

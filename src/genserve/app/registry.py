@@ -87,6 +87,8 @@ class ModelEntry(BaseModel):
     attention: Literal["sdpa", "genserve"] = Field("sdpa", description="diffusers: the attention of the denoiser: "
                                                    "PyTorch SDPA or genserve's Triton kernel (CUDA; CPU tensors "
                                                    "take SDPA either way)")
+    watermark: bool = Field(True, description="text models of a local engine: watermark sampled outputs "
+                            "(docs/provenance.md); other models carry no watermark yet")
     request_timeout_s: float | None = Field(None, gt=0, description="deadline (default: the setting)")
     limits: Limits = Field(default_factory=Limits)
     moderation: PolicyPatch | None = Field(None, description="this model's moderation policy, merged with the "
@@ -114,6 +116,10 @@ class ModelEntry(BaseModel):
             raise ValueError(f"a local model needs '{missing}'")
         if self.backend == "remote" and not self.url:
             raise ValueError("a remote model needs 'url'")
+        if "watermark" in self.model_fields_set and self.watermark and not (
+                self.modality == "text" and self.backend == "local"):
+            raise ValueError("'watermark: true' applies to local text models only: a remote model's output "
+                             "cannot be watermarked by genserve, and other modalities have no watermark yet")
         if not self.tasks:
             self.tasks = self.default_tasks()
         if "max_batch_size" not in self.model_fields_set and self.modality == "text":

@@ -7,13 +7,19 @@ environment later, so tests build their own.
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from genserve.app.moderation.policy import Policy
+
+
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/genserve``, by default ``~/.local/state/genserve``."""
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "genserve"
 
 
 class Settings(BaseSettings):
@@ -42,6 +48,10 @@ class Settings(BaseSettings):
                                     "finish (queued ones get 503 at once)")
     moderation: Policy = Field(default_factory=Policy, description="the global moderation policy (JSON), "
                                "e.g. GENSERVE_MODERATION='{\"action\": \"flag\"}'; models tighten it")
+    state_dir: Path = Field(default_factory=default_state_dir, description="where genserve keeps what it "
+                            "makes for itself: the watermark key when none is given")
+    watermark_key: SecretStr | None = Field(None, description="the secret that keys the watermarks (default: "
+                                            "one made on first start in state_dir); give every replica the same")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object a line")
     public_url: str | None = Field(None, pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$",

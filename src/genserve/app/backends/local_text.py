@@ -116,6 +116,14 @@ class LocalTextBackend(Backend):
         return ModelFacts(context_length=self.tm.context if self.tm else None)
 
     # request side (event loop) ----------------------------------------------------------------
+    async def token_ids(self, text: str) -> list[int]:
+        """``text`` as this model's tokens, without special tokens (on the tokenizer's own thread)."""
+        tm = self.tm
+        assert tm is not None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._tokenizer_pool, lambda: list(tm.tokenizer(text, add_special_tokens=False)["input_ids"]))
+
     def tokenize(self, request: TextParams) -> list[int]:
         tm = self.tm
         assert tm is not None

@@ -8,6 +8,7 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.json_schema import JsonDict
 
 from genserve.app.schemas.base import OpenAIBaseModel, UsageInfo
+from genserve.app.schemas.provenance import Provenance
 from genserve.app.schemas.sampling import SamplingFields
 from genserve.models.text.sampling import SamplingParams
 
@@ -106,3 +107,5 @@ class ChatCompletionResponse(OpenAIBaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
+    provenance: Provenance | None = Field(None, description="genserve's extension: what marks the output "
+                                          "carries (docs/provenance.md)")

@@ -8,6 +8,7 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.json_schema import JsonDict
 
 from genserve.app.schemas.base import OpenAIBaseModel, TextsOrTokens, UsageInfo, as_batch, check_texts_or_tokens
+from genserve.app.schemas.provenance import Provenance
 from genserve.app.schemas.sampling import SamplingFields
 from genserve.models.text.sampling import SamplingParams
 
@@ -74,3 +75,5 @@ class CompletionResponse(OpenAIBaseModel):
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
+    provenance: Provenance | None = Field(None, description="genserve's extension: what marks the output "
+                                          "carries (docs/provenance.md)")

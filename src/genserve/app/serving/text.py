@@ -28,6 +28,7 @@ from genserve.app.errors import GenserveError, InvalidRequestError, internal_err
 from genserve.app.metrics import Metrics
 from genserve.app.moderation.gate import Released
 from genserve.app.moderation.service import ModerationService, TextStream
+from genserve.app.provenance.service import ProvenanceService
 from genserve.app.schemas.base import UsageInfo
 from genserve.app.schemas.chat import (
     ChatChoice,
@@ -44,6 +45,7 @@ from genserve.app.schemas.completions import (
     CompletionRequest,
     CompletionResponse,
 )
+from genserve.app.schemas.provenance import Provenance
 from genserve.app.schemas.sampling import SamplingFields
 from genserve.app.serving.common import (
     Deadline,
@@ -78,6 +80,7 @@ class _Call:
     body: SamplingFields
     backend: TextBackend
     response_id: str
+    provenance: Provenance  # what marks the output carries (genserve's extension on every response)
     requests: list[TextParams] = field(default_factory=list)  # one per prompt, choices numbered i * n + k
     gate: TextStream | None = None  # output moderation, when the model's policy checks output
     created: int = field(default_factory=now)
@@ -96,8 +99,9 @@ class _Call:
 
 class TextServing:
     def __init__(self, manager: ModelManager, metrics: Metrics, settings: Settings,
-                 moderation: ModerationService) -> None:
+                 moderation: ModerationService, provenance: ProvenanceService) -> None:
         self.manager, self.metrics, self.settings, self.moderation = manager, metrics, settings, moderation
+        self.provenance = provenance
 
     async def completions(self, body: CompletionRequest, raw: Request) -> Any:
         backend = await self.manager.acquire(body.model, "completion", TextBackend)
@@ -106,9 +110,10 @@ class TextServing:
         if self.moderation.policy_for(body.model).checks_input:
             await self.moderation.check_input(body.model, _prompt_texts(prompts, backend), raw)
         params = body.to_sampling_params()
+        call = _Call("completion", body, backend, response_id("cmpl"), self.provenance.text(backend.entry, params))
         rid = request_id(raw)
         requests = [TextParams(f"{rid}-{i}", copy.deepcopy(params), prompt=p) for i, p in enumerate(prompts)]
-        return await self._respond(_Call("completion", body, backend, response_id("cmpl")), requests, raw)
+        return await self._respond(call, requests, raw)
 
     async def chat(self, body: ChatCompletionRequest, raw: Request) -> Any:
         backend = await self.manager.acquire(body.model, "chat", TextBackend)
@@ -119,9 +124,9 @@ class TextServing:
         messages = body.chat_messages()
         await self.moderation.check_input(body.model, [(f"messages[{i}].content", m["content"])
                                                        for i, m in enumerate(messages) if m["content"]], raw)
-        rid = request_id(raw)
-        request = TextParams(rid, body.to_sampling_params(), messages=messages)
-        return await self._respond(_Call("chat", body, backend, response_id("chatcmpl")), [request], raw)
+        params = body.to_sampling_params()
+        call = _Call("chat", body, backend, response_id("chatcmpl"), self.provenance.text(backend.entry, params))
+        return await self._respond(call, [TextParams(request_id(raw), params, messages=messages)], raw)
 
     def _check_caps(self, body: SamplingFields, backend: TextBackend, prompts: int, logprobs: int | None,
                     logprobs_param: str) -> None:
@@ -315,12 +320,12 @@ class TextServing:
         usage, want_lp = _usage(call.usage), call.wants_logprobs
         if call.kind == "completion":
             return CompletionResponse(
-                id=call.response_id, created=call.created, model=call.model, usage=usage,
+                id=call.response_id, created=call.created, model=call.model, usage=usage, provenance=call.provenance,
                 choices=[CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason,
                                           logprobs=_completion_logprobs(c.logprobs, 0) if want_lp else None)
                          for i, c in sorted(choices.items())])
         return ChatCompletionResponse(
-            id=call.response_id, created=call.created, model=call.model, usage=usage,
+            id=call.response_id, created=call.created, model=call.model, usage=usage, provenance=call.provenance,
             choices=[ChatChoice(index=i, message=ChatMessageOut(content=c.text), finish_reason=c.finish_reason,
                                 logprobs=ChatLogprobs(content=_chat_logprobs(c.logprobs)) if want_lp else None)
                      for i, c in sorted(choices.items())])
@@ -386,13 +391,18 @@ async def _chain(first: list, rest: AsyncIterator) -> AsyncIterator:
 
 
 def _chunker(call: _Call, include_usage: bool) -> Callable[..., str]:
+    """Makes the stream's chunks; the first carries the response's ``provenance``."""
     obj = "chat.completion.chunk" if call.kind == "chat" else "text_completion"
+    first = True
 
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        nonlocal first
         out: dict[str, Any] = {"id": call.response_id, "object": obj, "created": call.created,
                                "model": call.model, "system_fingerprint": None, "choices": choices}
         if include_usage:
             out["usage"] = usage
+        if first:
+            out["provenance"], first = call.provenance.model_dump(), False
         return json.dumps(out, ensure_ascii=False)
 
     return chunk

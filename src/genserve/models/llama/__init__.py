@@ -29,7 +29,7 @@ def load_info(path: Path, device: torch.device) -> TextModel:
         eos.add(tokenizer.eos_token_id)
     config = LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
     return TextModel(model=None, tokenizer=tokenizer, eos_ids=eos, context=config.max_position_embeddings,
-                     device=torch.device(device))
+                     device=torch.device(device), vocab_size=config.vocab_size)
 
 
 def load(path: Path, device: torch.device, dtype: torch.dtype, quantization: str = "none") -> TextModel:

@@ -35,6 +35,11 @@ class TextModel:
     eos_ids: set[int]
     context: int
     device: torch.device
+    vocab_size: int = 0  # the width of its logits (0: the tokenizer's length), which the watermark keys
+
+    @property
+    def logits_width(self) -> int:
+        return self.vocab_size or len(self.tokenizer)
 
 
 @dataclass

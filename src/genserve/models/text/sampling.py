@@ -2,7 +2,8 @@
 
 The processors run in the order vLLM and Hugging Face use: logit bias, repetition penalty (over
 prompt and output, CTRL paper's divide/multiply rule), presence and frequency penalties (over the
-output, OpenAI's definition), then temperature, top-k, top-p and min-p. Reported logprobs are
+output, OpenAI's definition), the watermark's green-list bias (``watermark.py``), then
+temperature, top-k, top-p and min-p. Reported logprobs are
 those of the model's raw distribution, before any of this, as vLLM reports them by default.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from genserve.models.seeding import sample_seed, seed_or_random
+from genserve.models.text.watermark import Watermark, green_lists
 
 
 @dataclass
@@ -32,6 +34,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's plus k alternatives
     ignore_eos: bool = False
     min_tokens: int = 0
+    watermark: Watermark | None = None  # applied to drawn tokens only: greedy stays greedy
 
     @property
     def greedy(self) -> bool:
@@ -148,13 +151,29 @@ def sample_batch(logits: torch.Tensor, rows: list[SampleRow]) -> list[int]:
     tokens = x.argmax(-1).tolist()
     drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
     if drawn:
-        cdf = filter_batch(x[drawn], [rows[i].params for i in drawn]).softmax(-1).cumsum(-1)  # (b, V)
+        xd = _watermarked(x[drawn], [rows[i] for i in drawn])
+        cdf = filter_batch(xd, [rows[i].params for i in drawn]).softmax(-1).cumsum(-1)  # (b, V)
         # u in (0, 1], so a token of zero probability (a flat stretch of the CDF) is never hit.
         u = 1.0 - torch.cat([torch.rand(1, generator=rows[i].generator, device=cdf.device) for i in drawn])
         picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_max(cdf.shape[-1] - 1)  # (b, 1)
         for i, tok in zip(drawn, picks[:, 0].tolist(), strict=True):
             tokens[i] = tok
     return tokens
+def _watermarked(x: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """``x`` (b, V) with each watermarked row's green tokens raised, keyed by its previous token."""
+    marked: dict[Watermark, list[int]] = {}
+    for i, r in enumerate(rows):
+        if r.params.watermark is not None:
+            marked.setdefault(r.params.watermark, []).append(i)
+    if not marked:
+        return x
+    x = x.clone()
+    for mark, idx in marked.items():
+        prevs = [(r.output_ids or r.prompt_ids or [0])[-1] for r in (rows[i] for i in idx)]
+        x[idx] = green_lists(mark, x.shape[-1]).bias(x[idx], prevs)
+    return x
+
+
 def top_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
     """The chosen token's logprob and the ``k`` most likely tokens with theirs, from raw logits."""
     logp = torch.log_softmax(logits.float(), -1)
