@@ -141,6 +141,7 @@ models:
     backend: local
     family: llama
     source: {TEXT_DIR}
+    watermark: false  # the cases are found in this process's unmarked output (seeded_outputs)
     moderation: {{blocked_terms: {terms}, holdback_chars: {WINDOW}}}
 """
     srv = start_server(tmp_path_factory.mktemp("modstream"), "modstream", registry, {})

@@ -167,10 +167,12 @@ def _watermarked(x: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
             marked.setdefault(r.params.watermark, []).append(i)
     if not marked:
         return x
+    prev = lambda r: (r.output_ids or r.prompt_ids or [0])[-1]  # noqa: E731
+    if len(marked) == 1 and len(idx := next(iter(marked.values()))) == len(rows):  # every row one model's
+        return green_lists(rows[0].params.watermark, x.shape[-1]).bias(x, [prev(r) for r in rows])
     x = x.clone()
     for mark, idx in marked.items():
-        prevs = [(r.output_ids or r.prompt_ids or [0])[-1] for r in (rows[i] for i in idx)]
-        x[idx] = green_lists(mark, x.shape[-1]).bias(x[idx], prevs)
+        x[idx] = green_lists(mark, x.shape[-1]).bias(x[idx], [prev(rows[i]) for i in idx])
     return x
 
 

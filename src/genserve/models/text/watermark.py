@@ -76,7 +76,7 @@ class GreenLists:
     def bias(self, logits: torch.Tensor, prevs: Sequence[int]) -> torch.Tensor:
         """``logits`` (B, V) with ``delta`` added to each row's green tokens after its ``prevs[b]``."""
         masks = torch.stack([self.mask(p) for p in prevs]).to(logits.device)
-        return logits + masks.to(logits.dtype) * self.mark.delta
+        return logits.add(masks, alpha=self.mark.delta)
 
 
 _LISTS: dict[tuple[Watermark, int], GreenLists] = {}
