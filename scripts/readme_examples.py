@@ -20,8 +20,9 @@ runs that against the test servers)::
     python scripts/readme_examples.py --url http://127.0.0.1:8000 --check
 
 ``--url`` may be repeated as ``--url MODALITY=URL`` to send one modality's examples (``text``,
-``embedding`` or ``molecule``) to another server. Every example is seeded or deterministic, so the
-same server gives the same output, and the response is shown after these rules, in this order:
+``embedding`` or ``molecule``) to another server. Every example is greedy, seeded or deterministic, so
+every server gives the same output (the chat example is greedy because sampled text is watermarked
+with each server's own key), and the response is shown after these rules, in this order:
 
 - the response's own ``id`` keeps its prefix (``chatcmpl-...``, ``mol-...``) and its ``created``
   time is shown as ``...``: both differ on every call;
@@ -67,7 +68,7 @@ class Example:
 EXAMPLES = {e.name: e for e in [
     Example("chat", "text", "/v1/chat/completions", {
         "model": "genserve-text-tiny", "messages": [{"role": "user", "content": "What does os.path.join do?"}],
-        "max_tokens": 48, "seed": 1}),
+        "max_tokens": 48, "temperature": 0}),  # greedy: sampled text carries each server's own watermark
     Example("embeddings", "embedding", "/v1/embeddings",
             {"model": "all-minilm-l6-v2", "input": ["a red apple", "a green pear"]}, cut={"embedding": 4}),
     Example("molecules", "molecule", "/v1/molecules/generations", {

@@ -27,6 +27,8 @@ their own, so a verdict from an older probe cannot hide a regression.
 from __future__ import annotations
 
 import atexit
+import base64
+import io
 import json
 import logging
 import os
@@ -48,6 +50,7 @@ import pytest
 import torch
 import yaml
 
+from genserve.app.provenance.credentials import load_credentials
 from genserve.models.batch_invariance import cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,10 +61,14 @@ EMBED = "all-minilm-l6-v2"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# What servers make for themselves (the watermark key) goes to the session's own directory, never the user's.
+# One watermark key for the whole suite, so a seeded sampled output is the same in every session.
+os.environ.setdefault("GENSERVE_WATERMARK_KEY", "genserve test suite")
+# What servers make for themselves (the C2PA CA) goes to the session's own directory, never the user's.
 if "GENSERVE_STATE_DIR" not in os.environ:
     os.environ["GENSERVE_STATE_DIR"] = tempfile.mkdtemp(prefix="genserve-state-")
     atexit.register(shutil.rmtree, os.environ["GENSERVE_STATE_DIR"], True)
+# The private CA, made here once so that no server's log depends on whether it started first.
+load_credentials(None, None, None, Path(os.environ["GENSERVE_STATE_DIR"]))
 # Without a GPU the Triton kernels run in Triton's interpreter, which reads TRITON_INTERPRET when
 # triton is first imported; diffusers imports triton, and tests in every directory import diffusers,
 # so it is set here, before any test module is collected (tests/kernels/conftest.py explains more).
@@ -117,6 +124,21 @@ class Server:
             if all(f'{k}="{v}"' in head for k, v in labels.items()):
                 total += float(value)
         return total
+
+
+def content(data: bytes | str) -> bytes:
+    """What a generated file shows or sounds (base64 or bytes): its pixels (every frame of a GIF) or its
+    decoded samples. Two files of one seed differ in their C2PA manifests (each has its own time,
+    instance id and signature); what they show must not."""
+    import av
+    from PIL import Image, ImageSequence
+
+    raw = base64.b64decode(data) if isinstance(data, str) else data
+    if raw.startswith((b"\x89PNG", b"GIF8", b"\xff\xd8\xff")) or raw[8:12] == b"WEBP":
+        image = Image.open(io.BytesIO(raw))
+        return repr(image.size).encode() + b"".join(f.convert("RGB").tobytes() for f in ImageSequence.Iterator(image))
+    with av.open(io.BytesIO(raw)) as container:
+        return b"".join(frame.to_ndarray().tobytes() for frame in container.decode(audio=0))
 
 
 def free_port() -> int:

@@ -72,8 +72,8 @@ def create_app(settings: Settings, entries: list[ModelEntry] | None = None) -> F
         metrics=metrics, manager=manager, moderation=moderation, tenancy=tenancy, provenance=provenance_service,
         models=ModelsServing(manager), text=TextServing(manager, metrics, settings, moderation, provenance_service),
         embeddings=EmbeddingServing(manager, metrics, settings),
-        images=ImageServing(manager, metrics, settings, moderation),
-        audio=AudioServing(manager, metrics, settings, moderation),
+        images=ImageServing(manager, metrics, settings, moderation, provenance_service),
+        audio=AudioServing(manager, metrics, settings, moderation, provenance_service),
         molecules=MoleculeServing(manager, metrics, settings, moderation),
         moderations=ModerationServing(manager, moderation))
 
@@ -88,7 +88,8 @@ def create_app(settings: Settings, entries: list[ModelEntry] | None = None) -> F
     # "unmatched": they are answered before routing), then the key check, then the body cap, so
     # nothing is read for a caller without a key.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
-                       upload_paths={"/v1/images/edits": settings.max_upload_bytes})
+                       upload_paths={"/v1/images/edits": settings.max_upload_bytes,
+                                     provenance.PATH: settings.max_upload_bytes})
     app.add_middleware(ApiKeyMiddleware, tenancy=tenancy)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)

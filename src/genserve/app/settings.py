@@ -52,6 +52,12 @@ class Settings(BaseSettings):
                             "makes for itself: the watermark key when none is given")
     watermark_key: SecretStr | None = Field(None, description="the secret that keys the watermarks (default: "
                                             "one made on first start in state_dir); give every replica the same")
+    c2pa_cert: Path | None = Field(None, description="PEM chain (signing certificate first) that signs the C2PA "
+                                   "content credentials of images and audio (default: a private CA's, made "
+                                   "in state_dir)")
+    c2pa_key: Path | None = Field(None, description="PEM private key of c2pa_cert")
+    c2pa_trust_anchors: Path | None = Field(None, description="PEM certificates /v1/provenance/verify trusts "
+                                            "(default: the private CA genserve made)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object a line")
     public_url: str | None = Field(None, pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$",
@@ -69,7 +75,7 @@ class Settings(BaseSettings):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
-    @field_validator("config", "api_keys_file")
+    @field_validator("config", "api_keys_file", "c2pa_cert", "c2pa_key", "c2pa_trust_anchors")
     @classmethod
     def _must_exist(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():

@@ -8,9 +8,16 @@ from genserve import __version__
 from genserve.app.backends.local_text import LocalTextBackend
 from genserve.app.backends.manager import ModelManager
 from genserve.app.errors import InvalidRequestError, PayloadTooLargeError, UnavailableError
+from genserve.app.provenance.credentials import SIGNABLE, ContentCredentials, load_credentials
 from genserve.app.provenance.keys import watermark_secret
 from genserve.app.registry import ModelEntry
-from genserve.app.schemas.provenance import Provenance, VerifyResponse, VerifyTextRequest, WatermarkVerdict
+from genserve.app.schemas.provenance import (
+    C2paVerdict,
+    Provenance,
+    VerifyResponse,
+    VerifyTextRequest,
+    WatermarkVerdict,
+)
 from genserve.app.settings import Settings
 from genserve.app.tenancy import check_scope, current_key
 from genserve.models.text.sampling import SamplingParams
@@ -24,11 +31,21 @@ class ProvenanceService:
     def __init__(self, settings: Settings, manager: ModelManager) -> None:
         self.settings, self.manager = settings, manager
         self._secret: str | None = None
+        self._credentials: ContentCredentials | None = None
 
     def start(self) -> None:
-        """Reads (or makes) the watermark secret; before the first request."""
-        key = self.settings.watermark_key
-        self._secret = watermark_secret(key.get_secret_value() if key else None, self.settings.state_dir)
+        """Reads (or makes) the watermark secret and the C2PA signing credentials; before the first request."""
+        s = self.settings
+        key = s.watermark_key
+        self._secret = watermark_secret(key.get_secret_value() if key else None, s.state_dir)
+        self._credentials = ContentCredentials(load_credentials(s.c2pa_cert, s.c2pa_key, s.c2pa_trust_anchors,
+                                                                s.state_dir))
+
+    @property
+    def credentials(self) -> ContentCredentials:
+        if self._credentials is None:
+            raise RuntimeError("ProvenanceService.start() was not called")
+        return self._credentials
 
     def watermark(self, model_id: str) -> Watermark:
         """The model's own watermark: its key is the secret's and the model's, so detection names the model."""
@@ -45,6 +62,50 @@ class ProvenanceService:
         return Provenance(generator=GENERATOR, model=entry.id, watermarked=reason is None,
                           scheme=SCHEME if reason is None else None, reason=reason)
 
+    # images and audio ----------------------------------------------------------------------------
+    def signs(self, entry: ModelEntry, media_type: str, streamed: bool = False) -> bool:
+        """Whether ``entry``'s files of ``media_type`` get content credentials: what a local model made
+        whole (a remote model's bytes pass through as its server made them; a manifest covers a whole
+        file, so audio sent as it is made carries none)."""
+        return entry.backend == "local" and media_type in SIGNABLE and not streamed
+
+    def mark_file(self, entry: ModelEntry, data: bytes, media_type: str) -> bytes:
+        """``data`` signed when ``signs`` says so (blocking: call it off the event loop)."""
+        return self.credentials.sign(data, media_type, entry.id) if self.signs(entry, media_type) else data
+
+    def media(self, entry: ModelEntry, media_type: str, kind: str, streamed: bool = False) -> Provenance:
+        """What an image or audio response of ``entry`` carries."""
+        signed = self.signs(entry, media_type, streamed)
+        reasons = [f"genserve has no {kind} watermark yet"]
+        if entry.backend != "local":
+            reasons.append("a remote model's files pass through as its server made them")
+        elif streamed:
+            reasons.append("streamed audio carries no C2PA content credentials: they cover a whole file "
+                           "(response_format flac comes whole and signed)")
+        elif not signed:
+            reasons.append(f"{media_type} cannot carry C2PA content credentials")
+        return Provenance(generator=GENERATOR, model=entry.id, watermarked=False, c2pa=signed,
+                          reason="; ".join(reasons))
+
+    @staticmethod
+    def headers(provenance: Provenance) -> dict[str, str]:
+        """The audio responses' form of ``provenance``."""
+        return {"x-genserve-ai-generated": "true", "x-genserve-model": provenance.model,
+                "x-genserve-c2pa": str(provenance.c2pa).lower(),
+                "x-genserve-watermarked": str(provenance.watermarked).lower()}
+
+    async def verify_file(self, data: bytes) -> VerifyResponse:
+        media_type = sniff(data)
+        if media_type is None:
+            raise InvalidRequestError("The file is not one genserve can check: send PNG, JPEG, WebP, GIF, WAV, "
+                                      "FLAC or MP3.", param="file")
+        summary = await asyncio.to_thread(self.credentials.read, data, media_type)
+        verdict = None if summary is None else C2paVerdict(
+            validation_state=summary.validation_state, model=summary.model, generator=summary.generator,
+            digital_source_type=summary.digital_source_type, created=summary.created, issuer=summary.issuer,
+            problems=summary.problems, manifest=summary.manifest)
+        return VerifyResponse(media_type=media_type, c2pa=verdict)
+
     async def verify_text(self, body: VerifyTextRequest) -> VerifyResponse:
         if len(body.text) > MAX_VERIFY_CHARS:
             raise PayloadTooLargeError(f"text of {len(body.text)} characters; at most {MAX_VERIFY_CHARS} are "
@@ -56,7 +117,7 @@ class ProvenanceService:
             checked.append((b.entry.id, await asyncio.to_thread(detect, ids, mark, b.tm.logits_width)))
         best_id, best = max(checked, key=lambda c: c[1].z_score)
         mark = self.watermark(best_id)
-        return VerifyResponse(watermark=WatermarkVerdict(
+        return VerifyResponse(media_type="text/plain", watermark=WatermarkVerdict(
             detected=best.detected, model=best_id if best.detected else None, scheme=SCHEME, z_score=best.z_score,
             p_value=best.p_value, threshold=mark.z_threshold, tokens_scored=best.tokens_scored,
             green_fraction=best.green_fraction, models_checked=[mid for mid, _ in checked]))
@@ -90,4 +151,24 @@ def _unmarked_because(entry: ModelEntry, params: SamplingParams) -> str | None:
         return "the watermark is off for this model"
     if params.greedy:
         return "greedy decoding (temperature 0) is not watermarked: a watermark would change its choice"
+    return None
+
+
+def sniff(data: bytes) -> str | None:
+    """A file's media type from its first bytes (what it is, whatever it was called)."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] in (b"WEBP", b"WAVE"):
+        return "image/webp" if data[8:12] == b"WEBP" else "audio/wav"
+    if data.startswith(b"ID3") and len(data) >= 10:  # an ID3v2 tag (C2PA's home in MP3 and FLAC), then the audio
+        size = 10 + sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(data[6:10])) + (10 if data[5] & 0x10 else 0)
+        return "audio/flac" if data[size:size + 4] == b"fLaC" else "audio/mpeg"
+    if data.startswith(b"fLaC"):
+        return "audio/flac"
+    if len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0:  # an MPEG audio frame
+        return "audio/mpeg"
     return None

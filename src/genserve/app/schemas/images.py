@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import JsonDict
 
 from genserve.app.schemas.base import OpenAIBaseModel, Seed
+from genserve.app.schemas.provenance import Provenance
 
 GENERATION_EXAMPLE: JsonDict = {"model": "genserve-diffusion", "prompt": "red apple", "n": 2, "size": "32x32",
                                 "response_format": "b64_json", "seed": 7}
@@ -94,3 +95,5 @@ class ImageData(OpenAIBaseModel):
 class ImagesResponse(OpenAIBaseModel):
     created: int
     data: list[ImageData]
+    provenance: Provenance | None = Field(None, description="genserve's extension: what marks the images "
+                                          "carry (docs/provenance.md)")

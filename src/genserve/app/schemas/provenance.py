@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 from pydantic.json_schema import JsonDict
@@ -12,14 +12,16 @@ from genserve.app.schemas.base import OpenAIBaseModel
 
 
 class Provenance(OpenAIBaseModel):
-    """genserve's extension on text responses (OpenAI clients ignore it): what marks the output carries."""
+    """genserve's extension on text and image responses (OpenAI clients ignore it): what marks the output
+    carries. Audio says the same in ``x-genserve-*`` headers."""
 
     ai_generated: Literal[True] = True
     generator: str = Field(description="genserve and its version")
     model: str
-    watermarked: bool = Field(description="whether the output carries genserve's text watermark")
+    watermarked: bool = Field(description="whether the output carries genserve's watermark (text only, so far)")
     scheme: str | None = Field(None, description="the watermark's scheme, when watermarked")
-    reason: str | None = Field(None, description="why it is not watermarked, when it is not")
+    c2pa: bool = Field(False, description="whether each file carries signed C2PA content credentials")
+    reason: str | None = Field(None, description="why a mark is missing, when one is")
 
 
 VERIFY_EXAMPLE: JsonDict = {"text": "Paste a text of a hundred words or more here."}
@@ -46,7 +48,23 @@ class WatermarkVerdict(OpenAIBaseModel):
     models_checked: list[str]
 
 
+class C2paVerdict(OpenAIBaseModel):
+    validation_state: str = Field(
+        description="Invalid: the file or manifest was altered, or the signature fails; Valid: intact, signer "
+        "not trusted here; Trusted: intact and signed by a certificate this server trusts")
+    model: str | None = Field(None, description="the model the manifest says made it")
+    generator: str | None = None
+    digital_source_type: str | None = None
+    created: str | None = None
+    issuer: str | None = Field(None, description="the signing certificate's organisation")
+    problems: list[str] = Field(default_factory=list, description="c2pa's failure codes")
+    manifest: dict[str, Any] = Field(default_factory=dict, description="the active manifest, as c2pa reads it")
+
+
 class VerifyResponse(OpenAIBaseModel):
     object: Literal["provenance.verification"] = "provenance.verification"
-    c2pa: None = Field(None, description="content credentials: texts carry none")
-    watermark: WatermarkVerdict
+    media_type: str = Field(description="text/plain, or the file's type as its bytes say")
+    c2pa: C2paVerdict | None = Field(None, description="the file's content credentials; null when it carries "
+                                     "none (texts never do)")
+    watermark: WatermarkVerdict | None = Field(None, description="the text watermark's verdict; null for files "
+                                               "(genserve has no image or audio watermark yet)")

@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 import numpy as np
 from fastapi import Request
@@ -23,6 +23,7 @@ from genserve.app.backends.manager import ModelManager
 from genserve.app.errors import InvalidRequestError
 from genserve.app.metrics import Metrics
 from genserve.app.moderation.service import ModerationService
+from genserve.app.provenance.service import ProvenanceService
 from genserve.app.schemas.audio import MusicRequest, SpeechRequest
 from genserve.app.serving.common import Deadline, seed_or_random, unless_disconnected
 from genserve.app.serving.media import FORMATS, OUTPUT_RATE, ChunkEncoder, audio_bytes
@@ -37,8 +38,9 @@ MUSIC_MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "mid": "audio/mid
 
 class AudioServing:
     def __init__(self, manager: ModelManager, metrics: Metrics, settings: Settings,
-                 moderation: ModerationService) -> None:
+                 moderation: ModerationService, provenance: ProvenanceService) -> None:
         self.manager, self.metrics, self.settings, self.moderation = manager, metrics, settings, moderation
+        self.provenance = provenance
 
     # speech -----------------------------------------------------------------------------------
     async def speech(self, body: SpeechRequest, raw: Request) -> Response:
@@ -61,8 +63,13 @@ class AudioServing:
         except StopAsyncIteration:  # nothing to say (only punctuation, say): a valid empty file
             rate = backend.describe().sample_rate or OUTPUT_RATE
             first = AudioChunk(samples=np.zeros(0, dtype=np.float32), sample_rate=rate)
-        stream = self._encode_speech(body, first, chunks, started, limits.max_audio_seconds)
-        return StreamingResponse(stream, media_type=FORMATS[body.response_format].media_type)
+        fmt = FORMATS[body.response_format]
+        provenance = self.provenance.media(backend.entry, fmt.media_type, "audio", streamed=fmt.streams)
+        sign = None
+        if provenance.c2pa:
+            sign = lambda data: self.provenance.mark_file(backend.entry, data, fmt.media_type)  # noqa: E731
+        stream = self._encode_speech(body, first, chunks, started, limits.max_audio_seconds, sign)
+        return StreamingResponse(stream, media_type=fmt.media_type, headers=self.provenance.headers(provenance))
 
     @staticmethod
     async def _checked(chunks: AsyncGenerator[AudioChunk]) -> AsyncGenerator[AudioChunk]:
@@ -76,7 +83,9 @@ class AudioServing:
             await chunks.aclose()
 
     async def _encode_speech(self, body: SpeechRequest, first: AudioChunk, rest: AsyncGenerator[AudioChunk],
-                             started: float, cap_s: float) -> AsyncGenerator[bytes]:
+                             started: float, cap_s: float, sign: Callable[[bytes], bytes] | None
+                             ) -> AsyncGenerator[bytes]:
+        """The encoded speech as it is made; a format that comes out whole (FLAC) is signed (``sign``)."""
         encoder, produced, full = ChunkEncoder(body.response_format, OUTPUT_RATE), 0, False
         usage = CURRENT.get()  # the key's: this generator may be closed outside the request's context
         try:
@@ -93,7 +102,7 @@ class AudioServing:
                 if data := await asyncio.to_thread(encoder.feed, chunk):
                     yield data
                 chunk = None if full else await anext(rest, None)
-            yield await asyncio.to_thread(encoder.finish)
+            yield await asyncio.to_thread(lambda: sign(encoder.finish()) if sign else encoder.finish())
         finally:
             await rest.aclose()
             self._observe(body.model, encoder.seconds_out, time.perf_counter() - started, usage)
@@ -113,10 +122,14 @@ class AudioServing:
 
         async def run() -> Response:
             piece = self._checked_piece(await deadline.run(backend.compose(params)))
-            data = await asyncio.to_thread(audio_bytes, piece, body.response_format)
+            media_type = MUSIC_MEDIA_TYPES[body.response_format]
+            data = await asyncio.to_thread(lambda: audio_bytes(piece, body.response_format) if piece.encoded is not None
+                                           else self.provenance.mark_file(backend.entry, audio_bytes(
+                                               piece, body.response_format), media_type))
             self._observe(body.model, body.seconds, time.perf_counter() - started)
-            return Response(data, media_type=MUSIC_MEDIA_TYPES[body.response_format],
-                            headers={SEED_HEADER: str(seed)})
+            provenance = self.provenance.media(backend.entry, media_type, "audio")
+            return Response(data, media_type=media_type,
+                            headers={SEED_HEADER: str(seed), **self.provenance.headers(provenance)})
 
         return await unless_disconnected(raw, run())
 

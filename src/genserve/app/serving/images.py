@@ -30,6 +30,7 @@ from genserve.app.backends.manager import ModelManager
 from genserve.app.errors import GenserveError, InvalidRequestError, NotFoundError, PayloadTooLargeError
 from genserve.app.metrics import Metrics
 from genserve.app.moderation.service import ModerationService
+from genserve.app.provenance.service import ProvenanceService
 from genserve.app.schemas.images import (
     IMAGE_TO_IMAGE_STRENGTH,
     DiffusionKnobs,
@@ -91,8 +92,9 @@ class ImageStore:
 
 class ImageServing:
     def __init__(self, manager: ModelManager, metrics: Metrics, settings: Settings,
-                 moderation: ModerationService) -> None:
+                 moderation: ModerationService, provenance: ProvenanceService) -> None:
         self.manager, self.metrics, self.settings, self.moderation = manager, metrics, settings, moderation
+        self.provenance = provenance
         self.store = ImageStore(settings.image_url_ttl_s, settings.image_store_bytes)
 
     # checks ------------------------------------------------------------------------------------
@@ -144,9 +146,14 @@ class ImageServing:
         made = sum(1 if a.frames is None else len(a.frames) for a in artifacts)
         self.metrics.images.labels(model).inc(made)
         note_usage("image", made)
-        encoded = await asyncio.to_thread(lambda: [image_bytes(a) for a in artifacts])
+        entry = self.manager.backends[model].entry
         media = artifacts[0].media_type if artifacts else "image/png"
-        return ImagesResponse(created=now(), data=self._data(raw, encoded, media, fmt, [a.seed for a in artifacts]))
+        # Content credentials on what was made here, as it is encoded; an upstream's bytes pass as they came.
+        encoded = await asyncio.to_thread(lambda: [
+            image_bytes(a) if a.encoded is not None else self.provenance.mark_file(entry, image_bytes(a), a.media_type)
+            for a in artifacts])
+        return ImagesResponse(created=now(), data=self._data(raw, encoded, media, fmt, [a.seed for a in artifacts]),
+                              provenance=self.provenance.media(entry, media, "image"))
 
     async def _checked(self, model: str, raw: Request, events: AsyncGenerator[ImageEvent]
                        ) -> AsyncGenerator[ImageEvent]:
@@ -217,7 +224,8 @@ class ImageServing:
                     artifacts.append(event)
             result = await self._respond(raw, body.model, artifacts, body.response_format)
             yield json.dumps({"type": "image_generation.completed", "created": result.created,
-                              "data": [d.model_dump(exclude_none=True) for d in result.data]})
+                              "data": [d.model_dump(exclude_none=True) for d in result.data],
+                              "provenance": result.provenance.model_dump() if result.provenance else None})
         except GenserveError as err:  # after the headers: the error travels as an event
             yield json.dumps(err.body())
         finally:

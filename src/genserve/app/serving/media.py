@@ -158,7 +158,24 @@ class AudioEncoder:
 def encode(samples: np.ndarray, fmt: str, in_rate: int, out_rate: int | None = None, tempo: float = 1.0) -> bytes:
     """The whole of ``samples`` in ``fmt`` in one go."""
     encoder = AudioEncoder(fmt, in_rate, out_rate, tempo)
-    return encoder.feed(samples) + encoder.finish()
+    data = encoder.feed(samples) + encoder.finish()
+    return sized_wav(data) if fmt == "wav" else data
+
+
+def sized_wav(data: bytes) -> bytes:
+    """A WAV written as a stream says "length unknown" in its RIFF and data chunk sizes; a whole one gets
+    its true sizes (which strict readers, C2PA's among them, require)."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return data
+    out, pos = bytearray(data), 12
+    out[4:8] = (len(out) - 8).to_bytes(4, "little")
+    while pos + 8 <= len(out):
+        size = int.from_bytes(out[pos + 4:pos + 8], "little")
+        if out[pos:pos + 4] == b"data":
+            out[pos + 4:pos + 8] = (len(out) - pos - 8).to_bytes(4, "little")
+            break
+        pos += 8 + size + (size & 1)
+    return bytes(out)
 
 
 # images -----------------------------------------------------------------------------------------
@@ -234,4 +251,5 @@ class ChunkEncoder:
 def audio_bytes(chunk: AudioChunk, fmt: str) -> bytes:
     """One whole piece in ``fmt`` at its own rate (music): encoded bytes as they came, else encoded here."""
     encoder = ChunkEncoder(fmt)
-    return encoder.feed(chunk) + encoder.finish()
+    data = encoder.feed(chunk) + encoder.finish()
+    return sized_wav(data) if fmt == "wav" and chunk.encoded is None else data

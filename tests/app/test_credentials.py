@@ -1,0 +1,87 @@
+"""C2PA content credentials (app/provenance/credentials.py), read back with c2pa-python's own Reader:
+every format genserve signs, a flipped byte, trust given the CA, and the private CA made once."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import json
+from pathlib import Path
+
+import c2pa
+import numpy as np
+import pytest
+from PIL import Image
+
+from genserve.app.provenance.credentials import TRAINED, ContentCredentials, load_credentials
+from genserve.app.provenance.service import sniff
+from genserve.app.serving.media import encode
+
+
+def image(fmt: str) -> bytes:
+    out = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(out, format=fmt)
+    return out.getvalue()
+
+
+def audio(fmt: str) -> bytes:
+    t = np.arange(24_000) / 24_000
+    return encode((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), fmt, 24_000)
+
+
+FILES = {"image/png": lambda: image("PNG"), "image/jpeg": lambda: image("JPEG"), "image/webp": lambda: image("WEBP"),
+         "image/gif": lambda: image("GIF"), "audio/wav": lambda: audio("wav"), "audio/flac": lambda: audio("flac"),
+         "audio/mpeg": lambda: audio("mp3")}
+
+
+@pytest.fixture(scope="module")
+def credentials(tmp_path_factory: pytest.TempPathFactory) -> ContentCredentials:
+    return ContentCredentials(load_credentials(None, None, None, tmp_path_factory.mktemp("state")))
+
+
+@pytest.mark.parametrize("media_type", list(FILES))
+def test_c2pas_reader_finds_the_model_and_trained_algorithmic_media(credentials: ContentCredentials,
+                                                                    media_type: str) -> None:
+    original = FILES[media_type]()
+    signed = credentials.sign(original, media_type, "genserve-gan")
+    assert sniff(signed) == media_type
+    with c2pa.Reader(media_type, io.BytesIO(signed)) as reader:  # a reader given nothing: valid, untrusted
+        store = json.loads(reader.json())
+    assert store["validation_state"] == "Valid"
+    manifest = store["manifests"][store["active_manifest"]]
+    actions = manifest["assertions"][0]["data"]["actions"]
+    assert actions[0]["action"] == "c2pa.created" and actions[0]["digitalSourceType"] == TRAINED
+    assert actions[0]["parameters"]["model"] == "genserve-gan" and "thumbnail" not in manifest
+    assert manifest["claim_generator_info"][0]["name"] == "genserve"
+    assert len(signed) - len(original) < 8_000  # the manifest and its two certificates, no thumbnail
+    ours = credentials.read(signed, media_type)  # given the CA it made: trusted
+    assert ours is not None and ours.validation_state == "Trusted" and ours.model == "genserve-gan"
+    assert credentials.read(original, media_type) is None
+
+
+@pytest.mark.parametrize("media_type", ["image/png", "image/jpeg", "audio/wav"])
+def test_one_flipped_byte_of_the_content_makes_the_credentials_invalid(credentials: ContentCredentials,
+                                                                       media_type: str) -> None:
+    original = FILES[media_type]()
+    signed = bytearray(credentials.sign(original, media_type, "m"))
+    # a byte of the content, well away from the manifest: the end of the pixel or sample data
+    at = len(signed) - 64 if media_type != "image/png" else bytes(signed).rindex(b"IDAT") + 40
+    signed[at] ^= 0x01
+    verdict = credentials.read(bytes(signed), media_type)
+    assert verdict is not None and verdict.validation_state == "Invalid", verdict
+    assert any("mismatch" in p for p in verdict.problems), verdict.problems
+
+
+def test_servers_starting_together_make_one_ca(tmp_path: Path) -> None:
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        made = list(pool.map(lambda _: load_credentials(None, None, None, tmp_path), range(12)))
+    assert len({c.anchors for c in made}) == 1 and len({c.chain for c in made}) == 1
+    assert sorted(p.name for p in (tmp_path / "c2pa").iterdir()) == ["ca.key", "ca.pem", "signer.key", "signer.pem"]
+    assert [p.name for p in tmp_path.iterdir()] == ["c2pa"]  # no half-made directory left behind
+
+
+def test_an_operators_certificate_needs_its_key(tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("x")
+    with pytest.raises(ValueError, match="both"):
+        load_credentials(tmp_path / "cert.pem", None, None, tmp_path)

@@ -1,0 +1,119 @@
+"""C2PA content credentials on served images and audio, read with c2pa-python's own Reader, and
+``/v1/provenance/verify`` on files: trusted as served, invalid when altered, none once re-encoded."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import c2pa
+import httpx
+import pytest
+from PIL import Image
+
+from tests.conftest import Server, ServerSets
+from tests.e2e.test_errors import assert_openai_error
+
+SERVER_SET = "image"
+UPSTREAM_SETS = ("audio",)
+TRAINED = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+
+
+def manifest(data: bytes, media_type: str) -> tuple[str, dict]:
+    """The validation state and the c2pa.created action, as a reader given no trust anchor sees them."""
+    with c2pa.Reader(media_type, io.BytesIO(data)) as reader:
+        store = json.loads(reader.json())
+    active = store["manifests"][store["active_manifest"]]
+    return store["validation_state"], active["assertions"][0]["data"]["actions"][0]
+
+
+def verify_file(server: Server, data: bytes, name: str = "f") -> httpx.Response:
+    with server.client() as c:
+        return c.post("/v1/provenance/verify", files={"file": (name, data)})
+
+
+@pytest.fixture(scope="module")
+def gan_png(server: Server) -> tuple[bytes, dict]:
+    with server.client() as c:
+        r = c.post("/v1/images/generations", json={"model": "genserve-gan", "prompt": "7", "seed": 3, "size": "32x32"})
+    assert r.status_code == 200, r.text
+    return base64.b64decode(r.json()["data"][0]["b64_json"]), r.json()["provenance"]
+
+
+def test_a_served_png_carries_credentials_naming_its_model(gan_png: tuple[bytes, dict]) -> None:
+    png, provenance = gan_png
+    state, action = manifest(png, "image/png")
+    assert state == "Valid"  # intact; this reader was not given the server's CA
+    assert action["action"] == "c2pa.created" and action["digitalSourceType"] == TRAINED
+    assert action["parameters"]["model"] == "genserve-gan" and action["softwareAgent"]["name"] == "genserve"
+    assert provenance["c2pa"] is True and provenance["watermarked"] is False and provenance["model"] == "genserve-gan"
+    assert "no image watermark" in provenance["reason"]
+
+
+def test_verify_trusts_what_it_served_and_finds_alteration_and_stripping(server: Server, gan_png) -> None:
+    png, _ = gan_png
+    v = verify_file(server, png).json()
+    assert v["media_type"] == "image/png" and v["watermark"] is None
+    assert v["c2pa"]["validation_state"] == "Trusted" and v["c2pa"]["model"] == "genserve-gan"
+    assert v["c2pa"]["digital_source_type"] == TRAINED and v["c2pa"]["issuer"] == "genserve operator"
+    altered = bytearray(png)
+    altered[png.rindex(b"IDAT") + 20] ^= 1
+    bad = verify_file(server, bytes(altered)).json()["c2pa"]
+    assert bad["validation_state"] == "Invalid" and any("mismatch" in p for p in bad["problems"]), bad
+    jpeg = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert("RGB").save(jpeg, "JPEG", quality=90)
+    stripped = verify_file(server, jpeg.getvalue(), "re-encoded.jpg").json()
+    assert stripped["media_type"] == "image/jpeg" and stripped["c2pa"] is None
+
+
+def test_url_images_and_interpolation_gifs_are_signed_too(server: Server) -> None:
+    with server.client() as c:
+        url = c.post("/v1/images/generations", json={"model": "genserve-vae", "prompt": "3", "seed": 1,
+                                                     "response_format": "url"}).json()["data"][0]["url"]
+        stored = httpx.get(url, timeout=30).content
+        gif = c.post("/v1/images/interpolations", json={"model": "genserve-gan", "seed_start": 1, "seed_end": 2,
+                                                        "frames": 3, "format": "gif"}).json()["data"][0]["b64_json"]
+    assert manifest(stored, "image/png")[1]["parameters"]["model"] == "genserve-vae"
+    assert manifest(base64.b64decode(gif), "image/gif")[1]["parameters"]["model"] == "genserve-gan"
+
+
+@pytest.mark.parametrize(("path", "body", "media_type", "signed"), [
+    ("/v1/audio/music", {"model": "genserve-music", "seconds": 2, "seed": 1, "response_format": "wav"}, "audio/wav",
+     True),
+    ("/v1/audio/music", {"model": "genserve-music", "seconds": 2, "seed": 1, "response_format": "flac"}, "audio/flac",
+     True),
+    ("/v1/audio/speech", {"model": "genserve-speech", "input": "Made by a model.", "voice": "alloy",
+                          "response_format": "flac"}, "audio/flac", True),  # FLAC comes whole: signed
+    ("/v1/audio/speech", {"model": "genserve-speech", "input": "Made by a model.", "voice": "alloy",
+                          "response_format": "mp3"}, "audio/mpeg", False),  # streamed as spoken: not
+], ids=["music-wav", "music-flac", "speech-flac", "speech-mp3"])
+def test_audio_made_whole_is_signed_and_its_headers_say_so(sets: ServerSets, path: str, body: dict, media_type: str,
+                                                           signed: bool) -> None:
+    audio = sets.get("audio")
+    with audio.client() as c:
+        r = c.post(path, json=body)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-genserve-c2pa"] == str(signed).lower() and r.headers["x-genserve-model"] == body["model"]
+    assert r.headers["x-genserve-ai-generated"] == "true" and r.headers["x-genserve-watermarked"] == "false"
+    v = verify_file(audio, r.content).json()
+    assert v["media_type"] == media_type
+    if signed:
+        assert manifest(r.content, media_type)[1]["parameters"]["model"] == body["model"]
+        assert v["c2pa"]["validation_state"] == "Trusted"
+    else:
+        assert v["c2pa"] is None
+
+
+@pytest.fixture(scope="module")
+def sets(server_sets: ServerSets) -> ServerSets:
+    return server_sets
+
+
+@pytest.mark.parametrize(("files", "param"), [
+    ({"file": ("notes.txt", b"just some text, not media")}, "file"),
+    ({"other": ("x.png", b"\x89PNG\r\n\x1a\n")}, "file"),
+])
+def test_files_it_cannot_check_are_400s(server: Server, files: dict, param: str) -> None:
+    with server.client() as c:
+        assert_openai_error(c.post("/v1/provenance/verify", files=files), 400, param)
