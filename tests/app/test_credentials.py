@@ -85,3 +85,14 @@ def test_an_operators_certificate_needs_its_key(tmp_path: Path) -> None:
     (tmp_path / "cert.pem").write_text("x")
     with pytest.raises(ValueError, match="both"):
         load_credentials(tmp_path / "cert.pem", None, None, tmp_path)
+
+
+def test_a_certificate_and_key_that_cannot_sign_stop_the_start(tmp_path: Path) -> None:
+    a, b = load_credentials(None, None, None, tmp_path / "a"), load_credentials(None, None, None, tmp_path / "b")
+    (tmp_path / "cert.pem").write_bytes(a.chain)
+    (tmp_path / "key.pem").write_bytes(b.key)  # another certificate's key
+    operator = load_credentials(tmp_path / "cert.pem", tmp_path / "key.pem", None, tmp_path)
+    with pytest.raises(ValueError, match="cannot sign"):
+        ContentCredentials(operator)
+    (tmp_path / "key.pem").write_bytes(a.key)
+    assert ContentCredentials(load_credentials(tmp_path / "cert.pem", tmp_path / "key.pem", None, tmp_path))

@@ -89,6 +89,8 @@ class ModelEntry(BaseModel):
                                                    "take SDPA either way)")
     watermark: bool = Field(True, description="text models of a local engine: watermark sampled outputs "
                             "(docs/provenance.md); other models carry no watermark yet")
+    c2pa: bool = Field(True, description="images and audio of a local model: sign C2PA content credentials into "
+                       "each file made whole (docs/provenance.md)")
     request_timeout_s: float | None = Field(None, gt=0, description="deadline (default: the setting)")
     limits: Limits = Field(default_factory=Limits)
     moderation: PolicyPatch | None = Field(None, description="this model's moderation policy, merged with the "

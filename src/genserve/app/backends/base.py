@@ -265,6 +265,11 @@ class TextBackend(ServedModel, Protocol):
         where the backend has no tokenizer (an upstream)."""
         ...
 
+    async def token_ids(self, text: str) -> tuple[list[int], int] | None:
+        """``text`` as the model's token ids, with the width of its logits (what the text watermark is
+        keyed on); None where the backend has no tokenizer here (an upstream) or has not loaded it yet."""
+        ...
+
 
 class EmbeddingBackend(ServedModel, Protocol):
     async def embed(self, inputs: list[str] | list[list[int]], dimensions: int | None) -> EmbeddingResult: ...

@@ -116,13 +116,15 @@ class LocalTextBackend(Backend):
         return ModelFacts(context_length=self.tm.context if self.tm else None)
 
     # request side (event loop) ----------------------------------------------------------------
-    async def token_ids(self, text: str) -> list[int]:
-        """``text`` as this model's tokens, without special tokens (on the tokenizer's own thread)."""
+    async def token_ids(self, text: str) -> tuple[list[int], int] | None:
+        """``text`` as this model's tokens (no special ones, on the tokenizer's own thread) and its logits' width."""
         tm = self.tm
-        assert tm is not None
+        if tm is None:
+            return None
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._tokenizer_pool, lambda: list(tm.tokenizer(text, add_special_tokens=False)["input_ids"]))
+        ids = await loop.run_in_executor(self._tokenizer_pool,
+                                         lambda: list(tm.tokenizer(text, add_special_tokens=False)["input_ids"]))
+        return ids, tm.logits_width
 
     def tokenize(self, request: TextParams) -> list[int]:
         tm = self.tm

@@ -235,6 +235,9 @@ class RemoteTextBackend(RemoteBackend):
     def decode(self, ids: list[int]) -> str | None:
         return None  # the upstream's tokenizer is not here
 
+    async def token_ids(self, text: str) -> tuple[list[int], int] | None:
+        return None
+
     async def generate(self, request: TextParams) -> AsyncGenerator[TextEvent, None]:
         p = request.params
         body = {"model": self.upstream_model, **upstream_body(p), "stream": True,

@@ -38,6 +38,10 @@ EXTENSIONS = {"image/png": "png", "image/gif": "gif", "image/jpeg": "jpg", "imag
               "audio/wav": "wav", "audio/flac": "flac", "audio/mpeg": "mp3"}
 
 
+_ONE_PIXEL_PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010800000000"
+                               "3a7e9b550000000a49444154789c63600000000200015c0d0a2d0000000049454e44ae426082")
+
+
 @dataclass(frozen=True)
 class Credentials:
     chain: bytes  # PEM: the signing certificate, then the ones that issued it
@@ -142,6 +146,10 @@ class ContentCredentials:
         if credentials.anchors:
             trust["trust"] = {"trust_anchors": credentials.anchors.decode()}
         self._read_context = c2pa.Context(c2pa.Settings.from_dict(trust))
+        try:  # a certificate or key that cannot sign stops the start, rather than every image request
+            self.sign(_ONE_PIXEL_PNG, "image/png", "start-up check")
+        except c2pa.C2paError as err:
+            raise ValueError(f"the C2PA signing certificate and key cannot sign: {err}") from None
 
     def sign(self, data: bytes, media_type: str, model: str) -> bytes:
         """``data`` with a manifest saying ``model`` made it now; ``media_type`` must be in ``SIGNABLE``."""

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 from genserve import __version__
-from genserve.app.backends.local_text import LocalTextBackend
+from genserve.app.backends.base import TextBackend
 from genserve.app.backends.manager import ModelManager
 from genserve.app.errors import InvalidRequestError, PayloadTooLargeError, UnavailableError
 from genserve.app.provenance.credentials import SIGNABLE, ContentCredentials, load_credentials
@@ -67,7 +68,7 @@ class ProvenanceService:
         """Whether ``entry``'s files of ``media_type`` get content credentials: what a local model made
         whole (a remote model's bytes pass through as its server made them; a manifest covers a whole
         file, so audio sent as it is made carries none)."""
-        return entry.backend == "local" and media_type in SIGNABLE and not streamed
+        return entry.backend == "local" and entry.c2pa and media_type in SIGNABLE and not streamed
 
     def mark_file(self, entry: ModelEntry, data: bytes, media_type: str) -> bytes:
         """``data`` signed when ``signs`` says so (blocking: call it off the event loop)."""
@@ -79,6 +80,8 @@ class ProvenanceService:
         reasons = [f"genserve has no {kind} watermark yet"]
         if entry.backend != "local":
             reasons.append("a remote model's files pass through as its server made them")
+        elif not entry.c2pa:
+            reasons.append("C2PA content credentials are off for this model")
         elif streamed:
             reasons.append("streamed audio carries no C2PA content credentials: they cover a whole file "
                            "(response_format flac comes whole and signed)")
@@ -112,9 +115,11 @@ class ProvenanceService:
                                        "checked at once (a verdict needs a few hundred words).", param="text")
         checked: list[tuple[str, Detection]] = []
         for b in self._marked_text_models(body.model):
-            assert b.tm is not None
-            ids, mark = await b.token_ids(body.text), self.watermark(b.entry.id)
-            checked.append((b.entry.id, await asyncio.to_thread(detect, ids, mark, b.tm.logits_width)))
+            if (got := await b.token_ids(body.text)) is not None:
+                ids, width = got
+                checked.append((b.entry.id, await asyncio.to_thread(detect, ids, self.watermark(b.entry.id), width)))
+        if not checked:
+            raise UnavailableError("The watermarked text models are still loading; try again shortly.")
         best_id, best = max(checked, key=lambda c: c[1].z_score)
         mark = self.watermark(best_id)
         return VerifyResponse(media_type="text/plain", watermark=WatermarkVerdict(
@@ -122,12 +127,12 @@ class ProvenanceService:
             p_value=best.p_value, threshold=mark.z_threshold, tokens_scored=best.tokens_scored,
             green_fraction=best.green_fraction, models_checked=[mid for mid, _ in checked]))
 
-    def _marked_text_models(self, model: str | None) -> list[LocalTextBackend]:
+    def _marked_text_models(self, model: str | None) -> list[TextBackend]:
         """The watermarked text models a request may check against: ``model`` alone, or every one its key
         may use."""
         key = current_key()
-        marked = {mid: b for mid, b in self.manager.backends.items()
-                  if isinstance(b, LocalTextBackend) and b.entry.modality == "text" and b.entry.watermark
+        marked = {mid: cast(TextBackend, b) for mid, b in self.manager.backends.items()
+                  if b.entry.modality == "text" and b.entry.backend == "local" and b.entry.watermark
                   and (key is None or key.allows(b.entry))}
         if model is not None:
             if (known := self.manager.backends.get(model)) is not None:
@@ -138,11 +143,7 @@ class ProvenanceService:
             marked = {model: marked[model]}
         if not marked:
             raise InvalidRequestError("This server runs no watermarked text model to check against.", param="text")
-        loaded = [b for b in marked.values() if b.tm is not None]
-        if not loaded:
-            raise UnavailableError("The watermarked text models are still loading; try again shortly.")
-        return loaded
-
+        return list(marked.values())
 
 def _unmarked_because(entry: ModelEntry, params: SamplingParams) -> str | None:
     if entry.backend != "local":
