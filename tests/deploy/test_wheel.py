@@ -105,7 +105,8 @@ def test_python_m_genserve_serves_from_the_wheel(clean_venv: Path, tmp_path: Pat
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen([str(clean_venv / "bin" / "python"), "-m", "genserve", "serve", "--port", str(port),
                              "--config", str(config)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                            env={"GENSERVE_API_KEYS": API_KEY, "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+                            env={"GENSERVE_API_KEYS": API_KEY, "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                                 "GENSERVE_STATE_DIR": str(tmp_path / "state")})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
