@@ -4,16 +4,19 @@ every format genserve signs, a flipped byte, trust given the CA, and the private
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import http.server
 import io
 import json
+import threading
 from pathlib import Path
 
 import c2pa
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
-from genserve.app.provenance.credentials import TRAINED, ContentCredentials, load_credentials
+from genserve.app.provenance.credentials import TRAINED, ContentCredentials, UnreadableFile, load_credentials
 from genserve.app.provenance.service import sniff
 from genserve.app.serving.media import encode
 
@@ -65,8 +68,14 @@ def test_one_flipped_byte_of_the_content_makes_the_credentials_invalid(credentia
                                                                        media_type: str) -> None:
     original = FILES[media_type]()
     signed = bytearray(credentials.sign(original, media_type, "m"))
-    # a byte of the content, well away from the manifest: the end of the pixel or sample data
-    at = len(signed) - 64 if media_type != "image/png" else bytes(signed).rindex(b"IDAT") + 40
+    # a byte of the pixels or samples themselves, never of the manifest (which c2pa puts at the end of a WAV)
+    if media_type == "image/png":
+        at = bytes(signed).rindex(b"IDAT") + 40
+    elif media_type == "audio/wav":
+        at = bytes(signed).index(b"data") + 400
+    else:  # JPEG: the manifest is in APP11 segments at the start; the end is scan data
+        at = len(signed) - 64
+    assert signed[at:at + 4] in original
     signed[at] ^= 0x01
     verdict = credentials.read(bytes(signed), media_type)
     assert verdict is not None and verdict.validation_state == "Invalid", verdict
@@ -96,3 +105,37 @@ def test_a_certificate_and_key_that_cannot_sign_stop_the_start(tmp_path: Path) -
         ContentCredentials(operator)
     (tmp_path / "key.pem").write_bytes(a.key)
     assert ContentCredentials(load_credentials(tmp_path / "cert.pem", tmp_path / "key.pem", None, tmp_path))
+
+
+def test_a_file_that_points_at_a_remote_manifest_is_not_fetched(credentials: ContentCredentials) -> None:
+    """A file's XMP may name a remote manifest's URL; reading it must not make the server fetch it (SSRF)."""
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+               '<rdf:Description rdf:about="" xmlns:dcterms="http://purl.org/dc/terms/" dcterms:provenance='
+               f'"http://127.0.0.1:{httpd.server_address[1]}/manifest.c2pa"/></rdf:RDF></x:xmpmeta>')
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", xmp)
+        out = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(out, "PNG", pnginfo=info)
+        with contextlib.suppress(UnreadableFile):
+            credentials.read(out.getvalue(), "image/png")
+        httpd.shutdown()
+    assert hits == []
+
+
+def test_a_broken_file_is_unreadable_not_a_server_error(credentials: ContentCredentials) -> None:
+    broken = image("PNG")[:40]  # the signature and half a header
+    with pytest.raises(UnreadableFile):
+        credentials.read(broken, "image/png")

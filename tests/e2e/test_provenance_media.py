@@ -113,6 +113,7 @@ def sets(server_sets: ServerSets) -> ServerSets:
 @pytest.mark.parametrize(("files", "param"), [
     ({"file": ("notes.txt", b"just some text, not media")}, "file"),
     ({"other": ("x.png", b"\x89PNG\r\n\x1a\n")}, "file"),
+    ({"file": ("broken.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00")}, "file"),  # a PNG's start, then nothing
 ])
 def test_files_it_cannot_check_are_400s(server: Server, files: dict, param: str) -> None:
     with server.client() as c:

@@ -98,6 +98,11 @@ class ModelEntry(BaseModel):
     # Filled by the loader: the path the source resolved to, or None for a hub id / remote.
     resolved_source: Path | None = Field(None, exclude=True)
 
+    @property
+    def can_watermark(self) -> bool:
+        """Whether genserve can watermark this model's output: text sampled by its own engine."""
+        return self.modality == "text" and self.backend == "local"
+
     def timeout_s(self, default: float) -> float:
         """This model's request deadline, or the process-wide ``default``."""
         return self.request_timeout_s or default
@@ -118,8 +123,7 @@ class ModelEntry(BaseModel):
             raise ValueError(f"a local model needs '{missing}'")
         if self.backend == "remote" and not self.url:
             raise ValueError("a remote model needs 'url'")
-        if "watermark" in self.model_fields_set and self.watermark and not (
-                self.modality == "text" and self.backend == "local"):
+        if "watermark" in self.model_fields_set and self.watermark and not self.can_watermark:
             raise ValueError("'watermark: true' applies to local text models only: a remote model's output "
                              "cannot be watermarked by genserve, and other modalities have no watermark yet")
         if not self.tasks:

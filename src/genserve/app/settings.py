@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     moderation: Policy = Field(default_factory=Policy, description="the global moderation policy (JSON), "
                                "e.g. GENSERVE_MODERATION='{\"action\": \"flag\"}'; models tighten it")
     state_dir: Path = Field(default_factory=default_state_dir, description="where genserve keeps what it "
-                            "makes for itself: the watermark key when none is given")
+                            "makes for itself: the watermark key and the C2PA private CA when none are given")
     watermark_key: SecretStr | None = Field(None, description="the secret that keys the watermarks (default: "
                                             "one made on first start in state_dir); give every replica the same")
     c2pa_cert: Path | None = Field(None, description="PEM chain (signing certificate first) that signs the C2PA "

@@ -33,9 +33,13 @@ log = logging.getLogger(__name__)
 TRAINED = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 # What genserve makes whole and so can sign, by media type. Streamed speech (mp3, wav, opus, aac, pcm
 # sent as it is spoken) is not here: a manifest covers a whole file (docs/provenance.md).
-SIGNABLE = {"image/png", "image/gif", "image/jpeg", "image/webp", "audio/wav", "audio/flac", "audio/mpeg"}
 EXTENSIONS = {"image/png": "png", "image/gif": "gif", "image/jpeg": "jpg", "image/webp": "webp",
               "audio/wav": "wav", "audio/flac": "flac", "audio/mpeg": "mp3"}
+SIGNABLE = frozenset(EXTENSIONS)
+
+
+class UnreadableFile(ValueError):
+    """c2pa could not parse the file as its type (broken, or not what its first bytes say)."""
 
 
 _ONE_PIXEL_PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010800000000"
@@ -142,9 +146,12 @@ class ContentCredentials:
 
         self._c2pa = c2pa
         self._credentials = credentials
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # signing
+        self._read_lock = threading.Lock()  # reading: a slow read never holds up signing
         self._sign_context = c2pa.Context(c2pa.Settings.from_dict({"builder": {"thumbnail": {"enabled": False}}}))
-        trust: dict[str, Any] = {"verify": {"verify_trust": True}}
+        # No remote manifests: a file's XMP may point at any URL, and reading it must not make this
+        # server fetch one (SSRF), nor wait on it.
+        trust: dict[str, Any] = {"verify": {"verify_trust": True, "remote_manifest_fetch": False}}
         if credentials.anchors:
             trust["trust"] = {"trust_anchors": credentials.anchors.decode()}
         self._read_context = c2pa.Context(c2pa.Settings.from_dict(trust))
@@ -175,12 +182,12 @@ class ContentCredentials:
         """The file's active manifest and its validation, or None when it carries none."""
         c2pa = self._c2pa
         try:
-            with self._lock, c2pa.Reader(media_type, io.BytesIO(data), context=self._read_context) as reader:
+            with self._read_lock, c2pa.Reader(media_type, io.BytesIO(data), context=self._read_context) as reader:
                 store = json.loads(reader.json())
+        except c2pa.C2paError.ManifestNotFound:
+            return None
         except c2pa.C2paError as err:
-            if "ManifestNotFound" in type(err).__name__ or "no JUMBF" in str(err) or "not found" in str(err).lower():
-                return None
-            raise
+            raise UnreadableFile(str(err)) from None
         active = store.get("manifests", {}).get(store.get("active_manifest") or "", {})
         actions = [a for assertion in active.get("assertions", []) if assertion.get("label", "").startswith(
             "c2pa.actions") for a in assertion.get("data", {}).get("actions", [])]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import cast
 
 from genserve import __version__
 from genserve.app.backends.base import TextBackend
 from genserve.app.backends.manager import ModelManager
 from genserve.app.errors import InvalidRequestError, PayloadTooLargeError, UnavailableError
-from genserve.app.provenance.credentials import SIGNABLE, ContentCredentials, load_credentials
+from genserve.app.provenance.credentials import SIGNABLE, ContentCredentials, UnreadableFile, load_credentials
 from genserve.app.provenance.keys import watermark_secret
 from genserve.app.registry import ModelEntry
 from genserve.app.schemas.provenance import (
@@ -25,7 +26,8 @@ from genserve.models.text.sampling import SamplingParams
 from genserve.models.text.watermark import SCHEME, Detection, Watermark, detect, key_from_secret
 
 GENERATOR = f"genserve/{__version__}"
-MAX_VERIFY_CHARS = 200_000  # about 50k tokens: a long document, scored in well under a second
+MAX_VERIFY_CHARS = 200_000  # about 50k tokens: a long document (at most 4,096 distinct pairs are scored)
+MIN_VERIFY_PAIRS = 50  # distinct token pairs below which a text is not scored
 
 
 class ProvenanceService:
@@ -70,23 +72,30 @@ class ProvenanceService:
         file, so audio sent as it is made carries none)."""
         return entry.backend == "local" and entry.c2pa and media_type in SIGNABLE and not streamed
 
-    def mark_file(self, entry: ModelEntry, data: bytes, media_type: str) -> bytes:
-        """``data`` signed when ``signs`` says so (blocking: call it off the event loop)."""
-        return self.credentials.sign(data, media_type, entry.id) if self.signs(entry, media_type) else data
+    def mark_file(self, entry: ModelEntry, data: bytes | None, encode: Callable[[], bytes],
+                  media_type: str) -> tuple[bytes, bool]:
+        """A file made whole: ``data`` as it came (an upstream's bytes), else ``encode()`` signed when
+        ``signs`` says so; and whether it was signed (blocking: call it off the event loop)."""
+        if data is not None:
+            return data, False
+        if not self.signs(entry, media_type):
+            return encode(), False
+        return self.credentials.sign(encode(), media_type, entry.id), True
 
-    def media(self, entry: ModelEntry, media_type: str, kind: str, streamed: bool = False) -> Provenance:
-        """What an image or audio response of ``entry`` carries."""
-        signed = self.signs(entry, media_type, streamed)
+    def media(self, entry: ModelEntry, media_type: str, kind: str, signed: bool, streamed: bool = False
+              ) -> Provenance:
+        """What an image or audio response of ``entry`` carries: ``signed`` says whether its files were."""
         reasons = [f"genserve has no {kind} watermark yet"]
-        if entry.backend != "local":
-            reasons.append("a remote model's files pass through as its server made them")
-        elif not entry.c2pa:
-            reasons.append("C2PA content credentials are off for this model")
-        elif streamed:
-            reasons.append("streamed audio carries no C2PA content credentials: they cover a whole file "
-                           "(response_format flac comes whole and signed)")
-        elif not signed:
-            reasons.append(f"{media_type} cannot carry C2PA content credentials")
+        if not signed:
+            if entry.backend != "local":
+                reasons.append("a remote model's files pass through as its server made them")
+            elif not entry.c2pa:
+                reasons.append("C2PA content credentials are off for this model")
+            elif streamed:
+                reasons.append("streamed audio carries no C2PA content credentials: they cover a whole file "
+                               "(response_format flac comes whole and signed)")
+            else:
+                reasons.append(f"{media_type} cannot carry C2PA content credentials")
         return Provenance(generator=GENERATOR, model=entry.id, watermarked=False, c2pa=signed,
                           reason="; ".join(reasons))
 
@@ -102,7 +111,10 @@ class ProvenanceService:
         if media_type is None:
             raise InvalidRequestError("The file is not one genserve can check: send PNG, JPEG, WebP, GIF, WAV, "
                                       "FLAC or MP3.", param="file")
-        summary = await asyncio.to_thread(self.credentials.read, data, media_type)
+        try:
+            summary = await asyncio.to_thread(self.credentials.read, data, media_type)
+        except UnreadableFile as err:
+            raise InvalidRequestError(f"The file could not be read as {media_type}: {err}", param="file") from None
         verdict = None if summary is None else C2paVerdict(
             validation_state=summary.validation_state, model=summary.model, generator=summary.generator,
             digital_source_type=summary.digital_source_type, created=summary.created, issuer=summary.issuer,
@@ -121,18 +133,25 @@ class ProvenanceService:
         if not checked:
             raise UnavailableError("The watermarked text models are still loading; try again shortly.")
         best_id, best = max(checked, key=lambda c: c[1].z_score)
+        if best.tokens_scored < MIN_VERIFY_PAIRS:
+            # A verdict on a few tokens is noise, and one on a single pair would tell its colour: whoever
+            # asked pair by pair could map the green lists and strip or forge the mark.
+            raise InvalidRequestError(f"The text is too short to check: {best.tokens_scored} distinct token pairs; "
+                                      f"at least {MIN_VERIFY_PAIRS} are needed.", param="text")
         mark = self.watermark(best_id)
         return VerifyResponse(media_type="text/plain", watermark=WatermarkVerdict(
             detected=best.detected, model=best_id if best.detected else None, scheme=SCHEME, z_score=best.z_score,
-            p_value=best.p_value, threshold=mark.z_threshold, tokens_scored=best.tokens_scored,
-            green_fraction=best.green_fraction, models_checked=[mid for mid, _ in checked]))
+            # the best of several models' keys: the chance that any of them scores this high (Bonferroni)
+            p_value=min(1.0, best.p_value * len(checked)), threshold=mark.z_threshold,
+            tokens_scored=best.tokens_scored, green_fraction=best.green_fraction,
+            models_checked=[mid for mid, _ in checked]))
 
     def _marked_text_models(self, model: str | None) -> list[TextBackend]:
         """The watermarked text models a request may check against: ``model`` alone, or every one its key
         may use."""
         key = current_key()
         marked = {mid: cast(TextBackend, b) for mid, b in self.manager.backends.items()
-                  if b.entry.modality == "text" and b.entry.backend == "local" and b.entry.watermark
+                  if b.entry.can_watermark and b.entry.watermark
                   and (key is None or key.allows(b.entry))}
         if model is not None:
             if (known := self.manager.backends.get(model)) is not None:
@@ -146,7 +165,7 @@ class ProvenanceService:
         return list(marked.values())
 
 def _unmarked_because(entry: ModelEntry, params: SamplingParams) -> str | None:
-    if entry.backend != "local":
+    if not entry.can_watermark:
         return "a remote model's output cannot be watermarked by genserve"
     if not entry.watermark:
         return "the watermark is off for this model"

@@ -64,10 +64,13 @@ class AudioServing:
             rate = backend.describe().sample_rate or OUTPUT_RATE
             first = AudioChunk(samples=np.zeros(0, dtype=np.float32), sample_rate=rate)
         fmt = FORMATS[body.response_format]
-        provenance = self.provenance.media(backend.entry, fmt.media_type, "audio", streamed=fmt.streams)
+        # The headers go first, so the claim is made before the bytes: FLAC comes out whole at the end and
+        # is signed then (``signs``); every other format streams and is not.
+        signed = self.provenance.signs(backend.entry, fmt.media_type, streamed=fmt.streams)
+        provenance = self.provenance.media(backend.entry, fmt.media_type, "audio", signed, streamed=fmt.streams)
         sign = None
-        if provenance.c2pa:
-            sign = lambda data: self.provenance.mark_file(backend.entry, data, fmt.media_type)  # noqa: E731
+        if signed:
+            sign = lambda data: self.provenance.credentials.sign(data, fmt.media_type, backend.entry.id)  # noqa: E731
         stream = self._encode_speech(body, first, chunks, started, limits.max_audio_seconds, sign)
         return StreamingResponse(stream, media_type=fmt.media_type, headers=self.provenance.headers(provenance))
 
@@ -123,11 +126,10 @@ class AudioServing:
         async def run() -> Response:
             piece = self._checked_piece(await deadline.run(backend.compose(params)))
             media_type = MUSIC_MEDIA_TYPES[body.response_format]
-            data = await asyncio.to_thread(lambda: audio_bytes(piece, body.response_format) if piece.encoded is not None
-                                           else self.provenance.mark_file(backend.entry, audio_bytes(
-                                               piece, body.response_format), media_type))
+            data, signed = await asyncio.to_thread(self.provenance.mark_file, backend.entry, piece.encoded,
+                                                   lambda: audio_bytes(piece, body.response_format), media_type)
             self._observe(body.model, body.seconds, time.perf_counter() - started)
-            provenance = self.provenance.media(backend.entry, media_type, "audio")
+            provenance = self.provenance.media(backend.entry, media_type, "audio", signed)
             return Response(data, media_type=media_type,
                             headers={SEED_HEADER: str(seed), **self.provenance.headers(provenance)})
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -149,11 +150,13 @@ class ImageServing:
         entry = self.manager.backends[model].entry
         media = artifacts[0].media_type if artifacts else "image/png"
         # Content credentials on what was made here, as it is encoded; an upstream's bytes pass as they came.
-        encoded = await asyncio.to_thread(lambda: [
-            image_bytes(a) if a.encoded is not None else self.provenance.mark_file(entry, image_bytes(a), a.media_type)
+        marked = await asyncio.to_thread(lambda: [
+            self.provenance.mark_file(entry, a.encoded, functools.partial(image_bytes, a), a.media_type)
             for a in artifacts])
+        encoded = [data for data, _ in marked]
+        signed = bool(marked) and all(s for _, s in marked)
         return ImagesResponse(created=now(), data=self._data(raw, encoded, media, fmt, [a.seed for a in artifacts]),
-                              provenance=self.provenance.media(entry, media, "image"))
+                              provenance=self.provenance.media(entry, media, "image", signed))
 
     async def _checked(self, model: str, raw: Request, events: AsyncGenerator[ImageEvent]
                        ) -> AsyncGenerator[ImageEvent]:

@@ -18,6 +18,7 @@ gateway's CPU.
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,20 +58,22 @@ class GreenLists:
         self.size = int(vocab_size * mark.gamma)
         self.capacity = max(1, max_bytes // max(1, vocab_size))
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
-        self._rng = torch.Generator(device="cpu")
+        self._lock = threading.Lock()  # detections run on worker threads
 
     def mask(self, prev: int) -> torch.Tensor:
         """(V,) bool on the CPU: True where a token is green after ``prev``."""
-        hit = self._cache.get(prev)
-        if hit is not None:
-            self._cache.move_to_end(prev)
-            return hit
-        self._rng.manual_seed((self.mark.key * prev) % (2**64 - 1))
+        with self._lock:
+            hit = self._cache.get(prev)
+            if hit is not None:
+                self._cache.move_to_end(prev)
+                return hit
+        rng = torch.Generator(device="cpu").manual_seed((self.mark.key * prev) % (2**64 - 1))
         green = torch.zeros(self.vocab_size, dtype=torch.bool)
-        green[torch.randperm(self.vocab_size, generator=self._rng)[: self.size]] = True
-        self._cache[prev] = green
-        if len(self._cache) > self.capacity:
-            self._cache.popitem(last=False)
+        green[torch.randperm(self.vocab_size, generator=rng)[: self.size]] = True
+        with self._lock:
+            self._cache[prev] = green
+            if len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
         return green
 
     def bias(self, logits: torch.Tensor, prevs: Sequence[int]) -> torch.Tensor:
@@ -83,7 +86,8 @@ _LISTS: dict[tuple[Watermark, int], GreenLists] = {}
 
 
 def green_lists(mark: Watermark, vocab_size: int) -> GreenLists:
-    """The shared cache of one key and vocabulary (an engine and a detector reuse it)."""
+    """The process's cache of one key and vocabulary (each engine process keeps its own; so does the gateway,
+    for detection)."""
     lists = _LISTS.get((mark, vocab_size))
     if lists is None:
         lists = _LISTS[(mark, vocab_size)] = GreenLists(mark, vocab_size)
@@ -103,16 +107,23 @@ class Detection:
         return self.green_tokens / self.tokens_scored if self.tokens_scored else 0.0
 
 
-def detect(token_ids: Sequence[int], mark: Watermark, vocab_size: int) -> Detection:
+def detect(token_ids: Sequence[int], mark: Watermark, vocab_size: int, max_pairs: int = 4096) -> Detection:
     """Scores a token sequence: how many of its distinct bigrams end on a green token.
+
+    At most ``max_pairs`` distinct pairs are scored, the first ones (far more than a verdict needs:
+    200 tokens give z of 8-9 on marked text), so a long text costs at most that many green lists.
 
     Each distinct (previous, next) pair counts once (transformers' ``ignore_repeated_ngrams``):
     a repeated phrase has the same colour every time, so counting it again would only inflate the
     z-score of any repetitive text, human or not. Out-of-vocabulary ids are skipped.
     """
     lists = green_lists(mark, vocab_size)
-    pairs = {(a, b) for a, b in pairwise(token_ids)
-             if 0 <= a < vocab_size and 0 <= b < vocab_size}
+    pairs: set[tuple[int, int]] = set()
+    for a, b in pairwise(token_ids):
+        if 0 <= a < vocab_size and 0 <= b < vocab_size:
+            pairs.add((a, b))
+            if len(pairs) >= max_pairs:
+                break
     green = sum(bool(lists.mask(a)[b]) for a, b in pairs)
     n, g = len(pairs), mark.gamma
     z = (green - g * n) / math.sqrt(n * g * (1 - g)) if n else 0.0
