@@ -67,6 +67,22 @@ def test_verify_trusts_what_it_served_and_finds_alteration_and_stripping(server:
     assert stripped["media_type"] == "image/jpeg" and stripped["c2pa"] is None
 
 
+@pytest.mark.parametrize(("output_format", "media_type"), [("jpeg", "image/jpeg"), ("webp", "image/webp")])
+def test_served_jpeg_and_webp_carry_credentials_too(server: Server, output_format: str, media_type: str) -> None:
+    with server.client() as c:
+        r = c.post("/v1/images/generations", json={"model": "genserve-gan", "prompt": "7", "seed": 3, "size": "32x32",
+                                                   "output_format": output_format, "output_compression": 80})
+    assert r.status_code == 200, r.text
+    data = base64.b64decode(r.json()["data"][0]["b64_json"])
+    assert Image.open(io.BytesIO(data)).format == output_format.upper() and r.json()["provenance"]["c2pa"]
+    state, action = manifest(data, media_type)
+    assert state == "Valid" and action["parameters"]["model"] == "genserve-gan"
+    assert verify_file(server, data).json()["c2pa"]["validation_state"] == "Trusted"
+    with server.client() as c:
+        bad = c.post("/v1/images/generations", json={"model": "genserve-gan", "prompt": "7", "output_compression": 80})
+    assert_openai_error(bad, 400, "output_compression")  # PNG has no quality
+
+
 def test_url_images_and_interpolation_gifs_are_signed_too(server: Server) -> None:
     with server.client() as c:
         url = c.post("/v1/images/generations", json={"model": "genserve-vae", "prompt": "3", "seed": 1,
@@ -83,11 +99,13 @@ def test_url_images_and_interpolation_gifs_are_signed_too(server: Server) -> Non
      True),
     ("/v1/audio/music", {"model": "genserve-music", "seconds": 2, "seed": 1, "response_format": "flac"}, "audio/flac",
      True),
+    ("/v1/audio/music", {"model": "genserve-music", "seconds": 2, "seed": 1, "response_format": "mp3"}, "audio/mpeg",
+     True),
     ("/v1/audio/speech", {"model": "genserve-speech", "input": "Made by a model.", "voice": "alloy",
                           "response_format": "flac"}, "audio/flac", True),  # FLAC comes whole: signed
     ("/v1/audio/speech", {"model": "genserve-speech", "input": "Made by a model.", "voice": "alloy",
                           "response_format": "mp3"}, "audio/mpeg", False),  # streamed as spoken: not
-], ids=["music-wav", "music-flac", "speech-flac", "speech-mp3"])
+], ids=["music-wav", "music-flac", "music-mp3", "speech-flac", "speech-mp3"])
 def test_audio_made_whole_is_signed_and_its_headers_say_so(sets: ServerSets, path: str, body: dict, media_type: str,
                                                            signed: bool) -> None:
     audio = sets.get("audio")

@@ -52,6 +52,6 @@ class MusicRequest(OpenAIBaseModel):
     key: str = Field("C major", description="tonic A–G with an optional # or b, then major or minor: "
                      "'D major', 'F# minor', 'Bb major'")
     temperature: float = PositiveTemperature
-    seed: Seed | None = Field(None, description="the same seed and fields give the same bytes; "
-                              "without one a seed is drawn and returned in the x-genserve-seed header")
-    response_format: Literal["wav", "flac", "mid"] = "wav"
+    seed: Seed | None = Field(None, description="the same seed and fields give the same audio (and MIDI "
+                              "bytes); without one a seed is drawn and returned in the x-genserve-seed header")
+    response_format: Literal["wav", "flac", "mp3", "mid"] = "wav"

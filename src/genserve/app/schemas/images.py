@@ -19,13 +19,14 @@ INTERPOLATION_EXAMPLE: JsonDict = {"model": "genserve-gan", "seed_start": 1, "se
 Scheduler = Literal["ddpm", "ddim", "dpm++", "euler", "euler_a"]
 IMAGE_TO_IMAGE_STRENGTH = 0.75  # an edit without a mask redoes this much of the image unless told otherwise
 ResponseFormat = Literal["b64_json", "url"]
+OutputFormat = Literal["png", "jpeg", "webp"]
 
 
 class DiffusionKnobs(BaseModel):
     """The fields that a diffusion model reads and other image models refuse (400) when set."""
 
     seed: Seed | None = Field(None, description="image k of the request uses seed + k: the same "
-                              "seed and fields give the same bytes, alone or batched; drawn at random if unset")
+                              "seed and fields give the same pixels, alone or batched; drawn at random if unset")
     num_inference_steps: int | None = Field(None, ge=1, description="denoising steps (default: the model's)")
     guidance_scale: float | None = Field(None, ge=0, le=50, description="classifier-free guidance; 1 turns it off")
     scheduler: Scheduler | None = Field(None, description="sampler: ddpm, ddim, dpm++ (DPM-Solver++), euler, "
@@ -33,7 +34,16 @@ class DiffusionKnobs(BaseModel):
     negative_prompt: str | None = Field(None, max_length=4000)
 
 
-class ImageGenerationRequest(OpenAIBaseModel, DiffusionKnobs):
+class OutputFields(BaseModel):
+    """The encoding of the images a generation or an edit returns."""
+
+    output_format: OutputFormat = Field("png", description="the images' format (OpenAI's gpt-image field); "
+                                        "this server's own models only")
+    output_compression: int | None = Field(None, ge=0, le=100, description="jpeg and webp: quality from 0 to "
+                                           "100 (default 100)")
+
+
+class ImageGenerationRequest(OpenAIBaseModel, DiffusionKnobs, OutputFields):
     model_config = ConfigDict(json_schema_extra={"examples": [GENERATION_EXAMPLE]})
 
     model: str
@@ -42,8 +52,8 @@ class ImageGenerationRequest(OpenAIBaseModel, DiffusionKnobs):
     n: int = Field(1, ge=1, description="images (at most the model's limits.max_n)")
     size: str | None = Field(None, pattern=r"^(auto|\d{1,5}x\d{1,5})$", description="WIDTHxHEIGHT, one the model "
                              "supports (a 400 lists them); default: the model's own")
-    response_format: ResponseFormat = Field("b64_json", description="b64_json: PNG bytes in base64; url: a "
-                                            "link to the PNG on this server, valid for image_url_ttl_s")
+    response_format: ResponseFormat = Field("b64_json", description="b64_json: the image's bytes in base64; "
+                                            "url: a link to it on this server, valid for image_url_ttl_s")
     quality: str | None = Field(None, description="accepted for compatibility; does not change the output")
     style: str | None = Field(None, description="accepted for compatibility; does not change the output")
     user: str | None = None
@@ -51,7 +61,7 @@ class ImageGenerationRequest(OpenAIBaseModel, DiffusionKnobs):
                          "the images")
 
 
-class ImageEditForm(DiffusionKnobs):
+class ImageEditForm(DiffusionKnobs, OutputFields):
     """OpenAI's multipart form (``image``, ``mask`` come as files beside these fields). Form values
     arrive as text, so numbers are parsed here, not taken strictly."""
 

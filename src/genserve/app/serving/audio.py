@@ -33,7 +33,7 @@ from genserve.models.params import MusicParams, SpeechParams
 
 log = logging.getLogger(__name__)
 SEED_HEADER = "x-genserve-seed"
-MUSIC_MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "mid": "audio/midi"}
+MUSIC_MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg", "mid": "audio/midi"}
 
 
 class AudioServing:

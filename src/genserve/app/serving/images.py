@@ -40,6 +40,7 @@ from genserve.app.schemas.images import (
     ImageGenerationRequest,
     ImageInterpolationRequest,
     ImagesResponse,
+    OutputFields,
 )
 from genserve.app.serving.common import Deadline, event_stream, now, seed_or_random, unless_disconnected
 from genserve.app.serving.media import artifact_pixels, image_bytes
@@ -114,6 +115,14 @@ class ImageServing:
                                       f"{backend.entry.limits.max_image_pixels} pixels.", param="size")
         return w, h
 
+    @staticmethod
+    def _check_output(backend: ImageBackend, output: OutputFields) -> None:
+        if output.output_format != "png" and backend.entry.backend == "remote":
+            raise InvalidRequestError(f"output_format applies to this server's own models; '{backend.entry.id}' "
+                                      "returns its upstream's images as they come.", param="output_format")
+        if output.output_compression is not None and output.output_format == "png":
+            raise InvalidRequestError("output_compression applies to jpeg and webp.", param="output_compression")
+
     def _jobs(self, backend: ImageBackend, facts: ModelFacts, body: DiffusionKnobs, prompt: str, n: int,
               size: str | None) -> list[ImageJob]:
         limits = backend.entry.limits
@@ -143,15 +152,21 @@ class ImageServing:
         return [ImageData(url=f"{base}{FILES_PATH}/{self.store.put(b, media_type)}", seed=s)
                 for b, s in zip(images, seeds, strict=True)]
 
-    async def _respond(self, raw: Request, model: str, artifacts: list[ImageArtifact], fmt: str) -> ImagesResponse:
+    async def _respond(self, raw: Request, model: str, artifacts: list[ImageArtifact], fmt: str,
+                       output: OutputFields | None = None) -> ImagesResponse:
         made = sum(1 if a.frames is None else len(a.frames) for a in artifacts)
         self.metrics.images.labels(model).inc(made)
         note_usage("image", made)
         entry = self.manager.backends[model].entry
+        quality = None
+        if output is not None and output.output_format != "png":  # pixels made here, in the format asked for
+            quality = output.output_compression
+            artifacts = [dataclasses.replace(a, media_type=f"image/{output.output_format}")
+                         if a.encoded is None and a.frames is None else a for a in artifacts]
         media = artifacts[0].media_type if artifacts else "image/png"
         # Content credentials on what was made here, as it is encoded; an upstream's bytes pass as they came.
         marked = await asyncio.to_thread(lambda: [
-            self.provenance.mark_file(entry, a.encoded, functools.partial(image_bytes, a), a.media_type)
+            self.provenance.mark_file(entry, a.encoded, functools.partial(image_bytes, a, quality), a.media_type)
             for a in artifacts])
         encoded = [data for data, _ in marked]
         signed = bool(marked) and all(s for _, s in marked)
@@ -193,6 +208,7 @@ class ImageServing:
         backend = await self.manager.acquire(body.model, "generation", ImageBackend)
         facts = backend.describe()
         jobs = self._jobs(backend, facts, body, body.prompt, body.n, body.size)
+        self._check_output(backend, body)
         await self.moderation.check_input(body.model, [("prompt", body.prompt)], raw)
         if body.stream and facts.image_kind == "latent":
             raise InvalidRequestError("stream applies to diffusion models.", param="stream")
@@ -210,7 +226,7 @@ class ImageServing:
 
         async def run() -> ImagesResponse:
             artifacts = await self._artifacts(backend, raw, backend.generate(params))
-            return await self._respond(raw, body.model, artifacts, body.response_format)
+            return await self._respond(raw, body.model, artifacts, body.response_format, body)
 
         return await unless_disconnected(raw, run())
 
@@ -225,7 +241,7 @@ class ImageServing:
                                       "total_steps": event.total})
                 else:
                     artifacts.append(event)
-            result = await self._respond(raw, body.model, artifacts, body.response_format)
+            result = await self._respond(raw, body.model, artifacts, body.response_format, body)
             yield json.dumps({"type": "image_generation.completed", "created": result.created,
                               "data": [d.model_dump(exclude_none=True) for d in result.data],
                               "provenance": result.provenance.model_dump() if result.provenance else None})
@@ -246,6 +262,7 @@ class ImageServing:
             raise InvalidRequestError(f"The model '{form.model}' has no image-to-image or inpainting pipeline.",
                                       param="model", code="model_not_supported")
         jobs = self._jobs(backend, facts, form, form.prompt, form.n, form.size)
+        self._check_output(backend, form)
         await self.moderation.check_input(form.model, [("prompt", form.prompt)], raw)
         limits = backend.entry.limits
         picture, upload = await self._read_upload(image, "image", limits.max_upload_bytes, limits.max_upload_pixels)
@@ -290,7 +307,7 @@ class ImageServing:
             artifacts = await self._artifacts(backend, raw, backend.generate(params))
             if hole is not None and all(out):
                 artifacts = await asyncio.to_thread(_keep_unmasked, artifacts, picture, alpha_from, out)
-            return await self._respond(raw, form.model, artifacts, form.response_format)
+            return await self._respond(raw, form.model, artifacts, form.response_format, form)
 
         return await unless_disconnected(raw, run())
 

@@ -192,16 +192,21 @@ def gif(frames: np.ndarray, frame_ms: int = 120) -> bytes:
     return out.getvalue()
 
 
-def image_bytes(artifact: ImageArtifact) -> bytes:
-    """The artifact as the bytes of its ``media_type``: upstream bytes as they came, else PNG of its
-    pixels or GIF of its frames."""
+def image_bytes(artifact: ImageArtifact, quality: int | None = None) -> bytes:
+    """The artifact as the bytes of its ``media_type``: upstream bytes as they came, else a GIF of its
+    frames, or its pixels as PNG, JPEG or WebP (``quality`` 0-100 for the last two, default 100)."""
     if artifact.encoded is not None:
         return artifact.encoded
     if artifact.frames is not None:
         return gif(artifact.frames)
     if artifact.pixels is None:
         raise ValueError("an image artifact without pixels, frames or encoded bytes")
-    return png(artifact.pixels)
+    if artifact.media_type == "image/png":
+        return png(artifact.pixels)
+    out = io.BytesIO()
+    fmt = {"image/jpeg": "JPEG", "image/webp": "WEBP"}[artifact.media_type]
+    Image.fromarray(artifact.pixels).save(out, format=fmt, quality=100 if quality is None else quality)
+    return out.getvalue()
 
 
 def artifact_pixels(artifact: ImageArtifact) -> list[np.ndarray]:
