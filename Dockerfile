@@ -51,7 +51,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
-    HF_HOME=/home/genserve/.cache/huggingface
+    HF_HOME=/home/genserve/.cache/huggingface \
+    GENSERVE_STATE_DIR=/var/lib/genserve
 
 # RDKit's wheel (molecule endpoints) links libXrender and libXext, which the slim image lacks;
 # espeak-ng is genserve-speech's synthesiser; the en_US.UTF-8 locale is what hatesonar's ONNX text
@@ -63,13 +64,16 @@ RUN apt-get update \
     && locale-gen \
     && rm -rf /var/lib/apt/lists/*
 
+# /var/lib/genserve: what the server makes for itself and must keep across restarts (the watermark key
+# and the C2PA private CA when none are given; docs/provenance.md): mount a volume there.
 RUN groupadd --system --gid 10001 genserve \
     && useradd --system --uid 10001 --gid genserve --create-home --home-dir /home/genserve \
-       --shell /usr/sbin/nologin genserve
+       --shell /usr/sbin/nologin genserve \
+    && install -d -o genserve -g genserve -m 0700 /var/lib/genserve
 
 COPY --from=builder /opt/venv /opt/venv
 # Fail the build, not the first request, if a native library is missing.
-RUN python -c "import rdkit.Chem.Draw.rdMolDraw2D, torch, av, hatesonar; hatesonar.Sonar()" \
+RUN python -c "import rdkit.Chem.Draw.rdMolDraw2D, torch, av, c2pa, hatesonar; hatesonar.Sonar()" \
     && espeak-ng --version
 
 USER 10001:10001
