@@ -84,6 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
     logs.setup(settings.log_level, settings.log_format, quiet=True)
     from genserve.app.deps import services_of
     from genserve.app.main import create_app
+    from genserve.app.protocol import bounded_protocol
     from genserve.app.registry import entry_for_source, load_registry, select
     from genserve.app.tenancy import read_keys
 
@@ -118,6 +119,10 @@ def _serve(args: argparse.Namespace) -> int:
                             # X-Forwarded-* only from the proxies the operator names (uvicorn trusts loopback).
                             proxy_headers=bool(settings.trusted_proxies),
                             forwarded_allow_ips=settings.trusted_proxies or None,
+                            # bounded heads (size, count, time) and connections: app/protocol.py
+                            http=bounded_protocol(settings.max_header_bytes, settings.max_headers,
+                                                  settings.header_timeout_s),
+                            limit_concurrency=settings.max_connections,
                             # uvicorn annotates int but hands it to asyncio.timeout, which takes float seconds.
                             timeout_graceful_shutdown=settings.shutdown_grace_s)  # type: ignore[arg-type]
     DrainingServer(config, on_exit=services_of(app).manager.drain_threadsafe).run()

@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, gt=0, description="largest request body accepted (413 above)")
     max_upload_bytes: int = Field(16 << 20, gt=0, description="largest multipart body of an image edit "
                                   "(files and fields; each model's limits cap the files further)")
+    max_header_bytes: int = Field(64 << 10, ge=1024, description="largest request head (request line and "
+                                  "headers; 431 above)")
+    max_headers: int = Field(100, ge=8, description="most headers in one request (431 above)")
+    header_timeout_s: float = Field(10.0, gt=0, description="time a client has to send a request's headers once "
+                                    "it has connected or had its previous response (408 after)")
+    max_connections: int = Field(1000, ge=1, description="open connections and running requests beyond which "
+                                 "new ones get 503")
     image_url_ttl_s: float = Field(3600.0, gt=0, description="how long an image made with response_format=url "
                                    "stays downloadable")
     image_store_bytes: int = Field(256 << 20, gt=0, description="memory for those images; the oldest go first")

@@ -1,0 +1,134 @@
+"""HTTP/1.1 connections with bounds: uvicorn's httptools protocol, plus the limits it lacks.
+
+uvicorn with httptools accepts a header of any size (httptools buffers a header until it ends: eight
+unfinished 64 MB headers held 518 MB) and any number of headers, and a client that sends its request
+head a byte at a time holds the connection for as long as it likes (slowloris: the keep-alive timer
+stops at the first byte). Before a request's head is complete, this protocol counts its bytes and its
+headers and times it:
+
+- more than ``max_header_bytes`` (request line and headers) → 431, connection closed;
+- more than ``max_headers`` headers → 431, connection closed;
+- no complete head ``header_timeout_s`` after the connection opened or the previous response ended
+  → 408, connection closed. A response still being sent (a long stream) is never cut by it.
+
+All of it happens before the app sees the request, so it costs a client without a key nothing and
+the server little. Everything else is uvicorn's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from asyncio import TimerHandle
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def bounded_protocol(max_header_bytes: int, max_headers: int, header_timeout_s: float) -> type[HttpToolsProtocol]:
+    """uvicorn's ``http`` protocol class with these limits (``uvicorn.Config(http=...)``)."""
+
+    class BoundedHttpToolsProtocol(HttpToolsProtocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._waiting_head = True  # between messages, or inside a head not yet complete
+            self._head_bytes = 0  # raw bytes of a head still incomplete: bounds what the parser buffers
+            self._head_count = 0
+            self._head_size = 0  # request line and headers as parsed: exact, where _head_bytes counts raw chunks
+            self._too_large: str | None = None
+            self._ended_here = False
+            self._head_timer: TimerHandle | None = None
+
+        # the head's clock --------------------------------------------------------------------
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(header_timeout_s, self._head_timed_out)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            responding = self.cycle is not None and not self.cycle.response_complete
+            if not self._waiting_head or responding or self.transport.is_closing():
+                return
+            if not self._head_bytes:  # an idle connection: closed as keep-alive closes it, without a reply a
+                self.transport.close()  # client could take for its next request's
+                return
+            self._refuse(408, "request_timeout", f"The request's headers did not arrive within {header_timeout_s:g} s.")
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        # counting ----------------------------------------------------------------------------
+        def data_received(self, data: bytes) -> None:
+            # Counted after parsing: a chunk in which the head completes (and the body begins) is not the
+            # head's, and neither is one in which the previous message ended.
+            self._ended_here = False
+            super().data_received(data)
+            if self._waiting_head and not self._ended_here and not self.transport.is_closing():
+                self._head_bytes += len(data)
+                if self._head_bytes > max_header_bytes:
+                    self._refuse(431, "request_header_fields_too_large",
+                                 f"The request's headers exceed {max_header_bytes} bytes.")
+
+        def on_url(self, url: bytes) -> None:
+            self._head_size += len(url)
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._head_count += 1
+            self._head_size += len(name) + len(value) + 4
+            if self._head_count > max_headers:
+                self._too_large = f"The request has more than {max_headers} headers."
+            elif self._head_size > max_header_bytes:
+                self._too_large = f"The request's headers exceed {max_header_bytes} bytes."
+            if self._too_large is not None:
+                raise _TooLarge  # httptools stops parsing; uvicorn answers its parser errors with send_400_response
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self._waiting_head = False
+            self._disarm()
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._waiting_head, self._ended_here = True, True
+            self._head_bytes = self._head_count = self._head_size = 0
+            super().on_message_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self._waiting_head and not self.transport.is_closing():
+                self._arm()
+
+        # refusing ----------------------------------------------------------------------------
+        def send_400_response(self, msg: str) -> None:
+            if self._too_large is not None:
+                return self._refuse(431, "request_header_fields_too_large", self._too_large)
+            super().send_400_response(msg)
+
+        def _refuse(self, status: int, code: str, message: str) -> None:
+            self._disarm()
+            body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                         "code": code}}).encode()
+            head = [STATUS_LINE[status]]
+            for name, value in self.server_state.default_headers:
+                head += [name, b": ", value, b"\r\n"]
+            head += [b"content-type: application/json\r\n", b"content-length: ", str(len(body)).encode(), b"\r\n",
+                     b"connection: close\r\n\r\n"]
+            self.transport.write(b"".join(head) + body)
+            self.transport.close()
+
+    return BoundedHttpToolsProtocol
