@@ -121,7 +121,7 @@ def _serve(args: argparse.Namespace) -> int:
                             forwarded_allow_ips=settings.trusted_proxies or None,
                             # bounded heads (size, count, time) and connections: app/protocol.py
                             http=bounded_protocol(settings.max_header_bytes, settings.max_headers,
-                                                  settings.header_timeout_s),
+                                                  settings.header_timeout_s, settings.body_timeout_s),
                             limit_concurrency=settings.max_connections,
                             # uvicorn annotates int but hands it to asyncio.timeout, which takes float seconds.
                             timeout_graceful_shutdown=settings.shutdown_grace_s)  # type: ignore[arg-type]

@@ -1,6 +1,7 @@
-"""Bounded request heads and connections (app/protocol.py), probed with raw sockets as a hostile client
-would: a huge header, too many headers, a head sent a byte at a time, idle connections, too many
-connections; and what must not be cut: a keep-alive connection, a stream longer than the timeout."""
+"""Bounded request heads, bodies and connections (app/protocol.py), probed with raw sockets as a hostile
+client would: a huge header, too many headers, a head sent a byte at a time, a body that stops, idle
+connections, too many connections; and what must not be cut: a keep-alive connection, a slow but
+steady upload, a stream longer than the timeout."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     models = "".join(map(builtin_entry, ("genserve-gan", "genserve-diffusion")))
     registry = "include_defaults: false\nmodels:\n" + models
     srv = start_server(tmp_path_factory.mktemp("limits"), "http-limits", registry, {
-        "GENSERVE_HEADER_TIMEOUT_S": str(TIMEOUT_S), "GENSERVE_MAX_CONNECTIONS": str(MAX_CONNECTIONS)})
+        "GENSERVE_HEADER_TIMEOUT_S": str(TIMEOUT_S), "GENSERVE_BODY_TIMEOUT_S": str(TIMEOUT_S),
+        "GENSERVE_MAX_CONNECTIONS": str(MAX_CONNECTIONS)})
     yield srv
     stop_server(srv)
 
@@ -114,3 +116,30 @@ def test_connections_beyond_the_limit_get_503(server: Server) -> None:
             s.close()
     time.sleep(0.2)
     assert httpx.get(f"{server.url}/health/live", timeout=10).status_code == 200
+
+
+def post_head(length: int) -> bytes:
+    return (f"POST /v1/provenance/verify HTTP/1.1\r\nHost: genserve\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n").encode()
+
+
+def test_a_body_that_stops_is_cut_at_the_timeout(server: Server) -> None:
+    s = connect(server)
+    s.sendall(post_head(1000) + b'{"text": "')
+    started = time.monotonic()
+    data = read_all(s)
+    assert TIMEOUT_S - 0.1 <= time.monotonic() - started < TIMEOUT_S + 1.0
+    refused(data, 408, "request_timeout")
+
+
+def test_a_slow_but_steady_body_is_not_cut(server: Server) -> None:
+    body = json.dumps({"text": "word " * 200}).encode()
+    s = connect(server)
+    s.sendall(post_head(len(body)))
+    pieces = [body[i:i + len(body) // 8 + 1] for i in range(0, len(body), len(body) // 8 + 1)]
+    for piece in pieces:  # 3 s in all, longer than the timeout, no pause as long
+        time.sleep(TIMEOUT_S * 0.4)
+        s.sendall(piece)
+    data = read_all(s)
+    assert data.startswith(b"HTTP/1.1 400 "), data[:200]  # the app's answer (this server has no text model)
+    assert b"watermarked text model" in data

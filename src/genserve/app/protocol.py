@@ -9,7 +9,9 @@ headers and times it:
 - more than ``max_header_bytes`` (request line and headers) → 431, connection closed;
 - more than ``max_headers`` headers → 431, connection closed;
 - no complete head ``header_timeout_s`` after the connection opened or the previous response ended
-  → 408, connection closed. A response still being sent (a long stream) is never cut by it.
+  → 408, connection closed. A response still being sent (a long stream) is never cut by it;
+- a request body that pauses longer than ``body_timeout_s`` between two pieces (while the server is
+  reading it) → 408, connection closed: a slow link may take as long as it needs, a stalled one not.
 
 All of it happens before the app sees the request, so it costs a client without a key nothing and
 the server little. Everything else is uvicorn's.
@@ -29,7 +31,8 @@ class _TooLarge(Exception):
     pass
 
 
-def bounded_protocol(max_header_bytes: int, max_headers: int, header_timeout_s: float) -> type[HttpToolsProtocol]:
+def bounded_protocol(max_header_bytes: int, max_headers: int, header_timeout_s: float,
+                     body_timeout_s: float) -> type[HttpToolsProtocol]:
     """uvicorn's ``http`` protocol class with these limits (``uvicorn.Config(http=...)``)."""
 
     class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -42,6 +45,7 @@ def bounded_protocol(max_header_bytes: int, max_headers: int, header_timeout_s: 
             self._too_large: str | None = None
             self._ended_here = False
             self._head_timer: TimerHandle | None = None
+            self._body_timer: TimerHandle | None = None
 
         # the head's clock --------------------------------------------------------------------
         def _arm(self) -> None:
@@ -69,7 +73,44 @@ def bounded_protocol(max_header_bytes: int, max_headers: int, header_timeout_s: 
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            self._disarm_body()
             super().connection_lost(exc)
+
+        # the body's clock: the longest pause between two pieces of a body ---------------------------
+        def _arm_body(self) -> None:
+            self._disarm_body()
+            self._body_timer = self.loop.call_later(body_timeout_s, self._body_timed_out)
+
+        def _disarm_body(self) -> None:
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
+
+        def _body_timed_out(self) -> None:
+            self._body_timer = None
+            cycle = self.cycle
+            if self._waiting_head or cycle is None or self.transport.is_closing():
+                return
+            if self.flow.read_paused or cycle.waiting_for_100_continue:  # waiting on the app, not the client
+                self._arm_body()
+                return
+            if cycle.response_started:  # an early answer (a 401, a 413) went out: nothing more to say
+                self.transport.close()
+                return
+            self._refuse(408, "request_timeout", f"The request's body stopped for {body_timeout_s:g} s.")
+
+        def _expects_body(self) -> bool:
+            for name, value in self.headers:
+                if name == b"content-length":
+                    return value.strip() not in (b"", b"0")
+                if name == b"transfer-encoding":
+                    return True
+            return False
+
+        def on_body(self, body: bytes) -> None:
+            if self._body_timer is not None:
+                self._arm_body()  # a pause is timed, not the whole upload: a slow link may take long
+            super().on_body(body)
 
         # counting ----------------------------------------------------------------------------
         def data_received(self, data: bytes) -> None:
@@ -102,8 +143,11 @@ def bounded_protocol(max_header_bytes: int, max_headers: int, header_timeout_s: 
             self._waiting_head = False
             self._disarm()
             super().on_headers_complete()
+            if self._expects_body():
+                self._arm_body()
 
         def on_message_complete(self) -> None:
+            self._disarm_body()
             self._waiting_head, self._ended_here = True, True
             self._head_bytes = self._head_count = self._head_size = 0
             super().on_message_complete()
@@ -121,6 +165,7 @@ def bounded_protocol(max_header_bytes: int, max_headers: int, header_timeout_s: 
 
         def _refuse(self, status: int, code: str, message: str) -> None:
             self._disarm()
+            self._disarm_body()
             body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
                                          "code": code}}).encode()
             head = [STATUS_LINE[status]]

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     max_headers: int = Field(100, ge=8, description="most headers in one request (431 above)")
     header_timeout_s: float = Field(10.0, gt=0, description="time a client has to send a request's headers once "
                                     "it has connected or had its previous response (408 after)")
+    body_timeout_s: float = Field(30.0, gt=0, description="longest pause inside a request body while the server "
+                                  "reads it (408 after)")
     max_connections: int = Field(1000, ge=1, description="open connections and running requests beyond which "
                                  "new ones get 503")
     image_url_ttl_s: float = Field(3600.0, gt=0, description="how long an image made with response_format=url "
