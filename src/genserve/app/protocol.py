@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 from asyncio import TimerHandle
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -29,6 +30,31 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 class _TooLarge(Exception):
     pass
+
+
+class _Clock:
+    """One restartable timer on the event loop: ``start`` (re)arms it, ``stop`` cancels it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float, on_expiry: Callable[[], None]) -> None:
+        self.loop, self.seconds, self.on_expiry = loop, seconds, on_expiry
+        self._handle: TimerHandle | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._handle is not None
+
+    def start(self) -> None:
+        self.stop()
+        self._handle = self.loop.call_later(self.seconds, self._expired)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _expired(self) -> None:
+        self._handle = None
+        self.on_expiry()
 
 
 def bounded_protocol(max_header_bytes: int, max_headers: int, header_timeout_s: float,
@@ -44,21 +70,11 @@ def bounded_protocol(max_header_bytes: int, max_headers: int, header_timeout_s: 
             self._head_size = 0  # request line and headers as parsed: exact, where _head_bytes counts raw chunks
             self._too_large: str | None = None
             self._ended_here = False
-            self._head_timer: TimerHandle | None = None
-            self._body_timer: TimerHandle | None = None
+            self._head_clock = _Clock(self.loop, header_timeout_s, self._head_timed_out)
+            self._body_clock = _Clock(self.loop, body_timeout_s, self._body_timed_out)
 
         # the head's clock --------------------------------------------------------------------
-        def _arm(self) -> None:
-            self._disarm()
-            self._head_timer = self.loop.call_later(header_timeout_s, self._head_timed_out)
-
-        def _disarm(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-
         def _head_timed_out(self) -> None:
-            self._head_timer = None
             responding = self.cycle is not None and not self.cycle.response_complete
             if not self._waiting_head or responding or self.transport.is_closing():
                 return
@@ -69,30 +85,20 @@ def bounded_protocol(max_header_bytes: int, max_headers: int, header_timeout_s: 
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._arm()
+            self._head_clock.start()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            self._disarm_body()
+            self._head_clock.stop()
+            self._body_clock.stop()
             super().connection_lost(exc)
 
         # the body's clock: the longest pause between two pieces of a body ---------------------------
-        def _arm_body(self) -> None:
-            self._disarm_body()
-            self._body_timer = self.loop.call_later(body_timeout_s, self._body_timed_out)
-
-        def _disarm_body(self) -> None:
-            if self._body_timer is not None:
-                self._body_timer.cancel()
-                self._body_timer = None
-
         def _body_timed_out(self) -> None:
-            self._body_timer = None
             cycle = self.cycle
             if self._waiting_head or cycle is None or self.transport.is_closing():
                 return
             if self.flow.read_paused or cycle.waiting_for_100_continue:  # waiting on the app, not the client
-                self._arm_body()
+                self._body_clock.start()
                 return
             if cycle.response_started:  # an early answer (a 401, a 413) went out: nothing more to say
                 self.transport.close()
@@ -108,8 +114,8 @@ def bounded_protocol(max_header_bytes: int, max_headers: int, header_timeout_s: 
             return False
 
         def on_body(self, body: bytes) -> None:
-            if self._body_timer is not None:
-                self._arm_body()  # a pause is timed, not the whole upload: a slow link may take long
+            if self._body_clock.running:
+                self._body_clock.start()  # a pause is timed, not the whole upload: a slow link may take long
             super().on_body(body)
 
         # counting ----------------------------------------------------------------------------
@@ -141,13 +147,13 @@ def bounded_protocol(max_header_bytes: int, max_headers: int, header_timeout_s: 
 
         def on_headers_complete(self) -> None:
             self._waiting_head = False
-            self._disarm()
+            self._head_clock.stop()
             super().on_headers_complete()
             if self._expects_body():
-                self._arm_body()
+                self._body_clock.start()
 
         def on_message_complete(self) -> None:
-            self._disarm_body()
+            self._body_clock.stop()
             self._waiting_head, self._ended_here = True, True
             self._head_bytes = self._head_count = self._head_size = 0
             super().on_message_complete()
@@ -155,7 +161,7 @@ def bounded_protocol(max_header_bytes: int, max_headers: int, header_timeout_s: 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if self._waiting_head and not self.transport.is_closing():
-                self._arm()
+                self._head_clock.start()
 
         # refusing ----------------------------------------------------------------------------
         def send_400_response(self, msg: str) -> None:
@@ -164,8 +170,8 @@ def bounded_protocol(max_header_bytes: int, max_headers: int, header_timeout_s: 
             super().send_400_response(msg)
 
         def _refuse(self, status: int, code: str, message: str) -> None:
-            self._disarm()
-            self._disarm_body()
+            self._head_clock.stop()
+            self._body_clock.stop()
             body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
                                          "code": code}}).encode()
             head = [STATUS_LINE[status]]

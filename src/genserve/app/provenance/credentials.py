@@ -42,8 +42,13 @@ class UnreadableFile(ValueError):
     """c2pa could not parse the file as its type (broken, or not what its first bytes say)."""
 
 
-_ONE_PIXEL_PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010800000000"
-                               "3a7e9b550000000a49444154789c63600000000200015c0d0a2d0000000049454e44ae426082")
+def _one_pixel_png() -> bytes:
+    """The smallest file to sign once at start-up, to find a certificate or key that cannot sign."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(out, format="PNG")
+    return out.getvalue()
 
 
 @dataclass(frozen=True)
@@ -158,7 +163,7 @@ class ContentCredentials:
         try:  # a certificate or key that cannot sign stops the start, rather than every image request
             self._signer = c2pa.Signer.from_info(c2pa.C2paSignerInfo(b"es256", credentials.chain, credentials.key,
                                                                      None))
-            self.sign(_ONE_PIXEL_PNG, "image/png", "start-up check")
+            self.sign(_one_pixel_png(), "image/png", "start-up check")
         except c2pa.C2paError as err:
             raise ValueError(f"the C2PA signing certificate and key cannot sign: {err}") from None
 

@@ -68,10 +68,13 @@ class AudioServing:
         # is signed then (``signs``); every other format streams and is not.
         signed = self.provenance.signs(backend.entry, fmt.media_type, streamed=fmt.streams)
         provenance = self.provenance.media(backend.entry, fmt.media_type, "audio", signed, streamed=fmt.streams)
-        sign = None
-        if signed:
-            sign = lambda data: self.provenance.credentials.sign(data, fmt.media_type, backend.entry.id)  # noqa: E731
-        stream = self._encode_speech(body, first, chunks, started, limits.max_audio_seconds, sign)
+
+        def finish(encoder: ChunkEncoder) -> bytes:  # the last bytes; a format made whole is the file, signed
+            if fmt.streams:
+                return encoder.finish()
+            return self.provenance.mark_file(backend.entry, None, encoder.finish, fmt.media_type)[0]
+
+        stream = self._encode_speech(body, first, chunks, started, limits.max_audio_seconds, finish)
         return StreamingResponse(stream, media_type=fmt.media_type, headers=self.provenance.headers(provenance))
 
     @staticmethod
@@ -86,9 +89,9 @@ class AudioServing:
             await chunks.aclose()
 
     async def _encode_speech(self, body: SpeechRequest, first: AudioChunk, rest: AsyncGenerator[AudioChunk],
-                             started: float, cap_s: float, sign: Callable[[bytes], bytes] | None
+                             started: float, cap_s: float, finish: Callable[[ChunkEncoder], bytes]
                              ) -> AsyncGenerator[bytes]:
-        """The encoded speech as it is made; a format that comes out whole (FLAC) is signed (``sign``)."""
+        """The encoded speech as it is made, then ``finish``'s last bytes (all of a FLAC, signed)."""
         encoder, produced, full = ChunkEncoder(body.response_format, OUTPUT_RATE), 0, False
         usage = CURRENT.get()  # the key's: this generator may be closed outside the request's context
         try:
@@ -105,7 +108,7 @@ class AudioServing:
                 if data := await asyncio.to_thread(encoder.feed, chunk):
                     yield data
                 chunk = None if full else await anext(rest, None)
-            yield await asyncio.to_thread(lambda: sign(encoder.finish()) if sign else encoder.finish())
+            yield await asyncio.to_thread(finish, encoder)
         finally:
             await rest.aclose()
             self._observe(body.model, encoder.seconds_out, time.perf_counter() - started, usage)

@@ -167,12 +167,13 @@ def _watermarked(x: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
             marked.setdefault(r.params.watermark, []).append(i)
     if not marked:
         return x
-    prev = lambda r: (r.output_ids or r.prompt_ids or [0])[-1]  # noqa: E731
-    if len(marked) == 1 and len(idx := next(iter(marked.values()))) == len(rows):  # every row one model's
-        return green_lists(rows[0].params.watermark, x.shape[-1]).bias(x, [prev(r) for r in rows])
+    prevs = [(r.output_ids or r.prompt_ids or [0])[-1] for r in rows]
+    if [len(idx) for idx in marked.values()] == [len(rows)]:  # every row one model's: one add, no copy
+        (mark, _), = marked.items()
+        return green_lists(mark, x.shape[-1]).bias(x, prevs)
     x = x.clone()
     for mark, idx in marked.items():
-        x[idx] = green_lists(mark, x.shape[-1]).bias(x[idx], [prev(rows[i]) for i in idx])
+        x[idx] = green_lists(mark, x.shape[-1]).bias(x[idx], [prevs[i] for i in idx])
     return x
 
 

@@ -17,6 +17,7 @@ gateway's CPU.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 from collections import OrderedDict
@@ -41,8 +42,6 @@ class Watermark:
 
 def key_from_secret(secret: str) -> int:
     """A 63-bit key from the operator's secret (SHA-256, so any string serves)."""
-    import hashlib
-
     return int.from_bytes(hashlib.sha256(secret.encode()).digest()[:8], "big") >> 1 or 1
 
 
