@@ -192,6 +192,8 @@ def _derived_pipeline(pipe: Any, auto_class: str) -> Any:
     import diffusers
 
     try:
-        return getattr(diffusers, auto_class).from_pipe(pipe)
+        derived = getattr(diffusers, auto_class).from_pipe(pipe)
     except (ValueError, KeyError, TypeError):
         return None
+    derived.set_progress_bar_config(disable=True)  # from_pipe does not carry it over: no tqdm in the server's log
+    return derived
