@@ -36,7 +36,8 @@ PROMPT = "Once upon a time"
 MAX_TOKENS = 40
 L = 9  # characters of each blocked stretch
 WINDOW = 16
-SEEDS = range(1, 49)
+SEED_BATCH = 48  # seeds computed at once; more batches only while offsets are missing
+MAX_SEEDS = 240
 
 
 @dataclass
@@ -86,13 +87,13 @@ def seeded_outputs(seeds: range) -> dict[int, list[list[str]]]:
     return out
 
 
-def pick_cases(outputs: dict[int, list[list[str]]]) -> list[Case]:
-    """One case per offset 1 .. L-1 (the token boundary inside the stretch), each from its own seed,
-    plus stretches over three tokens; no chosen term occurs anywhere but where it was chosen."""
+def pick_cases(outputs: dict[int, list[list[str]]], skip: set[int]) -> list[Case]:
+    """One case per offset 1 .. L-1 (the token boundary inside the stretch), each from its own seed
+    (not one of ``skip``), plus stretches over three tokens."""
     cases: list[Case] = []
     wanted = [*range(1, L), "three"]
     for seed, pieces in outputs.items():
-        if not wanted or any(c.seed == seed for c in cases):
+        if not wanted or seed in skip or any(c.seed == seed for c in cases):
             continue
         text = "".join(pieces[0])
         bounds = [sum(len(p) for p in pieces[0][:i]) for i in range(1, len(pieces[0]))]
@@ -114,19 +115,39 @@ def pick_cases(outputs: dict[int, list[list[str]]]) -> list[Case]:
                 cases.append(chosen)
                 wanted.remove(want)
                 break
+    return cases
+
+
+def clean_cases(cases: list[Case]) -> list[Case]:
+    """The cases whose term occurs once among all the cases' texts: in its own case's choice 0, at its
+    place (texts compared as the server's matcher sees them, whitespace runs as one space)."""
     terms = [c.term for c in cases]
     clean = []
-    for c in cases:  # each term occurs once, in its own case's choice 0 at its place
+    for c in cases:
         hits = [(t, i, m.start()) for t in terms for i, txt in enumerate(c.texts)
-                for m in re.finditer(re.escape(t), re.sub(r"\s+", " ", txt.lower()))]
-        if hits == [(c.term, 0, c.start)]:
+                for m in re.finditer(re.escape(t), normalized(txt))]
+        if hits == [(c.term, 0, len(normalized(c.texts[0][:c.start])))]:
             clean.append(c)
     return clean
 
 
+def normalized(text: str) -> str:
+    return re.sub(r"\s+", " ", text.lower())
+
+
 @pytest.fixture(scope="module")
 def cases() -> list[Case]:
-    picked = pick_cases(seeded_outputs(SEEDS))
+    outputs: dict[int, list[list[str]]] = {}
+    skip: set[int] = set()
+    for first in range(1, MAX_SEEDS + 1, SEED_BATCH):  # which seeds serve depends on the arithmetic (bf16 or not)
+        outputs |= seeded_outputs(range(first, first + SEED_BATCH))
+        while True:  # a seed whose case is not clean gives way to the next seed with that offset
+            picked = clean_cases(all_picked := pick_cases(outputs, skip))
+            if not (dropped := {c.seed for c in all_picked} - {c.seed for c in picked}):
+                break
+            skip |= dropped
+        if len({c.offset for c in picked}) >= L - 2:
+            break
     assert len({c.offset for c in picked}) >= L - 2, [(c.seed, c.offset) for c in picked]
     return picked
 
