@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from genserve.models.seeding import item_seed
 from tests.conftest import content
 
 SERVER_SET = "image"
@@ -114,7 +115,32 @@ def test_stream_sends_each_denoising_step_then_the_images(server):
     parsed = [json.loads(e) for e in events[:-1]]
     steps = [e["step"] for e in parsed if e["type"] == "image_generation.progress"]
     assert steps == [1, 2, 3, 4, 5] and parsed[-1]["type"] == "image_generation.completed"
-    assert pixels(parsed[-1]["data"][0]["b64_json"]).shape == (SIZE, SIZE, 3)
+    done = parsed[-1]
+    assert pixels(done["b64_json"]).shape == (SIZE, SIZE, 3) and done["size"] == f"{SIZE}x{SIZE}"
+    assert done["output_format"] == "png" and done["seed"] == item_seed(2, 0) and done["provenance"]["c2pa"] is True
+
+
+def test_openai_sdk_streams_images_as_openais_events(openai_client):
+    """One image_generation.completed per image, shaped as the SDK's ImageGenCompletedEvent (validated
+    strictly), after genserve's progress events; the same pixels as the unstreamed request."""
+    from openai.types import ImageGenCompletedEvent
+
+    stream = openai_client.images.generate(model=SD, prompt="cat face", n=2, stream=True,
+                                           extra_body={"seed": 4, "num_inference_steps": 3})
+    events = list(stream)
+    completed = [e for e in events if e.type == "image_generation.completed"]
+    assert [e.type for e in events].count("image_generation.progress") == 3 and len(completed) == 2
+    for event in completed:
+        ImageGenCompletedEvent.model_validate(event.model_dump(), strict=True)
+        assert event.b64_json and event.size == f"{SIZE}x{SIZE}" and event.output_format == "png"
+    whole = openai_client.images.generate(model=SD, prompt="cat face", n=2,
+                                          extra_body={"seed": 4, "num_inference_steps": 3})
+    assert [content(e.b64_json) for e in completed] == [content(d.b64_json) for d in whole.data]
+
+
+def test_partial_images_are_refused_with_the_reason(server):
+    r = generate(server, model=SD, prompt="cat face", stream=True, partial_images=2)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "partial_images"
 
 
 def png_bytes(array: np.ndarray) -> bytes:

@@ -1,5 +1,7 @@
-"""C2PA content credentials on served images and audio, read with c2pa-python's own Reader, and
-``/v1/provenance/verify`` on files: trusted as served, invalid when altered, none once re-encoded."""
+"""C2PA content credentials on served images and audio, read with c2pa-python's own Reader, the
+image watermark on served images, and ``/v1/provenance/verify`` on files: trusted as served, invalid
+when altered, no credentials once re-encoded but the watermark still found, nothing found in images
+genserve did not make."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import json
 
 import c2pa
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -48,7 +51,7 @@ def test_a_served_png_carries_credentials_naming_its_model(gan_png: tuple[bytes,
     assert action["action"] == "c2pa.created" and action["digitalSourceType"] == TRAINED
     assert action["parameters"]["model"] == "genserve-gan" and action["softwareAgent"]["name"] == "genserve"
     assert provenance["c2pa"] is True and provenance["watermarked"] is False and provenance["model"] == "genserve-gan"
-    assert "no image watermark" in provenance["reason"]
+    assert "under 65536 pixels (256x256) carry no watermark" in provenance["reason"]
 
 
 def test_verify_trusts_what_it_served_and_finds_alteration_and_stripping(server: Server, gan_png) -> None:
@@ -65,6 +68,78 @@ def test_verify_trusts_what_it_served_and_finds_alteration_and_stripping(server:
     Image.open(io.BytesIO(png)).convert("RGB").save(jpeg, "JPEG", quality=90)
     stripped = verify_file(server, jpeg.getvalue(), "re-encoded.jpg").json()
     assert stripped["media_type"] == "image/jpeg" and stripped["c2pa"] is None
+
+
+@pytest.fixture(scope="module")
+def diffusion_256(server: Server) -> list[tuple[bytes, dict]]:
+    with server.client() as c:
+        r = c.post("/v1/images/generations", json={"model": "genserve-diffusion", "prompt": "red apple", "n": 2,
+                                                   "seed": 5, "size": "256x256", "num_inference_steps": 6})
+    assert r.status_code == 200, r.text
+    return [(base64.b64decode(d["b64_json"]), r.json()["provenance"]) for d in r.json()["data"]]
+
+
+def test_images_of_256x256_carry_the_watermark_and_verify_names_the_model(server: Server, diffusion_256) -> None:
+    for png, provenance in diffusion_256:
+        assert provenance["watermarked"] is True and provenance["c2pa"] is True and "reason" not in provenance
+        assert provenance["scheme"] == "genserve-dwt-dct-svd-v1"
+        mark = verify_file(server, png).json()["watermark"]
+        assert mark["detected"] is True and mark["model"] == "genserve-diffusion" and mark["bits_agreeing"] == 64
+        assert mark["p_value"] < 1e-15 and "genserve-gan" in mark["models_checked"]
+
+
+def recoded(png: bytes, fmt: str, **kw: object) -> bytes:
+    out = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert("RGB").save(out, fmt, **kw)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("attack", ["jpeg90", "jpeg75", "crop10"])
+def test_the_watermark_identifies_an_image_whose_credentials_were_stripped(server: Server, diffusion_256,
+                                                                          attack: str) -> None:
+    """The main rows of docs/provenance.md's robustness table, on served images."""
+    alter = {"jpeg90": lambda png: recoded(png, "JPEG", quality=90),
+             "jpeg75": lambda png: recoded(png, "JPEG", quality=75), "crop10": lambda png: _crop(png)}[attack]
+    for png, _ in diffusion_256:
+        v = verify_file(server, alter(png)).json()
+        assert v["c2pa"] is None and v["watermark"]["detected"] is True, v["watermark"]
+        assert v["watermark"]["model"] == "genserve-diffusion"
+
+
+def _crop(png: bytes) -> bytes:
+    """10% of each side cut off, 5% at each edge (the grid moves: found by verify's search)."""
+    out = io.BytesIO()
+    Image.open(io.BytesIO(png)).crop((13, 13, 243, 243)).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_images_genserve_did_not_make_are_not_flagged(server: Server) -> None:
+    from sklearn.datasets import load_sample_images  # two photographs that ship with scikit-learn
+
+    for photo in load_sample_images().images:
+        for top, left in [(0, 0), (100, 300)]:
+            out = io.BytesIO()
+            Image.fromarray(photo[top:top + 256, left:left + 256]).save(out, "PNG")
+            mark = verify_file(server, out.getvalue()).json()["watermark"]
+            assert mark["detected"] is False and mark["model"] is None and mark["p_value"] > 1e-3, mark
+
+
+def test_an_inpainting_keeps_its_pixels_and_says_it_carries_no_watermark(server: Server, diffusion_256) -> None:
+    png, _ = diffusion_256[0]
+    rgba = Image.open(io.BytesIO(png)).convert("RGBA")
+    rgba.paste((0, 0, 0, 0), (96, 96, 160, 160))
+    upload = io.BytesIO()
+    rgba.save(upload, "PNG")
+    with server.client() as c:
+        r = c.post("/v1/images/edits", data={"model": "genserve-diffusion", "prompt": "red apple", "size": "256x256",
+                                             "num_inference_steps": 4},
+                   files={"image": ("in.png", upload.getvalue(), "image/png")})
+    assert r.status_code == 200, r.text
+    provenance = r.json()["provenance"]
+    assert provenance["watermarked"] is False and "inpainting keeps the pixels" in provenance["reason"]
+    out = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).convert("RGB"))
+    kept = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    assert np.array_equal(out[:96], kept[:96])  # the caller's (watermarked) pixels, exactly
 
 
 @pytest.mark.parametrize(("output_format", "media_type"), [("jpeg", "image/jpeg"), ("webp", "image/webp")])

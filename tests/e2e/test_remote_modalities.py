@@ -101,11 +101,11 @@ def test_streamed_images_through_the_gateway(upstreams: Upstreams, media_gateway
               if line.startswith("data:") and line[5:].strip() != "[DONE]"]
     assert [e["step"] for e in events if e["type"] == "image_generation.progress"] == [1, 2, 3, 4]
     completed = events[-1]
-    assert completed["type"] == "image_generation.completed"
+    assert completed["type"] == "image_generation.completed" and completed["provenance"]["model"] == "remote-diffusion"
     with upstreams["image"].client() as client:
         direct = client.post("/v1/images/generations", json={**body, "model": "genserve-diffusion",
                                                               "stream": False}).json()
-    assert content(completed["data"][0]["b64_json"]) == content(direct["data"][0]["b64_json"])
+    assert content(completed["b64_json"]) == content(direct["data"][0]["b64_json"])
 
 
 def _png(pixels: np.ndarray) -> bytes:

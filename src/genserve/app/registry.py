@@ -87,8 +87,8 @@ class ModelEntry(BaseModel):
     attention: Literal["sdpa", "genserve"] = Field("sdpa", description="diffusers: the attention of the denoiser: "
                                                    "PyTorch SDPA or genserve's Triton kernel (CUDA; CPU tensors "
                                                    "take SDPA either way)")
-    watermark: bool = Field(True, description="text models of a local engine: watermark sampled outputs "
-                            "(docs/provenance.md); other models carry no watermark yet")
+    watermark: bool = Field(True, description="local text and image models: watermark sampled texts and images "
+                            "of 256x256 pixels or more (docs/provenance.md); other models carry no watermark")
     c2pa: bool = Field(True, description="images and audio of a local model: sign C2PA content credentials into "
                        "each file made whole (docs/provenance.md)")
     request_timeout_s: float | None = Field(None, gt=0, description="deadline (default: the setting)")
@@ -100,8 +100,9 @@ class ModelEntry(BaseModel):
 
     @property
     def can_watermark(self) -> bool:
-        """Whether genserve can watermark this model's output: text sampled by its own engine."""
-        return self.modality == "text" and self.backend == "local"
+        """Whether genserve can watermark this model's output: text sampled by its own engine, images made
+        here."""
+        return self.modality in ("text", "image") and self.backend == "local"
 
     def timeout_s(self, default: float) -> float:
         """This model's request deadline, or the process-wide ``default``."""
@@ -124,8 +125,8 @@ class ModelEntry(BaseModel):
         if self.backend == "remote" and not self.url:
             raise ValueError("a remote model needs 'url'")
         if "watermark" in self.model_fields_set and self.watermark and not self.can_watermark:
-            raise ValueError("'watermark: true' applies to local text models only: a remote model's output "
-                             "cannot be watermarked by genserve, and other modalities have no watermark yet")
+            raise ValueError("'watermark: true' applies to local text and image models only: a remote model's "
+                             "output cannot be watermarked by genserve, and other modalities have no watermark")
         if not self.tasks:
             self.tasks = self.default_tasks()
         if "max_batch_size" not in self.model_fields_set and self.modality == "text":

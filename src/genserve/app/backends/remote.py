@@ -336,9 +336,15 @@ class RemoteImageBackend(RemoteBackend):
             async for event in events:
                 if event.get("type") == "image_generation.progress":
                     yield self._progress(event)
-                elif event.get("type") == "image_generation.completed":
-                    for artifact in self._artifacts(event, "image/png"):
-                        yield artifact
+                elif event.get("type") == "image_generation.completed":  # one image, as OpenAI's
+                    yield self._completed(event)
+
+    def _completed(self, event: dict[str, Any]) -> ImageArtifact:
+        try:
+            return ImageArtifact(encoded=base64.b64decode(event["b64_json"], validate=True),
+                                 media_type=f"image/{event.get('output_format') or 'png'}", seed=event.get("seed"))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise self._bad_upstream(f"sent a malformed image_generation.completed event ({exc})") from exc
 
     def _progress(self, event: dict[str, Any]) -> Progress:
         try:

@@ -476,6 +476,7 @@ async function generateImages() {
     if (!streamed) {
       data = (await resp.json()).data;
     } else {
+      data = [];
       for await (const raw of events(resp)) {
         if (raw === "[DONE]") break;
         const event = JSON.parse(raw);
@@ -487,11 +488,11 @@ async function generateImages() {
           if (event.step % tenth === 0 || event.step === event.total_steps) {
             status.textContent = `denoising step ${event.step} of ${event.total_steps}`;
           }
-        } else if (event.type === "image_generation.completed") {
-          data = event.data;
+        } else if (event.type === "image_generation.completed") {  // one event per image, as OpenAI's
+          data.push({ b64_json: event.b64_json, seed: event.seed });
         }
       }
-      if (!data) throw new Error("The stream ended before the images came.");
+      if (!data.length) throw new Error("The stream ended before the images came.");
     }
   } catch (err) {
     status.textContent = "";

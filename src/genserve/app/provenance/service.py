@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Callable
 from typing import cast
+
+import numpy as np
+from PIL import Image
 
 from genserve import __version__
 from genserve.app.backends.base import TextBackend
 from genserve.app.backends.manager import ModelManager
 from genserve.app.errors import InvalidRequestError, PayloadTooLargeError, UnavailableError
+from genserve.app.provenance import image_watermark
 from genserve.app.provenance.credentials import SIGNABLE, ContentCredentials, UnreadableFile, load_credentials
 from genserve.app.provenance.keys import watermark_secret
 from genserve.app.registry import ModelEntry
@@ -28,6 +33,10 @@ from genserve.models.text.watermark import SCHEME, Detection, Watermark, detect,
 GENERATOR = f"genserve/{__version__}"
 MAX_VERIFY_CHARS = 200_000  # about 50k tokens: a long document (at most 4,096 distinct pairs are scored)
 MIN_VERIFY_PAIRS = 50  # distinct token pairs below which a text is not scored
+MAX_VERIFY_PIXELS = 4096 * 4096  # an image file's pixels decoded to read its watermark
+AUDIO_UNMARKED = "genserve has no audio watermark: C2PA content credentials only"
+SMALL_IMAGE = (f"images under {image_watermark.MIN_PIXELS} pixels (256x256) carry no watermark: too few "
+               "blocks to hold it reliably")
 
 
 class ProvenanceService:
@@ -82,10 +91,32 @@ class ProvenanceService:
             return encode(), False
         return self.credentials.sign(encode(), media_type, entry.id), True
 
-    def media(self, entry: ModelEntry, media_type: str, kind: str, signed: bool, streamed: bool = False
-              ) -> Provenance:
-        """What an image or audio response of ``entry`` carries: ``signed`` says whether its files were."""
-        reasons = [f"genserve has no {kind} watermark yet"]
+    def image_watermark(self, entry: ModelEntry, pixels: np.ndarray, exact: bool = False
+                        ) -> tuple[np.ndarray, str | None]:
+        """``pixels`` watermarked with ``entry``'s payload where that applies (``exact``: the caller's
+        pixels must stay as they are, as an inpainting's kept ones), and why not where it does not."""
+        if not entry.can_watermark:
+            reason = "a remote model's images pass through as its server made them"
+        elif not entry.watermark:
+            reason = "the watermark is off for this model"
+        elif exact:
+            reason = "an inpainting keeps the pixels outside its mask exactly as sent, so it carries no watermark"
+        elif not image_watermark.fits(pixels.shape[1], pixels.shape[0]):
+            reason = SMALL_IMAGE
+        else:
+            return image_watermark.embed(pixels, self._image_payload(entry.id)), None
+        return pixels, reason
+
+    def _image_payload(self, model_id: str) -> np.ndarray:
+        if self._secret is None:
+            raise RuntimeError("ProvenanceService.start() was not called")
+        return image_watermark.payload(self._secret, model_id)
+
+    def media(self, entry: ModelEntry, media_type: str, signed: bool, streamed: bool = False,
+              unwatermarked: str | None = AUDIO_UNMARKED) -> Provenance:
+        """What an image or audio response of ``entry`` carries: ``signed`` says whether its files were,
+        ``unwatermarked`` why they carry no watermark (None: they do)."""
+        reasons = [] if unwatermarked is None else [unwatermarked]
         if not signed:
             if entry.backend != "local":
                 reasons.append("a remote model's files pass through as its server made them")
@@ -96,8 +127,9 @@ class ProvenanceService:
                                "(response_format flac comes whole and signed)")
             else:
                 reasons.append(f"{media_type} cannot carry C2PA content credentials")
-        return Provenance(generator=GENERATOR, model=entry.id, watermarked=False, c2pa=signed,
-                          reason="; ".join(reasons))
+        return Provenance(generator=GENERATOR, model=entry.id, watermarked=unwatermarked is None,
+                          scheme=image_watermark.SCHEME if unwatermarked is None else None, c2pa=signed,
+                          reason="; ".join(dict.fromkeys(reasons)) or None)
 
     @staticmethod
     def headers(provenance: Provenance) -> dict[str, str]:
@@ -119,7 +151,17 @@ class ProvenanceService:
             validation_state=summary.validation_state, model=summary.model, generator=summary.generator,
             digital_source_type=summary.digital_source_type, created=summary.created, issuer=summary.issuer,
             problems=summary.problems, manifest=summary.manifest)
-        return VerifyResponse(media_type=media_type, c2pa=verdict)
+        mark = None
+        if media_type.startswith("image/") and (payloads := self._marked_image_payloads()):
+            mark = await asyncio.to_thread(_image_verdict, _pixels(data), payloads)
+        return VerifyResponse(media_type=media_type, c2pa=verdict, watermark=mark)
+
+    def _marked_image_payloads(self) -> dict[str, np.ndarray]:
+        """The payloads of the watermarked image models a request's key may use."""
+        key = current_key()
+        return {mid: self._image_payload(mid) for mid, b in self.manager.backends.items()
+                if b.entry.modality == "image" and b.entry.can_watermark and b.entry.watermark
+                and (key is None or key.allows(b.entry))}
 
     async def verify_text(self, body: VerifyTextRequest) -> VerifyResponse:
         if len(body.text) > MAX_VERIFY_CHARS:
@@ -151,7 +193,7 @@ class ProvenanceService:
         may use."""
         key = current_key()
         marked = {mid: cast(TextBackend, b) for mid, b in self.manager.backends.items()
-                  if b.entry.can_watermark and b.entry.watermark
+                  if b.entry.modality == "text" and b.entry.can_watermark and b.entry.watermark
                   and (key is None or key.allows(b.entry))}
         if model is not None:
             if (known := self.manager.backends.get(model)) is not None:
@@ -172,6 +214,35 @@ def _unmarked_because(entry: ModelEntry, params: SamplingParams) -> str | None:
     if params.greedy:
         return "greedy decoding (temperature 0) is not watermarked: a watermark would change its choice"
     return None
+
+
+def _pixels(data: bytes) -> np.ndarray | None:
+    """An image file's (first) picture as (H, W, 3) uint8, decoded only once its size is known to be within
+    ``MAX_VERIFY_PIXELS``; None where its pixels do not decode (an altered file, whose credentials say so)."""
+    try:
+        im = Image.open(io.BytesIO(data), formats=("PNG", "JPEG", "WEBP", "GIF"))
+    except Exception:
+        return None
+    with im:
+        if im.width * im.height > MAX_VERIFY_PIXELS:
+            raise InvalidRequestError(f"The image is {im.width}x{im.height}; at most {MAX_VERIFY_PIXELS} pixels are "
+                                      "checked for a watermark.", param="file")
+        try:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except Exception:
+            return None
+
+
+def _image_verdict(pixels: np.ndarray | None, payloads: dict[str, np.ndarray]) -> WatermarkVerdict | None:
+    """Which model's payload ``pixels`` carries, if any (every model's payload and every crop tried are
+    counted in the p-value); None for an image too small to carry one, or whose pixels do not decode."""
+    if pixels is None or min(pixels.shape[:2]) < image_watermark.MIN_SIDE:
+        return None
+    found = image_watermark.detect(pixels, payloads)
+    return WatermarkVerdict(
+        detected=found.model is not None, model=found.model, scheme=image_watermark.SCHEME,
+        p_value=found.p_value, threshold=found.threshold, bits_agreeing=found.agreeing,
+        bit_accuracy=found.agreeing / image_watermark.BITS, models_checked=list(payloads))
 
 
 def sniff(data: bytes) -> str | None:

@@ -57,8 +57,12 @@ class ImageGenerationRequest(OpenAIBaseModel, DiffusionKnobs, OutputFields):
     quality: str | None = Field(None, description="accepted for compatibility; does not change the output")
     style: str | None = Field(None, description="accepted for compatibility; does not change the output")
     user: str | None = None
-    stream: bool = Field(False, description="diffusion models: server-sent events, one per denoising step, then "
-                         "the images")
+    stream: bool = Field(False, description="diffusion models: server-sent events: genserve's "
+                         "image_generation.progress for each denoising step, then OpenAI's image_generation.completed "
+                         "for each image (b64_json, and url when response_format is url)")
+    partial_images: int | None = Field(None, ge=0, le=3, description="OpenAI's partial images while streaming: "
+                                       "not made by genserve's models (0 or unset; progress events say how far "
+                                       "the denoising is)")
 
 
 class ImageEditForm(DiffusionKnobs, OutputFields):

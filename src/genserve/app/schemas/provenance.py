@@ -18,7 +18,8 @@ class Provenance(OpenAIBaseModel):
     ai_generated: Literal[True] = True
     generator: str = Field(description="genserve and its version")
     model: str
-    watermarked: bool = Field(description="whether the output carries genserve's watermark (text only, so far)")
+    watermarked: bool = Field(description="whether the output carries genserve's watermark (texts and images; "
+                              "reason says why not)")
     scheme: str | None = Field(None, description="the watermark's scheme, when watermarked")
     c2pa: bool = Field(False, description="whether each file carries signed C2PA content credentials")
     reason: str | None = Field(None, description="why a mark is missing, when one is")
@@ -39,13 +40,17 @@ class WatermarkVerdict(OpenAIBaseModel):
     detected: bool
     model: str | None = Field(None, description="the model whose watermark it carries, when detected")
     scheme: str
-    z_score: float = Field(description="green tokens above chance, in standard deviations (the best "
-                           "model's)")
-    p_value: float = Field(description="the chance that text written without the key scores this high")
-    threshold: float = Field(description="z-score above which it is detected")
-    tokens_scored: int = Field(description="distinct token pairs scored (repeats count once)")
-    green_fraction: float
+    p_value: float = Field(description="the chance that an output made without the key scores this high")
+    threshold: float = Field(description="texts: the z-score above which the watermark is detected; images: the "
+                             "agreeing bits (of 64) from which it is")
     models_checked: list[str]
+    z_score: float | None = Field(None, description="texts: green tokens above chance, in standard deviations "
+                                  "(the best model's)")
+    tokens_scored: int | None = Field(None, description="texts: distinct token pairs scored (repeats count once)")
+    green_fraction: float | None = Field(None, description="texts: the share of green tokens")
+    bits_agreeing: int | None = Field(None, description="images: bits of the 64 read that match the best model's "
+                                      "payload")
+    bit_accuracy: float | None = Field(None, description="images: bits_agreeing / 64")
 
 
 class C2paVerdict(OpenAIBaseModel):
@@ -66,5 +71,6 @@ class VerifyResponse(OpenAIBaseModel):
     media_type: str = Field(description="text/plain, or the file's type as its bytes say")
     c2pa: C2paVerdict | None = Field(None, description="the file's content credentials; null when it carries "
                                      "none (texts never do)")
-    watermark: WatermarkVerdict | None = Field(None, description="the text watermark's verdict; null for files "
-                                               "(genserve has no image or audio watermark yet)")
+    watermark: WatermarkVerdict | None = Field(None, description="the watermark's verdict: texts, and images of "
+                                               "64x64 pixels or more while a watermarked image model runs; null "
+                                               "for audio (genserve has no audio watermark)")

@@ -67,7 +67,7 @@ class AudioServing:
         # The headers go first, so the claim is made before the bytes: FLAC comes out whole at the end and
         # is signed then (``signs``); every other format streams and is not.
         signed = self.provenance.signs(backend.entry, fmt.media_type, streamed=fmt.streams)
-        provenance = self.provenance.media(backend.entry, fmt.media_type, "audio", signed, streamed=fmt.streams)
+        provenance = self.provenance.media(backend.entry, fmt.media_type, signed, streamed=fmt.streams)
 
         def finish(encoder: ChunkEncoder) -> bytes:  # the last bytes; a format made whole is the file, signed
             if fmt.streams:
@@ -132,7 +132,7 @@ class AudioServing:
             data, signed = await asyncio.to_thread(self.provenance.mark_file, backend.entry, piece.encoded,
                                                    lambda: audio_bytes(piece, body.response_format), media_type)
             self._observe(body.model, body.seconds, time.perf_counter() - started)
-            provenance = self.provenance.media(backend.entry, media_type, "audio", signed)
+            provenance = self.provenance.media(backend.entry, media_type, signed)
             return Response(data, media_type=media_type,
                             headers={SEED_HEADER: str(seed), **self.provenance.headers(provenance)})
 

@@ -42,6 +42,7 @@ from genserve.app.schemas.images import (
     ImagesResponse,
     OutputFields,
 )
+from genserve.app.schemas.provenance import Provenance
 from genserve.app.serving.common import Deadline, event_stream, now, seed_or_random, unless_disconnected
 from genserve.app.serving.media import artifact_pixels, image_bytes
 from genserve.app.settings import Settings
@@ -153,7 +154,16 @@ class ImageServing:
                 for b, s in zip(images, seeds, strict=True)]
 
     async def _respond(self, raw: Request, model: str, artifacts: list[ImageArtifact], fmt: str,
-                       output: OutputFields | None = None) -> ImagesResponse:
+                       output: OutputFields | None = None, exact: bool = False) -> ImagesResponse:
+        """The response of ``artifacts``: marked and encoded (``_encode``), then stored or inlined."""
+        files = await self._encode(model, artifacts, output, exact)
+        return ImagesResponse(created=now(), data=self._data(raw, files.data, files.media_type, fmt, files.seeds),
+                              provenance=files.provenance)
+
+    async def _encode(self, model: str, artifacts: list[ImageArtifact], output: OutputFields | None,
+                      exact: bool) -> _Files:
+        """``artifacts`` as files: watermarked (``exact``: an inpainting, whose kept pixels are the
+        caller's and stay so), encoded in the format asked for, and signed; counted as made."""
         made = sum(1 if a.frames is None else len(a.frames) for a in artifacts)
         self.metrics.images.labels(model).inc(made)
         note_usage("image", made)
@@ -164,21 +174,34 @@ class ImageServing:
             artifacts = [dataclasses.replace(a, media_type=f"image/{output.output_format}")
                          if a.encoded is None and a.frames is None else a for a in artifacts]
         media = artifacts[0].media_type if artifacts else "image/png"
-        # Content credentials on what was made here, as it is encoded; an upstream's bytes pass as they came.
-        marked = await asyncio.to_thread(lambda: [
-            self.provenance.mark_file(entry, a.encoded, functools.partial(image_bytes, a, quality), a.media_type)
-            for a in artifacts])
-        encoded = [data for data, _ in marked]
-        signed = bool(marked) and all(s for _, s in marked)
-        return ImagesResponse(created=now(), data=self._data(raw, encoded, media, fmt, [a.seed for a in artifacts]),
-                              provenance=self.provenance.media(entry, media, "image", signed))
+
+        def mark(a: ImageArtifact) -> tuple[bytes, bool, str | None]:
+            """The marks of what was made here, the watermark in its pixels and then content credentials
+            as it is encoded; an upstream's bytes pass as they came."""
+            if a.pixels is not None:
+                pixels, unmarked = self.provenance.image_watermark(entry, a.pixels, exact)
+                a = dataclasses.replace(a, pixels=pixels)
+            elif a.frames is not None:
+                unmarked = "an animation (GIF) carries no watermark"
+            else:
+                unmarked = "a remote model's images pass through as its server made them"
+            data, signed = self.provenance.mark_file(entry, a.encoded, functools.partial(image_bytes, a, quality),
+                                                     a.media_type)
+            return data, signed, unmarked
+
+        marked = await asyncio.to_thread(lambda: [mark(a) for a in artifacts])
+        encoded = [data for data, _, _ in marked]
+        signed = bool(marked) and all(s for _, s, _ in marked)
+        unwatermarked = next((why for _, _, why in marked if why is not None), None) if marked else "no image"
+        return _Files(encoded, media, [a.seed for a in artifacts],
+                      self.provenance.media(entry, media, signed, unwatermarked=unwatermarked))
 
     async def _checked(self, model: str, raw: Request, events: AsyncGenerator[ImageEvent]
                        ) -> AsyncGenerator[ImageEvent]:
         """The one point every event of a backend passes before any PNG, GIF, JSON or SSE is made of
-        it: output moderation (the policy's image checker, when it names one) and, later, provenance
-        marks. A flagged image blocks the whole response (OpenAI's ``content_policy_violation``): no
-        byte of it is encoded."""
+        it: output moderation (the policy's image checker, when it names one); provenance marks come
+        as it is encoded (``_respond``). A flagged image blocks the whole response (OpenAI's
+        ``content_policy_violation``): no byte of it is encoded."""
         try:
             async for event in events:
                 if isinstance(event, ImageArtifact):
@@ -212,6 +235,10 @@ class ImageServing:
         await self.moderation.check_input(body.model, [("prompt", body.prompt)], raw)
         if body.stream and facts.image_kind == "latent":
             raise InvalidRequestError("stream applies to diffusion models.", param="stream")
+        if body.partial_images:
+            raise InvalidRequestError("partial_images is not supported: genserve's streams send an "
+                                      "image_generation.progress event for each denoising step instead.",
+                                      param="partial_images")
         params = ImageParams(jobs=jobs, size=body.size, stream=body.stream)
         if body.stream:
             # The first event is awaited before any header goes out, so an error that comes first (a
@@ -222,7 +249,8 @@ class ImageServing:
                 first = await anext(events)
             except StopAsyncIteration:
                 first = None
-            return event_stream(self._stream(first, events, body, raw), self.settings.shutdown_grace_s)
+            size = f"{jobs[0].width}x{jobs[0].height}" if jobs[0].width else body.size or "auto"
+            return event_stream(self._stream(first, events, body, size, raw), self.settings.shutdown_grace_s)
 
         async def run() -> ImagesResponse:
             artifacts = await self._artifacts(backend, raw, backend.generate(params))
@@ -231,7 +259,9 @@ class ImageServing:
         return await unless_disconnected(raw, run())
 
     async def _stream(self, first: ImageEvent | None, events: AsyncGenerator[ImageEvent, None],
-                      body: ImageGenerationRequest, raw: Request) -> AsyncGenerator[str, None]:
+                      body: ImageGenerationRequest, size: str, raw: Request) -> AsyncGenerator[str, None]:
+        """genserve's ``image_generation.progress`` event for each denoising step, then OpenAI's
+        ``image_generation.completed`` for each image (``b64_json`` always; ``url`` too when asked)."""
         artifacts: list[ImageArtifact] = []
         try:
             pending = [first] if first is not None else []
@@ -241,16 +271,22 @@ class ImageServing:
                                       "total_steps": event.total})
                 else:
                     artifacts.append(event)
-            result = await self._respond(raw, body.model, artifacts, body.response_format, body)
-            yield json.dumps({"type": "image_generation.completed", "created": result.created,
-                              "data": [d.model_dump(exclude_none=True) for d in result.data],
-                              "provenance": result.provenance.model_dump() if result.provenance else None})
+            files = await self._encode(body.model, artifacts, body, exact=False)
+            created = now()
+            urls = (self._data(raw, files.data, files.media_type, "url", files.seeds)
+                    if body.response_format == "url" else None)
+            for k, data in enumerate(files.data):
+                yield json.dumps({
+                    "type": "image_generation.completed", "b64_json": base64.b64encode(data).decode(),
+                    "created_at": created, "size": size, "quality": "auto", "background": "opaque",
+                    "output_format": files.media_type.removeprefix("image/"), "usage": NO_USAGE,
+                    "seed": files.seeds[k], **({"url": urls[k].url} if urls else {}),
+                    "provenance": files.provenance.model_dump()})
         except GenserveError as err:  # after the headers: the error travels as an event
             yield json.dumps(err.body())
         finally:
             await events.aclose()
         yield "[DONE]"
-
 
     # edits ------------------------------------------------------------------------------------
     async def edit(self, form: ImageEditForm, image: UploadFile, mask: UploadFile | None, raw: Request) -> Any:
@@ -307,7 +343,7 @@ class ImageServing:
             artifacts = await self._artifacts(backend, raw, backend.generate(params))
             if hole is not None and all(out):
                 artifacts = await asyncio.to_thread(_keep_unmasked, artifacts, picture, alpha_from, out)
-            return await self._respond(raw, form.model, artifacts, form.response_format, form)
+            return await self._respond(raw, form.model, artifacts, form.response_format, form, exact=hole is not None)
 
         return await unless_disconnected(raw, run())
 
@@ -356,6 +392,22 @@ class ImageServing:
             raise NotFoundError("This image does not exist or has expired.")
         data, media_type = item
         return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=60"})
+
+
+@dataclasses.dataclass
+class _Files:
+    """A response's images as files, and what marks they carry."""
+
+    data: list[bytes]
+    media_type: str
+    seeds: list[int | None]
+    provenance: Provenance
+
+
+# OpenAI's completed event requires usage, which it counts in tokens for its GPT image models only;
+# genserve's image models are not priced in tokens, so every count is 0.
+NO_USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}, "output_tokens": 0,
+            "total_tokens": 0}
 
 
 def _keep_unmasked(artifacts: list[ImageArtifact], picture: Image.Image, alpha_from: Image.Image,
