@@ -224,3 +224,34 @@ def test_interpolation_from_an_agent_is_refused(server):
 def test_dual_use_gate_counts_in_metrics(server):
     generate(server, n=1, seed=2, constraints={"similar_to": SARIN})
     assert server.metric("genserve_moderation_flags_total", model_name=MOL, category="dual_use") >= 1
+
+
+def test_a_client_that_leaves_stops_the_sampling(server):
+    """Hopeless constraints with 20 s and 20,000 samples allowed, and a client that gives up after
+    0.5 s: the engine's token counter (a token per sequence and step) moves by at most one step after
+    the client left (issue 19: disconnects stop the work within one step)."""
+    import httpx
+
+    from tests.conftest import API_KEY
+
+    def tokens() -> float:
+        return server.metric("genserve_generation_tokens_total", model_name=MOL)
+
+    before = tokens()
+    aborts = server.metric("genserve_request_success_total", model_name=MOL, finished_reason="abort")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/molecules/generations", timeout=0.5,
+                   headers={"Authorization": f"Bearer {API_KEY}"},
+                   json={"model": MOL, "n": 5, "seed": 2, "constraints": {"mw_min": 5000}, "max_samples": 20_000,
+                         "max_seconds": 20})
+    left, at_leaving = time.monotonic(), tokens()
+    done = at_leaving
+    while time.monotonic() < left + 10:  # until the counter stops moving
+        time.sleep(0.5)
+        if (now := tokens()) == done:
+            break
+        done = now
+    print(f"tokens: {done - before:.0f} sampled, {done - at_leaving:.0f} of them after the client left")
+    assert done - before > 0, "the request never started"
+    assert done - at_leaving <= 256, "sampling went on past one engine step (256 sequences) after its client left"
+    assert server.metric("genserve_request_success_total", model_name=MOL, finished_reason="abort") > aborts

@@ -104,3 +104,32 @@ def test_music_metrics_count_audio_seconds(server):
     before = server.metric("genserve_audio_seconds_total", model_name=MUSIC)
     music(server, seconds=2.5, seed=1)
     assert server.metric("genserve_audio_seconds_total", model_name=MUSIC) - before == pytest.approx(2.5)
+
+
+def test_a_client_that_leaves_stops_the_sampling(server):
+    """60 s of music at tempo 200 (800 grid steps) for a client that gives up after 0.5 s: the model's
+    grid-step counter moves by at most the step running when the server noticed, plus one, after
+    that (issue 19: disconnects stop the work within one step; before, the piece ran to its end)."""
+    import time
+
+    import httpx
+
+    from tests.conftest import API_KEY
+
+    def steps() -> float:
+        return server.metric("genserve_music_steps_total", model_name="genserve-music")
+
+    before = steps()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/audio/music", timeout=0.5, headers={"Authorization": f"Bearer {API_KEY}"},
+                   json={"model": "genserve-music", "seconds": 60, "tempo": 200, "seed": 3, "response_format": "wav"})
+    at_leaving = done = steps()
+    settled = time.monotonic() + 10
+    while time.monotonic() < settled:  # until the counter stops moving
+        time.sleep(0.3)
+        if (now := steps()) == done:
+            break
+        done = now
+    print(f"grid steps: {done - before:.0f} of 800, {done - at_leaving:.0f} after the client left")
+    assert 0 < done - before < 800, "the piece ran to its end after its client left"
+    assert done - at_leaving <= 2, "the sampling went on after its client left"

@@ -200,3 +200,36 @@ def test_speech_input_is_moderated(server):
     assert r.status_code == 400
     assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("content_policy_violation", "input")
     assert speech(server, input="How do I kill a Python process?", response_format="wav").status_code == 200
+
+
+def espeak_children(pid: int) -> list[int]:
+    """The espeak-ng processes ``pid`` runs (from /proc: the kernel's own count, not a timing)."""
+    found = []
+    for entry in __import__("pathlib").Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            if entry.name.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == pid and "espeak" in stat:
+                found.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def test_a_client_that_leaves_stops_espeak(server):
+    """About 4 minutes of speech streamed to a client that reads one chunk and leaves: the espeak-ng
+    process speaking it is killed (it would otherwise sit blocked on its full pipe, or speak on), so
+    the synthesis stops at the chunk being read (issue 19: disconnects stop the work)."""
+    import time
+
+    text = " ".join(f"Sentence number {i} of a long reading that nobody will hear to its end." for i in range(50))
+    body = {"model": "genserve-speech", "input": text, "voice": "alloy", "response_format": "pcm"}
+    with httpx.stream("POST", f"{server.url}/v1/audio/speech", timeout=30, json=body,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        assert r.status_code == 200
+        chunks = r.iter_bytes()
+        next(chunks)
+        assert espeak_children(server.proc.pid), "espeak-ng is not speaking while the stream is read"
+    deadline = time.monotonic() + 10
+    while espeak_children(server.proc.pid):
+        assert time.monotonic() < deadline, "espeak-ng went on after its client left"
+        time.sleep(0.1)

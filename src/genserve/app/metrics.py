@@ -63,6 +63,8 @@ class Metrics:
                                                 "step of a batch", m, buckets=(*TOKEN_BUCKETS, 10.0), registry=r)
         # Audio: real-time factor = seconds of compute per second of audio (below 1: faster than real time).
         self.audio_seconds = Counter("genserve_audio_seconds", "Seconds of audio generated", m, registry=r)
+        self.music_steps = Counter("genserve_music_steps", "Grid steps (a sixteenth note of all four voices) a "
+                                   "music model sampled, per batch", m, registry=r)
         self.audio_real_time_factor = Histogram("genserve_audio_real_time_factor", "Wall time of a request "
                                                 "divided by the seconds of audio it produced", m,
                                                 buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),

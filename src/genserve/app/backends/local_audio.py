@@ -14,11 +14,12 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import numpy as np
 
 from genserve.app.backends.base import AudioChunk, ModelFacts
-from genserve.app.backends.batching import BatchedBackend
+from genserve.app.backends.batching import BatchAbandoned, BatchedBackend
 from genserve.app.errors import InvalidRequestError, RateLimitError
 from genserve.models.audio import SpeechSpec, speakable, split_text
 from genserve.models.audio.espeak import pcm16_to_float, read_wav_header
@@ -124,7 +125,20 @@ class LocalSpeechBackend(_AudioBackend):
 
 class LocalMusicBackend(_AudioBackend):
     async def start(self) -> None:
-        self.start_batcher(self.model.generate)
+        self.start_batcher(self._stepped)
+
+    def _stepped(self, specs: list[Any]) -> list[Any]:
+        """The batch's pieces, each grid step counted (``genserve_music_steps_total``) and reported to the
+        batcher (a long piece that steps is not stalled); the run stops at the next step once every
+        caller of the batch has gone."""
+        steps, mid = self.metrics.music_steps, self.entry.id
+
+        def tick(_step: int, _total: int) -> None:
+            steps.labels(mid).inc()
+            if self.batcher is not None and not self.batcher.beat():
+                raise BatchAbandoned(f"every caller of a batch of {len(specs)} piece(s) has gone")
+
+        return self.model.generate(specs, tick)
 
     async def compose(self, params: MusicParams) -> AudioChunk:
         """The piece as MIDI bytes for ``response_format: mid``, else rendered to samples (off the event

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -117,7 +118,9 @@ class ChoraleGenerator:
 
     parse_key = staticmethod(parse_key)
 
-    def generate(self, specs: list[MusicSpec]) -> list[Piece]:
+    def generate(self, specs: list[MusicSpec], on_step: Callable[[int, int], None] | None = None) -> list[Piece]:
+        """The pieces ``specs`` ask for, in one batched run; ``on_step(step, steps)`` after each grid step
+        (what it raises stops the run)."""
         # 1. check the inputs
         for spec in specs:
             spec.check()
@@ -132,7 +135,7 @@ class ChoraleGenerator:
         # 3. one batched run for the longest piece; shorter ones are its prefixes
         steps = max(s.beats for s in specs) * STEPS_PER_BEAT
         tokens = sample(self.model, modes, steps, [s.temperature for s in specs], generators, allowed,
-                        self.avoid_parallels).cpu()
+                        self.avoid_parallels, on_step).cpu()
         # 4. tokens -> notes in the requested key
         return [self._piece(tokens[b, :s.beats * STEPS_PER_BEAT], s, keys[b], shifts[b])
                 for b, s in enumerate(specs)]

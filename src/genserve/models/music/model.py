@@ -19,6 +19,7 @@ same alone or inside any batch. Training uses the ordinary fused path.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -222,14 +223,16 @@ class ParallelGuard:
 
 @torch.no_grad()
 def sample(model: ChoraleTransformer, modes: torch.Tensor, steps: int, temperatures: list[float],
-           generators: list[torch.Generator], allowed: torch.Tensor, avoid_parallels: bool = True) -> torch.Tensor:
+           generators: list[torch.Generator], allowed: torch.Tensor, avoid_parallels: bool = True,
+           on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """``steps`` grid steps for each of B pieces, from a downbeat: (B, steps, 4) token ids.
 
     modes: (B,) mode ids; one temperature and one generator per piece; allowed: (B, 4, vocab) which
     tokens each voice may take (specials and out-of-range pitches off); ``avoid_parallels``: also
     mask the pitches that :class:`ParallelGuard` forbids. One forward call per token decodes all B
     pieces; each piece draws from its own generator, one draw per token, and every mask is per
-    piece, so a piece does not depend on its batch.
+    piece, so a piece does not depend on its batch. ``on_step(step, steps)`` after each grid step
+    (all four voices); what it raises stops the sampling.
     """
     B, device = modes.shape[0], modes.device
     positions = (torch.arange(-1, steps, device=device) % STEPS_PER_BAR)[None]  # (1, steps + 1): BOS step first
@@ -252,4 +255,6 @@ def sample(model: ChoraleTransformer, modes: torch.Tensor, steps: int, temperatu
             probs = (logits[b] / temperatures[b]).softmax(-1)
             tokens[b, j + 1] = torch.multinomial(probs, 1, generator=generators[b])[0]
         guard.update(voice, tokens[:, j + 1])
+        if voice == 3 and on_step is not None:
+            on_step((j + 1) // 4, steps)
     return tokens[:, 4:].view(B, steps, 4)  # (B, steps, 4)
