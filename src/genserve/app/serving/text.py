@@ -239,8 +239,11 @@ class TextServing:
                         out = _joined(out, tail)
                 if gate.is_blocked(i):
                     open_choices.discard(i)
+                    # The stop goes out first: the yield below suspends this generator while the delta is
+                    # encoded and written, and every millisecond of that the engine steps on.
+                    stopped = self._stop_choice(call, i)
                     yield Delta(i, "", finish_reason="content_filter", num_tokens=0)
-                    if not self._stop_choice(call, i) and not open_choices:
+                    if not stopped and not open_choices:
                         yield Usage(0, tokens)  # the upstream's own count is lost with its stream
                         return
                     continue
