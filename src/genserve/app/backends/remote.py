@@ -336,13 +336,17 @@ class RemoteImageBackend(RemoteBackend):
             async for event in events:
                 if event.get("type") == "image_generation.progress":
                     yield self._progress(event)
-                elif event.get("type") == "image_generation.completed":  # one image, as OpenAI's
-                    yield self._completed(event)
+                elif event.get("type") == "image_generation.completed":
+                    for artifact in self._completed(event):
+                        yield artifact
 
-    def _completed(self, event: dict[str, Any]) -> ImageArtifact:
+    def _completed(self, event: dict[str, Any]) -> list[ImageArtifact]:
+        """One image, as OpenAI's event has it; or, from an older genserve upstream, all of them in ``data``."""
+        if "data" in event and "b64_json" not in event:
+            return self._artifacts(event, "image/png")
         try:
-            return ImageArtifact(encoded=base64.b64decode(event["b64_json"], validate=True),
-                                 media_type=f"image/{event.get('output_format') or 'png'}", seed=event.get("seed"))
+            return [ImageArtifact(encoded=base64.b64decode(event["b64_json"], validate=True),
+                                  media_type=f"image/{event.get('output_format') or 'png'}", seed=event.get("seed"))]
         except (ValueError, KeyError, TypeError) as exc:
             raise self._bad_upstream(f"sent a malformed image_generation.completed event ({exc})") from exc
 

@@ -12,7 +12,7 @@ vertical detail bands when it puts the picture back together. Three changes of o
 - bit ``(i % 8) * 8 + j % 8`` goes to block row ``i``, column ``j`` (a tile of the payload), not the
   library's running count, so a crop keeps every block's bit and ``detect`` can find its grid again;
 - each singular value moves to the nearest value of its bit (at most half a step), not up from the
-  bottom of its step (up to three quarters);
+  bottom of its step (up to three quarters), and never below the next singular value;
 - the colour change is made where the pixels can take it: the least RGB change that gives each
   pixel its new U, with channels at 0 or 255 held there and the others doing their share (the
   library's U change is lost on white and black, which is most of an emoji's background).
@@ -42,6 +42,7 @@ PIXELS_PER_BLOCK = 2 * BLOCK  # the Haar low band is half the size of the pictur
 MIN_SIDE = TILE * PIXELS_PER_BLOCK  # 64: one whole tile
 MIN_PIXELS = 256 * 256  # the library's own minimum: 1,024 blocks, 16 for each bit
 THRESHOLD = 52  # agreeing bits (of 64) for a detection where the blocks sit as marked
+READ_SIDE = 1024  # the square read where the blocks sit: 16,384 blocks, 256 for each bit
 SEARCH_SIDE = 256  # the square searched for a cropped picture's grid: 1,024 blocks, 16 for each bit
 SEARCH_TRIES = PIXELS_PER_BLOCK ** 2 * TILE ** 2  # 64 grid phases x 64 payload shifts
 SEARCH_THRESHOLD = 58  # agreeing bits for a detection found by that search
@@ -76,32 +77,19 @@ def embed(rgb: np.ndarray, bits: np.ndarray) -> np.ndarray:
     low, details = pywt.dwt2(u, "haar")
     coeffs = dctn(_blocks(low), axes=(-2, -1), norm="ortho")
     left, s, right = np.linalg.svd(coeffs)
-    want = _tile(bits, *s.shape[:2]) * 0.5 + 0.25  # the fraction of a step that says each block's bit
-    s[..., 0] = np.maximum(np.round(s[..., 0] / SCALE - want) + want, want) * SCALE
+    rows, cols = s.shape[:2]
+    index = _tile_index(rows, cols)
+    # the fraction of a step that says each block's bit; the value moves to the nearest such point
+    want = np.asarray(bits, dtype=np.float64)[index] * 0.5 + 0.25
+    target = (np.round(s[..., 0] / SCALE - want) + want) * SCALE
+    # never below the next singular value (it would become the largest, and the one read back)
+    target += SCALE * np.ceil(np.maximum(s[..., 1] - target, 0.0) / SCALE + (target <= s[..., 1]) * 1e-9)
+    s[..., 0] = target
     marked_low = _unblocks(idctn((left * s[..., None, :]) @ right, axes=(-2, -1), norm="ortho"))
     du = pywt.idwt2((marked_low, details), "haar") - u
     out = rgb.copy()
     out[:h, :w] = np.clip(np.rint(x + _rgb_change(x, du)), 0, 255).astype(np.uint8)
     return out
-
-
-@dataclass(frozen=True)
-class Reading:
-    bits: np.ndarray  # (64,) bool: each bit's majority
-    confidence: float  # the mean margin of the majorities, 0 (coin flips) to 1 (unanimous blocks)
-
-
-def extract(rgb: np.ndarray) -> Reading:
-    """The 64 bits an image carries where its blocks sit as they were marked (whatever it carries: only
-    a comparison with a payload says)."""
-    if min(rgb.shape[:2]) < MIN_SIDE:
-        raise ValueError(f"a {rgb.shape[1]}x{rgb.shape[0]} image is too small to carry the watermark")
-    share = _shares(_votes(_chroma(rgb)))
-    return Reading(bits=share > 0.5, confidence=float(np.mean(np.abs(share - 0.5)) * 2))
-
-
-def agreement(reading: Reading, bits: np.ndarray) -> int:
-    return int(np.sum(reading.bits == bits))
 
 
 def p_value(agreeing: int) -> float:
@@ -113,40 +101,50 @@ def p_value(agreeing: int) -> float:
 class Detection:
     model: str | None  # the payload's owner, when detected
     best: str  # the best-agreeing payload's owner
-    agreeing: int
-    threshold: int
+    agreeing: int  # bits of the best payload read back (where its blocks sit, or the search's best)
+    threshold: int  # the agreeing bits a detection needs where ``agreeing`` was read
     p_value: float  # the chance that a picture without any of the payloads does this well (all tries counted)
-    searched: bool  # found by the search over crops (else where the blocks sit unmoved)
+    searched: bool  # read by the search over crops (else where the blocks sit unmoved)
+
+
+def read(rgb: np.ndarray) -> np.ndarray:
+    """The 64 bits ``rgb`` carries, read where its blocks sit as marked (whatever it
+    carries: only a comparison with a payload says). At most the first ``READ_SIDE`` square is read."""
+    if min(rgb.shape[:2]) < MIN_SIDE:
+        raise ValueError(f"a {rgb.shape[1]}x{rgb.shape[0]} image is too small to carry the watermark")
+    return _bits(_chroma(rgb[:READ_SIDE, :READ_SIDE]), _ROLLS[:1])[0]
 
 
 def detect(rgb: np.ndarray, payloads: dict[str, np.ndarray]) -> Detection:
     """Whether ``rgb`` carries one of ``payloads``: first where its blocks sit as marked (``THRESHOLD``),
     then, for a picture cropped at its top or left, over every grid phase (8x8 pixels) and payload
-    shift (8x8 blocks) of a ``SEARCH_SIDE`` square: 4,096 tries, hence the stricter
-    ``SEARCH_THRESHOLD``."""
+    shift (8x8 blocks) of a ``SEARCH_SIDE`` square: 4,096 more tries, hence the stricter
+    ``SEARCH_THRESHOLD``. The p-value counts every payload and every try made."""
     owners = list(payloads)
     table = np.stack([payloads[m] for m in owners])  # (M, 64)
-    aligned = (extract(rgb).bits == table).sum(axis=1)
+    aligned = (read(rgb) == table).sum(axis=1)
     k = int(np.argmax(aligned))
-    found = _detection(owners[k], int(aligned[k]), THRESHOLD, len(owners), searched=False)
-    if found.model is not None:
-        return found
+    if aligned[k] >= THRESHOLD:
+        return _detection(owners[k], int(aligned[k]), THRESHOLD, len(owners), searched=False)
     chroma = _chroma(rgb[:SEARCH_SIDE + PIXELS_PER_BLOCK, :SEARCH_SIDE + PIXELS_PER_BLOCK])
     side = min(SEARCH_SIDE, (min(chroma.shape) - PIXELS_PER_BLOCK) // PIXELS_PER_BLOCK * PIXELS_PER_BLOCK)
     if side < MIN_SIDE:
-        return found
+        return _detection(owners[k], int(aligned[k]), THRESHOLD, len(owners), searched=False)
     best, best_owner = -1, 0
-    rolls = _ROLLS
     for dy in range(PIXELS_PER_BLOCK):
         for dx in range(PIXELS_PER_BLOCK):
-            share = _shares(_votes(chroma[dy:dy + side, dx:dx + side]))
-            bits = share[rolls] > 0.5  # (64 shifts, 64 bits)
+            bits = _bits(chroma[dy:dy + side, dx:dx + side], _ROLLS)  # (64 shifts, 64 bits)
             agree = (bits[:, None, :] == table[None]).sum(axis=2)  # (shifts, M)
             shift, owner = np.unravel_index(int(np.argmax(agree)), agree.shape)
             if agree[shift, owner] > best:
                 best, best_owner = int(agree[shift, owner]), int(owner)
-    searched = _detection(owners[best_owner], best, SEARCH_THRESHOLD, len(owners) * SEARCH_TRIES, searched=True)
-    return searched if searched.model is not None or searched.p_value < found.p_value else found
+    tries = len(owners) * (1 + SEARCH_TRIES)  # the aligned read and the search, for every payload
+    if best >= SEARCH_THRESHOLD:
+        return _detection(owners[best_owner], best, SEARCH_THRESHOLD, tries, searched=True)
+    # nothing found: the closer of the two reads, its chance counted over every try made
+    if p_value(int(aligned[k])) <= p_value(best):
+        return _detection(owners[k], int(aligned[k]), THRESHOLD, tries, searched=False)
+    return _detection(owners[best_owner], best, SEARCH_THRESHOLD, tries, searched=True)
 
 
 def _detection(owner: str, agreeing: int, threshold: int, tries: int, searched: bool) -> Detection:
@@ -160,17 +158,18 @@ def _chroma(rgb: np.ndarray) -> np.ndarray:
     return rgb[:h, :w].astype(np.float64) @ _U + 128.0
 
 
-def _votes(u: np.ndarray) -> np.ndarray:
-    """Each block's bit as its singular value says it: (block rows, block columns) bool."""
+def _bits(u: np.ndarray, rolls: np.ndarray) -> np.ndarray:
+    """For each payload shift in ``rolls``, the 64 payload bits the blocks of ``u`` (a U channel) say,
+    each the majority of its blocks: (shifts, 64) bool."""
     low, _ = pywt.dwt2(u, "haar")
     s0 = np.linalg.svd(dctn(_blocks(low), axes=(-2, -1), norm="ortho"), compute_uv=False)[..., 0]
-    return np.mod(s0, SCALE) > SCALE / 2
-
-
-def _shares(votes: np.ndarray) -> np.ndarray:
-    """The share of ones among each payload bit's blocks: (64,)."""
-    index = _tile_index(*votes.shape).ravel()
-    return np.bincount(index, votes.ravel(), BITS) / np.bincount(index, minlength=BITS)
+    votes = (np.mod(s0, SCALE) >= SCALE / 2).ravel()
+    tile = _tile_index(*s0.shape).ravel()
+    out = np.empty((len(rolls), BITS), dtype=bool)
+    for r, roll in enumerate(rolls):
+        index = roll[tile]  # the payload bit each block carries under this shift
+        out[r] = np.bincount(index, votes, BITS) > np.bincount(index, minlength=BITS) / 2
+    return out
 
 
 def _whole(rgb: np.ndarray) -> tuple[int, int]:
@@ -198,10 +197,6 @@ def _tile_index(rows: int, cols: int) -> np.ndarray:
 # _ROLLS[r]: the payload bit each tile position reads when the payload is shifted by r = 8 * rows + columns
 _ROLLS = np.array([[((i + r // TILE) % TILE) * TILE + (j + r % TILE) % TILE for i in range(TILE) for j in range(TILE)]
                    for r in range(TILE * TILE)])
-
-
-def _tile(bits: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    return np.asarray(bits, dtype=np.float64)[_tile_index(rows, cols)]
 
 
 def _rgb_change(x: np.ndarray, du: np.ndarray) -> np.ndarray:

@@ -33,10 +33,12 @@ from genserve.models.text.watermark import SCHEME, Detection, Watermark, detect,
 GENERATOR = f"genserve/{__version__}"
 MAX_VERIFY_CHARS = 200_000  # about 50k tokens: a long document (at most 4,096 distinct pairs are scored)
 MIN_VERIFY_PAIRS = 50  # distinct token pairs below which a text is not scored
-MAX_VERIFY_PIXELS = 4096 * 4096  # an image file's pixels decoded to read its watermark
-AUDIO_UNMARKED = "genserve has no audio watermark: C2PA content credentials only"
-SMALL_IMAGE = (f"images under {image_watermark.MIN_PIXELS} pixels (256x256) carry no watermark: too few "
-               "blocks to hold it reliably")
+MAX_VERIFY_PIXELS = 4096 * 4096  # an image file's pixels decoded to read its watermark (larger: not read)
+IMAGE_CHECKS_AT_ONCE = 2  # image watermark checks at once (each holds a decoded picture, up to 48 MB)
+AUDIO_UNMARKED = "genserve has no audio watermark"
+REMOTE_FILES = "a remote model's files pass through as its server made them"
+SMALL_IMAGE = (f"images under 256x256 pixels (or with a side under {image_watermark.MIN_SIDE}) carry no "
+               "watermark: too few blocks to hold it reliably")
 
 
 class ProvenanceService:
@@ -44,6 +46,7 @@ class ProvenanceService:
         self.settings, self.manager = settings, manager
         self._secret: str | None = None
         self._credentials: ContentCredentials | None = None
+        self._image_checks = asyncio.Semaphore(IMAGE_CHECKS_AT_ONCE)
 
     def start(self) -> None:
         """Reads (or makes) the watermark secret and the C2PA signing credentials; before the first request."""
@@ -61,9 +64,7 @@ class ProvenanceService:
 
     def watermark(self, model_id: str) -> Watermark:
         """The model's own watermark: its key is the secret's and the model's, so detection names the model."""
-        if self._secret is None:
-            raise RuntimeError("ProvenanceService.start() was not called")
-        return Watermark(key_from_secret(f"{self._secret}\0{model_id}"))
+        return Watermark(key_from_secret(f"{self._started_secret()}\0{model_id}"))
 
     # text ----------------------------------------------------------------------------------------
     def text(self, entry: ModelEntry, params: SamplingParams) -> Provenance:
@@ -96,11 +97,12 @@ class ProvenanceService:
         """``pixels`` watermarked with ``entry``'s payload where that applies (``exact``: the caller's
         pixels must stay as they are, as an inpainting's kept ones), and why not where it does not."""
         if not entry.can_watermark:
-            reason = "a remote model's images pass through as its server made them"
+            reason = REMOTE_FILES
         elif not entry.watermark:
             reason = "the watermark is off for this model"
         elif exact:
-            reason = "an inpainting keeps the pixels outside its mask exactly as sent, so it carries no watermark"
+            reason = ("an inpainting keeps the pixels outside its mask exactly as sent, so genserve adds no "
+                      "watermark (a mark the upload carried stays)")
         elif not image_watermark.fits(pixels.shape[1], pixels.shape[0]):
             reason = SMALL_IMAGE
         else:
@@ -108,9 +110,12 @@ class ProvenanceService:
         return pixels, reason
 
     def _image_payload(self, model_id: str) -> np.ndarray:
+        return image_watermark.payload(self._started_secret(), model_id)
+
+    def _started_secret(self) -> str:
         if self._secret is None:
             raise RuntimeError("ProvenanceService.start() was not called")
-        return image_watermark.payload(self._secret, model_id)
+        return self._secret
 
     def media(self, entry: ModelEntry, media_type: str, signed: bool, streamed: bool = False,
               unwatermarked: str | None = AUDIO_UNMARKED) -> Provenance:
@@ -119,7 +124,7 @@ class ProvenanceService:
         reasons = [] if unwatermarked is None else [unwatermarked]
         if not signed:
             if entry.backend != "local":
-                reasons.append("a remote model's files pass through as its server made them")
+                reasons.append(REMOTE_FILES)
             elif not entry.c2pa:
                 reasons.append("C2PA content credentials are off for this model")
             elif streamed:
@@ -153,15 +158,17 @@ class ProvenanceService:
             problems=summary.problems, manifest=summary.manifest)
         mark = None
         if media_type.startswith("image/") and (payloads := self._marked_image_payloads()):
-            mark = await asyncio.to_thread(_image_verdict, _pixels(data), payloads)
+            async with self._image_checks:  # each holds a decoded picture: a few at a time
+                mark = await asyncio.to_thread(lambda: _image_verdict(_pixels(data), payloads))
         return VerifyResponse(media_type=media_type, c2pa=verdict, watermark=mark)
 
     def _marked_image_payloads(self) -> dict[str, np.ndarray]:
-        """The payloads of the watermarked image models a request's key may use."""
+        """The payloads of the watermarked image models a request's key may use and that make images big
+        enough to carry one (a model that never could would only add chances of a false match)."""
         key = current_key()
         return {mid: self._image_payload(mid) for mid, b in self.manager.backends.items()
                 if b.entry.modality == "image" and b.entry.can_watermark and b.entry.watermark
-                and (key is None or key.allows(b.entry))}
+                and (key is None or key.allows(b.entry)) and _can_carry(b.describe().sizes)}
 
     async def verify_text(self, body: VerifyTextRequest) -> VerifyResponse:
         if len(body.text) > MAX_VERIFY_CHARS:
@@ -218,19 +225,20 @@ def _unmarked_because(entry: ModelEntry, params: SamplingParams) -> str | None:
 
 def _pixels(data: bytes) -> np.ndarray | None:
     """An image file's (first) picture as (H, W, 3) uint8, decoded only once its size is known to be within
-    ``MAX_VERIFY_PIXELS``; None where its pixels do not decode (an altered file, whose credentials say so)."""
+    ``MAX_VERIFY_PIXELS``; None for a larger one, and where its pixels do not decode (an altered file, whose
+    credentials say so)."""
     try:
-        im = Image.open(io.BytesIO(data), formats=("PNG", "JPEG", "WEBP", "GIF"))
+        with Image.open(io.BytesIO(data), formats=("PNG", "JPEG", "WEBP", "GIF")) as im:
+            if im.width * im.height > MAX_VERIFY_PIXELS:
+                return None
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
     except Exception:
         return None
-    with im:
-        if im.width * im.height > MAX_VERIFY_PIXELS:
-            raise InvalidRequestError(f"The image is {im.width}x{im.height}; at most {MAX_VERIFY_PIXELS} pixels are "
-                                      "checked for a watermark.", param="file")
-        try:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except Exception:
-            return None
+
+
+def _can_carry(sizes: list[tuple[int, int]] | None) -> bool:
+    """Whether a model with these sizes makes images that carry the watermark (unknown sizes: perhaps)."""
+    return sizes is None or any(image_watermark.fits(w, h) for w, h in sizes)
 
 
 def _image_verdict(pixels: np.ndarray | None, payloads: dict[str, np.ndarray]) -> WatermarkVerdict | None:
