@@ -34,6 +34,32 @@ def test_full_queue_gets_429(server: Server) -> None:
     assert limited.json()["error"]["type"] == "rate_limit_error"
 
 
+def test_a_full_queue_answers_429_before_moderation_runs(server: Server) -> None:
+    """One request running and one waiting fill tiny-queue1 (one sequence, one waiting); the next gets its
+    429 at admission: input moderation (on for this model) never checks it."""
+    model = "tiny-queue1"
+
+    def wait_for(metric: str) -> None:
+        deadline = time.monotonic() + 10
+        while server.metric(metric, model_name=model) < 1:
+            assert time.monotonic() < deadline, f"{metric} never reached 1"
+            time.sleep(0.02)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        busy = []
+        for metric in ("genserve_num_requests_running", "genserve_num_requests_waiting"):  # one, then the other
+            busy.append(pool.submit(lambda: server.client().post("/v1/completions",
+                                                                 json={**LONG, "model": model, "max_tokens": 500})))
+            wait_for(metric)
+        checks = server.metric("genserve_moderation_checks_total", model_name=model, direction="input")
+        with server.client() as client:
+            limited = [client.post("/v1/completions", json={**LONG, "model": model}) for _ in range(5)]
+        after = server.metric("genserve_moderation_checks_total", model_name=model, direction="input")
+        assert [r.result().status_code for r in busy] == [200, 200]
+    assert [r.status_code for r in limited] == [429] * 5 and limited[0].headers["retry-after"] == "1"
+    assert after == checks, "moderation ran for requests refused at admission"
+
+
 def test_deadline_gets_504(server: Server) -> None:
     with server.client() as client:
         r = client.post("/v1/completions", json={**LONG, "model": "tiny-deadline"})

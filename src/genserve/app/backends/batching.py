@@ -114,10 +114,14 @@ class DynamicBatcher(Generic[T, R]):
         finally:
             self._leave(items)
 
-    def _enqueue(self, values: list[T]) -> list[_Item[T]]:
+    def check_room(self) -> None:
+        """429 while ``max_waiting`` requests wait."""
         if len(self._queued) >= self.max_waiting:
             raise RateLimitError(f"Too many requests waiting for this model ({len(self._queued)} queued, limit "
                                  f"{self.max_waiting}); retry shortly.", headers={"Retry-After": "1"})
+
+    def _enqueue(self, values: list[T]) -> list[_Item[T]]:
+        self.check_room()
         loop = asyncio.get_running_loop()
         self._requests += 1
         items = [_Item(v, loop.create_future(), self._requests) for v in values]
@@ -257,6 +261,10 @@ class BatchedBackend(Backend):
     def ready(self) -> bool:
         b = self.batcher
         return self.loaded and b is not None and b.alive() and not b.stalled(STALL_SECONDS)
+
+    def check_room(self) -> None:
+        if self.batcher is not None:
+            self.batcher.check_room()
 
     def drain(self) -> None:
         if self.batcher is not None:

@@ -79,10 +79,16 @@ class LocalSpeechBackend(_AudioBackend):
             async for piece in audio:
                 yield piece
 
-    async def _speak_process(self, spec: SpeechSpec) -> AsyncGenerator[np.ndarray, None]:
-        if self._processes.locked() and self._queued >= self.entry.max_waiting:
+    def check_room(self) -> None:
+        processes: asyncio.Semaphore | None = getattr(self, "_processes", None)  # espeak-ng, once started
+        if processes is None:  # pieces through the batcher (or not started: get() says so)
+            super().check_room()
+        elif processes.locked() and self._queued >= self.entry.max_waiting:
             raise RateLimitError(f"Too many requests waiting for this model ({self._queued} queued, limit "
                                  f"{self.entry.max_waiting}); retry shortly.", headers={"Retry-After": "1"})
+
+    async def _speak_process(self, spec: SpeechSpec) -> AsyncGenerator[np.ndarray, None]:
+        self.check_room()
         self._queued += 1
         try:
             await self._processes.acquire()

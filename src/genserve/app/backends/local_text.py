@@ -265,11 +265,19 @@ class LocalTextBackend(Backend):
             finished = finished or ev.finished
         return list(deltas.values()), None, finished
 
+    def check_room(self) -> None:
+        with self._lock:
+            self._refuse_if_full(self.entry.max_waiting)
+
+    def _refuse_if_full(self, limit: int) -> None:
+        if self._waiting >= limit:
+            raise RateLimitError(f"Too many requests waiting for model '{self.entry.id}' ({self._waiting} "
+                                 f"queued, limit {limit}); retry shortly.", headers={"Retry-After": "1"})
+
     def _count_waiting(self, delta: int, limit: int | None = None) -> None:
         with self._lock:
-            if limit is not None and self._waiting >= limit:
-                raise RateLimitError(f"Too many requests waiting for model '{self.entry.id}' ({self._waiting} "
-                                     f"queued, limit {limit}); retry shortly.", headers={"Retry-After": "1"})
+            if limit is not None:
+                self._refuse_if_full(limit)
             self._waiting += delta
             self.metrics.num_requests_waiting.labels(self.entry.id).set(self._waiting)
 

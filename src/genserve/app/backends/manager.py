@@ -179,12 +179,14 @@ class ModelManager:
         return cast(B, backend)
 
     async def acquire(self, model_id: str, task: str, kind: type[B]) -> B:
-        """``get`` for the model a request names: also 403 unless the request's API key may use it, and
-        429 while the key has used up its allowance of the model's unit (app/tenancy.py)."""
+        """``get`` for the model a request names: also 403 unless the request's API key may use it, 429
+        while the key has used up its allowance of the model's unit (app/tenancy.py), and 429 at once
+        while the model's queue is full."""
         if (known := self.backends.get(model_id)) is not None:
             check_scope(known.entry)  # before its tasks or state say anything about it
         backend = self.get(model_id, task, kind)
         await admit_model(backend.entry)
+        self.backends[backend.entry.id].check_room()
         return backend
 
     def known_readiness(self) -> dict[str, bool]:

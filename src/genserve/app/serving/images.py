@@ -236,7 +236,8 @@ class ImageServing:
         if body.stream and facts.image_kind == "latent":
             raise InvalidRequestError("stream applies to diffusion models.", param="stream")
         if body.partial_images:
-            raise InvalidRequestError("partial_images is not supported: genserve's streams send an "
+            raise InvalidRequestError("partial_images is not supported: a partial image would leave before "
+                                      "output moderation has checked the image; genserve's streams send an "
                                       "image_generation.progress event for each denoising step instead.",
                                       param="partial_images")
         params = ImageParams(jobs=jobs, size=body.size, stream=body.stream)
