@@ -118,12 +118,14 @@ def test_work_the_grace_cannot_cover_ends_with_an_error_event_or_a_503(servers: 
 def test_sigterm_drains_the_queue_and_finishes_running_work(servers: dict[str, Server]) -> None:
     srv = wait_ready(servers["queue"])
     body = {"model": "tiny-drain", "prompt": "The json module", "max_tokens": 300, "ignore_eos": True}
+    # The running request must outlast the two waits below: 480 tokens at 2 ms a step is about 1 s (300
+    # finished within them on a fast CPU, and a queued request then ran to its end).
     try:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            running = pool.submit(_post, srv.url, body)
+            running = pool.submit(_post, srv.url, {**body, "max_tokens": 480})
             time.sleep(0.3)  # the first request is in the engine's batch
             queued = [pool.submit(_post, srv.url, body) for _ in range(3)]
-            time.sleep(0.3)  # the others are in its queue
+            time.sleep(0.2)  # the others are in its queue (one that is not yet gets its 503 as a new request)
             sent = time.monotonic()
             srv.proc.send_signal(signal.SIGTERM)
             for f in queued:
@@ -132,7 +134,7 @@ def test_sigterm_drains_the_queue_and_finishes_running_work(servers: dict[str, S
                 assert "shutting down" in r.json()["error"]["message"]
             answered = time.monotonic() - sent
             done = running.result()
-        assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 300
+        assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 480
         assert answered < 2.0  # at once, not after the running request or the grace period
         # A stop asked for and done cleanly exits 0 (`make serve` prints no "Error 143"), logging no ERROR.
         assert srv.proc.wait(30) == 0
