@@ -323,7 +323,7 @@ SERVER_SETS: dict[str, Callable[[pytest.TempPathFactory], list[str]]] = {
     "text": lambda _: [builtin_entry(TEXT), builtin_entry(EMBED), builtin_entry("genserve-moderation"),
                        text_entry("tiny-fp32", dtype="float32")],  # the shipped model as transformers computes it
     "limits": lambda _: [text_entry("tiny-queue1", max_waiting=1, max_batch_size=1,  # one sequence at a time
-                                    moderation={"input": True}),  # its 429s come before moderation's work
+                                    moderation={"input": True, "semantic": False}),  # its 429s: before moderation
                          text_entry("tiny-deadline", request_timeout_s=0.3),
                          text_entry("tiny-disconnect"),
                          text_entry("tiny-smallkv", kv_cache_tokens=64, kv_block_size=16)],  # smaller than a context

@@ -39,6 +39,10 @@ def test_a_full_queue_answers_429_before_moderation_runs(server: Server) -> None
     429 at admission: input moderation (on for this model) never checks it."""
     model = "tiny-queue1"
 
+    def post_long() -> httpx.Response:
+        with server.client() as client:
+            return client.post("/v1/completions", json={**LONG, "model": model, "max_tokens": 500})
+
     def wait_for(metric: str) -> None:
         deadline = time.monotonic() + 10
         while server.metric(metric, model_name=model) < 1:
@@ -48,8 +52,7 @@ def test_a_full_queue_answers_429_before_moderation_runs(server: Server) -> None
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         busy = []
         for metric in ("genserve_num_requests_running", "genserve_num_requests_waiting"):  # one, then the other
-            busy.append(pool.submit(lambda: server.client().post("/v1/completions",
-                                                                 json={**LONG, "model": model, "max_tokens": 500})))
+            busy.append(pool.submit(post_long))
             wait_for(metric)
         checks = server.metric("genserve_moderation_checks_total", model_name=model, direction="input")
         with server.client() as client:

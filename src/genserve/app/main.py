@@ -61,6 +61,7 @@ def create_app(settings: Settings, entries: list[ModelEntry] | None = None) -> F
         provenance_service.start()
         await manager.start()
         await asyncio.to_thread(moderation.warm_up)
+        manager.freeze_heap_when_loaded()
         yield
         await manager.close()
         moderation.close()

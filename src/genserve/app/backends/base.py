@@ -226,10 +226,10 @@ class Backend:
     async def check_ready(self) -> bool:
         return self.ready()
 
-    def check_room(self) -> None:
-        """The 429 this model's queue would give a request now, raised at admission: before moderation
-        and any other work is spent on a request that cannot queue. The queue's own check still
-        decides (a slot may go between the two)."""
+    def check_room(self, task: str) -> None:
+        """The 429 this model's queue would give a request for ``task`` now, raised at admission: before
+        moderation and any other work is spent on a request that cannot queue. The queue's own check
+        still decides (a slot may go between the two)."""
 
     def drain(self) -> None:
         """Shutdown has begun: fail queued work now with a 503 (running work may finish)."""

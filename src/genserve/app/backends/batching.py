@@ -262,7 +262,7 @@ class BatchedBackend(Backend):
         b = self.batcher
         return self.loaded and b is not None and b.alive() and not b.stalled(STALL_SECONDS)
 
-    def check_room(self) -> None:
+    def check_room(self, task: str) -> None:
         if self.batcher is not None:
             self.batcher.check_room()
 

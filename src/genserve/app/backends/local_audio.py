@@ -79,16 +79,16 @@ class LocalSpeechBackend(_AudioBackend):
             async for piece in audio:
                 yield piece
 
-    def check_room(self) -> None:
+    def check_room(self, task: str) -> None:
         processes: asyncio.Semaphore | None = getattr(self, "_processes", None)  # espeak-ng, once started
         if processes is None:  # pieces through the batcher (or not started: get() says so)
-            super().check_room()
+            super().check_room(task)
         elif processes.locked() and self._queued >= self.entry.max_waiting:
             raise RateLimitError(f"Too many requests waiting for this model ({self._queued} queued, limit "
                                  f"{self.entry.max_waiting}); retry shortly.", headers={"Retry-After": "1"})
 
     async def _speak_process(self, spec: SpeechSpec) -> AsyncGenerator[np.ndarray, None]:
-        self.check_room()
+        self.check_room("speech")
         self._queued += 1
         try:
             await self._processes.acquire()

@@ -25,6 +25,10 @@ from genserve.models.params import ImageInterpolationParams, ImageJob, ImagePara
 class LocalImageBackend(BatchedBackend):
     runner: DiffusionRunner | LatentRunner | None = None
 
+    def check_room(self, task: str) -> None:
+        if task != "interpolation":  # interpolations run beside the batcher, never in its queue
+            super().check_room(task)
+
     def setup(self) -> None:
         e = self.entry
         self.runner = runner_for(self.load_model(), 2 * e.max_batch_size, e.attention, e.compile)

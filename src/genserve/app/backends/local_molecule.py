@@ -43,6 +43,9 @@ class LocalMoleculeBackend(Backend):
         self.training_set: TrainingSet | None = None
         self.bos_id = 0
 
+    def check_room(self, task: str) -> None:
+        self.text.check_room(task)  # generation rounds queue in the engine
+
     def setup(self) -> None:
         self.text.setup()
         tm = self.text.tm

@@ -265,7 +265,7 @@ class LocalTextBackend(Backend):
             finished = finished or ev.finished
         return list(deltas.values()), None, finished
 
-    def check_room(self) -> None:
+    def check_room(self, task: str) -> None:
         with self._lock:
             self._refuse_if_full(self.entry.max_waiting)
 

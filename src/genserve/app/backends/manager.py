@@ -82,6 +82,7 @@ class ModelManager:
         self.settings, self.metrics = settings, metrics
         self.backends: dict[str, Backend] = {e.id: build_backend(e, settings, metrics) for e in entries}
         self._tasks: list[asyncio.Task] = []
+        self._loads: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.draining = False
         self.grace_ends: float | None = None  # once draining: the loop time by which running work answers
@@ -91,17 +92,25 @@ class ModelManager:
         """Loads every model in the background; requests for one still loading get a 503."""
         self._loop = asyncio.get_running_loop()
         lock = asyncio.Lock()  # one at a time: bounded memory and CPU, no concurrent first imports
-        loads = [asyncio.create_task(self._load(backend, lock)) for backend in self.backends.values()]
-        self._tasks += [*loads, asyncio.create_task(self._announce(loads, time.monotonic()))]
+        self._loads = [asyncio.create_task(self._load(backend, lock)) for backend in self.backends.values()]
+        self._tasks += [*self._loads, asyncio.create_task(self._announce(self._loads, time.monotonic()))]
+
+    def freeze_heap_when_loaded(self) -> None:
+        """Once every model has loaded: what the models and libraries loaded stays for the process's
+        life, so it goes out of the cyclic collector's sight (``gc.freeze``), and a full collection
+        scans only what requests make. It scanned millions of objects, stopping the event loop about
+        220 ms at a time (benchmarks/loop_latency.py). Call it when the other start-up work (moderation's
+        warm-up) is done; ``close`` unfreezes."""
+        async def freeze() -> None:
+            await asyncio.gather(*self._loads, return_exceptions=True)
+            gc.collect()
+            gc.freeze()
+
+        self._tasks.append(asyncio.create_task(freeze()))
 
     async def _announce(self, loads: list[asyncio.Task], started: float) -> None:
         """One line once every model has loaded (or failed): where to go, what is served, how long it took."""
         await asyncio.gather(*loads, return_exceptions=True)
-        # What the models and libraries loaded stays for the process's life: out of the collector's
-        # sight, a full collection scans only what requests make (it scanned millions of objects,
-        # stopping the event loop about 220 ms at a time).
-        gc.collect()
-        gc.freeze()
         took, base = time.monotonic() - started, self.settings.base_url()
         failed = [mid for mid, b in self.backends.items() if b.load_error]
         served = [mid for mid in self.backends if mid not in failed]
@@ -159,6 +168,7 @@ class ModelManager:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*(b.close() for b in self.backends.values()), return_exceptions=True)
+        gc.unfreeze()  # what was frozen may be collected again (a process that goes on, as a test's)
 
     def get(self, model_id: str, task: str, kind: type[B]) -> B:
         """The backend of ``model_id`` for ``task``, as the Protocol ``kind`` the endpoint needs: 404 for
@@ -192,7 +202,7 @@ class ModelManager:
             check_scope(known.entry)  # before its tasks or state say anything about it
         backend = self.get(model_id, task, kind)
         await admit_model(backend.entry)
-        self.backends[backend.entry.id].check_room()
+        self.backends[backend.entry.id].check_room(task)
         return backend
 
     def known_readiness(self) -> dict[str, bool]:

@@ -61,9 +61,8 @@ class ImageGenerationRequest(OpenAIBaseModel, DiffusionKnobs, OutputFields):
                          "image_generation.progress for each denoising step, then OpenAI's image_generation.completed "
                          "for each image (b64_json, and url when response_format is url)")
     partial_images: int | None = Field(None, ge=0, le=3, description="OpenAI's partial images while streaming: "
-                                       "not sent by genserve, as they would leave before output moderation "
-                                       "checked the image (0 or unset; progress events say how far the "
-                                       "denoising is)")
+                                       "not sent: genserve checks and marks each finished image before it "
+                                       "leaves (0 or unset; progress events say how far the denoising is)")
 
 
 class ImageEditForm(DiffusionKnobs, OutputFields):

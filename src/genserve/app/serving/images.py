@@ -232,14 +232,14 @@ class ImageServing:
         facts = backend.describe()
         jobs = self._jobs(backend, facts, body, body.prompt, body.n, body.size)
         self._check_output(backend, body)
-        await self.moderation.check_input(body.model, [("prompt", body.prompt)], raw)
         if body.stream and facts.image_kind == "latent":
             raise InvalidRequestError("stream applies to diffusion models.", param="stream")
         if body.partial_images:
-            raise InvalidRequestError("partial_images is not supported: a partial image would leave before "
-                                      "output moderation has checked the image; genserve's streams send an "
-                                      "image_generation.progress event for each denoising step instead.",
-                                      param="partial_images")
+            raise InvalidRequestError("partial_images is not supported: genserve checks and marks each finished "
+                                      "image before it leaves, and a partial image would leave unchecked and "
+                                      "unmarked; its streams send an image_generation.progress event for each "
+                                      "denoising step instead.", param="partial_images")
+        await self.moderation.check_input(body.model, [("prompt", body.prompt)], raw)
         params = ImageParams(jobs=jobs, size=body.size, stream=body.stream)
         if body.stream:
             # The first event is awaited before any header goes out, so an error that comes first (a
