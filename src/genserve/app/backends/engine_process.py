@@ -109,6 +109,11 @@ class EngineClient:
         self._conn, child = ctx.Pipe()
         self.process = ctx.Process(target=engine_main, args=(child, spec), name=f"engine-{name}", daemon=True)
         self._outbox: queue.Queue[tuple | None] = queue.Queue()
+        # ``_pipe`` is held while a command goes down the pipe; ``_unsent`` (under ``_count``, never held
+        # long) counts commands put but not yet sent, so an abort may skip the queue (and the sender
+        # thread's wake-up) only when nothing is ahead of it. The event loop never waits on ``_pipe``.
+        self._pipe, self._count = threading.Lock(), threading.Lock()
+        self._unsent = 0
         self.info: dict[str, Any] = {}
         self.last_message = self.started = time.monotonic()
         self.stopping = False  # stop() was called: the child's exit is expected
@@ -134,19 +139,38 @@ class EngineClient:
         return self.process.is_alive()
 
     def add(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        self._outbox.put(("add", rid, prompt_ids, params))
+        self._put(("add", rid, prompt_ids, params))
 
     def abort(self, rid: str, index: int | None = None) -> None:
-        """Aborts request ``rid``, or only its choice ``index``."""
-        self._outbox.put(("abort", rid, index))
+        """Aborts request ``rid``, or only its choice ``index``: sent at once when no command is ahead of
+        it and the pipe is free (a stop that waits for the sender thread lets the engine step on: it
+        waits for the GIL up to the switch interval), else queued behind them."""
+        cmd = ("abort", rid, index)
+        if self._pipe.acquire(blocking=False):
+            try:
+                with self._count:
+                    first = self._unsent == 0
+                if first:
+                    self._conn.send(cmd)  # a few bytes: the child reads the pipe before every step
+                    return
+            except (BrokenPipeError, OSError):
+                return  # the child is gone; the reader reports it
+            finally:
+                self._pipe.release()
+        self._put(cmd)
 
     def fail_waiting(self) -> None:
-        self._outbox.put(("fail_waiting",))
+        self._put(("fail_waiting",))
 
     def stop(self) -> None:
         self.stopping = True
-        self._outbox.put(("stop",))
+        self._put(("stop",))
         self._outbox.put(None)
+
+    def _put(self, cmd: tuple) -> None:
+        with self._count:
+            self._unsent += 1
+        self._outbox.put(cmd)
 
     def join(self, timeout: float) -> None:
         self.process.join(timeout)
@@ -155,12 +179,16 @@ class EngineClient:
 
     def _send_loop(self) -> None:
         while (cmd := self._outbox.get()) is not None:
-            try:
-                self._conn.send(cmd)
-            except (BrokenPipeError, OSError):
-                return  # the child is gone; the reader reports it
-            except Exception:  # one bad command must not silence every later one
-                log.exception("could not send %r to the engine of %s", cmd[0], self.name)
+            with self._pipe:
+                try:
+                    self._conn.send(cmd)
+                except (BrokenPipeError, OSError):
+                    return  # the child is gone; the reader reports it
+                except Exception:  # one bad command must not silence every later one
+                    log.exception("could not send %r to the engine of %s", cmd[0], self.name)
+                finally:
+                    with self._count:
+                        self._unsent -= 1
 
     def _recv_loop(self) -> None:
         while True:
