@@ -54,50 +54,52 @@ def services_of(app: FastAPI) -> Services:
     return services
 
 
-def get_services(request: Request) -> Services:
+# Every dependency is ``async def``: FastAPI runs a plain ``def`` dependency in its thread pool, a hop
+# per dependency per request (two or three, about a third of a trivial request's time).
+async def get_services(request: Request) -> Services:
     return services_of(request.app)
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_metrics(services: ServicesDep) -> Metrics:
+async def get_metrics(services: ServicesDep) -> Metrics:
     return services.metrics
 
 
-def get_manager(services: ServicesDep) -> ModelManager:
+async def get_manager(services: ServicesDep) -> ModelManager:
     return services.manager
 
 
-def get_models_serving(services: ServicesDep) -> ModelsServing:
+async def get_models_serving(services: ServicesDep) -> ModelsServing:
     return services.models
 
 
-def get_text_serving(services: ServicesDep) -> TextServing:
+async def get_text_serving(services: ServicesDep) -> TextServing:
     return services.text
 
 
-def get_embedding_serving(services: ServicesDep) -> EmbeddingServing:
+async def get_embedding_serving(services: ServicesDep) -> EmbeddingServing:
     return services.embeddings
 
 
-def get_image_serving(services: ServicesDep) -> ImageServing:
+async def get_image_serving(services: ServicesDep) -> ImageServing:
     return services.images
 
 
-def get_audio_serving(services: ServicesDep) -> AudioServing:
+async def get_audio_serving(services: ServicesDep) -> AudioServing:
     return services.audio
 
 
-def get_molecule_serving(services: ServicesDep) -> MoleculeServing:
+async def get_molecule_serving(services: ServicesDep) -> MoleculeServing:
     return services.molecules
 
 
-def get_moderation_serving(services: ServicesDep) -> ModerationServing:
+async def get_moderation_serving(services: ServicesDep) -> ModerationServing:
     return services.moderations
 
 
-def get_provenance(services: ServicesDep) -> ProvenanceService:
+async def get_provenance(services: ServicesDep) -> ProvenanceService:
     return services.provenance
 
 
