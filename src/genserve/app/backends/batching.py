@@ -266,6 +266,13 @@ class BatchedBackend(Backend):
         if self.batcher is not None:
             self.batcher.check_room()
 
+    def stepped(self, what: str) -> None:
+        """Called by the model between steps of the running batch (from its thread): the batch made
+        progress (``DynamicBatcher.beat``); once every caller of it has gone, stops it
+        (``BatchAbandoned``) instead of finishing work nobody reads. ``what`` names the batch's items."""
+        if self.batcher is not None and not self.batcher.beat():
+            raise BatchAbandoned(f"every caller of a batch of {what} has gone")
+
     def drain(self) -> None:
         if self.batcher is not None:
             self.batcher.fail_waiting()

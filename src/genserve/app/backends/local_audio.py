@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from genserve.app.backends.base import AudioChunk, ModelFacts
-from genserve.app.backends.batching import BatchAbandoned, BatchedBackend
+from genserve.app.backends.batching import BatchedBackend
 from genserve.app.errors import InvalidRequestError, RateLimitError
 from genserve.models.audio import SpeechSpec, speakable, split_text
 from genserve.models.audio.espeak import pcm16_to_float, read_wav_header
@@ -39,6 +39,8 @@ class _AudioBackend(BatchedBackend):
 
 
 class LocalSpeechBackend(_AudioBackend):
+    _processes: asyncio.Semaphore | None = None  # espeak-ng processes at once (a streaming family, once started)
+
     async def start(self) -> None:
         if self.model.streams:
             self._processes = asyncio.Semaphore(self.entry.max_batch_size)
@@ -80,18 +82,19 @@ class LocalSpeechBackend(_AudioBackend):
                 yield piece
 
     def check_room(self, task: str) -> None:
-        processes: asyncio.Semaphore | None = getattr(self, "_processes", None)  # espeak-ng, once started
-        if processes is None:  # pieces through the batcher (or not started: get() says so)
+        if self._processes is None:  # pieces through the batcher (or not started: get() says so)
             super().check_room(task)
-        elif processes.locked() and self._queued >= self.entry.max_waiting:
+        elif self._processes.locked() and self._queued >= self.entry.max_waiting:
             raise RateLimitError(f"Too many requests waiting for this model ({self._queued} queued, limit "
                                  f"{self.entry.max_waiting}); retry shortly.", headers={"Retry-After": "1"})
 
     async def _speak_process(self, spec: SpeechSpec) -> AsyncGenerator[np.ndarray, None]:
+        processes = self._processes
+        assert processes is not None  # start() made it: this family streams
         self.check_room("speech")
         self._queued += 1
         try:
-            await self._processes.acquire()
+            await processes.acquire()
         finally:
             self._queued -= 1
         try:
@@ -99,7 +102,7 @@ class LocalSpeechBackend(_AudioBackend):
                 async for chunk in chunks:
                     yield chunk
         finally:
-            self._processes.release()
+            processes.release()
 
     async def _run_process(self, spec: SpeechSpec) -> AsyncGenerator[np.ndarray, None]:
         proc = await asyncio.create_subprocess_exec(
@@ -141,8 +144,7 @@ class LocalMusicBackend(_AudioBackend):
 
         def tick(_step: int, _total: int) -> None:
             steps.labels(mid).inc()
-            if self.batcher is not None and not self.batcher.beat():
-                raise BatchAbandoned(f"every caller of a batch of {len(specs)} piece(s) has gone")
+            self.stepped(f"{len(specs)} piece(s)")
 
         return self.model.generate(specs, tick)
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, Callable
 import numpy as np
 
 from genserve.app.backends.base import ImageArtifact, ImageEvent, ModelFacts, Progress
-from genserve.app.backends.batching import BatchAbandoned, BatchedBackend
+from genserve.app.backends.batching import BatchedBackend
 from genserve.app.errors import InvalidRequestError
 from genserve.models.diffusion.runner import DiffusionRunner
 from genserve.models.image.runner import LatentRunner, runner_for
@@ -54,8 +54,7 @@ class LocalImageBackend(BatchedBackend):
                 now = time.perf_counter()
                 hist.labels(mid).observe(now - last)
                 last = now
-                if self.batcher is not None and not self.batcher.beat():
-                    raise BatchAbandoned(f"every caller of a batch of {len(jobs)} image(s) has gone")
+                self.stepped(f"{len(jobs)} image(s)")
 
             return run(jobs, tick)
 

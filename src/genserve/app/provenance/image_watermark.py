@@ -100,7 +100,6 @@ def p_value(agreeing: int) -> float:
 @dataclass(frozen=True)
 class Detection:
     model: str | None  # the payload's owner, when detected
-    best: str  # the best-agreeing payload's owner
     agreeing: int  # bits of the best payload read back (where its blocks sit, or the search's best)
     threshold: int  # the agreeing bits a detection needs where ``agreeing`` was read
     p_value: float  # the chance that a picture without any of the payloads does this well (all tries counted)
@@ -148,7 +147,7 @@ def detect(rgb: np.ndarray, payloads: dict[str, np.ndarray]) -> Detection:
 
 
 def _detection(owner: str, agreeing: int, threshold: int, tries: int, searched: bool) -> Detection:
-    return Detection(model=owner if agreeing >= threshold else None, best=owner, agreeing=agreeing,
+    return Detection(model=owner if agreeing >= threshold else None, agreeing=agreeing,
                      threshold=threshold, p_value=min(1.0, p_value(agreeing) * tries), searched=searched)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from genserve import __version__
-from genserve.app.backends.base import TextBackend
+from genserve.app.backends.base import Backend, TextBackend
 from genserve.app.backends.manager import ModelManager
 from genserve.app.errors import InvalidRequestError, PayloadTooLargeError, UnavailableError
 from genserve.app.provenance import image_watermark
@@ -165,10 +165,15 @@ class ProvenanceService:
     def _marked_image_payloads(self) -> dict[str, np.ndarray]:
         """The payloads of the watermarked image models a request's key may use and that make images big
         enough to carry one (a model that never could would only add chances of a false match)."""
+        return {mid: self._image_payload(mid) for mid, b in self._marked_backends("image").items()
+                if _can_carry(b.describe().sizes)}
+
+    def _marked_backends(self, modality: str) -> dict[str, Backend]:
+        """The backends of ``modality`` whose output genserve watermarks and the request's key may use."""
         key = current_key()
-        return {mid: self._image_payload(mid) for mid, b in self.manager.backends.items()
-                if b.entry.modality == "image" and b.entry.can_watermark and b.entry.watermark
-                and (key is None or key.allows(b.entry)) and _can_carry(b.describe().sizes)}
+        return {mid: b for mid, b in self.manager.backends.items()
+                if b.entry.modality == modality and b.entry.can_watermark and b.entry.watermark
+                and (key is None or key.allows(b.entry))}
 
     async def verify_text(self, body: VerifyTextRequest) -> VerifyResponse:
         if len(body.text) > MAX_VERIFY_CHARS:
@@ -198,10 +203,7 @@ class ProvenanceService:
     def _marked_text_models(self, model: str | None) -> list[TextBackend]:
         """The watermarked text models a request may check against: ``model`` alone, or every one its key
         may use."""
-        key = current_key()
-        marked = {mid: cast(TextBackend, b) for mid, b in self.manager.backends.items()
-                  if b.entry.modality == "text" and b.entry.can_watermark and b.entry.watermark
-                  and (key is None or key.allows(b.entry))}
+        marked = {mid: cast(TextBackend, b) for mid, b in self._marked_backends("text").items()}
         if model is not None:
             if (known := self.manager.backends.get(model)) is not None:
                 check_scope(known.entry)  # 403 before saying anything else of it

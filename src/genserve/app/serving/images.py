@@ -31,7 +31,7 @@ from genserve.app.backends.manager import ModelManager
 from genserve.app.errors import GenserveError, InvalidRequestError, NotFoundError, PayloadTooLargeError
 from genserve.app.metrics import Metrics
 from genserve.app.moderation.service import ModerationService
-from genserve.app.provenance.service import ProvenanceService
+from genserve.app.provenance.service import REMOTE_FILES, ProvenanceService
 from genserve.app.schemas.images import (
     IMAGE_TO_IMAGE_STRENGTH,
     DiffusionKnobs,
@@ -184,7 +184,7 @@ class ImageServing:
             elif a.frames is not None:
                 unmarked = "an animation (GIF) carries no watermark"
             else:
-                unmarked = "a remote model's images pass through as its server made them"
+                unmarked = REMOTE_FILES
             data, signed = self.provenance.mark_file(entry, a.encoded, functools.partial(image_bytes, a, quality),
                                                      a.media_type)
             return data, signed, unmarked
