@@ -111,6 +111,12 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.public_url is None and not settings.binds_loopback_only():
         log.warning("GENSERVE_PUBLIC_URL is not set: the links of response_format=url point at %s, which "
                     "clients elsewhere cannot open; set it to the address they use", settings.base_url())
+    if args.ray is not None:
+        try:
+            from genserve.app import ray_app
+        except ImportError as exc:
+            raise ConfigError(f"--ray needs Ray Serve: pip install 'genserve[ray]' ({exc})") from exc
+        return ray_app.run(settings, entries, args.ray)
     app = create_app(settings, entries)
     if hasattr(signal, "SIGHUP"):  # the keys file again, without a restart (a bad file keeps the old keys)
         signal.signal(signal.SIGHUP, lambda *_: services_of(app).tenancy.reload_threadsafe())
@@ -149,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  genserve serve                         serve the embedded models on port 8000\n"
         "  genserve serve --model /models/llama   serve one model directory alone\n"
         "  genserve serve --config my.yaml        add models or replace built-in ones\n"
+        "  genserve serve --ray local             the same on Ray Serve, each model its own deployment\n"
         "  genserve train text-tiny --minutes 40  retrain the embedded text model")
     parser.add_argument("--version", action="version", version=f"genserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "rate limits, quotas and moderation (docs/keys.md; reread on SIGHUP; GENSERVE_API_KEYS_FILE)")
     serve.add_argument("--allow-unauthenticated", action="store_true",
                        help="serve a non-loopback address without API keys")
+    serve.add_argument("--ray", metavar="local|auto|ADDRESS", help="deploy on Ray Serve: the gateway and one "
+                       "deployment per local model, on a new local cluster (local), the cluster this machine is in "
+                       "(auto) or the one at ADDRESS (docs/deploy.md; needs genserve[ray])")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--log-format", choices=["text", "json"],
                        help="json: one JSON object a line (default text, GENSERVE_LOG_FORMAT)")

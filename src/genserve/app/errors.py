@@ -69,6 +69,13 @@ class UnavailableError(GenserveError):
     status, type, code = 503, "server_error", "model_not_ready"
 
 
+class WorkerLostError(UnavailableError):
+    """The worker that ran a request died (a Ray replica or its node) after it had begun to answer: what
+    it made is gone. Serving runs the request again, once, where nothing of it has reached the client."""
+
+    code = "worker_lost"
+
+
 class DeadlineError(GenserveError):
     status, type, code = 504, "timeout", "request_timeout"
 

@@ -46,10 +46,12 @@ DESCRIPTION = """One HTTP API for generative models. OpenAI-compatible where Ope
 point the official SDKs at `/v1`. Press **Authorize** and paste an API key to try the endpoints."""
 
 
-def create_app(settings: Settings, entries: list[ModelEntry] | None = None) -> FastAPI:
+def create_app(settings: Settings, entries: list[ModelEntry] | None = None,
+               handles: dict[str, object] | None = None) -> FastAPI:
+    """``handles``: Ray Serve deployment handles of the models served by deployments (app/ray_app.py)."""
     entries = load_registry(settings.config) if entries is None else entries
     metrics = Metrics()
-    manager = ModelManager(entries, settings, metrics)
+    manager = ModelManager(entries, settings, metrics, handles)
     moderation = ModerationService(settings.moderation, entries, metrics, manager)
     provenance_service = ProvenanceService(settings, manager)
     tenancy = Tenancy(settings.api_keys, settings.api_keys_file, metrics, settings.redis_url,

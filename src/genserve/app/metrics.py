@@ -90,6 +90,10 @@ class Metrics:
         self.key_rate_limited = Counter("genserve_key_rate_limited", "Requests refused by a key's rate limit "
                                         "(per_minute) or quota (per_day)", ["key_name", "unit", "period"],
                                         registry=r)
+        # Ray Serve (genserve serve --ray): calls run again after their replica died, by when they were cut
+        # ("call": a unary call or a stream before its first event; "stream": after it, run again by serving).
+        self.replica_retries = Counter("genserve_replica_retries", "Requests run again because the replica "
+                                       "serving them died", [*m, "when"], registry=r)
         self.model_ready = Gauge("genserve_model_ready", "1 when the model is loaded and serving", m,
                                  registry=r)
 

@@ -54,6 +54,54 @@ class Limits(BaseModel):
                                      "is cut off, music longer than it is refused")
 
 
+class Autoscaling(BaseModel):
+    """Ray Serve autoscaling of a model's replicas (``genserve serve --ray``): between ``min_replicas`` and
+    ``max_replicas``, aiming at ``target_ongoing_requests`` per replica."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_replicas: int = Field(1, ge=0, description="0 lets an idle model scale to nothing (the first request "
+                              "then waits for a replica to load)")
+    max_replicas: int = Field(ge=1)
+    initial_replicas: int | None = Field(None, ge=0, description="replicas at deploy (default: min_replicas)")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="requests running or queued in one replica "
+                                           "that the autoscaler aims at")
+    upscale_delay_s: float = Field(30.0, ge=0, description="load above target this long adds replicas")
+    downscale_delay_s: float = Field(600.0, ge=0, description="load below target this long removes replicas")
+    look_back_period_s: float = Field(30.0, gt=0, description="the window the load is averaged over")
+
+    @model_validator(mode="after")
+    def _check_range(self) -> Autoscaling:
+        # Ray's own config takes min > max and unknown keys without a word; the registry does not.
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(f"initial_replicas ({self.initial_replicas}) is outside min_replicas..max_replicas "
+                             f"({self.min_replicas}..{self.max_replicas})")
+        return self
+
+
+class RayOptions(BaseModel):
+    """How a local model runs as a Ray Serve deployment under ``genserve serve --ray`` (ignored otherwise)."""
+
+    model_config = ConfigDict(extra="forbid")
+    replicas: int = Field(1, ge=1, description="fixed number of replicas (or autoscaling)")
+    autoscaling: Autoscaling | None = None
+    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each replica; fractions share one GPU")
+    max_ongoing_requests: int | None = Field(None, ge=1, description="requests one replica runs or queues at "
+                                             "once (default: the model's max_batch_size + max_waiting)")
+    max_queued_requests: int | None = Field(None, ge=1, description="requests waiting for a replica beyond which "
+                                            "new ones get 429 with Retry-After (default: the model's max_waiting)")
+
+    @model_validator(mode="after")
+    def _check(self) -> RayOptions:
+        if "replicas" in self.model_fields_set and self.autoscaling is not None:
+            raise ValueError("give 'replicas' or 'autoscaling', not both")
+        if self.num_gpus > 1 and not float(self.num_gpus).is_integer():
+            raise ValueError(f"num_gpus {self.num_gpus}: above 1 GPU, Ray reserves whole GPUs only")
+        return self
+
+
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -95,6 +143,8 @@ class ModelEntry(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     moderation: PolicyPatch | None = Field(None, description="this model's moderation policy, merged with the "
                                            "global one (GENSERVE_MODERATION): the stricter value of each field wins")
+    ray: RayOptions = Field(default_factory=RayOptions, description="replicas and resources of the model's Ray "
+                            "Serve deployment under genserve serve --ray (local models)")
     # Filled by the loader: the path the source resolved to, or None for a hub id / remote.
     resolved_source: Path | None = Field(None, exclude=True)
 
@@ -103,6 +153,12 @@ class ModelEntry(BaseModel):
         """Whether genserve can watermark this model's output: text sampled by its own engine, images made
         here."""
         return self.modality in ("text", "image") and self.backend == "local"
+
+    @property
+    def runs_on_ray(self) -> bool:
+        """Whether ``genserve serve --ray`` makes this model a Ray Serve deployment of its own (the others,
+        remote models and moderation classifiers, run inside the gateway)."""
+        return self.backend == "local" and self.modality != "moderation"
 
     def timeout_s(self, default: float) -> float:
         """This model's request deadline, or the process-wide ``default``."""
@@ -124,6 +180,9 @@ class ModelEntry(BaseModel):
             raise ValueError(f"a local model needs '{missing}'")
         if self.backend == "remote" and not self.url:
             raise ValueError("a remote model needs 'url'")
+        if "ray" in self.model_fields_set and not self.runs_on_ray:
+            raise ValueError("'ray' applies to local generation models: remote models and moderation classifiers "
+                             "run in the gateway")
         if "watermark" in self.model_fields_set and self.watermark and not self.can_watermark:
             raise ValueError("'watermark: true' applies to local text and image models only: a remote model's "
                              "output cannot be watermarked by genserve, and other modalities have no watermark")

@@ -67,6 +67,13 @@ class Settings(BaseSettings):
     c2pa_key: Path | None = Field(None, description="PEM private key of c2pa_cert")
     c2pa_trust_anchors: Path | None = Field(None, description="PEM certificates /v1/provenance/verify trusts "
                                             "(default: the private CA genserve made)")
+    ray_gateway_replicas: int = Field(1, ge=1, description="genserve serve --ray: replicas of the gateway "
+                                      "(the ingress deployment)")
+    ray_proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode", description="genserve serve --ray: where Ray Serve runs its HTTP proxies on port: every node "
+        "with a replica (behind a load balancer) or the head only")
+    ray_gateway_num_cpus: float = Field(1.0, ge=0, description="genserve serve --ray: CPUs Ray reserves for "
+                                        "each gateway replica")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object a line")
     public_url: str | None = Field(None, pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$",

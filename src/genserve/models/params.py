@@ -40,6 +40,9 @@ class TextParams:
     params: SamplingParams
     prompt: str | list[int] | None = None  # /v1/completions
     messages: list[dict[str, str]] | None = None  # /v1/chat/completions, content flattened to text
+    # Whether the caller sends the text as it comes; False: it answers once the text is whole, so a backend
+    # may make it whole before handing it on (a Ray replica does, so that a call can be retried whole).
+    streamed: bool = True
 
 
 @dataclass

@@ -265,7 +265,7 @@ class TextBackend(ServedModel, Protocol):
         none of the choices."""
         ...
 
-    def decode(self, ids: list[int]) -> str | None:
+    async def decode(self, ids: list[int]) -> str | None:
         """Token ids as the model reads them (what input moderation checks of a token-id prompt); None
         where the backend has no tokenizer (an upstream)."""
         ...

@@ -150,7 +150,7 @@ class LocalTextBackend(Backend):
         self._check_length(len(ids), params.max_tokens, param)
         return ids
 
-    def decode(self, ids: list[int]) -> str | None:
+    async def decode(self, ids: list[int]) -> str | None:
         """Token ids as text (what input moderation reads of a token-id prompt)."""
         assert self.tm is not None
         check_token_ids([ids], len(self.tm.tokenizer), "prompt")

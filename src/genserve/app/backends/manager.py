@@ -56,7 +56,13 @@ LOCAL_BACKENDS: dict[str, type] = {"text": LocalTextBackend, "embedding": LocalE
                                    "image": LocalImageBackend}
 
 
-def build_backend(entry: ModelEntry, settings: Settings, metrics: Metrics) -> Backend:
+def build_backend(entry: ModelEntry, settings: Settings, metrics: Metrics, handle: object | None = None) -> Backend:
+    """The backend of ``entry``: a Ray Serve deployment's when ``handle`` (its deployment handle) is given,
+    else by its kind (moderation, remote, or its family's local backend)."""
+    if handle is not None:
+        from genserve.app.backends.ray_serve import RayBackend
+
+        return RayBackend(entry, handle, metrics)
     if entry.modality == "moderation":
         from genserve.app.moderation.backend import build_moderation_backend
 
@@ -78,9 +84,13 @@ def build_backend(entry: ModelEntry, settings: Settings, metrics: Metrics) -> Ba
 
 
 class ModelManager:
-    def __init__(self, entries: list[ModelEntry], settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, entries: list[ModelEntry], settings: Settings, metrics: Metrics,
+                 handles: dict[str, object] | None = None) -> None:
+        """``handles``: the Ray Serve deployment handles of the models that run as deployments, by id."""
         self.settings, self.metrics = settings, metrics
-        self.backends: dict[str, Backend] = {e.id: build_backend(e, settings, metrics) for e in entries}
+        handles = handles or {}
+        self.backends: dict[str, Backend] = {e.id: build_backend(e, settings, metrics, handles.get(e.id))
+                                             for e in entries}
         self._tasks: list[asyncio.Task] = []
         self._loads: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None

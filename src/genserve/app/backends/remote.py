@@ -232,7 +232,7 @@ class RemoteTextBackend(RemoteBackend):
     def stop_choice(self, request_id: str, index: int) -> bool:
         return False  # OpenAI's API cannot stop one choice of a stream: the caller closes it when done
 
-    def decode(self, ids: list[int]) -> str | None:
+    async def decode(self, ids: list[int]) -> str | None:
         return None  # the upstream's tokenizer is not here
 
     async def token_ids(self, text: str) -> tuple[list[int], int] | None:

@@ -24,7 +24,7 @@ from fastapi.responses import Response
 
 from genserve.app.backends.base import Delta, TextBackend, TokenLogprob, Usage
 from genserve.app.backends.manager import ModelManager
-from genserve.app.errors import GenserveError, InvalidRequestError, internal_error
+from genserve.app.errors import GenserveError, InvalidRequestError, WorkerLostError, internal_error
 from genserve.app.metrics import Metrics
 from genserve.app.moderation.gate import Released
 from genserve.app.moderation.service import ModerationService, TextStream
@@ -108,11 +108,12 @@ class TextServing:
         prompts = body.prompts()
         self._check_caps(body, backend, len(prompts), body.logprobs, "logprobs")
         if self.moderation.policy_for(body.model).checks_input:
-            await self.moderation.check_input(body.model, _prompt_texts(prompts, backend), raw)
+            await self.moderation.check_input(body.model, await _prompt_texts(prompts, backend), raw)
         params = body.to_sampling_params()
         call = _Call("completion", body, backend, response_id("cmpl"), self.provenance.text(backend.entry, params))
         rid = request_id(raw)
-        requests = [TextParams(f"{rid}-{i}", copy.deepcopy(params), prompt=p) for i, p in enumerate(prompts)]
+        requests = [TextParams(f"{rid}-{i}", copy.deepcopy(params), prompt=p, streamed=bool(body.stream))
+                    for i, p in enumerate(prompts)]
         return await self._respond(call, requests, raw)
 
     async def chat(self, body: ChatCompletionRequest, raw: Request) -> Any:
@@ -126,7 +127,8 @@ class TextServing:
                                                        for i, m in enumerate(messages) if m["content"]], raw)
         params = body.to_sampling_params()
         call = _Call("chat", body, backend, response_id("chatcmpl"), self.provenance.text(backend.entry, params))
-        return await self._respond(call, [TextParams(request_id(raw), params, messages=messages)], raw)
+        return await self._respond(call, [TextParams(request_id(raw), params, messages=messages,
+                                                     streamed=bool(body.stream))], raw)
 
     def _check_caps(self, body: SamplingFields, backend: TextBackend, prompts: int, logprobs: int | None,
                     logprobs_param: str) -> None:
@@ -147,18 +149,28 @@ class TextServing:
     # the shared path ---------------------------------------------------------------------------
     async def _respond(self, call: _Call, requests: list[TextParams], raw: Request) -> Any:
         deadline = Deadline.start(call.backend.entry.timeout_s(self.settings.request_timeout_s), self.manager)
-        call.requests, call.gate = requests, self.moderation.text_stream(call.model, raw)
-        events = deadline.stream(self._checked(call, self._metered(call, self._merged(call.backend, requests,
-                                                                                    call.body.n))))
-        if not call.body.stream:
-            return await unless_disconnected(raw, self._collect(call, events))
-        # The first event before any byte: errors keep their status, and a client that leaves
-        # while its request is queued aborts it.
-        try:
-            first = await unless_disconnected(raw, anext(events, None))
-        except BaseException:
-            await events.aclose()
-            raise
+        for attempt in (0, 1):
+            call.requests, call.gate = requests, self.moderation.text_stream(call.model, raw)
+            events = deadline.stream(self._checked(call, self._metered(call, self._merged(call.backend, requests,
+                                                                                        call.body.n))))
+            if not call.body.stream:
+                return await unless_disconnected(raw, self._collect(call, events))
+            # The first event before any byte: errors keep their status, and a client that leaves
+            # while its request is queued aborts it.
+            try:
+                first = await unless_disconnected(raw, anext(events, None))
+                break
+            except WorkerLostError:
+                # Its worker died while the hold-back window still held all it made: nothing reached the
+                # client, so the request runs again, from the start, once.
+                await events.aclose()
+                if attempt:
+                    raise
+                self.metrics.replica_retries.labels(call.model, "stream").inc()
+                log.warning("%s: its worker died before the first byte; running it again", call.response_id)
+            except BaseException:
+                await events.aclose()
+                raise
         if isinstance(first, Response):
             await events.aclose()
             return first
@@ -363,7 +375,7 @@ class TextServing:
         yield "[DONE]"
 
 
-def _prompt_texts(prompts: list, backend: TextBackend) -> list[tuple[str, str]]:
+async def _prompt_texts(prompts: list, backend: TextBackend) -> list[tuple[str, str]]:
     """The prompts to moderate, each with its parameter; token-id prompts as the model's tokenizer reads
     them (a backend that cannot decode them gets them refused while input moderation is on)."""
     out = []
@@ -372,7 +384,7 @@ def _prompt_texts(prompts: list, backend: TextBackend) -> list[tuple[str, str]]:
         if isinstance(p, str):
             out.append((param, p))
             continue
-        text = backend.decode(p)
+        text = await backend.decode(p)
         if text is None:
             raise InvalidRequestError("Token-id prompts cannot be moderated for this model; send text.", param=param,
                                       code="content_policy_violation")

@@ -1,0 +1,175 @@
+"""genserve as a Ray Serve application: the gateway as the ingress deployment, one deployment per local
+model (``genserve serve --ray``, or ``serve build``/``serve deploy``/KubeRay with :func:`build`).
+
+The gateway deployment runs the same FastAPI app as ``genserve serve`` (``create_app``): docs, auth,
+limits, moderation, provenance and metrics. Its models that run on Ray (``ModelEntry.runs_on_ray``:
+local generation models) are ``RayBackend``s over deployment handles; remote models and moderation
+classifiers run inside the gateway as they do in process. Each model's replicas, resources and queue
+come from its registry entry's ``ray`` block (``RayOptions``).
+
+Everything the gateway replicas must agree on is decided once, here, where the application is built:
+the watermark secret (otherwise each replica's node would make its own, and a text marked by one could
+not be verified by another).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import signal
+import threading
+from typing import Any
+
+from pydantic import SecretStr
+
+from genserve.app.registry import ConfigError, ModelEntry, load_registry, select
+from genserve.app.settings import Settings
+
+log = logging.getLogger(__name__)
+APP_NAME = "genserve"
+GATEWAY = "gateway"
+HEALTH_CHECK_PERIOD_S = 5.0
+
+
+def deployment_name(entry: ModelEntry) -> str:
+    """A model's deployment: its id with what Ray's names do not take (``/``, ``:``) replaced."""
+    return "model-" + re.sub(r"[^A-Za-z0-9._-]", "_", entry.id)
+
+
+def model_options(entry: ModelEntry, settings: Settings) -> dict[str, Any]:
+    """The Ray Serve deployment options of ``entry`` (its ``ray`` block, with the model's own queue
+    sizes as defaults)."""
+    r = entry.ray
+    options: dict[str, Any] = {
+        "name": deployment_name(entry),
+        "ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+        "max_ongoing_requests": r.max_ongoing_requests or entry.max_batch_size + entry.max_waiting,
+        "max_queued_requests": r.max_queued_requests or entry.max_waiting,
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+        "graceful_shutdown_timeout_s": settings.shutdown_grace_s,
+    }
+    if r.autoscaling is None:
+        options["num_replicas"] = r.replicas
+    else:
+        a = r.autoscaling
+        options["autoscaling_config"] = {
+            "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+            "initial_replicas": a.initial_replicas if a.initial_replicas is not None else a.min_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests,
+            "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
+            "look_back_period_s": a.look_back_period_s}
+    return options
+
+
+def shared_settings(settings: Settings) -> Settings:
+    """``settings`` with what every gateway replica must share decided here: the watermark secret."""
+    from genserve.app.provenance.keys import watermark_secret
+
+    key = settings.watermark_key
+    secret = watermark_secret(key.get_secret_value() if key else None, settings.state_dir)
+    return settings.model_copy(update={"watermark_key": SecretStr(secret)})
+
+
+def application(settings: Settings, entries: list[ModelEntry]) -> Any:
+    """The bound Serve application: the gateway over one deployment per model that runs on Ray."""
+    from ray import serve
+
+    from genserve.app.backends.ray_serve import ModelReplica
+
+    names = [deployment_name(e) for e in entries if e.runs_on_ray]
+    clash = next((n for n in names if names.count(n) > 1), None)
+    if clash:
+        raise ConfigError(f"two model ids become the Ray deployment name {clash!r}; rename one")
+    settings = shared_settings(settings)
+    models = {e.id: serve.deployment(**model_options(e, settings))(ModelReplica).bind(e, settings)
+              for e in entries if e.runs_on_ray}
+    gateway = serve.deployment(
+        name=GATEWAY, num_replicas=settings.ray_gateway_replicas,
+        ray_actor_options={"num_cpus": settings.ray_gateway_num_cpus},
+        max_ongoing_requests=settings.max_connections,
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
+        graceful_shutdown_timeout_s=settings.shutdown_grace_s)(serve.ingress()(Gateway))
+    return gateway.bind(settings, entries, models)
+
+
+class Gateway:
+    """The ingress deployment: ``create_app`` over the models' deployment handles (Serve passes each
+    bound deployment in ``models`` as its handle)."""
+
+    def __init__(self, settings: Settings, entries: list[ModelEntry], models: dict[str, Any]) -> None:
+        from genserve.app import logs
+
+        logs.setup(settings.log_level, settings.log_format, quiet=True)
+        self._args = (settings, entries, models)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from genserve.app.main import create_app
+
+        settings, entries, models = self._args
+        return create_app(settings, entries, handles=models)
+
+    async def check_health(self) -> None:
+        """The gateway is healthy while its event loop answers; its models have their own probes, and
+        ``/health/ready`` says which are ready."""
+
+
+def build(args: dict[str, str]) -> Any:
+    """The application builder for ``serve build genserve.app.ray_app:build`` and ``serve deploy`` (KubeRay's
+    RayService names it too): settings from ``GENSERVE_*`` in the environment, and ``args`` may name
+    ``config`` (a registry file) and ``models`` (comma-separated ids)."""
+    overrides: dict[str, Any] = {k: v for k, v in args.items() if k in ("config", "models")}
+    settings = Settings(**overrides)
+    entries = load_registry(settings.config)
+    if settings.models:
+        entries = select(entries, settings.models, "models")
+    return application(settings, entries)
+
+
+def local_cluster_cpus(entries: list[ModelEntry], settings: Settings) -> int:
+    """Logical CPUs for ``--ray local``: what the deployments reserve, at least the machine's cores (Ray would
+    otherwise leave replicas pending on a small machine that serves many small models)."""
+    need = settings.ray_gateway_num_cpus * settings.ray_gateway_replicas
+    for e in entries:
+        if e.runs_on_ray:
+            a = e.ray.autoscaling
+            count = e.ray.replicas if a is None else max(a.min_replicas, a.initial_replicas or 0, 1)
+            need += e.ray.num_cpus * count
+    return max(os.cpu_count() or 1, math.ceil(need))
+
+
+def run(settings: Settings, entries: list[ModelEntry], address: str) -> int:
+    """``genserve serve --ray ADDRESS``: deploys the application on a new local cluster (``local``), the
+    cluster this machine belongs to (``auto``), or the one at ADDRESS; serves until SIGTERM or Ctrl-C,
+    then deletes the application (and stops the local cluster)."""
+    import ray
+    from ray import serve
+
+    if address == "local":
+        cpus = local_cluster_cpus(entries, settings)
+        if cpus > (os.cpu_count() or 1):
+            log.warning("the deployments reserve %d CPUs; this machine has %d cores, so the local cluster "
+                        "declares %d logical CPUs (set each model's ray.num_cpus to what it needs)",
+                        cpus, os.cpu_count() or 1, cpus)
+        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 logging_level=logging.WARNING)
+    else:
+        ray.init(address=address, logging_level=logging.WARNING)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port},
+                    proxy_location=settings.ray_proxy_location)
+        serve.run(application(settings, entries), name=APP_NAME, route_prefix="/")
+        log.info("genserve is deployed on Ray Serve at %s (application %r)", settings.base_url(), APP_NAME)
+        stop.wait()
+        log.info("stopping: deleting the application")
+        serve.delete(APP_NAME)
+        if address == "local":
+            serve.shutdown()
+    finally:
+        ray.shutdown()
+    return 0
+
