@@ -42,6 +42,7 @@ from genserve.app.serving.text import TextServing
 from genserve.app.settings import Settings
 from genserve.app.tenancy import Tenancy
 
+RAY_LOAD_WAIT_S = 120.0
 DESCRIPTION = """One HTTP API for generative models. OpenAI-compatible where OpenAI has an endpoint:
 point the official SDKs at `/v1`. Press **Authorize** and paste an API key to try the endpoints."""
 
@@ -62,6 +63,8 @@ def create_app(settings: Settings, entries: list[ModelEntry] | None = None,
         tenancy.loop = asyncio.get_running_loop()
         provenance_service.start()
         await manager.start()
+        if handles:  # a Ray Serve gateway replica: ready, and given traffic, once its models answer
+            await manager.wait_loaded(RAY_LOAD_WAIT_S)
         await asyncio.to_thread(moderation.warm_up)
         manager.freeze_heap_when_loaded()
         yield

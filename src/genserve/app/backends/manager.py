@@ -105,6 +105,13 @@ class ModelManager:
         self._loads = [asyncio.create_task(self._load(backend, lock)) for backend in self.backends.values()]
         self._tasks += [*self._loads, asyncio.create_task(self._announce(self._loads, time.monotonic()))]
 
+    async def wait_loaded(self, timeout_s: float) -> None:
+        """Waits until every model has loaded (or failed), at most ``timeout_s``: a Ray Serve gateway replica
+        is given traffic once its start-up returns, so it returns when it can serve."""
+        _, pending = await asyncio.wait(self._loads, timeout=timeout_s)
+        if pending:
+            log.warning("%d models still loading after %.0f s; serving the others", len(pending), timeout_s)
+
     def freeze_heap_when_loaded(self) -> None:
         """Once every model has loaded: what the models and libraries loaded stays for the process's
         life, so it goes out of the cyclic collector's sight (``gc.freeze``), and a full collection
