@@ -86,7 +86,7 @@ def _serve(args: argparse.Namespace) -> int:
     from genserve.app.main import create_app
     from genserve.app.protocol import bounded_protocol
     from genserve.app.registry import entry_for_source, load_registry, select
-    from genserve.app.tenancy import read_keys
+    from genserve.app.tenancy import serving_keys
 
     if args.model is None:
         if args.id is not None:
@@ -101,10 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
                           "several, list them in a registry file (--config) and choose with --models")
     else:
         entries = [entry_for_source(args.model, args.id)]
-    keys = read_keys(settings.api_keys, settings.api_keys_file)  # a bad keys file stops here, named
-    if not keys and not settings.binds_loopback_only() and not settings.allow_unauthenticated:
-        raise ConfigError(f"refusing to serve on {settings.host} without API keys: set GENSERVE_API_KEYS "
-                          "or GENSERVE_API_KEYS_FILE, or pass --allow-unauthenticated")
+    keys = serving_keys(settings)  # a bad keys file stops here, named
     if not keys:  # on loopback (the default) only this machine's users can; elsewhere it was asked for
         log.log(logging.INFO if settings.binds_loopback_only() else logging.WARNING,
                 "no API keys configured: the API is open to anyone who can reach %s", settings.host)

@@ -19,6 +19,8 @@ def write(tmp_path: Path, text: str) -> Path:
     return p
 
 
+GAN = "models:\n  - id: x\n    modality: image\n    backend: local\n    family: gan\n    source: " + str(
+    Path(__file__).resolve().parents[2] / "src" / "genserve" / "models" / "weights" / "genserve-gan") + "\n"
 BAD_REGISTRIES = [
     ("models:\n  - id: x\n    modality: text\n    backend: locl\n", "models[0] (id 'x').backend"),
     ("models:\n  - id: x\n    modality: texts\n    backend: local\n", "models[0] (id 'x').modality"),
@@ -38,6 +40,19 @@ BAD_REGISTRIES = [
      "models[0] (id 'x').attention: Input should be 'sdpa' or 'genserve'"),
     ("models:\n  - id: x\n    modality: text\n    backend: remote\n    url: http://h/v1\n    kv_cache_tokens: 8\n",
      "models[0] (id 'x').kv_cache_tokens: Input should be greater than or equal to 16"),
+    ("models:\n  - id: x\n    modality: text\n    backend: remote\n    url: http://h/v1\n    ray: {replicas: 2}\n",
+     "'ray' applies to local generation models"),
+    (GAN + "    ray: {autoscaling: {min_replicas: 3, max_replicas: 2}}\n",
+     "models[0] (id 'x').ray.autoscaling: Value error, min_replicas (3) is above max_replicas (2)"),
+    (GAN + "    ray: {autoscaling: {min_replicas: 1}}\n",
+     "models[0] (id 'x').ray.autoscaling.max_replicas: Field required"),
+    (GAN + "    ray: {autoscaling: {max_replicas: 4, initial_replicas: 5}}\n", "initial_replicas (5) is outside"),
+    (GAN + "    ray: {replica: 2}\n", "models[0] (id 'x').ray.replica: Extra inputs are not permitted"),
+    (GAN + "    ray: {autoscaling: {max_replicas: 4, target_ongoing: 2}}\n",
+     "ray.autoscaling.target_ongoing: Extra inputs are not permitted"),
+    (GAN + "    ray: {replicas: 2, autoscaling: {max_replicas: 4}}\n", "give 'replicas' or 'autoscaling', not both"),
+    (GAN + "    ray: {num_gpus: 1.5}\n", "num_gpus 1.5: above 1 GPU, Ray reserves whole GPUs only"),
+    (GAN + "    ray: {replicas: 0}\n", "models[0] (id 'x').ray.replicas: Input should be greater than or equal to 1"),
     ("models: [\n", "cannot read model registry"),
     ("- just a list\n", "the top level must be a mapping"),
 ]

@@ -172,16 +172,22 @@ def load(server: Server, stop: threading.Event, results: list, streams: list, em
     def unary(i: int) -> None:
         with server.client() as c:
             while not stop.is_set():
-                if i % 2 and embed:
-                    r = c.post("/v1/embeddings", json={"model": EMBED, "input": [f"text {i}"]})
-                else:
-                    r = c.post("/v1/chat/completions", json={"model": TEXT, "max_tokens": 60, "seed": i,
-                                                             "messages": [{"role": "user", "content": "Hi"}]})
-                results.append(r.status_code)
+                try:
+                    if i % 2 and embed:
+                        r = c.post("/v1/embeddings", json={"model": EMBED, "input": [f"text {i}"]})
+                    else:
+                        r = c.post("/v1/chat/completions", json={"model": TEXT, "max_tokens": 60, "seed": i,
+                                                                 "messages": [{"role": "user", "content": "Hi"}]})
+                    results.append(r.status_code)
+                except httpx.HTTPError:  # a connection cut is a loss too
+                    results.append(0)
 
     def streamed(i: int) -> None:
         while not stop.is_set():
-            streams.append(stream_chat(server, i, max_tokens=200))
+            try:
+                streams.append(stream_chat(server, i, max_tokens=200))
+            except httpx.HTTPError:
+                streams.append("cut")
 
     threads = [threading.Thread(target=unary, args=(i,)) for i in range(6)]
     threads += [threading.Thread(target=streamed, args=(i,)) for i in range(4)]

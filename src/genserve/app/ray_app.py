@@ -14,16 +14,22 @@ not be verified by another).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
 import re
 import signal
 import threading
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from pydantic import SecretStr
 
+from genserve.app.backends.manager import build_backend
+from genserve.app.backends.ray_serve import STREAMED, UNARY, ReplicaError
+from genserve.app.errors import GenserveError
+from genserve.app.metrics import Metrics
 from genserve.app.registry import ConfigError, ModelEntry, load_registry, select
 from genserve.app.settings import Settings
 
@@ -76,8 +82,6 @@ def application(settings: Settings, entries: list[ModelEntry]) -> Any:
     """The bound Serve application: the gateway over one deployment per model that runs on Ray."""
     from ray import serve
 
-    from genserve.app.backends.ray_serve import ModelReplica
-
     names = [deployment_name(e) for e in entries if e.runs_on_ray]
     clash = next((n for n in names if names.count(n) > 1), None)
     if clash:
@@ -92,6 +96,56 @@ def application(settings: Settings, entries: list[ModelEntry]) -> Any:
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
         graceful_shutdown_timeout_s=settings.shutdown_grace_s)(serve.ingress()(Gateway))
     return gateway.bind(settings, entries, models)
+
+
+class ModelReplica:
+    """One replica of a model's deployment: its local backend, loaded in the constructor (Ray marks the
+    replica running once it returns), called by method name."""
+
+    # Ray Serve awaits an async constructor; mypy knows only plain ones.
+    async def __init__(self, entry: ModelEntry, settings: Any) -> None:  # type: ignore[misc]
+        from genserve.app import logs
+
+        logs.setup(settings.log_level, settings.log_format, quiet=True)
+        self.backend = build_backend(entry, settings, Metrics())
+        await asyncio.to_thread(self.backend.setup)
+        await self.backend.start()
+
+    async def call(self, method: str, *args: Any) -> Any:
+        if method not in UNARY:
+            raise ValueError(f"not a unary backend method: {method}")
+        try:
+            if method == "describe":
+                return self.backend.describe()
+            if method == "collect":  # a stream made whole here: one answer, which a caller may retry
+                stream, *rest = args
+                if stream not in STREAMED:
+                    raise ValueError(f"not a streamed backend method: {stream}")
+                return [event async for event in getattr(self.backend, stream)(*rest)]
+            result = getattr(self.backend, method)(*args)
+            return await result if asyncio.iscoroutine(result) else result
+        except GenserveError as exc:
+            raise ReplicaError(exc.status, exc.body(), exc.headers) from None
+
+    async def stream(self, method: str, *args: Any) -> AsyncGenerator[Any, None]:
+        if method not in STREAMED:
+            raise ValueError(f"not a streamed backend method: {method}")
+        events = getattr(self.backend, method)(*args)
+        try:
+            async for event in events:
+                yield event
+        except GenserveError as exc:
+            raise ReplicaError(exc.status, exc.body(), exc.headers) from None
+        finally:
+            await events.aclose()  # cancelled by Ray when the caller left: the backend stops its work
+
+    async def check_health(self) -> None:
+        """Ray's health probe: what the replica depends on (the engine's child process, a stuck batch)."""
+        if not await self.backend.check_ready():
+            raise RuntimeError(f"model {self.backend.entry.id} is not ready: {self.backend.load_error or 'stalled'}")
+
+    async def __del__(self) -> None:
+        await self.backend.close()
 
 
 class Gateway:
@@ -116,11 +170,17 @@ class Gateway:
 
 
 def build(args: dict[str, str]) -> Any:
-    """The application builder for ``serve build genserve.app.ray_app:build`` and ``serve deploy`` (KubeRay's
-    RayService names it too): settings from ``GENSERVE_*`` in the environment, and ``args`` may name
-    ``config`` (a registry file) and ``models`` (comma-separated ids)."""
-    overrides: dict[str, Any] = {k: v for k, v in args.items() if k in ("config", "models")}
+    """The application builder that a Serve config's ``import_path`` names (``deploy/ray/serve.yaml``, for
+    ``serve deploy`` and KubeRay's RayService): settings from ``GENSERVE_*`` in the environment, and
+    ``args`` may name ``config`` (a registry file) and ``models`` (comma-separated ids)."""
+    from genserve.app.tenancy import serving_keys
+
+    unknown = sorted(set(args) - {"config", "models"})
+    if unknown:
+        raise ConfigError(f"genserve.app.ray_app:build takes the args config and models, not {', '.join(unknown)}")
+    overrides: dict[str, Any] = dict(args)
     settings = Settings(**overrides)
+    serving_keys(settings)
     entries = load_registry(settings.config)
     if settings.models:
         entries = select(entries, settings.models, "models")

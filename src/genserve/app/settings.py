@@ -69,6 +69,8 @@ class Settings(BaseSettings):
                                             "(default: the private CA genserve made)")
     ray_gateway_replicas: int = Field(1, ge=1, description="genserve serve --ray: replicas of the gateway "
                                       "(the ingress deployment)")
+    ray_retry: bool = Field(True, description="genserve serve --ray: run a request again, once, when the replica "
+                            "serving it dies (off only to measure what the retry saves)")
     ray_proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
         "EveryNode", description="genserve serve --ray: where Ray Serve runs its HTTP proxies on port: every node "
         "with a replica (behind a load balancer) or the head only")

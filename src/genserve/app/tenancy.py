@@ -51,6 +51,7 @@ from genserve.app.errors import AuthenticationError, GenserveError, RateLimitErr
 from genserve.app.metrics import Metrics
 from genserve.app.moderation.policy import PolicyPatch
 from genserve.app.registry import ConfigError, Modality, ModelEntry, field_path
+from genserve.app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,16 @@ class KeysFile(BaseModel):
 
 def hash_key(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
+
+
+def serving_keys(settings: Settings) -> list[KeyPolicy]:
+    """The keys a server starts with (:func:`read_keys`); ConfigError when there are none and the server
+    would answer anyone beyond this machine without being told to."""
+    keys = read_keys(settings.api_keys, settings.api_keys_file)
+    if not keys and not settings.binds_loopback_only() and not settings.allow_unauthenticated:
+        raise ConfigError(f"refusing to serve on {settings.host} without API keys: set GENSERVE_API_KEYS "
+                          "or GENSERVE_API_KEYS_FILE, or pass --allow-unauthenticated")
+    return keys
 
 
 def read_keys(plain: Iterable[str], path: Path | None) -> list[KeyPolicy]:

@@ -62,7 +62,7 @@ def build_backend(entry: ModelEntry, settings: Settings, metrics: Metrics, handl
     if handle is not None:
         from genserve.app.backends.ray_serve import RayBackend
 
-        return RayBackend(entry, handle, metrics)
+        return RayBackend(entry, handle, metrics, retry=settings.ray_retry)
     if entry.modality == "moderation":
         from genserve.app.moderation.backend import build_moderation_backend
 

@@ -1,5 +1,5 @@
-"""Models as Ray Serve deployments (``genserve serve --ray``): ``ModelReplica`` holds a model's local
-backend inside a replica, and ``RayBackend`` is that model in the gateway, speaking to its replicas
+"""A model served by a Ray Serve deployment (``genserve serve --ray``), as the gateway sees it:
+``RayBackend`` speaks to the model's replicas (``ray_app.ModelReplica``, which holds its local backend)
 through a deployment handle.
 
 The replica runs exactly what ``genserve serve`` runs in process (the batcher, the text engine in its
@@ -60,58 +60,6 @@ class ReplicaError(Exception):
         return err
 
 
-class ModelReplica:
-    """One replica of a model's deployment: its local backend, loaded in the constructor (Ray marks the
-    replica running once it returns), called by method name."""
-
-    # Ray Serve awaits an async constructor; mypy knows only plain ones.
-    async def __init__(self, entry: ModelEntry, settings: Any) -> None:  # type: ignore[misc]
-        from genserve.app import logs
-        from genserve.app.backends.manager import build_backend
-        from genserve.app.metrics import Metrics
-
-        logs.setup(settings.log_level, settings.log_format, quiet=True)
-        self.backend = build_backend(entry, settings, Metrics())
-        await asyncio.to_thread(self.backend.setup)
-        await self.backend.start()
-
-    async def call(self, method: str, *args: Any) -> Any:
-        if method not in UNARY:
-            raise ValueError(f"not a unary backend method: {method}")
-        try:
-            if method == "describe":
-                return self.backend.describe()
-            if method == "collect":  # a stream made whole here: one answer, which a caller may retry
-                stream, *rest = args
-                if stream not in STREAMED:
-                    raise ValueError(f"not a streamed backend method: {stream}")
-                return [event async for event in getattr(self.backend, stream)(*rest)]
-            result = getattr(self.backend, method)(*args)
-            return await result if asyncio.iscoroutine(result) else result
-        except GenserveError as exc:
-            raise ReplicaError(exc.status, exc.body(), exc.headers) from None
-
-    async def stream(self, method: str, *args: Any) -> AsyncGenerator[Any, None]:
-        if method not in STREAMED:
-            raise ValueError(f"not a streamed backend method: {method}")
-        events = getattr(self.backend, method)(*args)
-        try:
-            async for event in events:
-                yield event
-        except GenserveError as exc:
-            raise ReplicaError(exc.status, exc.body(), exc.headers) from None
-        finally:
-            await events.aclose()  # cancelled by Ray when the caller left: the backend stops its work
-
-    async def check_health(self) -> None:
-        """Ray's health probe: what the replica depends on (the engine's child process, a stuck batch)."""
-        if not await self.backend.check_ready():
-            raise RuntimeError(f"model {self.backend.entry.id} is not ready: {self.backend.load_error or 'stalled'}")
-
-    async def __del__(self) -> None:
-        await self.backend.close()
-
-
 def _died(exc: BaseException) -> bool:
     """Whether a handle call failed because its replica (or the replica's node) died: the call may be
     retried on another replica. Ray raises these bare or as the cause of a ``RayTaskError``."""
@@ -141,7 +89,7 @@ def _translate(exc: BaseException) -> BaseException:
         return UnavailableError("The model's deployment has no replica to serve it; retry shortly.",
                                 headers={"Retry-After": "5"})
     if _died(exc):
-        return UnavailableError("The model's replica died while serving the request, and so did the retry.")
+        return UnavailableError("The model's replica died while serving the request.")
     return exc
 
 
@@ -155,9 +103,10 @@ def _cancel(response: Any) -> None:
 class RayBackend(Backend):
     """A model served by a Ray Serve deployment: every Protocol of ``base.py`` by forwarding to it."""
 
-    def __init__(self, entry: ModelEntry, handle: Any, metrics: Metrics) -> None:
+    def __init__(self, entry: ModelEntry, handle: Any, metrics: Metrics, retry: bool = True) -> None:
         super().__init__(entry)
         self.handle, self.metrics = handle, metrics
+        self.attempts = (0, 1) if retry else (1,)  # the last attempt's failure is the caller's
         self._facts = ModelFacts()
         self._ready = False
         self._ready_at = 0.0
@@ -193,7 +142,7 @@ class RayBackend(Backend):
         return await self._retried(lambda: self.handle.call.remote(method, *args))
 
     async def _retried(self, send: Callable[[], Any]) -> Any:
-        for attempt in (0, 1):
+        for attempt in self.attempts:
             response = send()
             try:
                 return await response
@@ -208,7 +157,7 @@ class RayBackend(Backend):
         raise AssertionError("unreachable")
 
     async def _stream(self, method: str, *args: Any) -> AsyncGenerator[Any, None]:
-        for attempt in (0, 1):
+        for attempt in self.attempts:
             gen = self.handle.options(stream=True).stream.remote(method, *args)
             started = False
             try:
@@ -221,8 +170,8 @@ class RayBackend(Backend):
                 raise
             except Exception as exc:
                 if started and _died(exc):
-                    raise WorkerLostError("The model's replica died in the middle of this stream; what was "
-                                          "sent is all there is.") from None
+                    lost = WorkerLostError if attempt == 0 else UnavailableError  # serving may run it again
+                    raise lost("The model's replica died in the middle of this stream.") from None
                 if attempt or not _died(exc):
                     raise _translate(exc) from None
                 self.metrics.replica_retries.labels(self.entry.id, "call").inc()
