@@ -11,7 +11,7 @@ OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install install-dev system-deps test-system-deps serve test lint train-text-tiny train-mol train-music train-images \
+.PHONY: install install-dev system-deps test-system-deps kubectl-deps serve test lint train-text-tiny train-mol train-music train-images \
         train-diffusion eval-text eval-molecules eval-music eval-images bench-text bench-molecules bench-audio \
         bench-images clean
 
@@ -40,8 +40,10 @@ $(DEV_STAMP): $(STAMP)
 # (root with apt-get, as in CI and the Docker image); otherwise the command to run is printed.
 SYSTEM_PACKAGES := espeak-ng fonts-noto-color-emoji locales
 # What only the tests need: the browser the playground tests drive (tests/browser) and the Redis that
-# gateway replicas share rate limits through (tests/e2e/test_keys.py). Where they cannot be installed,
-# those tests are skipped and say why; everything else still runs.
+# gateway replicas share rate limits through (tests/e2e/test_keys.py); and a kubectl, whose built-in
+# kustomize renders deploy/kubernetes (tests/deploy/test_kubernetes.py), Debian's only where no kubectl is
+# on PATH (another package's, such as Google Cloud's, owns the same file). Where they cannot be
+# installed, those tests are skipped and say why; everything else still runs.
 TEST_SYSTEM_PACKAGES := chromium chromium-driver redis-server
 
 # $(call apt_missing,PACKAGES,FAIL): installs the missing PACKAGES as root; otherwise prints the
@@ -69,6 +71,10 @@ system-deps:
 
 test-system-deps:
 	$(call apt_missing,$(TEST_SYSTEM_PACKAGES),warn)
+	@command -v kubectl >/dev/null || $(MAKE) --no-print-directory kubectl-deps
+
+kubectl-deps:
+	$(call apt_missing,kubernetes-client,warn)
 
 # exec: genserve is make's child itself, so a signal meant for it reaches it alone, and its clean stop
 # (exit 0) is what make sees.
