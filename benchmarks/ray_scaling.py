@@ -14,9 +14,10 @@ Scaling efficiency = throughput(R) / (R x throughput(1)). On a machine with fewe
 the replicas share the cores, so efficiency falls with R: the table shows what this machine has, not
 Ray's overhead alone.
 
-Faults, at 2 text replicas: unary chats and streamed chats (200 tokens) run for 8 s; at 3 s one text
-replica's process is killed (SIGKILL), or the worker node holding a text replica and not the gateway is
-removed. Lost = responses that are not 200, plus streams cut without an error event; "errored" = streams
+Faults, at 2 text replicas one per node (``max_replicas_per_node: 1``): unary chats and streamed chats
+(200 tokens) run for 8 s; at 3 s one text replica's process is killed (SIGKILL), or the worker node
+holding a text replica and not the gateway is removed (then a new node joins); ``--faults`` times each.
+Lost = responses that are not 200, plus streams cut without an error event; "errored" = streams
 that ended with an SSE error event (explicit, not silent).
 
     .venv/bin/python benchmarks/ray_scaling.py
@@ -48,7 +49,7 @@ TEXT, EMBED = "genserve-text-tiny", "all-minilm-l6-v2"
 KEY = "bench-key"
 
 
-def registry(replicas: int) -> list[dict]:
+def registry(replicas: int, spread: bool) -> list[dict]:
     builtin = {e["id"]: e for e in yaml.safe_load((REPO / "src/genserve/models/registry.yaml").read_text())["models"]}
     out = []
     for mid in (TEXT, EMBED):
@@ -56,11 +57,13 @@ def registry(replicas: int) -> list[dict]:
         if not e["source"].startswith("package:"):
             e["source"] = str(REPO / "src/genserve/models" / e["source"])
         e["ray"] = {"replicas": replicas, "num_cpus": 0.5}
+        if spread:  # one text replica a node, so that a node's loss is one replica's
+            e["ray"]["max_replicas_per_node"] = 1
         out.append(e)
     return out
 
 
-def deploy(replicas: int, port: int, tmp: Path, retry: bool = True) -> None:
+def deploy(replicas: int, port: int, tmp: Path, retry: bool = True, spread: bool = False) -> None:
     from ray import serve
 
     from genserve.app.ray_app import APP_NAME, application
@@ -68,7 +71,7 @@ def deploy(replicas: int, port: int, tmp: Path, retry: bool = True) -> None:
     from genserve.app.settings import Settings
 
     path = tmp / f"registry-{replicas}.yaml"
-    path.write_text(yaml.safe_dump({"include_defaults": False, "models": registry(replicas)}))
+    path.write_text(yaml.safe_dump({"include_defaults": False, "models": registry(replicas, spread)}))
     settings = Settings(api_keys=[KEY], port=port, state_dir=tmp / "state", ray_proxy_location="HeadOnly",
                         ray_gateway_num_cpus=0.5, ray_retry=retry, moderation={"enabled": False})
     serve.run(application(settings, load_registry(path)), name=APP_NAME, route_prefix="/")
@@ -156,6 +159,15 @@ def under_fault(url: str, fault) -> dict:
             "errored": streams.count("errored")}
 
 
+def summed(runs: list[dict]) -> dict:
+    return {k: sum(r[k] for r in runs) for k in runs[0]} | {"faults": len(runs)}
+
+
+def wait_replicas(count: int) -> None:
+    while len(pids(f"model-{TEXT}")) < count:
+        time.sleep(0.5)
+
+
 def pids(deployment: str) -> list[int]:
     out = subprocess.run(["pgrep", "-f", f"ray::ServeReplica:genserve:{deployment}"], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
@@ -171,6 +183,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--node-cpus", type=int, default=4)
+    ap.add_argument("--faults", type=int, default=3, help="kills of each kind, summed, per retry setting")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -187,6 +200,9 @@ def main() -> None:
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     port = 18000 + os.getpid() % 1000
     url = f"http://127.0.0.1:{port}"
+    from ray import serve
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     results: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.processor() or
                      platform.machine(), "cores": os.cpu_count(), "scaling": [], "faults": []}
     try:
@@ -199,18 +215,21 @@ def main() -> None:
             results["scaling"].append({"replicas": r, "embeddings": emb, "text": txt})
             print(f"replicas {r}: embeddings {emb}, text {txt}", flush=True)
         for retry in (True, False):
-            deploy(2, port, tmp, retry=retry)
-            kill = under_fault(url, lambda: os.kill(pids(f"model-{TEXT}")[0], signal.SIGKILL))
-            while len(pids(f"model-{TEXT}")) < 2:
-                time.sleep(0.5)
-            gateway_node = parent(pids("gateway")[0])
-            text_nodes = {parent(p) for p in pids(f"model-{TEXT}")}
-            victim = next(n for n in cluster.worker_nodes
-                          if n.all_processes["raylet"][0].process.pid in text_nodes - {gateway_node})
-            node = under_fault(url, lambda v=victim: cluster.remove_node(v, allow_graceful=False))
-            cluster.add_node(num_cpus=args.node_cpus)
-            results["faults"].append({"retry": retry, "replica_kill": kill, "node_kill": node})
-            print(f"retry {retry}: replica kill {kill}, node kill {node}", flush=True)
+            deploy(2, port, tmp, retry=retry, spread=True)
+            kills, nodes = [], []
+            for _ in range(args.faults):
+                kills.append(under_fault(url, lambda: os.kill(pids(f"model-{TEXT}")[0], signal.SIGKILL)))
+                wait_replicas(2)
+                gateway_node = parent(pids("gateway")[0])
+                text_nodes = {parent(p) for p in pids(f"model-{TEXT}")}
+                victim = next(n for n in cluster.worker_nodes
+                              if n.all_processes["raylet"][0].process.pid in text_nodes - {gateway_node})
+                nodes.append(under_fault(url, lambda v=victim: cluster.remove_node(v, allow_graceful=False)))
+                cluster.add_node(num_cpus=args.node_cpus)
+                wait_replicas(2)
+            row = {"retry": retry, "replica_kill": summed(kills), "node_kill": summed(nodes)}
+            results["faults"].append(row)
+            print(f"retry {retry}: {row}", flush=True)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -230,13 +249,13 @@ def print_table(res: dict) -> None:
         eff_t = t["rps"] / (r * base["text"]["rps"] / base["replicas"])
         print(f"| {r} | {e['rps']:.1f} | {e['p50_ms']:.0f} | {e['p99_ms']:.0f} | {eff_e:.2f} | "
               f"{t['rps']:.1f} | {t['p50_ms']:.0f} | {t['p99_ms']:.0f} | {eff_t:.2f} |")
-    print("\n| retry | fault | requests | lost | streams ended with an error event |")
-    print("|---|---|---|---|---|")
+    print("\n| retry | fault | kills | requests | lost | streams ended with an error event |")
+    print("|---|---|---|---|---|---|")
     for row in res["faults"]:
         for fault in ("replica_kill", "node_kill"):
             f = row[fault]
-            print(f"| {'on' if row['retry'] else 'off'} | {fault.replace('_', ' ')} | {f['requests']} | {f['lost']} | "
-                  f"{f['errored']} |")
+            print(f"| {'on' if row['retry'] else 'off'} | {fault.replace('_', ' ')} | {f['faults']} | "
+                  f"{f['requests']} | {f['lost']} | {f['errored']} |")
 
 
 if __name__ == "__main__":

@@ -27,14 +27,14 @@ def test_defaults_take_the_models_own_queue() -> None:
 def test_autoscaling_and_resources_pass_through() -> None:
     ray = {"autoscaling": {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 3,
                            "upscale_delay_s": 1, "downscale_delay_s": 20}, "num_cpus": 2, "num_gpus": 0.5,
-           "max_ongoing_requests": 8, "max_queued_requests": 100}
+           "max_ongoing_requests": 8, "max_queued_requests": 100, "max_replicas_per_node": 1}
     opts = model_options(entry(ray=ray), Settings())
     assert "num_replicas" not in opts
     assert opts["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 0,
                                           "target_ongoing_requests": 3.0, "upscale_delay_s": 1.0,
                                           "downscale_delay_s": 20.0, "look_back_period_s": 30.0}
     assert opts["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.5}
-    assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (8, 100)
+    assert (opts["max_ongoing_requests"], opts["max_queued_requests"], opts["max_replicas_per_node"]) == (8, 100, 1)
 
 
 def test_ray_options_are_validated_and_the_options_ray_accepts() -> None:

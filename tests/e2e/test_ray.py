@@ -45,7 +45,7 @@ for _push in ("REPLICA", "HANDLE"):
 
 def registry() -> str:
     text = (f"  - id: {TEXT}\n    modality: text\n    backend: local\n    family: llama\n    source: {TEXT_DIR}\n"
-            "    ray: {replicas: 2, num_cpus: 0.5}\n")
+            "    ray: {replicas: 2, num_cpus: 0.5, max_replicas_per_node: 1}\n")
     embed = builtin_entry(EMBED) + EMBED_RAY
     # The GAN's queue is tiny: one request at a time and one waiting, so a burst gets 429s.
     gan = builtin_entry(GAN) + ("    ray: {replicas: 1, num_cpus: 0.5, max_ongoing_requests: 1, "

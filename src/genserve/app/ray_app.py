@@ -56,6 +56,8 @@ def model_options(entry: ModelEntry, settings: Settings) -> dict[str, Any]:
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "graceful_shutdown_timeout_s": settings.shutdown_grace_s,
     }
+    if r.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = r.max_replicas_per_node
     if r.autoscaling is None:
         options["num_replicas"] = r.replicas
     else:

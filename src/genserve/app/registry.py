@@ -88,6 +88,8 @@ class RayOptions(BaseModel):
     autoscaling: Autoscaling | None = None
     num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each replica")
     num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each replica; fractions share one GPU")
+    max_replicas_per_node: int | None = Field(None, ge=1, description="at most this many replicas on one node "
+                                              "(1 spreads them, so a node's loss leaves the others)")
     max_ongoing_requests: int | None = Field(None, ge=1, description="requests one replica runs or queues at "
                                              "once (default: the model's max_batch_size + max_waiting)")
     max_queued_requests: int | None = Field(None, ge=1, description="requests waiting for a replica beyond which "
