@@ -101,7 +101,8 @@ def _serve(args: argparse.Namespace) -> int:
                           "several, list them in a registry file (--config) and choose with --models")
     else:
         entries = [entry_for_source(args.model, args.id)]
-    keys = serving_keys(settings)  # a bad keys file stops here, named
+    # A bad keys file stops here, named. Joining a Ray cluster, the proxies bind what its Serve runs with.
+    keys = serving_keys(settings, public=args.ray not in (None, "local"))
     if not keys:  # on loopback (the default) only this machine's users can; elsewhere it was asked for
         log.log(logging.INFO if settings.binds_loopback_only() else logging.WARNING,
                 "no API keys configured: the API is open to anyone who can reach %s", settings.host)

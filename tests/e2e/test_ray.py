@@ -236,21 +236,26 @@ def parent(pid: int) -> int:
 
 
 def test_a_worker_node_removed_under_load_loses_nothing(server: Server, cluster: Cluster) -> None:
-    """The node that holds a text replica and not the gateway (a gateway replica takes the requests it holds
-    with it: Ray's proxy does not retry them; docs/deploy.md)."""
+    """The node that holds a text replica (one a node: max_replicas_per_node) and not the gateway (a gateway
+    replica takes the requests it holds with it: Ray's proxy does not retry them; docs/deploy.md), under a
+    text load: the single-replica models on that node have no other replica to go to until Ray makes one."""
     gateway_node = parent(replica_pids("gateway")[0])
     text_nodes = {parent(p) for p in replica_pids(f"model-{TEXT}")}
     victim = next(n for n in cluster.worker_nodes if raylet_pid(n) in text_nodes - {gateway_node})
     before = server.metric("genserve_replica_retries_total")
-    results, streams = run_load_while(server, lambda: cluster.remove_node(victim, allow_graceful=False))
+    try:
+        results, streams = run_load_while(server, lambda: cluster.remove_node(victim, allow_graceful=False),
+                                          embed=False)
+    finally:
+        cluster.add_node(num_cpus=4)  # the later tests need two worker nodes, whatever happened here
     check_nothing_lost(server, results, streams, before)
-    cluster.add_node(num_cpus=4)
-    wait_for(lambda: len(replica_pids(f"model-{TEXT}")) == 2, 120, "Ray to replace the lost replicas")
+    for deployment, count in ((f"model-{TEXT}", 2), (f"model-{EMBED}", 1), (f"model-{GAN}", 1)):
+        wait_for(lambda d=deployment, c=count: len(replica_pids(d)) == c, 120, f"Ray to replace {deployment}")
 
 
 def test_autoscaling_goes_up_under_load_and_back(server: Server) -> None:
     deployment = f"model-{EMBED}"
-    assert len(replica_pids(deployment)) == 1
+    wait_for(lambda: len(replica_pids(deployment)) == 1, 60, "one embedding replica")
     stop = threading.Event()
     codes: list[int] = []
 

@@ -15,6 +15,7 @@ not be verified by another).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -54,7 +55,9 @@ def model_options(entry: ModelEntry, settings: Settings) -> dict[str, Any]:
         "max_ongoing_requests": r.max_ongoing_requests or entry.max_batch_size + entry.max_waiting,
         "max_queued_requests": r.max_queued_requests or entry.max_waiting,
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
-        "graceful_shutdown_timeout_s": settings.shutdown_grace_s,
+        # A replica stopped by a downscale or a rolling update finishes what it holds, up to a request's
+        # deadline, before Ray kills it.
+        "graceful_shutdown_timeout_s": max(settings.shutdown_grace_s, entry.timeout_s(settings.request_timeout_s)),
     }
     if r.max_replicas_per_node is not None:
         options["max_replicas_per_node"] = r.max_replicas_per_node
@@ -89,14 +92,19 @@ def application(settings: Settings, entries: list[ModelEntry]) -> Any:
     if clash:
         raise ConfigError(f"two model ids become the Ray deployment name {clash!r}; rename one")
     settings = shared_settings(settings)
-    models = {e.id: serve.deployment(**model_options(e, settings))(ModelReplica).bind(e, settings)
+    # What a model replica needs of the settings; the keys, the watermark secret and Redis's address stay
+    # with the gateway (Serve keeps a deployment's arguments in its GCS store).
+    replica_settings = settings.model_copy(update={"api_keys": [], "api_keys_file": None, "watermark_key": None,
+                                                   "redis_url": None})
+    models = {e.id: serve.deployment(**model_options(e, settings))(ModelReplica).bind(e, replica_settings)
               for e in entries if e.runs_on_ray}
     gateway = serve.deployment(
         name=GATEWAY, num_replicas=settings.ray_gateway_replicas,
         ray_actor_options={"num_cpus": settings.ray_gateway_num_cpus},
         max_ongoing_requests=settings.max_connections,
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
-        graceful_shutdown_timeout_s=settings.shutdown_grace_s)(serve.ingress()(Gateway))
+        graceful_shutdown_timeout_s=max([settings.shutdown_grace_s] + [e.timeout_s(settings.request_timeout_s)
+                                                                        for e in entries]))(serve.ingress()(Gateway))
     return gateway.bind(settings, entries, models)
 
 
@@ -182,7 +190,7 @@ def build(args: dict[str, str]) -> Any:
         raise ConfigError(f"genserve.app.ray_app:build takes the args config and models, not {', '.join(unknown)}")
     overrides: dict[str, Any] = dict(args)
     settings = Settings(**overrides)
-    serving_keys(settings)
+    serving_keys(settings, public=True)  # Ray's proxies bind the config's http_options (0.0.0.0 by default)
     entries = load_registry(settings.config)
     if settings.models:
         entries = select(entries, settings.models, "models")
@@ -219,19 +227,29 @@ def run(settings: Settings, entries: list[ModelEntry], address: str) -> int:
     else:
         ray.init(address=address, logging_level=logging.WARNING)
     stop = threading.Event()
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt  # while deploying: serve.run waits for replicas that may never come
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, interrupt)
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port},
                     proxy_location=settings.ray_proxy_location)
         serve.run(application(settings, entries), name=APP_NAME, route_prefix="/")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
         log.info("genserve is deployed on Ray Serve at %s (application %r)", settings.base_url(), APP_NAME)
         stop.wait()
-        log.info("stopping: deleting the application")
-        serve.delete(APP_NAME)
-        if address == "local":
-            serve.shutdown()
+    except KeyboardInterrupt:
+        log.info("interrupted while deploying")
     finally:
+        log.info("stopping: deleting the application")
+        with contextlib.suppress(Exception):
+            serve.delete(APP_NAME)
+        if address == "local":
+            with contextlib.suppress(Exception):
+                serve.shutdown()
         ray.shutdown()
     return 0
 

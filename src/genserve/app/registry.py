@@ -71,7 +71,8 @@ class Autoscaling(BaseModel):
 
     @model_validator(mode="after")
     def _check_range(self) -> Autoscaling:
-        # Ray's own config takes min > max and unknown keys without a word; the registry does not.
+        # Checked here, at start and naming the field, rather than by Ray at deploy (which also takes
+        # unknown keys without a word: extra='forbid' above).
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
         if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:

@@ -136,12 +136,15 @@ def hash_key(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-def serving_keys(settings: Settings) -> list[KeyPolicy]:
+def serving_keys(settings: Settings, public: bool = False) -> list[KeyPolicy]:
     """The keys a server starts with (:func:`read_keys`); ConfigError when there are none and the server
-    would answer anyone beyond this machine without being told to."""
+    would answer anyone beyond this machine without being told to (``public``: it may, whatever
+    ``settings.host`` says, as Ray's proxies bind what the cluster's Serve config says)."""
     keys = read_keys(settings.api_keys, settings.api_keys_file)
-    if not keys and not settings.binds_loopback_only() and not settings.allow_unauthenticated:
-        raise ConfigError(f"refusing to serve on {settings.host} without API keys: set GENSERVE_API_KEYS "
+    exposed = public or not settings.binds_loopback_only()
+    if not keys and exposed and not settings.allow_unauthenticated:
+        where = "a Ray cluster's proxies" if public else settings.host
+        raise ConfigError(f"refusing to serve on {where} without API keys: set GENSERVE_API_KEYS "
                           "or GENSERVE_API_KEYS_FILE, or pass --allow-unauthenticated")
     return keys
 

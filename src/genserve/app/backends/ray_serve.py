@@ -129,7 +129,7 @@ class RayBackend(Backend):
             return self.ready()
         try:
             self._ready = bool(await asyncio.wait_for(self._call("check_ready"), 5.0))
-        except (GenserveError, TimeoutError):
+        except Exception:  # no replica answers, or its probe failed: not ready (and /health/ready says so)
             self._ready = False
         self._ready_at = time.monotonic()
         return self._ready
@@ -152,6 +152,7 @@ class RayBackend(Backend):
             except Exception as exc:
                 if attempt or not _died(exc):
                     raise _translate(exc) from None
+                _cancel(response)  # "unavailable" may be a replica cut off for a while, still running it
                 self.metrics.replica_retries.labels(self.entry.id, "call").inc()
                 log.warning("model %s: a replica died during a call; retrying once", self.entry.id)
         raise AssertionError("unreachable")
@@ -174,6 +175,7 @@ class RayBackend(Backend):
                     raise lost("The model's replica died in the middle of this stream.") from None
                 if attempt or not _died(exc):
                     raise _translate(exc) from None
+                _cancel(gen)
                 self.metrics.replica_retries.labels(self.entry.id, "call").inc()
                 log.warning("model %s: a replica died before a stream began; retrying once", self.entry.id)
 

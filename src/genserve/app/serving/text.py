@@ -306,6 +306,9 @@ class TextServing:
         except (GeneratorExit, asyncio.CancelledError):  # the client left or the deadline passed
             aborted = True
             raise
+        except WorkerLostError:  # nothing of it reached the client; a run again charges its own tokens
+            generated = 0
+            raise
         finally:
             if not charged:  # cut off before its usage came (the client left, a deadline): what was made
                 note_usage("text", generated, usage)
