@@ -166,6 +166,38 @@ def test_a_full_queue_gets_429_with_retry_after(server: Server) -> None:
     assert limited.json()["error"]["type"] == "rate_limit_error"
 
 
+def text_replica_series(name: str) -> dict[int, float]:
+    """``name`` summed over its samples, per text replica (by process id), from the replicas' own
+    registries: the handle routes each call to a replica of its choosing, so it asks until it has heard
+    from both."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(f"model-{TEXT}", app_name="genserve")
+    seen: dict[int, float] = {}
+    for _ in range(40):
+        pid, text = handle.metrics_text.remote().result(timeout_s=30)
+        seen[pid] = sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+                        if line.startswith((name + "{", name + " ")))
+        if len(seen) == 2:
+            return seen
+    raise AssertionError(f"heard from {len(seen)} text replicas of 2")
+
+
+def test_a_client_that_leaves_stops_its_sequence_inside_the_replica(server: Server) -> None:
+    """A stream of 480 tokens, left after its first chunk: the engine inside the replica stops generating
+    it (the handle call is cancelled, Ray cancels the replica's task, the backend aborts the sequence)."""
+    before = text_replica_series("genserve_generation_tokens_total")
+    body = {"model": TEXT, "messages": [{"role": "user", "content": "Tell a long story"}], "max_tokens": 480,
+            "seed": 5, "stream": True, "ignore_eos": True}
+    with server.client() as c, c.stream("POST", "/v1/chat/completions", json=body) as resp:
+        assert resp.status_code == 200
+        next(line for line in resp.iter_lines() if line.startswith("data: "))
+    wait_for(lambda: sum(text_replica_series("genserve_num_requests_running").values()) == 0, 30,
+             "the replicas to have no sequence running")
+    made = sum(text_replica_series("genserve_generation_tokens_total").values()) - sum(before.values())
+    assert 0 < made < 240, made  # the stream's tokens up to the leave, not its 480
+
+
 # nothing lost --------------------------------------------------------------------------------------------
 def load(server: Server, stop: threading.Event, results: list, streams: list, embed: bool) -> None:
     """Unary embeddings (if ``embed``) and chats, and streamed chats, in a loop until ``stop``."""
@@ -235,6 +267,20 @@ def parent(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
+def kill_node(cluster: Cluster, node) -> None:
+    """A node's death as a machine's: its workers (the replicas) killed with its raylet, at once. (Ray's
+    ``remove_node`` kills the raylet; the workers notice later and may finish what they hold first.)"""
+    raylet = raylet_pid(node)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if parent(int(entry.name)) == raylet:
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (OSError, ValueError, IndexError):
+                pass  # gone meanwhile
+    cluster.remove_node(node, allow_graceful=False)
+
+
 def test_a_worker_node_removed_under_load_loses_nothing(server: Server, cluster: Cluster) -> None:
     """The node that holds a text replica (one a node: max_replicas_per_node) and not the gateway (a gateway
     replica takes the requests it holds with it: Ray's proxy does not retry them; docs/deploy.md), under a
@@ -244,8 +290,7 @@ def test_a_worker_node_removed_under_load_loses_nothing(server: Server, cluster:
     victim = next(n for n in cluster.worker_nodes if raylet_pid(n) in text_nodes - {gateway_node})
     before = server.metric("genserve_replica_retries_total")
     try:
-        results, streams = run_load_while(server, lambda: cluster.remove_node(victim, allow_graceful=False),
-                                          embed=False)
+        results, streams = run_load_while(server, lambda: kill_node(cluster, victim), embed=False)
     finally:
         cluster.add_node(num_cpus=4)  # the later tests need two worker nodes, whatever happened here
     check_nothing_lost(server, results, streams, before)

@@ -117,9 +117,15 @@ class ModelReplica:
         from genserve.app import logs
 
         logs.setup(settings.log_level, settings.log_format, quiet=True)
-        self.backend = build_backend(entry, settings, Metrics())
+        self.metrics = Metrics()
+        self.backend = build_backend(entry, settings, self.metrics)
         await asyncio.to_thread(self.backend.setup)
         await self.backend.start()
+
+    def metrics_text(self) -> tuple[int, str]:
+        """This replica's process id and its own genserve series (the engine's running sequences and
+        tokens, the batcher's queue), in Prometheus's text format."""
+        return os.getpid(), self.metrics.render().decode()
 
     async def call(self, method: str, *args: Any) -> Any:
         if method not in UNARY:
