@@ -40,6 +40,7 @@ from genserve.models.errors import InputError
 
 log = logging.getLogger(__name__)
 READY_CACHE_SECONDS = 5.0
+START_TRIES, START_RETRY_S = 12, 5.0  # a minute for a failing deployment's replicas to come back
 RETRY_AFTER_S = "1"
 # What a replica may be asked: the Protocol methods of base.py, by how they answer.
 UNARY = frozenset({"embed", "compose", "interpolate", "decode", "token_ids", "describe", "check_ready", "collect"})
@@ -116,7 +117,18 @@ class RayBackend(Backend):
         pass  # nothing loads here; ``start`` waits for a replica
 
     async def start(self) -> None:
-        self._facts = await self._call("describe")
+        """Waits for a replica to describe the model. A replica that fails while the deployment starts (or
+        a deployment still without one) is asked again, for up to ``START_TRIES`` tries: one failure must
+        not leave the model unserved in this gateway replica for its whole life."""
+        for attempt in range(START_TRIES):
+            try:
+                self._facts = await self._call("describe")
+                break
+            except Exception:
+                if attempt == START_TRIES - 1:
+                    raise
+                log.warning("model %s: no replica answered yet; asking again", self.entry.id)
+                await asyncio.sleep(START_RETRY_S)
         self.loaded = self._ready = True
         self._ready_at = time.monotonic()
 
