@@ -256,7 +256,15 @@ def test_a_replica_killed_under_load_loses_nothing(server: Server) -> None:
     before = server.metric("genserve_replica_retries_total")
     results, streams = run_load_while(server, lambda: os.kill(victims[0], signal.SIGKILL))
     check_nothing_lost(server, results, streams, before)
-    wait_for(lambda: len(replica_pids(f"model-{TEXT}")) == 2, 90, "Ray to replace the killed replica")
+    wait_for(lambda: running(f"model-{TEXT}") == 2, 90, "Ray to replace the killed replica")
+
+
+def running(deployment: str) -> int:
+    """Replicas of ``deployment`` that Serve routes to (a started process may still be loading its model)."""
+    from ray import serve
+
+    states = serve.status().applications["genserve"].deployments[deployment].replica_states
+    return sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING")
 
 
 def raylet_pid(node) -> int:
@@ -285,6 +293,7 @@ def test_a_worker_node_removed_under_load_loses_nothing(server: Server, cluster:
     """The node that holds a text replica (one a node: max_replicas_per_node) and not the gateway (a gateway
     replica takes the requests it holds with it: Ray's proxy does not retry them; docs/deploy.md), under a
     text load: the single-replica models on that node have no other replica to go to until Ray makes one."""
+    wait_for(lambda: running(f"model-{TEXT}") == 2, 90, "both text replicas serving")  # else the victim's is idle
     gateway_node = parent(replica_pids("gateway")[0])
     text_nodes = {parent(p) for p in replica_pids(f"model-{TEXT}")}
     victim = next(n for n in cluster.worker_nodes if raylet_pid(n) in text_nodes - {gateway_node})
