@@ -45,6 +45,12 @@ def deployment_name(entry: ModelEntry) -> str:
     return "model-" + re.sub(r"[^A-Za-z0-9._-]", "_", entry.id)
 
 
+def drain_s(settings: Settings, entries: list[ModelEntry]) -> float:
+    """How long a replica stopped by a downscale or a rolling update may finish what it holds before Ray
+    kills it: up to the deadline of the requests it serves (and at least the shutdown grace)."""
+    return max([settings.shutdown_grace_s] + [e.timeout_s(settings.request_timeout_s) for e in entries])
+
+
 def model_options(entry: ModelEntry, settings: Settings) -> dict[str, Any]:
     """The Ray Serve deployment options of ``entry`` (its ``ray`` block, with the model's own queue
     sizes as defaults)."""
@@ -55,9 +61,7 @@ def model_options(entry: ModelEntry, settings: Settings) -> dict[str, Any]:
         "max_ongoing_requests": r.max_ongoing_requests or entry.max_batch_size + entry.max_waiting,
         "max_queued_requests": r.max_queued_requests or entry.max_waiting,
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
-        # A replica stopped by a downscale or a rolling update finishes what it holds, up to a request's
-        # deadline, before Ray kills it.
-        "graceful_shutdown_timeout_s": max(settings.shutdown_grace_s, entry.timeout_s(settings.request_timeout_s)),
+        "graceful_shutdown_timeout_s": drain_s(settings, [entry]),
     }
     if r.max_replicas_per_node is not None:
         options["max_replicas_per_node"] = r.max_replicas_per_node
@@ -103,8 +107,7 @@ def application(settings: Settings, entries: list[ModelEntry]) -> Any:
         ray_actor_options={"num_cpus": settings.ray_gateway_num_cpus},
         max_ongoing_requests=settings.max_connections,
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
-        graceful_shutdown_timeout_s=max([settings.shutdown_grace_s] + [e.timeout_s(settings.request_timeout_s)
-                                                                        for e in entries]))(serve.ingress()(Gateway))
+        graceful_shutdown_timeout_s=drain_s(settings, entries))(serve.ingress()(Gateway))
     return gateway.bind(settings, entries, models)
 
 
@@ -141,7 +144,7 @@ class ModelReplica:
             result = getattr(self.backend, method)(*args)
             return await result if asyncio.iscoroutine(result) else result
         except GenserveError as exc:
-            raise ReplicaError(exc.status, exc.body(), exc.headers) from None
+            raise ReplicaError.of(exc) from None
 
     async def stream(self, method: str, *args: Any) -> AsyncGenerator[Any, None]:
         if method not in STREAMED:
@@ -151,7 +154,7 @@ class ModelReplica:
             async for event in events:
                 yield event
         except GenserveError as exc:
-            raise ReplicaError(exc.status, exc.body(), exc.headers) from None
+            raise ReplicaError.of(exc) from None
         finally:
             await events.aclose()  # cancelled by Ray when the caller left: the backend stops its work
 
@@ -166,7 +169,8 @@ class ModelReplica:
 
 class Gateway:
     """The ingress deployment: ``create_app`` over the models' deployment handles (Serve passes each
-    bound deployment in ``models`` as its handle)."""
+    bound deployment in ``models`` as its handle). Its health is Ray's default probe (the replica
+    answers); its models have their own, and ``/health/ready`` says which are ready."""
 
     def __init__(self, settings: Settings, entries: list[ModelEntry], models: dict[str, Any]) -> None:
         from genserve.app import logs
@@ -180,9 +184,6 @@ class Gateway:
         settings, entries, models = self._args
         return create_app(settings, entries, handles=models)
 
-    async def check_health(self) -> None:
-        """The gateway is healthy while its event loop answers; its models have their own probes, and
-        ``/health/ready`` says which are ready."""
 
 
 def build(args: dict[str, str]) -> Any:

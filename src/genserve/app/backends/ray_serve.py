@@ -55,30 +55,39 @@ class ReplicaError(Exception):
         super().__init__(status, body, headers)
         self.status, self.body, self.headers = status, body, headers
 
+    @classmethod
+    def of(cls, exc: GenserveError) -> ReplicaError:
+        return cls(exc.status, exc.body(), exc.headers)
+
     def error(self) -> GenserveError:
         err = UpstreamError(self.status, self.body)
         err.headers = self.headers
         return err
 
 
+def _cause(exc: BaseException) -> BaseException:
+    """What a handle raised, unwrapped: Ray wraps an error raised in a replica in a ``RayTaskError``."""
+    from ray.exceptions import RayTaskError
+
+    return exc.cause if isinstance(exc, RayTaskError) else exc
+
+
 def _died(exc: BaseException) -> bool:
     """Whether a handle call failed because its replica (or the replica's node) died: the call may be
     retried on another replica. Ray raises these bare or as the cause of a ``RayTaskError``."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, RayActorError, RayTaskError
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, RayActorError
     from ray.serve.exceptions import ReplicaUnavailableError
 
-    cause = exc.cause if isinstance(exc, RayTaskError) else exc
-    return isinstance(cause, (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError,
+    return isinstance(_cause(exc), (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError,
                               NodeDiedError))
 
 
 def _translate(exc: BaseException) -> BaseException:
     """What a handle raised, as genserve's error: the replica's own error, 429 for a full queue, 503 for a
     deployment with no replica; anything else unchanged."""
-    from ray.exceptions import RayTaskError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-    cause = exc.cause if isinstance(exc, RayTaskError) else exc
+    cause = _cause(exc)
     if isinstance(cause, ReplicaError):
         return cause.error()
     if isinstance(cause, InputError):
