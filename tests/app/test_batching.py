@@ -1,4 +1,5 @@
-"""The dynamic batcher: grouping, the bounded queue, abandoned items and errors."""
+"""The dynamic batcher: grouping, the bounded queue, abandoned items and errors; a batched backend's
+readiness probe of its GPU."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import threading
 
 import pytest
 
-from genserve.app.backends.batching import BatchAbandoned, DynamicBatcher
+from genserve.app.backends import batching
+from genserve.app.backends.batching import BatchAbandoned, BatchedBackend, DynamicBatcher
 from genserve.app.errors import RateLimitError
+from genserve.app.metrics import Metrics
+from genserve.app.registry import ModelEntry
 
 
 def run(coro):
@@ -219,3 +223,52 @@ def test_after_a_failed_batch_only_items_still_awaited_are_run_again() -> None:
 
     assert run(main()) == [20]
     assert seen == [[1, 2], [2]]
+
+
+def started_backend(device: str) -> BatchedBackend:
+    entry = ModelEntry.model_validate({"id": "g", "modality": "image", "backend": "local", "family": "gan",
+                                       "source": "x", "device": device})
+    backend = BatchedBackend(entry, Metrics())
+    backend.start_batcher(lambda items: items)
+    backend.loaded = True
+    return backend
+
+
+def test_a_gpu_models_readiness_probes_its_device_one_probe_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA, ``check_ready`` runs a small computation on the device: a probe that raises (a sticky CUDA
+    error) or hangs (a GPU off the bus) makes the model not ready, while the batcher thread is alive; a
+    hung probe is waited on again, never started twice; on a CPU nothing is probed."""
+    calls: list[str] = []
+    release = threading.Event()
+    mode = {"now": "hang"}
+
+    def probe(device) -> None:
+        calls.append(str(device))
+        if mode["now"] == "hang":
+            release.wait(10)
+        elif mode["now"] == "fail":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(batching, "probe_device", probe)
+    monkeypatch.setattr(batching, "DEVICE_PROBE_SECONDS", 0.2)
+
+    async def scenario() -> list[bool]:
+        gpu, cpu = started_backend("cuda:0"), started_backend("cpu")
+        try:
+            assert gpu.ready()  # the batcher lives: only the probe can tell
+            hung = [await gpu.check_ready(), await gpu.check_ready()]
+            assert calls == ["cuda:0"]  # the second check waited on the same hung probe
+            release.set()
+            mode["now"] = "ok"
+            await asyncio.sleep(0.1)
+            answered = await gpu.check_ready()
+            mode["now"] = "fail"
+            failed = await gpu.check_ready()
+            on_cpu = await cpu.check_ready()
+            return [*hung, answered, failed, on_cpu]
+        finally:
+            for b in (gpu, cpu):
+                await b.close()
+
+    assert run(scenario()) == [False, False, True, False, True]
+    assert calls == ["cuda:0", "cuda:0", "cuda:0"]  # the hung one, then one per check; none for the CPU

@@ -12,8 +12,9 @@ import threading
 
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
-from genserve.app.metrics import Metrics
+from genserve.app.metrics import Metrics, merge_exposition
 from genserve.app.routers import docs, playground
 
 
@@ -53,3 +54,53 @@ def test_concurrent_scrapes_share_one_render_off_the_event_loop() -> None:
     bodies = asyncio.run(scrape())
     assert len(threads) == 2 and threading.main_thread().name not in threads
     assert all(b == bodies[0] for b in bodies[:8]) and b"genserve_" in bodies[0]
+
+
+def replica_metrics(tokens: float, latency: float) -> Metrics:
+    m = Metrics()
+    m.generation_tokens.labels('odd "name"\\').inc(tokens)
+    m.e2e_request_latency.labels("m").observe(latency)
+    m.num_requests_running.labels("m").set(2)
+    return m
+
+
+def test_replicas_series_merge_into_one_exposition_with_their_labels() -> None:
+    """Ray Serve: every replica's registry in one /metrics, one family per name (the text format's rule),
+    each sample with its replica's labels; counters, histograms, gauges and escaped label values intact."""
+    a, b = replica_metrics(5, 0.3), replica_metrics(7, 3.0)
+    la, lb = {"deployment": "model-x", "replica": "r1"}, {"deployment": "model-x", "replica": "r2"}
+    merged = merge_exposition([(la, a.render().decode()), (lb, b.render().decode())]).decode()
+    families = {f.name: f for f in text_string_to_metric_families(merged)}
+    heads = [line for line in merged.splitlines() if line.startswith("# TYPE ")]
+    assert len(heads) == len(set(heads))  # each family once
+    tokens = families["genserve_generation_tokens"]
+    assert tokens.type == "counter"
+    assert sorted((s.labels["replica"], s.value) for s in tokens.samples) == [("r1", 5.0), ("r2", 7.0)]
+    assert all(s.labels["model_name"] == 'odd "name"\\' and s.labels["deployment"] == "model-x"
+               for s in tokens.samples)
+    latency = families["genserve_e2e_request_latency_seconds"]
+    assert latency.type == "histogram"
+    le = {(s.labels["replica"], s.labels["le"]): s.value for s in latency.samples if s.name.endswith("_bucket")}
+    assert le["r1", "0.5"] == 1 and le["r2", "0.5"] == 0 and le["r2", "5.0"] == 1
+    assert sum(s.value for s in families["genserve_num_requests_running"].samples) == 4
+    # Every series of one registry, and no more, came through for each replica.
+    assert len(families["genserve_http_requests"].samples) == 0
+    assert len([s for f in families.values() for s in f.samples]) == 2 * len(
+        [s for f in text_string_to_metric_families(a.render().decode()) for s in f.samples])
+
+
+def test_a_replicas_scrape_adds_what_gather_returns() -> None:
+    metrics = Metrics()
+    metrics.images.labels("gan").inc(3)
+    seen: list[bytes] = []
+
+    async def gather(own: bytes) -> bytes:
+        seen.append(own)
+        return merge_exposition([({"replica": "me"}, own.decode()),
+                                 ({"replica": "other"}, replica_metrics(1, 1).render().decode())])
+
+    metrics.gather = gather
+    body = asyncio.run(metrics.render_shared()).decode()
+    assert seen and b"genserve_images_total" in seen[0]
+    assert 'genserve_images_total{model_name="gan",replica="me"} 3.0' in body
+    assert 'replica="other"' in body

@@ -91,3 +91,16 @@ def test_the_builder_checks_its_args_and_keys(monkeypatch: pytest.MonkeyPatch, t
         build({})
     monkeypatch.setenv("GENSERVE_API_KEYS", "k1")
     assert isinstance(build({"models": "genserve-gan,genserve-text-tiny"}), Application)
+
+
+def test_the_gateway_leaves_token_counts_to_replicas_whose_backend_meters_them() -> None:
+    """A text model's replicas count tokens and finish reasons step by step and their series reach the
+    gateway's /metrics, so the gateway counts them no more (a sum over the deployments counts each once);
+    for other models the gateway counts what it sees, as in one process."""
+    from genserve.app.backends.manager import build_backend
+    from genserve.app.metrics import Metrics
+
+    text = ModelEntry.model_validate({"id": "t", "modality": "text", "backend": "local", "family": "llama",
+                                      "source": "x"})
+    assert build_backend(text, Settings(), Metrics(), handle=object()).meters_tokens
+    assert not build_backend(entry(), Settings(), Metrics(), handle=object()).meters_tokens

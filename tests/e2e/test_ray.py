@@ -183,6 +183,29 @@ def text_replica_series(name: str) -> dict[int, float]:
     raise AssertionError(f"heard from {len(seen)} text replicas of 2")
 
 
+def replicas_on_metrics(server: Server, deployment: str) -> set[str]:
+    """The replicas of ``deployment`` whose series the gateway's /metrics shows (by Ray's replica id)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return {s.labels["replica"] for f in text_string_to_metric_families(text) for s in f.samples
+            if s.labels.get("deployment") == deployment}
+
+
+def test_metrics_show_every_replicas_series(server: Server) -> None:
+    """One scrape of the gateway gives genserve's series of every replica, gateway and models, each
+    labelled with its deployment and replica; a model replica's counters there are the replica's own."""
+    wait_for(lambda: len(replicas_on_metrics(server, f"model-{TEXT}")) == 2, 30, "both text replicas on /metrics")
+    for deployment in ("gateway", f"model-{EMBED}", f"model-{GAN}"):
+        assert len(replicas_on_metrics(server, deployment)) == 1, deployment
+    own = sum(text_replica_series("genserve_generation_tokens_total").values())
+    assert own > 0  # the SDK test's chats
+    wait_for(lambda: server.metric("genserve_generation_tokens_total", deployment=f"model-{TEXT}") == own, 10,
+             "/metrics to show the text replicas' tokens")
+    assert server.metric("genserve_generation_tokens_total") == own  # counted once: not by the gateway too
+    assert server.metric("genserve_http_requests_total", deployment="gateway") > 0
+
+
 def test_a_client_that_leaves_stops_its_sequence_inside_the_replica(server: Server) -> None:
     """A stream of 480 tokens, left after its first chunk: the engine inside the replica stops generating
     it (the handle call is cancelled, Ray cancels the replica's task, the backend aborts the sequence)."""
@@ -254,9 +277,13 @@ def test_a_replica_killed_under_load_loses_nothing(server: Server) -> None:
     victims = replica_pids(f"model-{TEXT}")
     assert len(victims) == 2
     before = server.metric("genserve_replica_retries_total")
+    reporting = replicas_on_metrics(server, f"model-{TEXT}")
     results, streams = run_load_while(server, lambda: os.kill(victims[0], signal.SIGKILL))
     check_nothing_lost(server, results, streams, before)
     wait_for(lambda: running(f"model-{TEXT}") == 2, 90, "Ray to replace the killed replica")
+    # On /metrics the dead replica's series drop out and its replacement's come in.
+    wait_for(lambda: (lambda now: len(now) == 2 and len(now & reporting) == 1)(
+        replicas_on_metrics(server, f"model-{TEXT}")), 30, "/metrics to follow the replacement")
 
 
 def running(deployment: str) -> int:

@@ -1,12 +1,18 @@
 """Prometheus metrics. Text metrics mirror vLLM's names and meanings under a ``genserve`` prefix
 (``vllm:time_to_first_token_seconds`` → ``genserve_time_to_first_token_seconds``), labelled by
-``model_name`` as vLLM does. Each app owns its registry, so tests can run several apps."""
+``model_name`` as vLLM does. Each app owns its registry, so tests can run several apps.
+
+On Ray Serve each replica (gateway or model) has its own registry; ``Metrics.gather`` then adds the other
+replicas' series to the gateway's ``/metrics`` (app/ray_app.py), merged by ``merge_exposition``."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -16,6 +22,8 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self._rendering: asyncio.Future[bytes] | None = None
+        # Set on a Ray Serve replica: takes this registry's text and returns it with the other replicas'.
+        self.gather: Callable[[bytes], Awaitable[bytes]] | None = None
         m = ["model_name"]
         self.http_requests = Counter("genserve_http_requests", "HTTP requests by route and status",
                                      ["method", "route", "status"], registry=r)
@@ -101,8 +109,40 @@ class Metrics:
         return generate_latest(self.registry)
 
     async def render_shared(self) -> bytes:
-        """``render`` in a worker thread, one at a time: scrapes that arrive while a render runs share
-        its result, so any number of scrapers costs the event loop nothing and the CPU one render."""
+        """``render`` in a worker thread (then ``gather``, if set), one at a time: scrapes that arrive while
+        a render runs share its result, so any number of scrapers costs the event loop nothing and the CPU
+        one render."""
         if self._rendering is None or self._rendering.done():
-            self._rendering = asyncio.ensure_future(asyncio.to_thread(self.render))
+            self._rendering = asyncio.ensure_future(self._render_all())
         return await asyncio.shield(self._rendering)
+
+    async def _render_all(self) -> bytes:
+        own = await asyncio.to_thread(self.render)
+        return own if self.gather is None else await self.gather(own)
+
+
+class _Families:
+    """A collector that yields families already built (``merge_exposition``'s)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+def merge_exposition(parts: Iterable[tuple[dict[str, str], str]]) -> bytes:
+    """Several registries' Prometheus text as one exposition: each part's samples with its labels added
+    (a replica's ``deployment`` and ``replica``, as Ray's own series name them), and the families of one
+    name merged into one (the text format allows each family once)."""
+    families: dict[str, Metric] = {}
+    for labels, text in parts:
+        for family in text_string_to_metric_families(text):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation, family.type)
+            for sample in family.samples:
+                merged.add_sample(sample.name, {**sample.labels, **labels}, sample.value, sample.timestamp)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)

@@ -10,6 +10,12 @@ come from its registry entry's ``ray`` block (``RayOptions``).
 Everything the gateway replicas must agree on is decided once, here, where the application is built:
 the watermark secret (otherwise each replica's node would make its own, and a text marked by one could
 not be verified by another).
+
+Metrics: every replica, gateway or model, keeps its own registry (each is its own process, perhaps on
+another node) and pushes it every ``METRICS_PUSH_S`` to the ``metrics`` deployment (``MetricsHub``), so
+that the gateway's ``/metrics``, whichever gateway replica answers, shows genserve's series of every
+replica, labelled ``deployment`` and ``replica`` as Ray's own ``ray_serve_*`` series are (those are on
+each Ray node's metrics port).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import os
 import re
 import signal
 import threading
+import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -30,14 +37,19 @@ from pydantic import SecretStr
 from genserve.app.backends.manager import build_backend
 from genserve.app.backends.ray_serve import STREAMED, UNARY, ReplicaError
 from genserve.app.errors import GenserveError
-from genserve.app.metrics import Metrics
+from genserve.app.metrics import Metrics, merge_exposition
 from genserve.app.registry import ConfigError, ModelEntry, load_registry, select
 from genserve.app.settings import Settings
 
 log = logging.getLogger(__name__)
 APP_NAME = "genserve"
 GATEWAY = "gateway"
+METRICS_HUB = "metrics"
 HEALTH_CHECK_PERIOD_S = 5.0
+# How often each replica pushes its series to the hub, and how long the hub keeps a replica's after its last
+# push (one that stopped, was killed or lost its node drops out of /metrics then).
+METRICS_PUSH_S = 2.0
+METRICS_EXPIRE_S = 10.0
 
 
 def deployment_name(entry: ModelEntry) -> str:
@@ -100,7 +112,9 @@ def application(settings: Settings, entries: list[ModelEntry]) -> Any:
     # with the gateway (Serve keeps a deployment's arguments in its GCS store).
     replica_settings = settings.model_copy(update={"api_keys": [], "api_keys_file": None, "watermark_key": None,
                                                    "redis_url": None})
-    models = {e.id: serve.deployment(**model_options(e, settings))(ModelReplica).bind(e, replica_settings)
+    hub = serve.deployment(name=METRICS_HUB, num_replicas=1, ray_actor_options={"num_cpus": 0},
+                           max_ongoing_requests=1000, health_check_period_s=HEALTH_CHECK_PERIOD_S)(MetricsHub).bind()
+    models = {e.id: serve.deployment(**model_options(e, settings))(ModelReplica).bind(e, replica_settings, hub)
               for e in entries if e.runs_on_ray}
     gateway = serve.deployment(
         name=GATEWAY, num_replicas=settings.ray_gateway_replicas,
@@ -108,7 +122,59 @@ def application(settings: Settings, entries: list[ModelEntry]) -> Any:
         max_ongoing_requests=settings.max_connections,
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
         graceful_shutdown_timeout_s=drain_s(settings, entries))(serve.ingress()(Gateway))
-    return gateway.bind(settings, entries, models)
+    return gateway.bind(settings, entries, models, hub)
+
+
+class MetricsHub:
+    """The ``metrics`` deployment (one replica, no CPU): the latest series each replica pushed. If it dies,
+    Ray makes another, which the replicas' next pushes fill again."""
+
+    def __init__(self) -> None:
+        self._parts: dict[tuple[str, str], tuple[float, dict[str, str], str]] = {}
+
+    async def put(self, labels: dict[str, str], text: str) -> None:
+        self._parts[labels["deployment"], labels["replica"]] = (time.monotonic(), labels, text)
+
+    async def snapshot(self, exclude: dict[str, str]) -> list[tuple[dict[str, str], str]]:
+        """Every live replica's labels and series, but ``exclude``'s (the asker renders its own afresh)."""
+        now = time.monotonic()
+        for key in [k for k, (at, _, _) in self._parts.items() if now - at > METRICS_EXPIRE_S]:
+            del self._parts[key]
+        return [(labels, text) for (at, labels, text) in self._parts.values() if labels != exclude]
+
+
+class ReplicaMetrics:
+    """A replica's side of the hub: pushes its registry every ``METRICS_PUSH_S`` (from a task on the
+    replica's event loop, so it is made inside one), and for a gateway gathers the others' on a scrape."""
+
+    def __init__(self, metrics: Metrics, hub: Any) -> None:
+        from ray import serve
+
+        context = serve.get_replica_context()
+        self.labels = {"deployment": context.deployment, "replica": context.replica_tag}
+        self.metrics, self.hub = metrics, hub
+        self._task = asyncio.get_running_loop().create_task(self._push())
+
+    async def _push(self) -> None:
+        while True:
+            try:
+                text = (await asyncio.to_thread(self.metrics.render)).decode()
+                await self.hub.put.remote(self.labels, text)
+            except Exception as exc:  # the hub restarting: the next push fills the new one
+                log.debug("metrics push failed: %s", exc)
+            await asyncio.sleep(METRICS_PUSH_S)
+
+    async def gather(self, own: bytes) -> bytes:
+        """``own`` (this replica's series, just rendered) with every other live replica's."""
+        try:
+            others = await self.hub.snapshot.remote(self.labels)
+        except Exception as exc:  # /metrics still answers, with this replica's series alone
+            log.warning("the metrics hub did not answer (%s): /metrics shows this replica's series only", exc)
+            others = []
+        return await asyncio.to_thread(merge_exposition, [(self.labels, own.decode()), *others])
+
+    def close(self) -> None:
+        self._task.cancel()
 
 
 class ModelReplica:
@@ -116,7 +182,7 @@ class ModelReplica:
     replica running once it returns), called by method name."""
 
     # Ray Serve awaits an async constructor; mypy knows only plain ones.
-    async def __init__(self, entry: ModelEntry, settings: Any) -> None:  # type: ignore[misc]
+    async def __init__(self, entry: ModelEntry, settings: Any, hub: Any) -> None:  # type: ignore[misc]
         from genserve.app import logs
 
         logs.setup(settings.log_level, settings.log_format, quiet=True)
@@ -124,6 +190,8 @@ class ModelReplica:
         self.backend = build_backend(entry, settings, self.metrics)
         await asyncio.to_thread(self.backend.setup)
         await self.backend.start()
+        self.metrics.model_ready.labels(entry.id).set(1)  # this replica's; the gateway's says if any answers
+        self.reporter = ReplicaMetrics(self.metrics, hub)
 
     def metrics_text(self) -> tuple[int, str]:
         """This replica's process id and its own genserve series (the engine's running sequences and
@@ -160,10 +228,13 @@ class ModelReplica:
 
     async def check_health(self) -> None:
         """Ray's health probe: what the replica depends on (the engine's child process, a stuck batch)."""
-        if not await self.backend.check_ready():
+        ok = await self.backend.check_ready()
+        self.metrics.model_ready.labels(self.backend.entry.id).set(1 if ok else 0)
+        if not ok:
             raise RuntimeError(f"model {self.backend.entry.id} is not ready: {self.backend.load_error or 'stalled'}")
 
     async def __del__(self) -> None:
+        self.reporter.close()
         await self.backend.close()
 
 
@@ -172,17 +243,26 @@ class Gateway:
     bound deployment in ``models`` as its handle). Its health is Ray's default probe (the replica
     answers); its models have their own, and ``/health/ready`` says which are ready."""
 
-    def __init__(self, settings: Settings, entries: list[ModelEntry], models: dict[str, Any]) -> None:
+    def __init__(self, settings: Settings, entries: list[ModelEntry], models: dict[str, Any], hub: Any) -> None:
         from genserve.app import logs
 
         logs.setup(settings.log_level, settings.log_format, quiet=True)
-        self._args = (settings, entries, models)
+        self._args = (settings, entries, models, hub)
 
-    def __serve_build_asgi_app__(self) -> Any:
+    async def __serve_build_asgi_app__(self) -> Any:
+        """The app, and its ``/metrics`` gathering every replica's (Ray awaits this on the replica's loop)."""
         from genserve.app.main import create_app
 
-        settings, entries, models = self._args
-        return create_app(settings, entries, handles=models)
+        settings, entries, models, hub = self._args
+        app = create_app(settings, entries, handles=models)
+        metrics = app.state.services.metrics
+        self.reporter = ReplicaMetrics(metrics, hub)
+        metrics.gather = self.reporter.gather
+        return app
+
+    def __del__(self) -> None:
+        if hasattr(self, "reporter"):
+            self.reporter.close()
 
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,22 @@ from genserve.app.backends.base import STALL_SECONDS, Backend
 from genserve.app.errors import RateLimitError, UnavailableError
 from genserve.app.metrics import Metrics
 from genserve.app.registry import ModelEntry
-from genserve.models.common.loading import load_family
+from genserve.models.common.loading import load_family, resolve_device
+
+log = logging.getLogger(__name__)
+# How long the device probe of a model on a GPU may take before the model counts as not ready.
+DEVICE_PROBE_SECONDS = 10.0
+
+
+def probe_device(device: Any) -> None:
+    """A small computation on ``device`` (a CUDA device), on a stream of its own so that it does not wait
+    behind a running batch; raises if the device is lost or in a sticky error state, hangs if it hangs."""
+    import torch
+
+    with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
+        x = torch.ones(8, device=device)
+        if float((x + x).sum()) != 16.0:
+            raise RuntimeError(f"{device} computed 8 * (1 + 1) wrong")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -232,6 +248,7 @@ class BatchedBackend(Backend):
     the worker. ``setup`` loads the entry's model with ``load_model``."""
 
     batcher: DynamicBatcher | None = None
+    _probe: asyncio.Future[None] | None = None
 
     def __init__(self, entry: ModelEntry, metrics: Metrics) -> None:
         super().__init__(entry)
@@ -261,6 +278,27 @@ class BatchedBackend(Backend):
     def ready(self) -> bool:
         b = self.batcher
         return self.loaded and b is not None and b.alive() and not b.stalled(STALL_SECONDS)
+
+    async def check_ready(self) -> bool:
+        """``ready``, and for a model on a GPU the GPU answering ``probe_device`` within
+        ``DEVICE_PROBE_SECONDS``: a GPU lost or in a sticky error state fails every batch while the
+        batcher's thread lives on. (The text engine's GPU is its child process's: a hung step stalls it.)
+        One probe at a time, shared by callers: a probe that hangs keeps the model not ready and piles no
+        threads up."""
+        if not self.ready():
+            return False
+        device = resolve_device(self.entry.device)
+        if device.type != "cuda":
+            return True
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(asyncio.to_thread(probe_device, device))
+        try:
+            await asyncio.wait_for(asyncio.shield(self._probe), DEVICE_PROBE_SECONDS)
+        except Exception as exc:
+            log.warning("model %s: its device %s failed its probe: %s", self.entry.id, device,
+                        f"no answer in {DEVICE_PROBE_SECONDS:g} s" if isinstance(exc, TimeoutError) else exc)
+            return False
+        return True
 
     def check_room(self, task: str) -> None:
         if self.batcher is not None:

@@ -62,7 +62,9 @@ def build_backend(entry: ModelEntry, settings: Settings, metrics: Metrics, handl
     if handle is not None:
         from genserve.app.backends.ray_serve import RayBackend
 
-        return RayBackend(entry, handle, metrics, retry=settings.ray_retry)
+        family = FAMILIES.get(entry.family or "")
+        meters = family is not None and bool(getattr(LOCAL_BACKENDS[family.backend], "meters_tokens", False))
+        return RayBackend(entry, handle, metrics, retry=settings.ray_retry, meters_tokens=meters)
     if entry.modality == "moderation":
         from genserve.app.moderation.backend import build_moderation_backend
 

@@ -113,9 +113,14 @@ def _cancel(response: Any) -> None:
 class RayBackend(Backend):
     """A model served by a Ray Serve deployment: every Protocol of ``base.py`` by forwarding to it."""
 
-    def __init__(self, entry: ModelEntry, handle: Any, metrics: Metrics, retry: bool = True) -> None:
+    def __init__(self, entry: ModelEntry, handle: Any, metrics: Metrics, retry: bool = True,
+                 meters_tokens: bool = False) -> None:
+        """``meters_tokens``: the replicas' backend counts tokens and finish reasons itself (the text
+        engine); their series reach the gateway's /metrics (app/ray_app.py), so serving must not count
+        them again."""
         super().__init__(entry)
         self.handle, self.metrics = handle, metrics
+        self.meters_tokens = meters_tokens
         self.attempts = (0, 1) if retry else (1,)  # the last attempt's failure is the caller's
         self._facts = ModelFacts()
         self._ready = False
