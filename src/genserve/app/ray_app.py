@@ -251,11 +251,12 @@ class Gateway:
 
     async def __serve_build_asgi_app__(self) -> Any:
         """The app, and its ``/metrics`` gathering every replica's (Ray awaits this on the replica's loop)."""
+        from genserve.app.deps import services_of
         from genserve.app.main import create_app
 
         settings, entries, models, hub = self._args
         app = create_app(settings, entries, handles=models)
-        metrics = app.state.services.metrics
+        metrics = services_of(app).metrics
         self.reporter = ReplicaMetrics(metrics, hub)
         metrics.gather = self.reporter.gather
         return app
