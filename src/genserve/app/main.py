@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,6 +17,7 @@ from genserve.app.errors import install_error_handlers
 from genserve.app.metrics import Metrics
 from genserve.app.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
 from genserve.app.moderation.service import ModerationService
+from genserve.app.openapi import openapi_document
 from genserve.app.provenance.service import ProvenanceService
 from genserve.app.registry import ModelEntry, load_registry
 from genserve.app.routers import (
@@ -83,6 +85,7 @@ def create_app(settings: Settings, entries: list[ModelEntry] | None = None,
         molecules=MoleculeServing(manager, metrics, settings, moderation),
         moderations=ModerationServing(manager, moderation))
 
+    app.openapi = functools.partial(openapi_document, app)  # type: ignore[method-assign]
     install_error_handlers(app)
     for router in (text.router, embeddings.router, images.router, images.files_router, audio.router,
                    molecules.router, moderations.router, provenance.router, models.router, ops.router, docs.router,

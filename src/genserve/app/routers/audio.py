@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from genserve.app.deps import AudioServingDep
-from genserve.app.routers.responses import ERRORS
+from genserve.app.routers.responses import BINARY, ERRORS
 from genserve.app.schemas.audio import MusicRequest, SpeechRequest
 from genserve.app.security import bearer
 
@@ -14,10 +14,10 @@ router = APIRouter(prefix="/v1/audio", tags=["audio"], dependencies=[Depends(bea
 
 AUDIO: dict[str, Any] = {
     "description": "Audio bytes in the requested format",
-    "content": {t: {} for t in ("audio/mpeg", "audio/ogg", "audio/aac", "audio/flac", "audio/wav", "audio/pcm")}}
+    "content": {t: BINARY for t in ("audio/mpeg", "audio/ogg", "audio/aac", "audio/flac", "audio/wav", "audio/pcm")}}
 MUSIC: dict[str, Any] = {
     "description": "Audio (WAV, FLAC) or a MIDI file; the seed used is in the x-genserve-seed header",
-    "content": {t: {} for t in ("audio/wav", "audio/flac", "audio/midi")}}
+    "content": {t: BINARY for t in ("audio/wav", "audio/flac", "audio/mpeg", "audio/midi")}}
 
 
 @router.post("/speech", response_class=Response, responses={200: AUDIO})

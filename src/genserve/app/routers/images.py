@@ -7,7 +7,8 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
 from genserve.app.deps import ImageServingDep
-from genserve.app.routers.responses import ERRORS
+from genserve.app.routers.responses import BINARY, ERRORS
+from genserve.app.schemas.base import ErrorResponse
 from genserve.app.schemas.images import ImageEditForm, ImageGenerationRequest, ImageInterpolationRequest, ImagesResponse
 from genserve.app.security import bearer
 from genserve.app.serving.images import FILES_PATH
@@ -16,7 +17,9 @@ router = APIRouter(prefix="/v1/images", tags=["images"], dependencies=[Depends(b
 files_router = APIRouter(tags=["images"])
 
 
-@router.post("/generations", response_model=ImagesResponse, response_model_exclude_none=True)
+@router.post("/generations", response_model=ImagesResponse, response_model_exclude_none=True, responses={
+    200: {"content": {"text/event-stream": {}}, "description": "JSON, or with `stream: true` server-sent events: "
+          "progress per denoising step, then image_generation.completed per image"}})
 async def create_image(body: ImageGenerationRequest, request: Request,
                        images: ImageServingDep) -> ImagesResponse | Response:
     """Makes `n` images (OpenAI's images API). Diffusion models take `prompt` as text; class-conditional
@@ -47,7 +50,10 @@ async def interpolate_images(body: ImageInterpolationRequest, request: Request,
     return await images.interpolate(body, request)
 
 
-@files_router.get(FILES_PATH + "/{file_id}", include_in_schema=True, responses={200: {"content": {"image/png": {}}}})
+@files_router.get(FILES_PATH + "/{file_id}", response_class=Response, responses={
+    200: {"description": "The image, in the request's output_format",
+          "content": {f"image/{f}": BINARY for f in ("png", "jpeg", "webp")}},
+    404: {"model": ErrorResponse, "description": "No such image, or it has expired"}})
 async def image_file(file_id: str, images: ImageServingDep) -> Response:
     """An image made with `response_format: url`, until it expires. The id is the credential, as
     with OpenAI's signed URLs: no API key needed, so browsers and `<img>` tags can load it."""

@@ -16,5 +16,7 @@ ERRORS: Responses = {code: {"model": ErrorResponse, "description": desc} for cod
     503: "The model is loading or its upstream is unreachable",
     504: "The request did not finish within its deadline",
 }.items()}
+# A file in the body: Swagger UI offers it as a download.
+BINARY: dict[str, Any] = {"schema": {"type": "string", "format": "binary"}}
 STREAM: Responses = {200: {"content": {"text/event-stream": {}},
                 "description": "JSON, or with `stream: true` server-sent events ending in `data: [DONE]`"}}

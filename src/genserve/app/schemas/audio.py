@@ -26,9 +26,11 @@ class SpeechRequest(OpenAIBaseModel):
     voice: str = Field(description="OpenAI's voice names (alloy, ash, ballad, coral, echo, fable, nova, onyx, "
                        "sage, shimmer, verse, marin, cedar), or a voice of the model's own")
     instructions: str | None = Field(None, description="not supported by genserve's speech models: a request "
-                                     "with instructions gets a 400 rather than having them ignored")
+                                     "with instructions gets a 400 rather than having them ignored",
+                                     json_schema_extra={"maxLength": 0})
     response_format: str = Field("mp3", description=f"one of {', '.join(FORMATS)}; all at 24 kHz mono "
-                                 "(pcm: raw signed 16-bit little-endian samples)")
+                                 "(pcm: raw signed 16-bit little-endian samples)",
+                                 json_schema_extra={"enum": list(FORMATS)})
     speed: float = Field(1.0, ge=0.25, le=4.0)
     stream_format: Literal["audio"] = Field("audio", description="audio bytes, sent in chunks as they are "
                                             "produced (OpenAI's 'sse' is not supported)")

@@ -1,17 +1,20 @@
 """The one pydantic base every public schema derives from.
 
-Strict types (``"5"`` is not an integer, ``true`` is not a number) as OpenAI's API checks them;
-unknown fields are ignored, as the issue asks and OpenAI SDK extras need. Every text in a request is
+Strict types (``"5"`` is not an integer, ``true`` is not a number) as OpenAI's API checks them, except
+that a float with no fractional part is an integer (``1.0``), as JSON Schema, which the OpenAPI document
+speaks, counts it; unknown fields are ignored, as the issue asks and OpenAI SDK extras need. Every text in a request is
 valid Unicode: JSON can carry a lone surrogate (``"\\ud800"``), which no tokenizer, encoder or JSON
 response can take, so it is a 400 naming the field here, once for every schema.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import typing
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from typing_extensions import TypeIs
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -20,6 +23,13 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (names := _integer_fields(cls) & data.keys()):
+            data = {**data, **{name: _as_ints(data[name]) for name in names}}
+        return data
+
     @field_validator("*")
     @classmethod
     def _valid_unicode(cls, value: Any, info: ValidationInfo) -> Any:
@@ -27,6 +37,27 @@ class OpenAIBaseModel(BaseModel):
         if where is not None:
             raise ValueError(f"not valid Unicode: a lone surrogate {where}; send text as UTF-8 code points")
         return value
+
+
+@functools.cache
+def _integer_fields(cls: type[BaseModel]) -> frozenset[str]:
+    """The fields of ``cls`` whose type holds integers and no floats (``int``, ``list[int]``, token ids)."""
+    def kinds(annotation: Any) -> set[type]:
+        if annotation in (int, float):
+            return {annotation}
+        return {k for arg in typing.get_args(annotation) for k in kinds(arg)}
+
+    return frozenset(name for name, field in cls.model_fields.items()
+                     if (found := kinds(field.annotation)) and int in found and float not in found)
+
+
+def _as_ints(value: Any) -> Any:
+    """Integral floats as ints, in lists too (token ids); anything else as it was, for validation to judge."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_as_ints(v) for v in value]
+    return value
 
 
 def _lone_surrogate(value: Any, path: str) -> str | None:
@@ -99,7 +130,9 @@ def _is_token_list(value: list[str] | list[int] | list[list[int]]) -> TypeIs[lis
     return bool(value) and isinstance(value[0], int)
 
 
-Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+# The integers every JSON parser keeps exactly (JavaScript's safe integers): clients and schema tools that
+# read JSON numbers as doubles would change a larger seed, and with it the output.
+Seed = Annotated[int, Field(ge=-(2**53 - 1), le=2**53 - 1)]
 # Below this a temperature only divides logits into overflow (NaN probabilities, a junk token): text
 # models treat it as 0 (greedy, as OpenAI treats 0); samplers without a greedy mode refuse it.
 MIN_TEMPERATURE = 1e-4

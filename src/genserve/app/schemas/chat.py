@@ -42,7 +42,8 @@ class ChatCompletionRequest(SamplingFields):
     model_config = ConfigDict(json_schema_extra={"examples": [CHAT_EXAMPLE]})
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens; "
+                                              "both with different values is a 400")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
@@ -52,7 +53,7 @@ class ChatCompletionRequest(SamplingFields):
     @field_validator("top_logprobs")
     @classmethod
     def _top_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and not info.data.get("logprobs"):
+        if value and not info.data.get("logprobs"):  # 0, like unset, asks for nothing
             raise ValueError("top_logprobs requires logprobs to be true")
         return value
 

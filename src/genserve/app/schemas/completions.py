@@ -22,9 +22,10 @@ class CompletionRequest(SamplingFields):
     prompt: TextsOrTokens = Field(
         description="text, a list of texts, or token ids (one list or a list of lists)")
     logprobs: int | None = Field(None, ge=0, le=5, description="log probabilities of this many top tokens")
-    echo: bool = False
-    best_of: int | None = Field(None, ge=1)
-    suffix: str | None = None
+    echo: bool = Field(False, description="not supported: false only", json_schema_extra={"enum": [False]})
+    best_of: int | None = Field(None, ge=1, description="equal to n, or unset: genserve returns every sequence "
+                                "it samples")
+    suffix: str | None = Field(None, description="not supported: null or empty", json_schema_extra={"maxLength": 0})
 
     @field_validator("prompt")
     @classmethod

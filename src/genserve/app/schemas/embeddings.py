@@ -19,7 +19,8 @@ class EmbeddingRequest(OpenAIBaseModel):
     input: TextsOrTokens = Field(
         description="text, a list of texts, or token ids of the model's own tokenizer")
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: int | None = Field(None, ge=1, description="the model's own embedding size, or unset: a model "
+                                   "that cannot shorten its embeddings refuses any other size with a 400")
     user: str | None = None
 
     @field_validator("input")

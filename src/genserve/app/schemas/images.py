@@ -60,7 +60,9 @@ class ImageGenerationRequest(OpenAIBaseModel, DiffusionKnobs, OutputFields):
     stream: bool = Field(False, description="diffusion models: server-sent events: genserve's "
                          "image_generation.progress for each denoising step, then OpenAI's image_generation.completed "
                          "for each image (b64_json, and url when response_format is url)")
-    partial_images: int | None = Field(None, ge=0, le=3, description="OpenAI's partial images while streaming: "
+    # OpenAI takes 0-3; the document says 0, and 1-3 get a 400 that says why.
+    partial_images: int | None = Field(None, ge=0, le=3, json_schema_extra={"maximum": 0},
+                                       description="OpenAI's partial images while streaming: "
                                        "not sent: genserve checks and marks each finished image before it "
                                        "leaves (0 or unset; progress events say how far the denoising is)")
 

@@ -10,7 +10,8 @@ from genserve.app.schemas.base import OpenAIBaseModel
 
 
 class ImageURL(OpenAIBaseModel):
-    url: str = Field(description="a data URL (data:image/png;base64,...); genserve fetches nothing")
+    url: str = Field(description="a data URL (data:image/png;base64,...); genserve fetches nothing",
+                     json_schema_extra={"pattern": "^data:image/[^,]*;base64,"})
 
 
 class ImagePart(OpenAIBaseModel):

@@ -31,7 +31,8 @@ VERIFY_EXAMPLE: JsonDict = {"text": "Paste a text of a hundred words or more her
 class VerifyTextRequest(OpenAIBaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [VERIFY_EXAMPLE]})
 
-    text: str = Field(min_length=1, description="the text to check")
+    text: str = Field(min_length=1, description="the text to check: long enough to hold 50 distinct pairs of "
+                      "consecutive tokens of the model (about 60 words), else a 400 says how many it holds")
     model: str | None = Field(None, description="check only this text model's watermark (default: every "
                               "watermarked text model this server runs)")
 

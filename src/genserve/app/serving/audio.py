@@ -49,7 +49,7 @@ class AudioServing:
         if len(body.input) > limits.max_input_chars:
             raise InvalidRequestError(f"input has {len(body.input)} characters; this model accepts at most "
                                       f"{limits.max_input_chars}.", param="input")
-        if body.instructions is not None:
+        if body.instructions:  # "" asks for nothing, like null
             raise InvalidRequestError(f"The model '{body.model}' does not take instructions.",
                                       param="instructions")
         await self.moderation.check_input(body.model, [("input", body.input)], raw)

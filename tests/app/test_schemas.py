@@ -1,0 +1,25 @@
+"""The request schemas' types, as the OpenAPI document states them (app/schemas/base.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_integers_take_integral_floats_and_nothing_else() -> None:
+    """JSON Schema (the OpenAPI document's language) counts 1.0 as an integer, so the server does too, in
+    lists of token ids as well; 1.5, "1" and true stay 400s, as OpenAI's strict types have them."""
+    from pydantic import ValidationError
+
+    from genserve.app.schemas.chat import ChatCompletionRequest
+    from genserve.app.schemas.completions import CompletionRequest
+
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    ok = ChatCompletionRequest.model_validate({**base, "n": 2.0, "seed": -3.0, "max_tokens": 8.0})
+    assert (ok.n, ok.seed, ok.max_tokens) == (2, -3, 8) and type(ok.n) is int
+    assert ChatCompletionRequest.model_validate({**base, "temperature": 1}).temperature == 1.0
+    for bad in (1.5, "1", True, float("inf")):
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest.model_validate({**base, "n": bad})
+    assert CompletionRequest.model_validate({"model": "m", "prompt": [[1.0, 2.0], [3.0]]}).prompt == [[1, 2], [3]]
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate({"model": "m", "prompt": [1.0, 2.5]})
