@@ -6,9 +6,15 @@ module), so a constraint that genserve checks wrongly fails the test.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import time
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import httpx
 import pytest
 
 Chem = pytest.importorskip("rdkit.Chem")
@@ -160,6 +166,65 @@ def test_properties_flags_a_pains_alert(server):
         r = c.post("/v1/molecules/properties", json={"smiles": [rhodanine_ene], "include": ["alerts"]})
     catalogs = {a["catalog"] for a in r.json()["data"][0]["alerts"]}
     assert "PAINS" in catalogs
+
+
+# 16 of these (191 atoms each) are one task of the chemistry workers: about a second with drawings.
+SUGAR_CHAIN = "OC1C(O)C(O)C(CO)OC1" + "OC1C(O)C(O)C(CO)OC1O" * 15
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the server's workers in /proc")
+def test_a_chemistry_worker_killed_mid_request_is_a_500_and_the_server_carries_on(server):
+    """Properties run RDKit on the caller's molecules in worker processes (app/backends/chemistry.py).
+    One killed by SIGSEGV while it describes a request's molecules, as a crash in RDKit's C++ would kill
+    it, costs that request a 500 in OpenAI's body; the server stays up, and a request beside it and the
+    next one are answered (by the other worker, or the one that replaces it)."""
+    url, light = "/v1/molecules/properties", {"smiles": [ASPIRIN, CAFFEINE]}
+    with server.client() as c:
+        assert c.post(url, json=light).status_code == 200  # the workers run
+    workers = [w for fs in _children(server.proc.pid) if b"forkserver" in Path(f"/proc/{fs}/cmdline").read_bytes()
+               for w in _children(fs)]
+    assert workers, "no chemistry workers under the server"
+    ticks = {w: _cpu_ticks(w) for w in workers}
+    for _ in range(50):  # idle (a second worker may still be warming up)
+        time.sleep(0.1)
+        ticks, before = {w: _cpu_ticks(w) for w in workers}, ticks
+        if ticks == before:
+            break
+
+    def post(body: dict) -> httpx.Response:
+        with server.client() as client:
+            return client.post(url, json=body)
+
+    with ThreadPoolExecutor(2) as pool:
+        doomed = pool.submit(post, {"smiles": [SUGAR_CHAIN] * 16, "include": ["properties", "alerts", "svg"]})
+        deadline = time.monotonic() + 30
+        while not (busy := [w for w in workers if _cpu_ticks(w) - ticks[w] >= 10]):  # 0.1 s of its CPU
+            assert time.monotonic() < deadline and not doomed.done(), "no worker took the request"
+            time.sleep(0.01)
+        os.kill(busy[0], signal.SIGSEGV)
+        beside = pool.submit(post, light)
+        r = doomed.result(timeout=60)
+        assert r.status_code == 500, r.text
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["type"] == "server_error"
+        assert err["code"] == "worker_crashed" and "SIGSEGV" in err["message"]
+        assert beside.result(timeout=60).status_code == 200
+    assert post(light).json()["data"][0]["valid"]
+    assert server.proc.poll() is None and httpx.get(server.url + "/health/live").status_code == 200
 
 
 def test_interpolation_walks_from_start_to_end(server):

@@ -1,5 +1,6 @@
 """All served models: building their backends, loading them in the background, and finding the
-one a request names."""
+one a request names; and the chemistry workers, which describe the caller's molecules with no model
+behind them (``/v1/molecules/properties``), started on first use and stopped with the models."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from genserve.app.backends.base import (
     SpeechBackend,
     TextBackend,
 )
+from genserve.app.backends.chemistry import ChemistryWorkers
 from genserve.app.backends.local_audio import LocalMusicBackend, LocalSpeechBackend
 from genserve.app.backends.local_embedding import LocalEmbeddingBackend
 from genserve.app.backends.local_image import LocalImageBackend
@@ -99,6 +101,7 @@ class ModelManager:
         self.draining = False
         self.grace_ends: float | None = None  # once draining: the loop time by which running work answers
         self._timeouts: set[asyncio.Timeout] = set()  # the deadlines of running requests (``watch``)
+        self.chemistry = ChemistryWorkers()
 
     async def start(self) -> None:
         """Loads every model in the background; requests for one still loading get a 503."""
@@ -186,7 +189,8 @@ class ModelManager:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*(b.close() for b in self.backends.values()), return_exceptions=True)
+        await asyncio.gather(*(b.close() for b in self.backends.values()), asyncio.to_thread(self.chemistry.close),
+                             return_exceptions=True)
         gc.unfreeze()  # what was frozen may be collected again (a process that goes on, as a test's)
 
     def get(self, model_id: str, task: str, kind: type[B]) -> B:

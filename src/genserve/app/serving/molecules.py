@@ -4,7 +4,8 @@ Generation asks the backend for ``n`` molecules within the constraints, drawing 
 ``max_samples`` strings (the model's cap when the caller names none); the backend yields the kept
 molecules and then the stats of every string drawn (``models.molecule.sampling`` says how). Serving
 checks the caps, passes the molecules through ``_checked`` (where moderation's dual-use gate goes)
-and builds the response. Properties describe the caller's own SMILES, with no model behind them.
+and builds the response. Properties describe the caller's own SMILES, with no model behind them, in
+the chemistry worker processes (``backends.chemistry``), within the request's deadline.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from genserve.app.backends.base import (
     MoleculeInterpolationBackend,
     MoleculeStats,
 )
-from genserve.app.backends.chemistry import describe_smiles
 from genserve.app.backends.manager import ANSWER_MARGIN_S, ModelManager
 from genserve.app.errors import InvalidRequestError
 from genserve.app.metrics import Metrics
@@ -122,9 +122,10 @@ class MoleculeServing:
     # properties -------------------------------------------------------------------------------
     async def properties(self, body: MoleculePropertiesRequest, raw: Request) -> Any:
         await admit_modality("molecule")
+        deadline = Deadline.start(self.settings.request_timeout_s, self.manager)
 
         async def run() -> MoleculePropertiesResponse:
-            items = await describe_smiles(body.smiles, list(body.include))
+            items = await deadline.run(self.manager.chemistry.describe_smiles(body.smiles, list(body.include)))
             note_usage("molecule", len(items))
             return MoleculePropertiesResponse(data=[MoleculePropertiesItem(**item) for item in items])
 
