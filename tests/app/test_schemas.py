@@ -23,3 +23,19 @@ def test_integers_take_integral_floats_and_nothing_else() -> None:
     assert CompletionRequest.model_validate({"model": "m", "prompt": [[1.0, 2.0], [3.0]]}).prompt == [[1, 2], [3]]
     with pytest.raises(ValidationError):
         CompletionRequest.model_validate({"model": "m", "prompt": [1.0, 2.5]})
+
+
+def test_a_seed_the_server_draws_is_one_a_caller_may_send_back() -> None:
+    """A request without a seed reports the one drawn for it, so that the caller can repeat the result: it
+    must be a seed the API accepts (within the integers JSON keeps exactly), item offsets included."""
+    from pydantic import TypeAdapter
+
+    from genserve.app.schemas.base import Seed
+    from genserve.models.seeding import MAX_REQUEST_SEED, item_seed, random_seed
+
+    seeds = TypeAdapter(Seed)
+    for _ in range(200):
+        drawn = random_seed()
+        assert seeds.validate_python(item_seed(drawn, 9)) == drawn + 9
+    with pytest.raises(ValueError):
+        seeds.validate_python(MAX_REQUEST_SEED + 1)

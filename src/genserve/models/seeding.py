@@ -12,7 +12,8 @@ their own seeds so that an item draws the same numbers alone or inside any batch
 - speech: piece ``i`` of a long text uses ``s + i`` (:func:`item_seed`).
 
 A request without a seed gets a fresh random one (:func:`seed_or_random`), reported back so the
-caller can repeat the result.
+caller can repeat the result: so it is drawn below ``2**52``, within the API's seeds (``MAX_REQUEST_SEED``,
+the integers every JSON parser keeps exactly) with room for the item offsets above.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import os
 
 SEED_STRIDE = 0x9E3779B97F4A7C15
 SEED_MASK = 0x7FFF_FFFF_FFFF_FFFF
+MAX_REQUEST_SEED = 2**53 - 1  # what a request's seed may be, either sign (app/schemas/base.py: Seed)
+_RANDOM_SEED_MASK = 2**52 - 1
 
 
 def random_seed() -> int:
-    """A fresh seed from the operating system's entropy, within ``SEED_MASK``."""
-    return int.from_bytes(os.urandom(8), "little") & SEED_MASK
+    """A fresh seed from the operating system's entropy, below ``2**52`` (module docstring)."""
+    return int.from_bytes(os.urandom(8), "little") & _RANDOM_SEED_MASK
 
 
 def seed_or_random(seed: int | None) -> int:

@@ -13,6 +13,7 @@ ERRORS: Responses = {code: {"model": ErrorResponse, "description": desc} for cod
     404: "Unknown model",
     413: "Request body too large",
     429: "The model's queue is full; retry after the Retry-After header",
+    500: "An internal failure the body names (a chemistry worker that crashed: worker_crashed)",
     503: "The model is loading or its upstream is unreachable",
     504: "The request did not finish within its deadline",
 }.items()}

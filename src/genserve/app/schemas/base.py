@@ -17,6 +17,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from typing_extensions import TypeIs
 
+from genserve.models.seeding import MAX_REQUEST_SEED
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -132,7 +134,7 @@ def _is_token_list(value: list[str] | list[int] | list[list[int]]) -> TypeIs[lis
 
 # The integers every JSON parser keeps exactly (JavaScript's safe integers): clients and schema tools that
 # read JSON numbers as doubles would change a larger seed, and with it the output.
-Seed = Annotated[int, Field(ge=-(2**53 - 1), le=2**53 - 1)]
+Seed = Annotated[int, Field(ge=-MAX_REQUEST_SEED, le=MAX_REQUEST_SEED)]
 # Below this a temperature only divides logits into overflow (NaN probabilities, a junk token): text
 # models treat it as 0 (greedy, as OpenAI treats 0); samplers without a greedy mode refuse it.
 MIN_TEMPERATURE = 1e-4
