@@ -50,6 +50,8 @@ HEALTH_CHECK_PERIOD_S = 5.0
 # push (one that stopped, was killed or lost its node drops out of /metrics then).
 METRICS_PUSH_S = 2.0
 METRICS_EXPIRE_S = 10.0
+# How long a scrape waits for the hub (while Ray replaces a lost one, a call would wait for it).
+METRICS_HUB_WAIT_S = 2.0
 
 
 def deployment_name(entry: ModelEntry) -> str:
@@ -159,17 +161,27 @@ class ReplicaMetrics:
         while True:
             try:
                 text = (await asyncio.to_thread(self.metrics.render)).decode()
-                await self.hub.put.remote(self.labels, text)
+                response = self.hub.put.remote(self.labels, text)
+                try:
+                    await asyncio.wait_for(asyncio.shield(response), METRICS_HUB_WAIT_S)
+                except TimeoutError:  # the hub is being replaced: the next push fills the new one
+                    with contextlib.suppress(Exception):
+                        response.cancel()
+                    raise
             except Exception as exc:  # the hub restarting: the next push fills the new one
                 log.debug("metrics push failed: %s", exc)
             await asyncio.sleep(METRICS_PUSH_S)
 
     async def gather(self, own: bytes) -> bytes:
         """``own`` (this replica's series, just rendered) with every other live replica's."""
+        response = self.hub.snapshot.remote(self.labels)
         try:
-            others = await self.hub.snapshot.remote(self.labels)
+            others = await asyncio.wait_for(asyncio.shield(response), METRICS_HUB_WAIT_S)
         except Exception as exc:  # /metrics still answers, with this replica's series alone
-            log.warning("the metrics hub did not answer (%s): /metrics shows this replica's series only", exc)
+            with contextlib.suppress(Exception):
+                response.cancel()
+            log.warning("the metrics hub did not answer (%s): /metrics shows this replica's series only",
+                        exc or type(exc).__name__)
             others = []
         return await asyncio.to_thread(merge_exposition, [(self.labels, own.decode()), *others])
 
