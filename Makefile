@@ -21,11 +21,12 @@ install: system-deps $(STAMP)
 install-dev: install $(DEV_STAMP)
 
 # torch first, pinned and alone from its index (its own requirements come with the package's, from
-# pip's usual index), so the package's `torch>=` requirement is already met by the CPU wheel.
+# pip's usual index), so the package's `torch>=` requirement is already met by the CPU wheel. One retry:
+# where the index cannot be reached (a mirror holds the wheel) pip's five retries wait about 8 s.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --no-deps torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
+	$(BIN)/pip install --quiet --retries 1 --no-deps torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
 	$(BIN)/pip install --quiet -e .
 	touch $(STAMP)
 

@@ -78,9 +78,9 @@ def server(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         env={**os.environ, "GENSERVE_API_KEYS": API_KEY, "GENSERVE_RAY_PROXY_LOCATION": "HeadOnly",
              "GENSERVE_RAY_GATEWAY_NUM_CPUS": "0.5", "GENSERVE_STATE_DIR": str(tmp / "state")},
         stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    ray.init(address=cluster.address, logging_level="ERROR")  # while the application deploys
     srv = wait_ready(Server(f"http://127.0.0.1:{port}", proc, log), timeout=240)
     DEPLOYED.update(config=config, state=tmp / "state", port=port)
-    ray.init(address=cluster.address, logging_level="ERROR")
     yield srv
     ray.shutdown()
     proc.send_signal(signal.SIGTERM)
@@ -256,9 +256,9 @@ def run_load_while(server: Server, action, embed: bool = True) -> tuple[list[int
     streams: list[str] = []
     stop = threading.Event()
     threads = load(server, stop, results, streams, embed)
-    time.sleep(3)
+    time.sleep(2)  # requests in flight everywhere
     action()
-    time.sleep(4)
+    time.sleep(3)  # and served after it
     stop.set()
     for t in threads:
         t.join(120)
