@@ -11,8 +11,9 @@ its shipped registry settings) serves, for ``--seconds``:
 - a prober asking ``/health/live`` every 50 ms, from a process of its own.
 
 For each kind it counts 200s, 429s (the queue full: allowed, with ``Retry-After``), other 4xx, 5xx (must
-be 0) and lost (a connection cut, a timeout, or a stream that ended without its finish and ``[DONE]`` or
-an error event: must be 0); and the prober's p50/p99/max (the target is p99 < 100 ms)::
+be 0; a stream that ends with an error event counts here) and lost (a connection cut, a timeout, or a
+stream that ended without its finish and, for chats, ``[DONE]``: must be 0); and the prober's
+p50/p99/max (the target is p99 < 100 ms)::
 
     .venv/bin/python benchmarks/mixed_load.py --seconds 60
 """
@@ -57,24 +58,26 @@ def outcome_of(status: int) -> Outcome:
 
 
 async def streamed(client: httpx.AsyncClient, path: str, body: dict, done: Callable[[dict], bool]) -> Outcome:
-    """A streamed request: '200' only when it ends as it should (``done`` saw its last event and
-    ``[DONE]`` came where the API sends one), or with an error event; 'lost' when it was cut."""
+    """A streamed request: '200' only when it ends as it should (``done`` saw its last event, and for a
+    chat ``[DONE]`` after it); '5xx' when it ends with an error event (the server failed it, in the
+    open); 'lost' when it was cut without either."""
     async with client.stream("POST", path, json=body) as resp:
         if resp.status_code != 200:
             await resp.aread()
             return outcome_of(resp.status_code)
         finished = errored = False
+        ended = not path.endswith("/chat/completions")  # chats end with [DONE]; image streams need not
         async for line in resp.aiter_lines():
             if not line.startswith("data: "):
                 continue
             data = line[6:]
             if data == "[DONE]":
-                finished = finished or path.endswith("/chat/completions")
+                ended = True
                 continue
             event = json.loads(data)
             errored = errored or "error" in event
             finished = finished or done(event)
-        return "200" if finished else ("5xx" if errored else "lost")
+        return "5xx" if errored else ("200" if finished and ended else "lost")
 
 
 def chat_done(event: dict) -> bool:

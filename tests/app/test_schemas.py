@@ -39,3 +39,19 @@ def test_a_seed_the_server_draws_is_one_a_caller_may_send_back() -> None:
         assert seeds.validate_python(item_seed(drawn, 9)) == drawn + 9
     with pytest.raises(ValueError):
         seeds.validate_python(MAX_REQUEST_SEED + 1)
+
+
+@pytest.mark.parametrize("seed", [-1, 0, 7, -(2**53 - 1), 2**53 - 1])
+def test_an_items_seed_is_one_a_caller_may_send_back(seed: int) -> None:
+    """Image k of a request reports seed + k, and a gateway forwards it to its upstream: it stays within
+    the API's seeds, wrapping at the ends, and is seed + k wherever that is within them."""
+    from pydantic import TypeAdapter
+
+    from genserve.app.schemas.base import Seed
+    from genserve.models.seeding import MAX_REQUEST_SEED, item_seed
+
+    for k in range(4):
+        s = item_seed(seed, k)
+        assert TypeAdapter(Seed).validate_python(s) == s
+        if abs(seed + k) <= MAX_REQUEST_SEED:
+            assert s == seed + k

@@ -181,7 +181,7 @@ class ReplicaMetrics:
             with contextlib.suppress(Exception):
                 response.cancel()
             log.warning("the metrics hub did not answer (%s): /metrics shows this replica's series only",
-                        exc or type(exc).__name__)
+                        str(exc) or type(exc).__name__)
             others = []
         return await asyncio.to_thread(merge_exposition, [(self.labels, own.decode()), *others])
 
@@ -245,9 +245,11 @@ class ModelReplica:
         if not ok:
             raise RuntimeError(f"model {self.backend.entry.id} is not ready: {self.backend.load_error or 'stalled'}")
 
-    async def __del__(self) -> None:
-        self.reporter.close()
-        await self.backend.close()
+    async def __del__(self) -> None:  # Ray calls it even after a failed __init__
+        if (reporter := getattr(self, "reporter", None)) is not None:
+            reporter.close()
+        if (backend := getattr(self, "backend", None)) is not None:
+            await backend.close()
 
 
 class Gateway:

@@ -8,7 +8,7 @@ their own seeds so that an item draws the same numbers alone or inside any batch
   (:func:`sample_seed`), a golden-ratio stride that keeps the ``n`` seeds of one request far apart;
   a molecule round that starts after ``k`` strings were sampled has seed :func:`sample_seed` ``(s, k)``,
   so its string ``j`` is the request's sample ``k + j``;
-- images: image ``k`` of a request uses ``s + k`` (:func:`item_seed`);
+- images: image ``k`` of a request uses ``s + k`` (:func:`item_seed`, wrapped within the API's seeds);
 - speech: piece ``i`` of a long text uses ``s + i`` (:func:`item_seed`).
 
 A request without a seed gets a fresh random one (:func:`seed_or_random`), reported back so the
@@ -42,5 +42,8 @@ def sample_seed(seed: int, i: int) -> int:
 
 
 def item_seed(seed: int, k: int) -> int:
-    """The seed of image ``k`` (or speech piece ``k``) of a request with seed ``seed``."""
-    return (seed + k) & SEED_MASK
+    """The seed of image ``k`` (or speech piece ``k``) of a request with seed ``seed``: ``seed + k``, wrapped
+    within the API's seeds (``±MAX_REQUEST_SEED``), as it is reported back and may be sent again (a
+    gateway forwards it to its upstream)."""
+    span = 2 * MAX_REQUEST_SEED + 1
+    return (seed + k + MAX_REQUEST_SEED) % span - MAX_REQUEST_SEED

@@ -80,6 +80,7 @@ class ChemistryWorkers:
         self.workers, self.timeout_s = workers, timeout_s
         self._pool: ProcessPool | None = None
         self._lock = threading.Lock()
+        self._closed = False
         self._futures: set[ProcessFuture] = set()
 
     async def describe_smiles(self, smiles: list[str], include: list[str]) -> list[dict[str, Any]]:
@@ -98,7 +99,7 @@ class ChemistryWorkers:
         in their messages. Cancelling the caller cancels the task (its worker is killed and replaced)."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         pool = self._pool
-        if pool is None or not pool.active:
+        if pool is None or not pool.active or self._closed:
             pool = await asyncio.to_thread(self._started)
         try:
             future = pool.schedule(fn, args, timeout=timeout)
@@ -130,6 +131,8 @@ class ChemistryWorkers:
         """The running pool, started now if there is none, or none that pebble still runs: pebble gives
         up on a pool whose idle worker died (nothing to blame it on). Blocks while workers start."""
         with self._lock:
+            if self._closed:
+                raise UnavailableError("The server is shutting down.", headers={"Retry-After": "5"})
             if self._pool is not None and not self._pool.active:
                 log.warning("chemistry pool no longer running; starting another")
                 _stop(self._pool)
@@ -146,6 +149,7 @@ class ChemistryWorkers:
         """Stops the workers, killing any still at work (what awaits them is cancelled). Blocks until
         they are gone: tens of milliseconds, as SIGTERM ends a worker at once, even in RDKit's C++."""
         with self._lock:
+            self._closed = True  # a request in flight or after this starts no new pool
             pool, self._pool = self._pool, None
             for future in list(self._futures):
                 future.cancel()
