@@ -122,13 +122,16 @@ def test_stream_queued_then_abandoned_never_runs(server: Server) -> None:
     tokens = server.metric("genserve_generation_tokens_total", model_name=model)
     aborts = server.metric("genserve_request_success_total", model_name=model, finished_reason="abort")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # Seeded: an unseeded text was once blocked by output moderation at 175 tokens, which ended the
+        # busy request early (and so this count), though nothing queued had run.
         busy = pool.submit(lambda: server.client().post(
-            "/v1/completions", json={**LONG, "model": model, "max_tokens": busy_tokens}))
+            "/v1/completions", json={**LONG, "model": model, "max_tokens": busy_tokens, "seed": 3}))
         time.sleep(0.2)  # the first request now occupies the runner
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.url + "/v1/completions", json={**LONG, "model": model, "stream": True},
                        headers={"Authorization": f"Bearer {API_KEY}"}, timeout=0.2)
-        assert busy.result().status_code == 200
+        done = busy.result()
+        assert done.status_code == 200 and done.json()["choices"][0]["finish_reason"] == "length"
     _wait_for_abort(server, model, aborts)
     assert server.metric("genserve_generation_tokens_total", model_name=model) - tokens == busy_tokens
 

@@ -14,7 +14,11 @@ headers and times it:
   reading it) → 408, connection closed: a slow link may take as long as it needs, a stalled one not.
 
 All of it happens before the app sees the request, so it costs a client without a key nothing and
-the server little. Everything else is uvicorn's.
+the server little. A refusal closes as HTTP servers should (RFC 9112, 9.6): the answer, then the
+sending side, then what the client still sends is read and dropped, up to ``LINGER_BYTES`` or
+``LINGER_S``, before the connection closes. Closed at once with unread bytes, the kernel would reset the
+connection, and a client still sending its 100 KB header could lose the 431 before reading it.
+Everything else is uvicorn's.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+LINGER_S = 2.0
+LINGER_BYTES = 1 << 20
 
 
 class _TooLarge(Exception):
@@ -72,6 +79,8 @@ def bounded_protocol(max_header_bytes: int, max_headers: int, header_timeout_s: 
             self._ended_here = False
             self._head_clock = _Clock(self.loop, header_timeout_s, self._head_timed_out)
             self._body_clock = _Clock(self.loop, body_timeout_s, self._body_timed_out)
+            self._linger: TimerHandle | None = None  # set once refused: what arrives now is dropped
+            self._linger_left = LINGER_BYTES
 
         # the head's clock --------------------------------------------------------------------
         def _head_timed_out(self) -> None:
@@ -90,6 +99,8 @@ def bounded_protocol(max_header_bytes: int, max_headers: int, header_timeout_s: 
         def connection_lost(self, exc: Exception | None) -> None:
             self._head_clock.stop()
             self._body_clock.stop()
+            if self._linger is not None:
+                self._linger.cancel()
             super().connection_lost(exc)
 
         # the body's clock: the longest pause between two pieces of a body ---------------------------
@@ -120,6 +131,11 @@ def bounded_protocol(max_header_bytes: int, max_headers: int, header_timeout_s: 
 
         # counting ----------------------------------------------------------------------------
         def data_received(self, data: bytes) -> None:
+            if self._linger is not None:  # refused: drained, not parsed
+                self._linger_left -= len(data)
+                if self._linger_left <= 0:
+                    self.transport.close()
+                return
             # Counted after parsing: a chunk in which the head completes (and the body begins) is not the
             # head's, and neither is one in which the previous message ended.
             self._ended_here = False
@@ -180,6 +196,10 @@ def bounded_protocol(max_header_bytes: int, max_headers: int, header_timeout_s: 
             head += [b"content-type: application/json\r\n", b"content-length: ", str(len(body)).encode(), b"\r\n",
                      b"connection: close\r\n\r\n"]
             self.transport.write(b"".join(head) + body)
-            self.transport.close()
+            if not self.transport.can_write_eof():
+                self.transport.close()
+                return
+            self.transport.write_eof()  # the answer, then FIN; the client's remaining bytes are drained
+            self._linger = self.loop.call_later(LINGER_S, self.transport.close)
 
     return BoundedHttpToolsProtocol
