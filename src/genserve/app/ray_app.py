@@ -157,29 +157,31 @@ class ReplicaMetrics:
         self.metrics, self.hub = metrics, hub
         self._task = asyncio.get_running_loop().create_task(self._push())
 
+    async def _ask(self, method: str, *args: Any) -> Any:
+        """``method`` of the hub, waited for at most ``METRICS_HUB_WAIT_S`` (while Ray replaces a hub lost
+        with its node, a call would wait for the new one); one that takes longer is cancelled."""
+        response = getattr(self.hub, method).remote(*args)
+        try:
+            return await asyncio.wait_for(asyncio.shield(response), METRICS_HUB_WAIT_S)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                response.cancel()
+            raise
+
     async def _push(self) -> None:
         while True:
             try:
                 text = (await asyncio.to_thread(self.metrics.render)).decode()
-                response = self.hub.put.remote(self.labels, text)
-                try:
-                    await asyncio.wait_for(asyncio.shield(response), METRICS_HUB_WAIT_S)
-                except TimeoutError:  # the hub is being replaced: the next push fills the new one
-                    with contextlib.suppress(Exception):
-                        response.cancel()
-                    raise
+                await self._ask("put", self.labels, text)
             except Exception as exc:  # the hub restarting: the next push fills the new one
-                log.debug("metrics push failed: %s", exc)
+                log.debug("metrics push failed: %s", str(exc) or type(exc).__name__)
             await asyncio.sleep(METRICS_PUSH_S)
 
     async def gather(self, own: bytes) -> bytes:
         """``own`` (this replica's series, just rendered) with every other live replica's."""
-        response = self.hub.snapshot.remote(self.labels)
         try:
-            others = await asyncio.wait_for(asyncio.shield(response), METRICS_HUB_WAIT_S)
+            others = await self._ask("snapshot", self.labels)
         except Exception as exc:  # /metrics still answers, with this replica's series alone
-            with contextlib.suppress(Exception):
-                response.cancel()
             log.warning("the metrics hub did not answer (%s): /metrics shows this replica's series only",
                         str(exc) or type(exc).__name__)
             others = []
