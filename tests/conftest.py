@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -38,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -344,10 +346,11 @@ SERVER_SETS: dict[str, Callable[[pytest.TempPathFactory], list[str]]] = {
 SERVER_SET_ENV: dict[str, dict[str, str]] = {"limits": {"GENSERVE_MODERATION": '{"enabled": false}'}}
 
 
-def module_set(module: object) -> str:
-    """The set a test module's ``server`` runs: its ``SERVER_SET``, else ``text``."""
+def module_set(module: object) -> str | None:
+    """The set a test module's ``server`` runs: its ``SERVER_SET``, else ``text`` (``None``: the module's
+    ``server`` fixture is its own)."""
     name = getattr(module, "SERVER_SET", "text")
-    if name not in SERVER_SETS:
+    if name is not None and name not in SERVER_SETS:
         raise ValueError(f"SERVER_SET of {module} must be one of {sorted(SERVER_SETS)}, got {name!r}")
     return name
 
@@ -356,18 +359,75 @@ def server_sets_of(item: pytest.Item) -> list[str]:
     """The sets ``item`` talks to: its module's ``server`` set, the gateway's upstream (``text``), and
     any the module fronts through a gateway of its own (``UPSTREAM_SETS``)."""
     module = getattr(item, "module", None)
-    names = [module_set(module)] if "server" in item.fixturenames else []
+    own = module_set(module) if "server" in item.fixturenames else None
+    names = [own] if own else []
     names += ["text"] if "gateway" in item.fixturenames else []
     return names + list(getattr(module, "UPSTREAM_SETS", ()))
 
 
+class Early:
+    """A module's slow set-up (its ``START_EARLY``, a function of a temporary directory that returns what
+    the module's fixtures use and a function that undoes it), run in a thread of its own so that it
+    loads while other modules' tests run. ``result`` waits for it; ``stop`` has the thread undo it, in
+    the background, and ``join`` waits for that. The thread lives until then: processes started with
+    Ray's fate sharing (``PR_SET_PDEATHSIG``) die with the thread that started them."""
+
+    def __init__(self, start: Callable[[Path], tuple[object, Callable[[], None]]], tmp: Path,
+                 after: Callable[[], None]) -> None:
+        self.value: object = None
+        self.error: BaseException | None = None
+        self.done, self.stopping = threading.Event(), threading.Event()
+
+        def run() -> None:
+            after()
+            try:
+                self.value, undo = start(tmp)
+            except BaseException as exc:
+                self.error = exc
+                return
+            finally:
+                self.done.set()
+            self.stopping.wait()
+            undo()
+
+        self.thread = threading.Thread(target=run, name=f"early-{tmp.name}", daemon=True)
+        self.thread.start()
+
+    def result(self) -> object:
+        self.done.wait()
+        if self.error is not None:
+            raise RuntimeError("the module's early set-up failed") from self.error
+        return self.value
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def join(self) -> None:
+        self.stop()
+        self.thread.join()
+
+
 class ServerSets:
-    """The session's servers, one per model set, started at most once and stopped at the end."""
+    """The session's servers, one per model set, started at most once and stopped at the end, and the
+    modules' early set-ups (:class:`Early`), begun once those servers are up."""
 
     def __init__(self, tmp: pytest.TempPathFactory) -> None:
         self.tmp = tmp
         self.servers: dict[str, Server] = {}
         self.ready: set[str] = set()
+        self.early: dict[str, Early] = {}
+
+    def started(self) -> None:
+        """Returns when every launched server answers (or has failed: its tests will say so)."""
+        for srv in list(self.servers.values()):
+            with contextlib.suppress(RuntimeError):
+                wait_ready(srv, timeout=240)
+
+    def start_early(self, module: object) -> None:
+        name = getattr(module, "__name__", "")
+        start = getattr(module, "START_EARLY", None)
+        if start is not None and name not in self.early:
+            self.early[name] = Early(start, self.tmp.mktemp(name.rpartition(".")[2]), self.started)
 
     def launch(self, name: str) -> None:
         if name not in self.servers:
@@ -390,25 +450,39 @@ class ServerSets:
                 srv.proc.wait(15)
             except subprocess.TimeoutExpired:
                 srv.proc.kill()
+        for early in self.early.values():
+            early.join()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def server_sets(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerSets]:
-    """Launches every set this session's tests use at once, in the order they are needed: on two
-    cores one server loads while another waits on a child process, and tests run while later sets
-    load."""
+    """Launches every set this session's tests use at once, when the session starts, in the order
+    they are needed: on two cores one server loads while another waits on a child process, and tests
+    run while the sets load. Modules' early set-ups (``START_EARLY``) begin once the sets are up."""
     sets = ServerSets(tmp_path_factory)
     for item in request.session.items:
         for name in server_sets_of(item):
             sets.launch(name)
+    for item in request.session.items:
+        sets.start_early(getattr(item, "module", None))
     yield sets
     sets.stop()
 
 
 @pytest.fixture(scope="module")
+def early(request: pytest.FixtureRequest, server_sets: ServerSets) -> Iterator[object]:
+    """What the module's ``START_EARLY`` made (:class:`Early`); undone in the background after the module."""
+    job = server_sets.early[request.module.__name__]
+    yield job.result()
+    job.stop()
+
+
+@pytest.fixture(scope="module")
 def server(request: pytest.FixtureRequest, server_sets: ServerSets) -> Server:
     """The server a test module talks to: the set named by the module's ``SERVER_SET``, else ``text``."""
-    return server_sets.get(module_set(request.module))
+    name = module_set(request.module)
+    assert name is not None, "a module with SERVER_SET = None defines its own server fixture"
+    return server_sets.get(name)
 
 
 @pytest.fixture(scope="session")

@@ -30,22 +30,31 @@ def test_defaults_take_the_models_own_queue() -> None:
 def test_autoscaling_and_resources_pass_through() -> None:
     ray = {"autoscaling": {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 3,
                            "upscale_delay_s": 1, "downscale_delay_s": 20}, "num_cpus": 2, "num_gpus": 0.5,
-           "max_ongoing_requests": 8, "max_queued_requests": 100, "max_replicas_per_node": 1}
+           "max_ongoing_requests": 8, "max_queued_requests": 100, "max_replicas_per_node": 1,
+           "max_surge_percent": 50}
     opts = model_options(entry(ray=ray), Settings())
     assert "num_replicas" not in opts
     assert opts["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 0,
                                           "target_ongoing_requests": 3.0, "upscale_delay_s": 1.0,
                                           "downscale_delay_s": 20.0, "look_back_period_s": 30.0}
     assert opts["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.5}
-    assert (opts["max_ongoing_requests"], opts["max_queued_requests"], opts["max_replicas_per_node"]) == (8, 100, 1)
+    assert (opts["max_ongoing_requests"], opts["max_queued_requests"], opts["max_replicas_per_node"],
+            opts["max_surge_percent"]) == (8, 100, 1, 50)
 
 
 def test_ray_options_are_validated_and_the_options_ray_accepts() -> None:
-    """Ray's own ``AutoscalingConfig`` is what the options become; it accepts them."""
+    """Ray's own ``AutoscalingConfig`` and deployment options are what the options become; it accepts them."""
+    from ray import serve
     from ray.serve.config import AutoscalingConfig
 
-    ray = {"autoscaling": {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 2}}
-    AutoscalingConfig(**model_options(entry(ray=ray), Settings())["autoscaling_config"])
+    ray = {"autoscaling": {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 2}, "max_surge_percent": 100}
+    opts = model_options(entry(ray=ray), Settings())
+    AutoscalingConfig(**opts["autoscaling_config"])
+    deployment = serve.deployment(**opts)(type("Replica", (), {}))
+    assert deployment._deployment_config.max_surge_percent == 100
+    for bad in (-1, 101):
+        with pytest.raises(ValueError, match="max_surge_percent"):
+            entry(ray={"max_surge_percent": bad})
 
 
 def test_the_local_cluster_gets_the_cpus_the_deployments_reserve() -> None:

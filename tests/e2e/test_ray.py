@@ -17,9 +17,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import httpx
 import pytest
@@ -53,41 +54,60 @@ def registry() -> str:
     return "include_defaults: false\nmodels:\n" + text + embed + gan
 
 
-DEPLOYED: dict = {}  # what the server fixture deployed: its registry file, state directory and port
+SERVER_SET = None  # its server is the application on the cluster below, started early (START_EARLY)
+DEPLOYED: dict = {}  # what START_EARLY deployed: its registry file, state directory and port
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(initialize_head=True, connect=False,
-                head_node_args={"num_cpus": 0, "include_dashboard": False})
-    for _ in range(2):
-        c.add_node(num_cpus=4)
-    c.wait_for_nodes()
-    yield c
-    c.shutdown()
+def START_EARLY(tmp: Path) -> tuple[tuple[Cluster, Server], Callable[[], None]]:
+    """The cluster and the application deployed on it by the CLI, started by the session (conftest's
+    ``Early``) while other modules' tests run, and undone in the background after this module.
 
-
-@pytest.fixture(scope="module")
-def server(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("ray")
-    config, log, port = tmp / "registry.yaml", tmp / "ray.log", free_port()
-    config.write_text(registry())
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "genserve", "serve", "--ray", cluster.address, "--port", str(port),
-         "--config", str(config)],
-        env={**os.environ, "GENSERVE_API_KEYS": API_KEY, "GENSERVE_RAY_PROXY_LOCATION": "HeadOnly",
-             "GENSERVE_RAY_GATEWAY_NUM_CPUS": "0.5", "GENSERVE_STATE_DIR": str(tmp / "state")},
-        stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
-    ray.init(address=cluster.address, logging_level="ERROR")  # while the application deploys
-    srv = wait_ready(Server(f"http://127.0.0.1:{port}", proc, log), timeout=240)
-    DEPLOYED.update(config=config, state=tmp / "state", port=port)
-    yield srv
-    ray.shutdown()
-    proc.send_signal(signal.SIGTERM)
+    Ray's nodes set a SIGTERM handler in the process that starts them, which Python allows only in the
+    main thread; in this thread they set none (pytest's SIGTERM stays pytest's)."""
+    with mock.patch.object(ray._private.utils, "set_sigterm_handler", lambda handler: None):
+        cluster = Cluster(initialize_head=True, connect=False,
+                          head_node_args={"num_cpus": 0, "include_dashboard": False})
+        for _ in range(2):
+            cluster.add_node(num_cpus=4)
+    proc = None
     try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        cluster.wait_for_nodes()
+        config, log, port = tmp / "registry.yaml", tmp / "ray.log", free_port()
+        config.write_text(registry())
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "genserve", "serve", "--ray", cluster.address, "--port", str(port),
+             "--config", str(config)],
+            env={**os.environ, "GENSERVE_API_KEYS": API_KEY, "GENSERVE_RAY_PROXY_LOCATION": "HeadOnly",
+                 "GENSERVE_RAY_GATEWAY_NUM_CPUS": "0.5", "GENSERVE_STATE_DIR": str(tmp / "state")},
+            stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+        srv = wait_ready(Server(f"http://127.0.0.1:{port}", proc, log), timeout=240)
+    except BaseException:
+        stop(cluster, proc)
+        raise
+    DEPLOYED.update(config=config, state=tmp / "state", port=port)
+    return (cluster, srv), lambda: stop(cluster, proc)
+
+
+def stop(cluster: Cluster, proc: subprocess.Popen | None) -> None:
+    if proc is not None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(early: tuple[Cluster, Server]) -> Cluster:
+    return early[0]
+
+
+@pytest.fixture(scope="module")
+def server(early: tuple[Cluster, Server]) -> Iterator[Server]:
+    ray.init(address=early[0].address, logging_level="ERROR")
+    yield early[1]
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -365,7 +385,10 @@ def test_autoscaling_goes_up_under_load_and_back(server: Server) -> None:
 def test_a_rolling_update_under_load_has_no_errors(server: Server) -> None:
     """The application deployed again with the text model's entry changed (as ``serve deploy`` of a new
     config): Ray replaces every replica (an application deployed from Python gets a new code version
-    each time), one at a time per deployment, while the load goes on."""
+    each time) while the load goes on. The single-replica deployments stop their replica before its
+    replacement starts (Ray's default); the text model's new config surges (``max_surge_percent: 100``),
+    so its two replacements start at once beside the old replicas, which serve until they run. (Its
+    ``max_replicas_per_node: 1`` goes, or the old replicas, one on each node, would leave no room.)"""
     from ray import serve
 
     from genserve.app.ray_app import APP_NAME, application
@@ -375,7 +398,9 @@ def test_a_rolling_update_under_load_has_no_errors(server: Server) -> None:
     settings = Settings(api_keys=[API_KEY], port=DEPLOYED["port"], state_dir=DEPLOYED["state"],
                         ray_proxy_location="HeadOnly", ray_gateway_num_cpus=0.5)
     entries = load_registry(DEPLOYED["config"])
-    next(e for e in entries if e.id == TEXT).max_wait_ms = 4.0
+    text = next(e for e in entries if e.id == TEXT)
+    text.max_wait_ms = 4.0
+    text.ray = text.ray.model_copy(update={"max_surge_percent": 100, "max_replicas_per_node": None})
     deployments = ("gateway", f"model-{TEXT}", f"model-{EMBED}", f"model-{GAN}")
     old = {d: set(replica_pids(d)) for d in deployments}
     # No embeddings in this load: they would scale the autoscaled embedding model up and down during the

@@ -77,6 +77,8 @@ def model_options(entry: ModelEntry, settings: Settings) -> dict[str, Any]:
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "graceful_shutdown_timeout_s": drain_s(settings, [entry]),
     }
+    if r.max_surge_percent:
+        options["max_surge_percent"] = r.max_surge_percent
     if r.max_replicas_per_node is not None:
         options["max_replicas_per_node"] = r.max_replicas_per_node
     if r.autoscaling is None:

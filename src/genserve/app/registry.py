@@ -95,6 +95,8 @@ class RayOptions(BaseModel):
                                              "once (default: the model's max_batch_size + max_waiting)")
     max_queued_requests: int | None = Field(None, ge=1, description="requests waiting for a replica beyond which "
                                             "new ones get 429 with Retry-After (default: the model's max_waiting)")
+    max_surge_percent: int = Field(0, ge=0, le=100, description="extra replicas, in percent of the target "
+                                   "count, a rolling update may start before it stops old ones (0: stop first)")
 
     @model_validator(mode="after")
     def _check(self) -> RayOptions:
