@@ -380,6 +380,9 @@ class Early:
 
         def run() -> None:
             after()
+            if self.stopping.is_set():  # the session ended first
+                self.done.set()
+                return
             try:
                 self.value, undo = start(tmp)
             except BaseException as exc:
