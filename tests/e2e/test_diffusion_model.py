@@ -178,7 +178,8 @@ def test_a_streamed_client_that_leaves_stops_the_denoising(server) -> None:
         return server.metric("genserve_denoising_step_seconds_count", model_name=MODEL)
 
     before = steps()
-    body = {"model": MODEL, "prompt": "rocket", "n": 8, "num_inference_steps": 200, "stream": True, "seed": 1}
+    body = {"model": MODEL, "prompt": "rocket", "n": 8, "num_inference_steps": 200, "stream": True,
+            "stream_progress": True, "seed": 1}
     seen = 0
     with httpx.stream("POST", server.url + "/v1/images/generations", json=body, timeout=60,
                       headers={"Authorization": f"Bearer {API_KEY}"}) as r:

@@ -104,7 +104,8 @@ def test_keep_alive_and_a_stream_longer_than_the_timeout_are_not_cut(server: Ser
         assert c.get("/health/live").status_code == 200  # the same connection, reused
         started = time.monotonic()
         r = c.post("/v1/images/generations", json={"model": "genserve-diffusion", "prompt": "red apple",
-                                                   "num_inference_steps": 80, "size": "64x64", "stream": True})
+                                                   "num_inference_steps": 80, "size": "64x64", "stream": True,
+                                                   "stream_progress": True})
         assert r.status_code == 200 and time.monotonic() - started > TIMEOUT_S
         assert r.text.count("image_generation.progress") == 80 and "image_generation.completed" in r.text
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from genserve.models.seeding import item_seed
-from tests.conftest import content
+from tests.conftest import API_KEY, content
 
 SERVER_SET = "image"
 
@@ -109,7 +109,8 @@ def test_a_molecule_model_is_not_an_image_model(server):
 
 def test_stream_sends_each_denoising_step_then_the_images(server):
     with server.client() as c, c.stream("POST", "/v1/images/generations", json={
-            "model": SD, "prompt": "cat face", "num_inference_steps": 5, "seed": 2, "stream": True}) as r:
+            "model": SD, "prompt": "cat face", "num_inference_steps": 5, "seed": 2, "stream": True,
+            "stream_progress": True}) as r:
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     parsed = [json.loads(e) for e in events[:-1]]
@@ -120,16 +121,24 @@ def test_stream_sends_each_denoising_step_then_the_images(server):
     assert done["output_format"] == "png" and done["seed"] == item_seed(2, 0) and done["provenance"]["c2pa"] is True
 
 
-def test_openai_sdk_streams_images_as_openais_events(openai_client):
-    """One image_generation.completed per image, shaped as the SDK's ImageGenCompletedEvent (validated
-    strictly), after genserve's progress events; the same pixels as the unstreamed request."""
+def test_openai_sdk_streams_images_as_openais_events(server, openai_client):
+    """OpenAI's events only, as a client that validates every response strictly (the SDK's strict
+    mode) reads them: one image_generation.completed per image, shaped as the SDK's
+    ImageGenCompletedEvent; the same pixels as the unstreamed request. genserve's progress events come
+    only when asked (``stream_progress``), before them."""
+    from openai import OpenAI
     from openai.types import ImageGenCompletedEvent
 
-    stream = openai_client.images.generate(model=SD, prompt="cat face", n=2, stream=True,
-                                           extra_body={"seed": 4, "num_inference_steps": 3})
-    events = list(stream)
-    completed = [e for e in events if e.type == "image_generation.completed"]
-    assert [e.type for e in events].count("image_generation.progress") == 3 and len(completed) == 2
+    strict = OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60,
+                    _strict_response_validation=True)
+    events = list(strict.images.generate(model=SD, prompt="cat face", n=2, stream=True,
+                                         extra_body={"seed": 4, "num_inference_steps": 3}))
+    assert [e.type for e in events] == ["image_generation.completed"] * 2
+    completed = events
+    progress = list(openai_client.images.generate(model=SD, prompt="cat face", n=2, stream=True, extra_body={
+        "seed": 4, "num_inference_steps": 3, "stream_progress": True}))
+    assert [e.type for e in progress] == ["image_generation.progress"] * 3 + ["image_generation.completed"] * 2
+    assert [content(e.b64_json) for e in progress[3:]] == [content(e.b64_json) for e in completed]
     for event in completed:
         ImageGenCompletedEvent.model_validate(event.model_dump(), strict=True)
         assert event.b64_json and event.size == f"{SIZE}x{SIZE}" and event.output_format == "png"

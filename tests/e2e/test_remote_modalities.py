@@ -93,7 +93,8 @@ def test_images_through_the_gateway_are_the_upstreams_bytes(upstreams: Upstreams
 
 
 def test_streamed_images_through_the_gateway(upstreams: Upstreams, media_gateway: Server) -> None:
-    body = {"model": "remote-diffusion", "prompt": "rocket", "seed": 3, "num_inference_steps": 4, "stream": True}
+    body = {"model": "remote-diffusion", "prompt": "rocket", "seed": 3, "num_inference_steps": 4, "stream": True,
+            "stream_progress": True}
     with media_gateway.client() as client:
         r = client.post("/v1/images/generations", json=body)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")

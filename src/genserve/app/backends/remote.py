@@ -331,7 +331,8 @@ class RemoteImageBackend(RemoteBackend):
                                              "image/png"):
                 yield artifact
             return
-        resp = await self._post("images/generations", {**body, "stream": True}, stream=True)
+        # A genserve upstream sends its progress only when asked; whether the caller sees it is decided here.
+        resp = await self._post("images/generations", {**body, "stream": True, "stream_progress": True}, stream=True)
         async with contextlib.aclosing(self._sse(resp)) as events:
             async for event in events:
                 if event.get("type") == "image_generation.progress":

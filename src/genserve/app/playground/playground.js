@@ -448,15 +448,16 @@ function imagesBody() {
 }
 
 const IMAGE_SDK = ["model", "prompt", "n", "size", "response_format", "quality", "style", "user"];
+const PROGRESS = { stream: true, stream_progress: true };  // genserve's progress events, then OpenAI's completed ones
 
 function imagesCode(body, streamed) {
   const python = `${pyClient(["import base64"])}\nresult = ${pyCall("client.images.generate", body, IMAGE_SDK)}\n` +
     "for i, image in enumerate(result.data):\n" +
     '    with open(f"image-{i}.png", "wb") as f:\n        f.write(base64.b64decode(image.b64_json))\n' +
     '    print(f"image-{i}.png", "seed", getattr(image, "seed", None))\n';
-  const note = streamed ? "The page asks for \"stream\": true to show the denoising progress; the Python code " +
-    "asks for the same images in one response." : "";
-  showCode("images-code", curl("images/generations", { json: streamed ? { ...body, stream: true } : body, stream: streamed }),
+  const note = streamed ? "The page asks for \"stream\": true and genserve's \"stream_progress\": true to show the " +
+    "denoising progress; the Python code asks for the same images in one response." : "";
+  showCode("images-code", curl("images/generations", { json: streamed ? { ...body, ...PROGRESS } : body, stream: streamed }),
     python, note);
 }
 
@@ -472,7 +473,7 @@ async function generateImages() {
   const started = performance.now();
   let data;
   try {
-    const resp = await call("images/generations", { json: streamed ? { ...body, stream: true } : body });
+    const resp = await call("images/generations", { json: streamed ? { ...body, ...PROGRESS } : body });
     if (!streamed) {
       data = (await resp.json()).data;
     } else {

@@ -57,14 +57,18 @@ class ImageGenerationRequest(OpenAIBaseModel, DiffusionKnobs, OutputFields):
     quality: str | None = Field(None, description="accepted for compatibility; does not change the output")
     style: str | None = Field(None, description="accepted for compatibility; does not change the output")
     user: str | None = None
-    stream: bool = Field(False, description="diffusion models: server-sent events: genserve's "
-                         "image_generation.progress for each denoising step, then OpenAI's image_generation.completed "
-                         "for each image (b64_json, and url when response_format is url)")
+    stream: bool = Field(False, description="diffusion models: server-sent events, as OpenAI's: "
+                         "image_generation.completed for each image (b64_json, and url when response_format is "
+                         "url); with stream_progress, genserve's image_generation.progress before them")
+    stream_progress: bool = Field(False, description="genserve's own: with stream, an image_generation.progress "
+                                  "event (step, total_steps) for each denoising step. Off by default: OpenAI's "
+                                  "streams have no such event, and a client that validates events strictly "
+                                  "(the OpenAI SDK's strict mode) refuses one")
     # OpenAI takes 0-3; the document says 0, and 1-3 get a 400 that says why.
     partial_images: int | None = Field(None, ge=0, le=3, json_schema_extra={"maximum": 0},
                                        description="OpenAI's partial images while streaming: "
                                        "not sent: genserve checks and marks each finished image before it "
-                                       "leaves (0 or unset; progress events say how far the denoising is)")
+                                       "leaves (0 or unset; stream_progress says how far the denoising is)")
 
 
 class ImageEditForm(DiffusionKnobs, OutputFields):

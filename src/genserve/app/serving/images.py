@@ -237,8 +237,9 @@ class ImageServing:
         if body.partial_images:
             raise InvalidRequestError("partial_images is not supported: genserve checks and marks each finished "
                                       "image before it leaves, and a partial image would leave unchecked and "
-                                      "unmarked; its streams send an image_generation.progress event for each "
-                                      "denoising step instead.", param="partial_images")
+                                      "unmarked; with stream_progress: true its streams send an "
+                                      "image_generation.progress event for each denoising step instead.",
+                                      param="partial_images")
         await self.moderation.check_input(body.model, [("prompt", body.prompt)], raw)
         params = ImageParams(jobs=jobs, size=body.size, stream=body.stream)
         if body.stream:
@@ -261,15 +262,17 @@ class ImageServing:
 
     async def _stream(self, first: ImageEvent | None, events: AsyncGenerator[ImageEvent, None],
                       body: ImageGenerationRequest, size: str, raw: Request) -> AsyncGenerator[str, None]:
-        """genserve's ``image_generation.progress`` event for each denoising step, then OpenAI's
-        ``image_generation.completed`` for each image (``b64_json`` always; ``url`` too when asked)."""
+        """OpenAI's ``image_generation.completed`` for each image (``b64_json`` always; ``url`` too when
+        asked), after genserve's ``image_generation.progress`` for each denoising step if the caller asked
+        for them (``stream_progress``)."""
         artifacts: list[ImageArtifact] = []
         try:
             pending = [first] if first is not None else []
             async for event in _chain(pending, events):
                 if isinstance(event, Progress):
-                    yield json.dumps({"type": "image_generation.progress", "step": event.step,
-                                      "total_steps": event.total})
+                    if body.stream_progress:
+                        yield json.dumps({"type": "image_generation.progress", "step": event.step,
+                                          "total_steps": event.total})
                 else:
                     artifacts.append(event)
             files = await self._encode(body.model, artifacts, body, exact=False)
