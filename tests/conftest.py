@@ -523,11 +523,19 @@ models:
     stop_server(gw)
 
 
-@pytest.fixture(scope="module")
-def openai_client(server: Server):
+def sdk(url: str, api_key: str = API_KEY, timeout: float = 60, strict: bool = True):
+    """The official OpenAI SDK on ``url``, validating every response against its own types
+    (``_strict_response_validation``): what a strict client would refuse fails the test. ``strict=False``
+    only where the SDK's types refuse what OpenAI's own API sends (said where it is used)."""
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    return OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=timeout,
+                  _strict_response_validation=strict)
+
+
+@pytest.fixture(scope="module")
+def openai_client(server: Server):
+    return sdk(server.url)
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from openai import OpenAI, PermissionDeniedError
+from openai import PermissionDeniedError
 
-from tests.conftest import EMBED, TEXT, Server, launch_server, stop_server, wait_ready
+from tests.conftest import EMBED, TEXT, Server, launch_server, sdk, stop_server, wait_ready
 
 UPSTREAM_SETS = ("text", "image")
 
@@ -86,7 +86,7 @@ def test_a_model_outside_the_keys_scope_is_403_and_unlisted(replicas: list[Serve
     assert r.json() == {"error": {"message": "This API key (scoped) may not use the model 'remote-embed'.",
                                   "type": "invalid_request_error", "param": "model", "code": "model_not_allowed"}}
     with pytest.raises(PermissionDeniedError):
-        OpenAI(base_url=f"{a.url}/v1", api_key="sk-scoped", max_retries=0).embeddings.create(
+        sdk(a.url, api_key="sk-scoped").embeddings.create(
             model="remote-embed", input="hi")
     assert [m["id"] for m in _get(a, "sk-scoped", "/models").json()["data"]] == ["remote-text"]
     assert _get(b, "sk-scoped", "/models/remote-embed").status_code == 404

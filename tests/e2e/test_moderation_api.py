@@ -16,7 +16,7 @@ from openai import BadRequestError, OpenAI
 from PIL import Image
 
 from genserve.app.moderation.categories import CATEGORIES
-from tests.conftest import API_KEY, TEXT, Server
+from tests.conftest import TEXT, Server, sdk
 
 THREAT = "I am going to kill you tomorrow, you will not see it coming."
 BENIGN = "How do I kill a Python process that hangs?"
@@ -24,8 +24,7 @@ BENIGN = "How do I kill a Python process that hangs?"
 
 @pytest.fixture(scope="module")
 def strict(server: Server) -> OpenAI:
-    return OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60,
-                  _strict_response_validation=True)
+    return sdk(server.url)
 
 
 def png_data_url(color: tuple[int, int, int]) -> str:

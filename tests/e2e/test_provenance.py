@@ -10,7 +10,7 @@ import pytest
 from openai import OpenAI
 
 from genserve.models.llama.corpus import pydoc_topics
-from tests.conftest import API_KEY, TEXT, Server
+from tests.conftest import TEXT, Server, sdk
 from tests.e2e.test_errors import assert_openai_error
 
 QUESTION = [{"role": "user", "content": "What does os.path.join do?"}]
@@ -71,8 +71,7 @@ def test_greedy_output_and_a_stream_say_what_they_carry(server: Server) -> None:
 
 
 def test_a_remote_model_is_never_claimed_watermarked(gateway: Server) -> None:
-    sdk = OpenAI(base_url=f"{gateway.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
-    r = sdk.chat.completions.create(model="remote-text", messages=QUESTION, max_tokens=8, temperature=0.8)
+    r = sdk(gateway.url).chat.completions.create(model="remote-text", messages=QUESTION, max_tokens=8, temperature=0.8)
     p = r.model_extra["provenance"]
     assert p["watermarked"] is False and p["model"] == "remote-text" and "remote" in p["reason"]
     assert_openai_error(verify(gateway, text="some text to check"), 400, "text")  # nothing to check it against

@@ -25,7 +25,7 @@ from unittest import mock
 import httpx
 import pytest
 
-from tests.conftest import API_KEY, EMBED, ROOT, TEXT, TEXT_DIR, Server, builtin_entry, free_port, wait_ready
+from tests.conftest import API_KEY, EMBED, ROOT, TEXT, TEXT_DIR, Server, builtin_entry, free_port, sdk, wait_ready
 
 # Ray resolves 127.0.0.1 to the machine's interface, which a sandbox may not dial back (every connection
 # to the GCS hangs); off, this switch keeps every node, driver and replica on loopback. Ray reads it when
@@ -112,9 +112,7 @@ def server(early: tuple[Cluster, Server]) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def client(server: Server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    return sdk(server.url, timeout=120)
 
 
 def replica_pids(deployment: str) -> list[int]:
