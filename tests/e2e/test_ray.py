@@ -163,7 +163,7 @@ def test_the_sdk_gets_chat_embeddings_and_images_through_ray(server: Server, cli
     pieces = list(client.chat.completions.create(model=TEXT, messages=[{"role": "user", "content": "Hello"}],
                                                  max_tokens=8, seed=3, stream=True))
     assert "".join(p.choices[0].delta.content or "" for p in pieces if p.choices) == chat.choices[0].message.content
-    emb = client.embeddings.create(model=EMBED, input=["a cat", "a dog"])
+    emb = client.embeddings.create(model=EMBED, input=["a cat", "a dog"], encoding_format="float")  # strict: floats
     assert len(emb.data) == 2 and len(emb.data[0].embedding) == 384
     img = client.images.generate(model=GAN, prompt="7", n=2, size="32x32")
     from PIL import Image
