@@ -15,9 +15,11 @@ module starts only what it needs. One session server per set (``SERVER_SETS``):
 - ``molecule``: the shipped molecule models;
 - ``guard``: a guard model (family ``llama-guard``) and a text model whose policy asks it.
 
-All the sets a session's tests use start together when the first is needed (``server_sets``), and
+All the sets a session's tests use start together when the session starts (``server_sets``), and
 each is shared by every module that names it. ``gateway`` is a second process whose models are
-``remote`` entries pointing at the ``text`` server.
+``remote`` entries pointing at the ``text`` server. A module whose ``server`` is its own says
+``SERVER_SET = None``; one with a slow set-up of its own (a Ray cluster) names it ``START_EARLY``, which
+the session runs in the background once the sets are up (:class:`Early`).
 
 Servers keep the probe verdicts of :mod:`genserve.models.batch_invariance` in the user's cache, as a
 deployment does, so their start does not repeat probes; in-process tests probe afresh, in a cache of
@@ -365,26 +367,41 @@ def server_sets_of(item: pytest.Item) -> list[str]:
     return names + list(getattr(module, "UPSTREAM_SETS", ()))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A module with ``START_EARLY`` runs first in its directory: what it starts loads while the
+    directories before it run, and is gone before its neighbours run (a Ray cluster's background work
+    would disturb their timing)."""
+    def directory(item: pytest.Item) -> Path:
+        return item.path.parent
+
+    first: dict[Path, int] = {}
+    for i, item in enumerate(items):
+        first.setdefault(directory(item), i)
+    early = lambda item: hasattr(getattr(item, "module", None), "START_EARLY")  # noqa: E731
+    items.sort(key=lambda item: (first[directory(item)], not early(item)))
+
+
 class Early:
     """A module's slow set-up (its ``START_EARLY``, a function of a temporary directory that returns what
     the module's fixtures use and a function that undoes it), run in a thread of its own so that it
-    loads while other modules' tests run. ``result`` waits for it; ``stop`` has the thread undo it, in
+    loads while other modules' tests run; it is given the environment as the session began (tests that set a
+    variable for a moment may run meanwhile). ``result`` waits for it; ``stop`` has the thread undo it, in
     the background, and ``join`` waits for that. The thread lives until then: processes started with
     Ray's fate sharing (``PR_SET_PDEATHSIG``) die with the thread that started them."""
 
-    def __init__(self, start: Callable[[Path], tuple[object, Callable[[], None]]], tmp: Path,
+    def __init__(self, start: Callable[[Path, dict[str, str]], tuple[object, Callable[[], None]]], tmp: Path,
                  after: Callable[[], None]) -> None:
+        env = dict(os.environ)  # as the session began: tests that change it for a moment do so meanwhile
         self.value: object = None
         self.error: BaseException | None = None
         self.done, self.stopping = threading.Event(), threading.Event()
 
         def run() -> None:
-            after()
-            if self.stopping.is_set():  # the session ended first
-                self.done.set()
-                return
             try:
-                self.value, undo = start(tmp)
+                after()
+                if self.stopping.is_set():  # the session ended first
+                    return
+                self.value, undo = start(tmp, env)
             except BaseException as exc:
                 self.error = exc
                 return
@@ -420,11 +437,16 @@ class ServerSets:
         self.ready: set[str] = set()
         self.early: dict[str, Early] = {}
 
-    def started(self) -> None:
-        """Returns when every launched server answers (or has failed: its tests will say so)."""
+    def started(self, timeout: float = 300) -> None:
+        """Returns when every launched server answers, has exited (its tests will say so) or ``timeout``
+        has passed; it kills none (``get`` decides that)."""
+        deadline = time.monotonic() + timeout
         for srv in list(self.servers.values()):
-            with contextlib.suppress(RuntimeError):
-                wait_ready(srv, timeout=240)
+            while srv.proc.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(srv.url + "/health/ready", timeout=2).status_code == 200:
+                        break
+                time.sleep(0.3)
 
     def start_early(self, module: object) -> None:
         name = getattr(module, "__name__", "")

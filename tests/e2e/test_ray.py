@@ -58,13 +58,13 @@ SERVER_SET = None  # its server is the application on the cluster below, started
 DEPLOYED: dict = {}  # what START_EARLY deployed: its registry file, state directory and port
 
 
-def START_EARLY(tmp: Path) -> tuple[tuple[Cluster, Server], Callable[[], None]]:
+def START_EARLY(tmp: Path, env: dict[str, str]) -> tuple[tuple[Cluster, Server], Callable[[], None]]:
     """The cluster and the application deployed on it by the CLI, started by the session (conftest's
     ``Early``) while other modules' tests run, and undone in the background after this module.
 
     Ray's nodes set a SIGTERM handler in the process that starts them, which Python allows only in the
-    main thread; in this thread they set none (pytest's SIGTERM stays pytest's)."""
-    with mock.patch.object(ray._private.utils, "set_sigterm_handler", lambda handler: None):
+    main thread: they set none here (``no_sigterm_handler``)."""
+    with no_sigterm_handler():
         cluster = Cluster(initialize_head=True, connect=False,
                           head_node_args={"num_cpus": 0, "include_dashboard": False})
         for _ in range(2):
@@ -77,7 +77,7 @@ def START_EARLY(tmp: Path) -> tuple[tuple[Cluster, Server], Callable[[], None]]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "genserve", "serve", "--ray", cluster.address, "--port", str(port),
              "--config", str(config)],
-            env={**os.environ, "GENSERVE_API_KEYS": API_KEY, "GENSERVE_RAY_PROXY_LOCATION": "HeadOnly",
+            env={**env, "GENSERVE_API_KEYS": API_KEY, "GENSERVE_RAY_PROXY_LOCATION": "HeadOnly",
                  "GENSERVE_RAY_GATEWAY_NUM_CPUS": "0.5", "GENSERVE_STATE_DIR": str(tmp / "state")},
             stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
         srv = wait_ready(Server(f"http://127.0.0.1:{port}", proc, log), timeout=240)
@@ -86,6 +86,12 @@ def START_EARLY(tmp: Path) -> tuple[tuple[Cluster, Server], Callable[[], None]]:
         raise
     DEPLOYED.update(config=config, state=tmp / "state", port=port)
     return (cluster, srv), lambda: stop(cluster, proc)
+
+
+def no_sigterm_handler():
+    """Ray's nodes set a SIGTERM handler in the process that starts them (``sys.exit(1)`` after killing
+    the node): in pytest's process, none is set, so pytest's SIGTERM stays pytest's."""
+    return mock.patch.object(ray._private.utils, "set_sigterm_handler", lambda handler: None)
 
 
 def stop(cluster: Cluster, proc: subprocess.Popen | None) -> None:
@@ -346,7 +352,8 @@ def test_a_worker_node_removed_under_load_loses_nothing(server: Server, cluster:
     try:
         results, streams = run_load_while(server, lambda: kill_node(cluster, victim), embed=False)
     finally:
-        cluster.add_node(num_cpus=4)  # the later tests need two worker nodes, whatever happened here
+        with no_sigterm_handler():
+            cluster.add_node(num_cpus=4)  # the later tests need two worker nodes, whatever happened here
     check_nothing_lost(server, results, streams, before)
     for deployment, count in ((f"model-{TEXT}", 2), (f"model-{EMBED}", 1), (f"model-{GAN}", 1)):
         wait_for(lambda d=deployment, c=count: len(replica_pids(d)) == c, 120, f"Ray to replace {deployment}")
