@@ -22,6 +22,7 @@ from genserve.app.registry import ConfigError
 from genserve.app.settings import Settings
 from genserve.models.registry import EVAL_TARGETS, TRAIN_TARGETS, Target
 
+GIL_SWITCH_INTERVAL_S = 0.001  # see _serve
 log = logging.getLogger("genserve")
 
 
@@ -129,7 +130,15 @@ def _serve(args: argparse.Namespace) -> int:
                             limit_concurrency=settings.max_connections,
                             # uvicorn annotates int but hands it to asyncio.timeout, which takes float seconds.
                             timeout_graceful_shutdown=settings.shutdown_grace_s)  # type: ignore[arg-type]
-    DrainingServer(config, on_exit=services_of(app).manager.drain_threadsafe).run()
+    # The event loop waits for the GIL while a helper thread runs Python (moderation's classifiers in
+    # their pool, the engine's reader unpickling a step); at CPython's default switch interval (5 ms) a
+    # 2 ms engine step runs on past a moderation stop meanwhile. A shorter interval hands it back sooner.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    try:
+        DrainingServer(config, on_exit=services_of(app).manager.drain_threadsafe).run()
+    finally:
+        sys.setswitchinterval(interval)
     return 0
 
 
