@@ -164,7 +164,9 @@ def launch_server(tmp: Path, name: str, registry: str, env: dict[str, str],
     return Server(f"http://127.0.0.1:{port}", proc, log)
 
 
-def wait_ready(server: Server, ready_path: str = "/health/ready", timeout: float = 180) -> Server:
+def wait_ready(server: Server, ready_path: str = "/health/ready", timeout: float = 180, kill: bool = True) -> Server:
+    """Returns ``server`` once it answers ``ready_path``; raises if it exits, or after ``timeout`` (killing it
+    first, unless ``kill`` is false)."""
     name, deadline = server.log.stem, time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
@@ -175,7 +177,8 @@ def wait_ready(server: Server, ready_path: str = "/health/ready", timeout: float
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    server.proc.kill()
+    if kill:
+        server.proc.kill()
     raise RuntimeError(f"{name} not ready after {timeout}s:\n{server.log.read_text()[-3000:]}")
 
 
@@ -371,14 +374,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A module with ``START_EARLY`` runs first in its directory: what it starts loads while the
     directories before it run, and is gone before its neighbours run (a Ray cluster's background work
     would disturb their timing)."""
-    def directory(item: pytest.Item) -> Path:
-        return item.path.parent
-
     first: dict[Path, int] = {}
     for i, item in enumerate(items):
-        first.setdefault(directory(item), i)
-    early = lambda item: hasattr(getattr(item, "module", None), "START_EARLY")  # noqa: E731
-    items.sort(key=lambda item: (first[directory(item)], not early(item)))
+        first.setdefault(item.path.parent, i)
+    items.sort(key=lambda item: (first[item.path.parent], not hasattr(getattr(item, "module", None), "START_EARLY")))
 
 
 class Early:
@@ -442,11 +441,8 @@ class ServerSets:
         has passed; it kills none (``get`` decides that)."""
         deadline = time.monotonic() + timeout
         for srv in list(self.servers.values()):
-            while srv.proc.poll() is None and time.monotonic() < deadline:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(srv.url + "/health/ready", timeout=2).status_code == 200:
-                        break
-                time.sleep(0.3)
+            with contextlib.suppress(RuntimeError):
+                wait_ready(srv, timeout=max(0.0, deadline - time.monotonic()), kill=False)
 
     def start_early(self, module: object) -> None:
         name = getattr(module, "__name__", "")
