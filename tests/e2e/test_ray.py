@@ -289,6 +289,14 @@ def run_load_while(server: Server, action, embed: bool = True) -> tuple[list[int
     return results, streams
 
 
+def once_busy(pid: int, action) -> None:
+    """``action`` once the text replica ``pid`` holds requests: a replica just made may not be in the
+    gateway's routing table yet, and a kill of an idle one cuts nothing."""
+    wait_for(lambda: text_replica_series("genserve_num_requests_running").get(pid, 0) > 0, 30,
+             f"text replica {pid} to hold requests")
+    action()
+
+
 def check_nothing_lost(server: Server, results: list[int], streams: list[str], retried_before: float) -> None:
     assert results and all(code == 200 for code in results), sorted(set(results))
     assert streams and set(streams) <= {"complete", "error"}, streams
@@ -302,7 +310,8 @@ def test_a_replica_killed_under_load_loses_nothing(server: Server) -> None:
     assert len(victims) == 2
     before = server.metric("genserve_replica_retries_total")
     reporting = replicas_on_metrics(server, f"model-{TEXT}")
-    results, streams = run_load_while(server, lambda: os.kill(victims[0], signal.SIGKILL))
+    results, streams = run_load_while(server, lambda: once_busy(victims[0],
+                                                                lambda: os.kill(victims[0], signal.SIGKILL)))
     check_nothing_lost(server, results, streams, before)
     wait_for(lambda: running(f"model-{TEXT}") == 2, 90, "Ray to replace the killed replica")
     # On /metrics the dead replica's series drop out and its replacement's come in.
@@ -348,9 +357,11 @@ def test_a_worker_node_removed_under_load_loses_nothing(server: Server, cluster:
     gateway_node = parent(replica_pids("gateway")[0])
     text_nodes = {parent(p) for p in replica_pids(f"model-{TEXT}")}
     victim = next(n for n in cluster.worker_nodes if raylet_pid(n) in text_nodes - {gateway_node})
+    replica = next(p for p in replica_pids(f"model-{TEXT}") if parent(p) == raylet_pid(victim))
     before = server.metric("genserve_replica_retries_total")
     try:
-        results, streams = run_load_while(server, lambda: kill_node(cluster, victim), embed=False)
+        results, streams = run_load_while(server, lambda: once_busy(replica, lambda: kill_node(cluster, victim)),
+                                          embed=False)
     finally:
         with no_sigterm_handler():
             cluster.add_node(num_cpus=4)  # the later tests need two worker nodes, whatever happened here
