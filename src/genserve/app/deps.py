@@ -54,53 +54,47 @@ def services_of(app: FastAPI) -> Services:
     return services
 
 
-# Every dependency is ``async def``: FastAPI runs a plain ``def`` dependency in its thread pool, a hop
-# per dependency per request (two or three, about a third of a trivial request's time).
-async def get_services(request: Request) -> Services:
-    return services_of(request.app)
+# Every dependency is ``async def`` (FastAPI runs a plain ``def`` dependency in its thread pool, a hop
+# per dependency per request) and reads the request itself: a dependency of a dependency costs FastAPI
+# a second solve per request (about 10 us of a trivial request's 170; benchmarks/loop_latency.py).
+async def get_metrics(request: Request) -> Metrics:
+    return services_of(request.app).metrics
 
 
-ServicesDep = Annotated[Services, Depends(get_services)]
+async def get_manager(request: Request) -> ModelManager:
+    return services_of(request.app).manager
 
 
-async def get_metrics(services: ServicesDep) -> Metrics:
-    return services.metrics
+async def get_models_serving(request: Request) -> ModelsServing:
+    return services_of(request.app).models
 
 
-async def get_manager(services: ServicesDep) -> ModelManager:
-    return services.manager
+async def get_text_serving(request: Request) -> TextServing:
+    return services_of(request.app).text
 
 
-async def get_models_serving(services: ServicesDep) -> ModelsServing:
-    return services.models
+async def get_embedding_serving(request: Request) -> EmbeddingServing:
+    return services_of(request.app).embeddings
 
 
-async def get_text_serving(services: ServicesDep) -> TextServing:
-    return services.text
+async def get_image_serving(request: Request) -> ImageServing:
+    return services_of(request.app).images
 
 
-async def get_embedding_serving(services: ServicesDep) -> EmbeddingServing:
-    return services.embeddings
+async def get_audio_serving(request: Request) -> AudioServing:
+    return services_of(request.app).audio
 
 
-async def get_image_serving(services: ServicesDep) -> ImageServing:
-    return services.images
+async def get_molecule_serving(request: Request) -> MoleculeServing:
+    return services_of(request.app).molecules
 
 
-async def get_audio_serving(services: ServicesDep) -> AudioServing:
-    return services.audio
+async def get_moderation_serving(request: Request) -> ModerationServing:
+    return services_of(request.app).moderations
 
 
-async def get_molecule_serving(services: ServicesDep) -> MoleculeServing:
-    return services.molecules
-
-
-async def get_moderation_serving(services: ServicesDep) -> ModerationServing:
-    return services.moderations
-
-
-async def get_provenance(services: ServicesDep) -> ProvenanceService:
-    return services.provenance
+async def get_provenance(request: Request) -> ProvenanceService:
+    return services_of(request.app).provenance
 
 
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]

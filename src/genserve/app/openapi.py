@@ -10,6 +10,10 @@ taken out.
   body's schema. And a form field is text or absent: the pydantic model's ``anyOf: [..., {"type":
   "null"}]``, which no client can send (a generator sends the text ``"null"``, a 400), loses its null
   branch.
+- **The key's lock is where the key check is.** Every operation that ``ApiKeyMiddleware`` guards
+  (``security.is_open`` false for its path) names the ``APIKey`` bearer scheme, from the same rule, so
+  the document and the server cannot disagree. No route declares a security dependency for it: FastAPI
+  would solve one on every request only for the document's sake.
 
 ``tests/e2e/test_openapi_fuzz.py`` holds the document to the server with schemathesis: every operation,
 positive and negative cases, no server error, no undocumented status or content type, no response off
@@ -23,6 +27,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from genserve.app.security import SECURITY_SCHEME, is_open
+
 FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
 
 
@@ -30,8 +36,11 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
     """``app.openapi``: FastAPI's document, made honest (module docstring), built once."""
     if app.openapi_schema is None:
         doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        for operations in doc.get("paths", {}).values():
+        doc.setdefault("components", {}).setdefault("securitySchemes", {}).update(SECURITY_SCHEME)
+        for path, operations in doc.get("paths", {}).items():
             for operation in operations.values():
+                if not is_open(path):
+                    operation["security"] = [{name: []} for name in SECURITY_SCHEME]
                 operation.get("responses", {}).pop("422", None)
                 form = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
                 if form is not None:

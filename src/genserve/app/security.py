@@ -4,8 +4,8 @@
 caller cannot make the server parse anything. It denies by default: only probes, metrics, the docs
 and the playground page (which asks its user for a key) are open, judged on the path the router sees
 (``root_path`` removed), so a new route is protected without anyone remembering to protect it. The
-``bearer`` scheme is what the routers declare, so that OpenAPI shows the lock and the docs page its
-Authorize button.
+OpenAPI document names ``SECURITY_SCHEME`` on every operation the same rule guards (``openapi.py``),
+which gives the docs page its Authorize button.
 
 Keys, their scopes and their limits are ``app/tenancy.py``'s. With no keys configured the API is open;
 the CLI refuses that on a non-loopback address unless ``--allow-unauthenticated`` is given.
@@ -20,7 +20,6 @@ import hashlib
 import logging
 import re
 
-from fastapi.security import HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from genserve.app.errors import GenserveError
@@ -32,8 +31,8 @@ log = logging.getLogger(__name__)
 OPEN_PATHS = {"/health/live", "/health/ready", "/metrics", "/docs", "/redoc", "/openapi.json", "/playground",
               "/playground/"}  # the last is redirected to /playground
 OPEN_PREFIXES = ("/static/", "/v1/images/files/")  # image URLs: the unguessable id is the credential
-bearer = HTTPBearer(auto_error=False, scheme_name="APIKey",
-                    description="A key from GENSERVE_API_KEYS or GENSERVE_API_KEYS_FILE.")
+SECURITY_SCHEME = {"APIKey": {"type": "http", "scheme": "bearer",
+                              "description": "A key from GENSERVE_API_KEYS or GENSERVE_API_KEYS_FILE."}}
 
 
 class ApiKeyMiddleware:

@@ -2,15 +2,14 @@
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from genserve.app.deps import AudioServingDep
 from genserve.app.routers.responses import BINARY, ERRORS
 from genserve.app.schemas.audio import MusicRequest, SpeechRequest
-from genserve.app.security import bearer
 
-router = APIRouter(prefix="/v1/audio", tags=["audio"], dependencies=[Depends(bearer)], responses=ERRORS)
+router = APIRouter(prefix="/v1/audio", tags=["audio"], responses=ERRORS)
 
 AUDIO: dict[str, Any] = {
     "description": "Audio bytes in the requested format",

@@ -1,15 +1,13 @@
 """``/v1/embeddings``."""
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from genserve.app.deps import EmbeddingServingDep
 from genserve.app.routers.responses import ERRORS
 from genserve.app.schemas.embeddings import EmbeddingRequest, EmbeddingResponse
-from genserve.app.security import bearer
 
-router = APIRouter(prefix="/v1", tags=["embeddings"], dependencies=[Depends(bearer)],
-                   responses=ERRORS)
+router = APIRouter(prefix="/v1", tags=["embeddings"], responses=ERRORS)
 
 
 @router.post("/embeddings", response_model=EmbeddingResponse)

@@ -3,17 +3,16 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
 from genserve.app.deps import ImageServingDep
 from genserve.app.routers.responses import BINARY, ERRORS
 from genserve.app.schemas.base import ErrorResponse
 from genserve.app.schemas.images import ImageEditForm, ImageGenerationRequest, ImageInterpolationRequest, ImagesResponse
-from genserve.app.security import bearer
 from genserve.app.serving.images import FILES_PATH
 
-router = APIRouter(prefix="/v1/images", tags=["images"], dependencies=[Depends(bearer)], responses=ERRORS)
+router = APIRouter(prefix="/v1/images", tags=["images"], responses=ERRORS)
 files_router = APIRouter(tags=["images"])
 
 

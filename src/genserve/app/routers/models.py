@@ -2,15 +2,14 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Header
 
 from genserve.app.backends.remote import PROBE_HEADER
 from genserve.app.deps import ModelsServingDep
 from genserve.app.routers.responses import ERRORS
 from genserve.app.schemas.models import ModelCard, ModelList
-from genserve.app.security import bearer
 
-router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(bearer)], responses=ERRORS)
+router = APIRouter(prefix="/v1", tags=["models"], responses=ERRORS)
 
 
 @router.get("/models", response_model=ModelList)

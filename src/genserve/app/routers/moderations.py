@@ -1,13 +1,12 @@
 """``/v1/moderations`` (OpenAI)."""
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from genserve.app.deps import ModerationServingDep
 from genserve.app.routers.responses import ERRORS
 from genserve.app.schemas.moderations import ModerationRequest, ModerationResponse
-from genserve.app.security import bearer
 
-router = APIRouter(prefix="/v1", tags=["moderations"], dependencies=[Depends(bearer)], responses=ERRORS)
+router = APIRouter(prefix="/v1", tags=["moderations"], responses=ERRORS)
 
 
 @router.post("/moderations", response_model=ModerationResponse)

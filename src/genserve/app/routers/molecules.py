@@ -1,6 +1,6 @@
 """``/v1/molecules/*`` (genserve): generation, properties, latent interpolation."""
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from genserve.app.deps import MoleculeServingDep
@@ -13,9 +13,8 @@ from genserve.app.schemas.molecules import (
     MoleculePropertiesRequest,
     MoleculePropertiesResponse,
 )
-from genserve.app.security import bearer
 
-router = APIRouter(prefix="/v1/molecules", tags=["molecules"], dependencies=[Depends(bearer)], responses=ERRORS)
+router = APIRouter(prefix="/v1/molecules", tags=["molecules"], responses=ERRORS)
 
 
 @router.post("/generations", response_model=MoleculeGenerationResponse, response_model_exclude_none=True)

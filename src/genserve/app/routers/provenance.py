@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -11,9 +11,8 @@ from genserve.app.deps import ProvenanceDep
 from genserve.app.errors import InvalidRequestError
 from genserve.app.routers.responses import ERRORS
 from genserve.app.schemas.provenance import VERIFY_EXAMPLE, VerifyResponse, VerifyTextRequest
-from genserve.app.security import bearer
 
-router = APIRouter(prefix="/v1", tags=["provenance"], dependencies=[Depends(bearer)], responses=ERRORS)
+router = APIRouter(prefix="/v1", tags=["provenance"], responses=ERRORS)
 PATH = "/v1/provenance/verify"
 
 # One route, two bodies: a JSON text, or a multipart file. FastAPI cannot declare both, so the

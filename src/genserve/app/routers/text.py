@@ -1,15 +1,14 @@
 """``/v1/completions`` and ``/v1/chat/completions``."""
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from genserve.app.deps import TextServingDep
 from genserve.app.routers.responses import ERRORS, STREAM
 from genserve.app.schemas.chat import ChatCompletionRequest, ChatCompletionResponse
 from genserve.app.schemas.completions import CompletionRequest, CompletionResponse
-from genserve.app.security import bearer
 
-router = APIRouter(prefix="/v1", tags=["text"], dependencies=[Depends(bearer)], responses=ERRORS)
+router = APIRouter(prefix="/v1", tags=["text"], responses=ERRORS)
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=STREAM)
