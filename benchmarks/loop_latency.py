@@ -115,10 +115,12 @@ def main(argv: list[str] | None = None) -> int:
             with managed_server("bare", bare_cmd, f"http://127.0.0.1:{bport}/health/ready", dict(os.environ),
                                 work / "b.log", 60):
                 rows: dict[str, list[dict]] = {"bare FastAPI": [], "genserve": []}
+                pooled: dict[str, list[float]] = {"bare FastAPI": [], "genserve": []}
                 for _ in range(args.rounds):
                     for name, port in (("bare FastAPI", bport), ("genserve", gport)):
                         got = asyncio.run(load(port, args.connections, args.seconds))
                         rows[name].append(summary(got, args.seconds))
+                        pooled[name] += got
     print(f"# loop_latency: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {cpu_name()}, {platform.machine()}, "
           f"{args.connections} connections, {args.seconds:.0f} s per round, {args.rounds} rounds\n")
     print("| server | round | requests/s | p50 ms | p99 ms | p99.9 ms | max ms |\n|---|---:|---:|---:|---:|---:|---:|")
@@ -126,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         for k, r in enumerate(rounds, 1):
             print(f"| {name} | {k} | {r['requests_s']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['p999']:.2f} | "
                   f"{r['max']:.1f} |")
+        r = summary(pooled[name], args.seconds * args.rounds)
+        print(f"| {name} | all | {r['requests_s']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['p999']:.2f} | "
+              f"{r['max']:.1f} |")
+    both = {name: summary(got, 1.0) for name, got in pooled.items()}
+    print(f"\ngenserve's p99 / the bare app's p99, every request of every round: "
+          f"**{both['genserve']['p99'] / both['bare FastAPI']['p99']:.2f}**")
     for q in ("p99", "max"):
         worst = max(r[q] for r in rows["genserve"]) / max(r[q] for r in rows["bare FastAPI"])
         print(f"\ngenserve's worst {q} / the bare app's worst {q}: **{worst:.2f}**")

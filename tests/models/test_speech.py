@@ -4,12 +4,15 @@ model that the test builds and saves, so the real loading, batching and generati
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from genserve.app.backends.local_audio import LocalSpeechBackend
+from genserve.app.backends.local_audio import LocalSpeechBackend, _spawn
 from genserve.app.metrics import Metrics
 from genserve.app.registry import ModelEntry
 from genserve.models.audio import SpeechSpec, split_text
@@ -141,6 +144,61 @@ def test_espeak_requests_beyond_the_queue_get_429_and_the_rest_all_speak() -> No
     results = asyncio.run(scenario())
     assert isinstance(results[3], RateLimitError) and results[3].headers["Retry-After"] == "1"
     assert all(isinstance(n, int) and n > 0 for n in results[:3]), results  # one running, two queued
+
+
+def _espeak_children() -> list[int]:
+    """espeak-ng processes whose parent is this process."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        if "espeak" in name and int(rest[1]) == os.getpid():
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_espeak_speaks_a_text_longer_than_its_pipe_and_callers_that_leave_leave_no_process() -> None:
+    """The process starts from a thread (``_spawn``; the loop's own spawn forks the whole server) and its
+    text is written from one: 200 KB, more than a pipe holds, is spoken whole while it is read. A caller
+    that leaves after one chunk, or while the process is starting, leaves no espeak-ng behind."""
+    entry = ModelEntry(id="genserve-speech", modality="audio", backend="local", family="espeak-ng",
+                       source=str(SPEECH_DIR), max_batch_size=4, max_waiting=4)
+    backend = LocalSpeechBackend(entry, Metrics())
+    backend.setup()
+    sentence = "A sentence to speak. "
+    long_text = sentence * (200_000 // len(sentence))
+
+    async def first_chunk(params: SpeechParams) -> None:
+        async with contextlib.aclosing(backend.speak(params)) as chunks:
+            await anext(chunks)
+
+    async def scenario() -> tuple[float, float]:
+        await backend.start()
+        try:
+            short = sum([len(c.samples) async for c in backend.speak(SpeechParams(sentence, "alloy", 1.0, "pcm"))])
+            # Only the first 20 s of the long text's hours are read, then the caller leaves.
+            params = SpeechParams(long_text, "alloy", 1.0, response_format="pcm")
+            await first_chunk(params)
+            starting = asyncio.ensure_future(_spawn(backend.model.argv(SpeechSpec(sentence, "en-us"))))
+            await asyncio.sleep(0)  # the process is starting in its thread now
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            whole = sum([len(c.samples) async for c in backend.speak(
+                SpeechParams(sentence * 4000, "alloy", 1.0, response_format="pcm"))])  # 84 KB: a pipe holds 64
+            return short, whole
+        finally:
+            await backend.close()
+
+    short, whole = asyncio.run(scenario())
+    assert whole > 3900 * short  # every sentence spoken (the first and last carry a little more silence)
+    deadline = time.monotonic() + 10
+    while _espeak_children():
+        assert time.monotonic() < deadline, f"espeak-ng left running: {_espeak_children()}"
+        time.sleep(0.05)
 
 
 def test_speakable_skips_pictographs_and_keeps_words_and_symbols_that_are_words():
