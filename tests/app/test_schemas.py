@@ -55,3 +55,29 @@ def test_an_items_seed_is_one_a_caller_may_send_back(seed: int) -> None:
         assert TypeAdapter(Seed).validate_python(s) == s
         if abs(seed + k) <= MAX_REQUEST_SEED:
             assert s == seed + k
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/completions", {"prompt": "hi", "stream": False, "stream_options": {"include_usage": True}},
+     "stream_options"),
+    ("/v1/images/generations", {"prompt": "a cat", "stream_progress": True}, "stream_progress"),
+])
+def test_a_stream_only_field_without_stream_is_a_400_naming_it(path: str, body: dict, param: str) -> None:
+    """As OpenAI answers ``stream_options`` without ``stream``, instead of a setting silently ignored;
+    the same fields with ``stream: true``, or left null or false, are taken."""
+    from fastapi.testclient import TestClient
+
+    from genserve.app.main import create_app
+    from genserve.app.settings import Settings
+
+    with TestClient(create_app(Settings(api_keys=["k"]), entries=[])) as client:
+        headers = {"Authorization": "Bearer k"}
+        r = client.post(path, json={"model": "m", **body}, headers=headers)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == param and "only allowed when 'stream' is true" in error["message"]
+        for taken in ({**body, "stream": True}, {**body, param: None if param == "stream_options" else False}):
+            r = client.post(path, json={"model": "m", **taken}, headers=headers)
+            assert r.status_code == 404 and r.json()["error"]["param"] == "model", r.text  # past validation

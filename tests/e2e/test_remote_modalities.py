@@ -105,7 +105,7 @@ def test_streamed_images_through_the_gateway(upstreams: Upstreams, media_gateway
     assert completed["type"] == "image_generation.completed" and completed["provenance"]["model"] == "remote-diffusion"
     with upstreams["image"].client() as client:
         direct = client.post("/v1/images/generations", json={**body, "model": "genserve-diffusion",
-                                                              "stream": False}).json()
+                                                              "stream": False, "stream_progress": False}).json()
     assert content(completed["b64_json"]) == content(direct["data"][0]["b64_json"])
 
 

@@ -41,6 +41,14 @@ class OpenAIBaseModel(BaseModel):
         return value
 
 
+def only_when_streaming(value: Any, info: ValidationInfo) -> Any:
+    """A stream-only field (declared after ``stream``) set on a request that does not stream: OpenAI's 400
+    for ``stream_options`` ("only allowed when 'stream' is enabled"), rather than a setting ignored."""
+    if value and not info.data.get("stream"):
+        raise ValueError("only allowed when 'stream' is true")
+    return value
+
+
 @functools.cache
 def _integer_fields(cls: type[BaseModel]) -> frozenset[str]:
     """The fields of ``cls`` whose type holds integers and no floats (``int``, ``list[int]``, token ids)."""

@@ -4,12 +4,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.json_schema import JsonDict
 
-from genserve.app.schemas.base import OpenAIBaseModel, Seed
+from genserve.app.schemas.base import OpenAIBaseModel, Seed, only_when_streaming
 from genserve.app.schemas.provenance import Provenance
 
 GENERATION_EXAMPLE: JsonDict = {"model": "genserve-diffusion", "prompt": "red apple", "n": 2, "size": "32x32",
@@ -60,10 +60,10 @@ class ImageGenerationRequest(OpenAIBaseModel, DiffusionKnobs, OutputFields):
     stream: bool = Field(False, description="diffusion models: server-sent events, as OpenAI's: "
                          "image_generation.completed for each image (b64_json, and url when response_format is "
                          "url); with stream_progress, genserve's image_generation.progress before them")
-    stream_progress: bool = Field(False, description="genserve's own: with stream, an image_generation.progress "
-                                  "event (step, total_steps) for each denoising step. Off by default: OpenAI's "
-                                  "streams have no such event, and a client that validates events strictly "
-                                  "(the OpenAI SDK's strict mode) refuses one")
+    stream_progress: Annotated[bool, AfterValidator(only_when_streaming)] = Field(
+        False, description="genserve's own, only with stream: an image_generation.progress event (step, "
+        "total_steps) for each denoising step. Off by default: OpenAI's streams have no such event, and a "
+        "client that validates events strictly (the OpenAI SDK's strict mode) refuses one")
     # OpenAI takes 0-3; the document says 0, and 1-3 get a 400 that says why.
     partial_images: int | None = Field(None, ge=0, le=3, json_schema_extra={"maximum": 0},
                                        description="OpenAI's partial images while streaming: "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from typing import Annotated
+
+from pydantic import AfterValidator, Field, field_validator
 
 from genserve.app.schemas.base import (
     MIN_TEMPERATURE,
@@ -12,6 +14,7 @@ from genserve.app.schemas.base import (
     StreamOptions,
     Temperature,
     TopP,
+    only_when_streaming,
 )
 from genserve.models.text.sampling import SamplingParams
 
@@ -23,7 +26,7 @@ class SamplingFields(OpenAIBaseModel):
     top_p: float = TopP
     n: int = Field(1, ge=1, le=128, description="choices to generate for each prompt")
     stream: bool = False
-    stream_options: StreamOptions | None = None
+    stream_options: Annotated[StreamOptions | None, AfterValidator(only_when_streaming)] = None
     stop: str | list[str] | None = Field(None, description="up to 4 sequences where generation stops")
     seed: Seed | None = None
     presence_penalty: float = Penalty
