@@ -201,6 +201,39 @@ def test_a_streamed_client_that_leaves_stops_the_denoising(server) -> None:
     assert ran <= seen + 3, f"{ran} steps ran for a client that left after {seen}"
 
 
+def test_a_client_that_leaves_a_stream_without_progress_stops_the_denoising(server) -> None:
+    """The same without ``stream_progress``: nothing is sent until the images are done, so the server
+    learns of the departure from the connection alone. The client leaves once the server's own step
+    counter shows 3 steps of its 200; the batch stops within a few steps of that."""
+    import time
+
+    import httpx
+
+    from tests.conftest import API_KEY
+
+    def steps() -> float:
+        return server.metric("genserve_denoising_step_seconds_count", model_name=MODEL)
+
+    before = steps()
+    body = {"model": MODEL, "prompt": "rocket", "n": 8, "num_inference_steps": 200, "stream": True, "seed": 2}
+    with httpx.stream("POST", server.url + "/v1/images/generations", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        deadline = time.monotonic() + 30
+        while (left_at := steps() - before) < 3:
+            assert time.monotonic() < deadline, "the denoising did not start"
+            time.sleep(0.02)
+    done, settled = steps(), time.monotonic() + 30
+    while time.monotonic() < settled:  # until the counter stops moving
+        time.sleep(0.5)
+        if (now := steps()) == done:
+            break
+        done = now
+    ran = done - before
+    assert ran < 200, "the batch ran to the end after its client left"
+    assert ran <= left_at + 3, f"{ran} steps ran for a client that left after {left_at}"
+
+
 def test_the_servers_log_has_no_library_chatter(server):
     """Loading diffusers pipelines, transformers and sentence-transformers models prints progress bars
     and deprecation warnings unless the server quiets them (app/logs.py): none reach the log."""
