@@ -22,6 +22,7 @@ its schema.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from fastapi import FastAPI
@@ -63,7 +64,7 @@ def _flat_form(schema: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
     schema = _component(schema, doc)
     flat: dict[str, Any] = {"type": "object", "properties": {}, "required": []}
     for part in [*(_component(p, doc) for p in schema.get("allOf", [])), schema]:
-        flat["properties"].update(part.get("properties", {}))
+        flat["properties"].update(copy.deepcopy(part.get("properties", {})))  # the components stay as they are
         flat["required"] += [name for name in part.get("required", []) if name not in flat["required"]]
     for prop in flat["properties"].values():
         branches = prop.get("anyOf")
