@@ -165,19 +165,32 @@ def test_image_to_image_redoes_as_much_as_strength_says(openai_client, emoji, na
     assert name_of(redraw("cat face", 0.5)) == ["cat face"], "redrawn toward its own name, the cat stays"
 
 
-def test_a_streamed_client_that_leaves_stops_the_denoising(server) -> None:
-    """Denoising went on for 66 s (146 steps) after a streamed client left; now the batch stops at its
-    next step. The step counter is the server's own (the denoising-step histogram's count)."""
+def _steps(server) -> float:
+    """Denoising steps the server has made (its denoising-step histogram's count)."""
+    return server.metric("genserve_denoising_step_seconds_count", model_name=MODEL)
+
+
+def _steps_once_settled(server) -> float:
+    """The step count once it stops moving (for at most 30 s)."""
     import time
 
+    done, settled = _steps(server), time.monotonic() + 30
+    while time.monotonic() < settled:
+        time.sleep(0.5)
+        if (now := _steps(server)) == done:
+            break
+        done = now
+    return done
+
+
+def test_a_streamed_client_that_leaves_stops_the_denoising(server) -> None:
+    """Denoising went on for 66 s (146 steps) after a streamed client left; now the batch stops at its
+    next step. The step counter is the server's own."""
     import httpx
 
     from tests.conftest import API_KEY
 
-    def steps() -> float:
-        return server.metric("genserve_denoising_step_seconds_count", model_name=MODEL)
-
-    before = steps()
+    before = _steps(server)
     body = {"model": MODEL, "prompt": "rocket", "n": 8, "num_inference_steps": 200, "stream": True,
             "stream_progress": True, "seed": 1}
     seen = 0
@@ -188,13 +201,7 @@ def test_a_streamed_client_that_leaves_stops_the_denoising(server) -> None:
                 seen += 1
                 if seen == 3:
                     break  # leaving the block closes the connection after the third step's event
-    done, settled = steps(), time.monotonic() + 30
-    while time.monotonic() < settled:  # until the counter stops moving
-        time.sleep(0.5)
-        if (now := steps()) == done:
-            break
-        done = now
-    ran = done - before
+    ran = _steps_once_settled(server) - before
     assert ran < 200, "the batch ran to the end after its client left"
     # The steps the server had made before it noticed (its events are sent as the steps end), plus the
     # one running then; a small constant, not the 197 left.
@@ -211,25 +218,16 @@ def test_a_client_that_leaves_a_stream_without_progress_stops_the_denoising(serv
 
     from tests.conftest import API_KEY
 
-    def steps() -> float:
-        return server.metric("genserve_denoising_step_seconds_count", model_name=MODEL)
-
-    before = steps()
+    before = _steps(server)
     body = {"model": MODEL, "prompt": "rocket", "n": 8, "num_inference_steps": 200, "stream": True, "seed": 2}
     with httpx.stream("POST", server.url + "/v1/images/generations", json=body, timeout=60,
                       headers={"Authorization": f"Bearer {API_KEY}"}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         deadline = time.monotonic() + 30
-        while (left_at := steps() - before) < 3:
+        while (left_at := _steps(server) - before) < 3:
             assert time.monotonic() < deadline, "the denoising did not start"
             time.sleep(0.02)
-    done, settled = steps(), time.monotonic() + 30
-    while time.monotonic() < settled:  # until the counter stops moving
-        time.sleep(0.5)
-        if (now := steps()) == done:
-            break
-        done = now
-    ran = done - before
+    ran = _steps_once_settled(server) - before
     assert ran < 200, "the batch ran to the end after its client left"
     assert ran <= left_at + 3, f"{ran} steps ran for a client that left after {left_at}"
 
