@@ -171,15 +171,16 @@ def _steps(server) -> float:
 
 
 def _steps_once_settled(server) -> float:
-    """The step count once it stops moving (for at most 30 s)."""
+    """The step count once it has not moved for 2 s (a step of these batches takes a fraction of that), within
+    30 s."""
     import time
 
-    done, settled = _steps(server), time.monotonic() + 30
-    while time.monotonic() < settled:
-        time.sleep(0.5)
-        if (now := _steps(server)) == done:
-            break
-        done = now
+    done, changed, deadline = _steps(server), time.monotonic(), time.monotonic() + 30
+    while time.monotonic() - changed < 2.0:
+        assert time.monotonic() < deadline, "the denoising steps did not stop"
+        time.sleep(0.25)
+        if (now := _steps(server)) != done:
+            done, changed = now, time.monotonic()
     return done
 
 

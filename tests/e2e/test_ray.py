@@ -280,12 +280,14 @@ def run_load_while(server: Server, action, embed: bool = True) -> tuple[list[int
     streams: list[str] = []
     stop = threading.Event()
     threads = load(server, stop, results, streams, embed)
-    time.sleep(2)  # requests in flight everywhere
-    action()
-    time.sleep(3)  # and served after it
-    stop.set()
-    for t in threads:
-        t.join(120)
+    try:
+        time.sleep(2)  # requests in flight everywhere
+        action()
+        time.sleep(3)  # and served after it
+    finally:
+        stop.set()  # also when the action failed: the load's threads must not outlive the test
+        for t in threads:
+            t.join(120)
     return results, streams
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import subprocess
 import threading
 from collections.abc import AsyncGenerator
@@ -109,16 +110,14 @@ class LocalSpeechBackend(_AudioBackend):
     async def _run_process(self, spec: SpeechSpec) -> AsyncGenerator[np.ndarray, None]:
         """espeak-ng's samples as it writes them. The process starts from a thread (``_spawn``), its text is
         written from a thread of its own (it may be longer than a pipe holds while espeak-ng waits for its
-        output to be read), and its output is read on the event loop."""
+        output to be read), and its output is read on the event loop (``_read``)."""
         proc = await _spawn(self.model.argv(spec))
         assert proc.stdin is not None and proc.stdout is not None
         threading.Thread(target=_feed, args=(proc.stdin, spec.text.encode()), name="espeak-feed", daemon=True).start()
-        stdout, pipe = asyncio.StreamReader(), None
         try:
-            pipe, _ = await asyncio.get_running_loop().connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(stdout), proc.stdout)
+            os.set_blocking(proc.stdout.fileno(), False)
             buf, start = b"", None
-            while data := await stdout.read(READ_BYTES):
+            while data := await _read(proc.stdout.fileno(), READ_BYTES):
                 buf += data
                 if start is None and (header := read_wav_header(buf)) is not None:
                     start = header[1]
@@ -130,19 +129,41 @@ class LocalSpeechBackend(_AudioBackend):
             if await asyncio.to_thread(proc.wait) != 0:
                 raise RuntimeError(f"espeak-ng exited with status {proc.returncode}")
         finally:
-            if pipe is not None:
-                pipe.close()  # proc.stdout with it (_feed closes stdin)
-            else:
-                proc.stdout.close()
-            if proc.returncode is None:  # the caller left: stop speaking
-                _stop(proc)
+            try:
+                proc.stdout.close()  # _feed closes stdin
+            finally:
+                if proc.returncode is None:  # the caller left: stop speaking
+                    _stop(proc)
+
+
+async def _read(fd: int, size: int) -> bytes:
+    """Up to ``size`` bytes of the non-blocking ``fd`` once it has some (b"" at its end). The file stays
+    the caller's to close: uvloop's ``connect_read_pipe`` closed a pipe's descriptor itself and then the
+    file closed the same number again, which may by then be another request's pipe (MagicStack/uvloop#763)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            return os.read(fd, size)
+        except BlockingIOError:
+            readable = loop.create_future()
+            loop.add_reader(fd, _resolve, readable)
+            try:
+                await readable
+            finally:
+                loop.remove_reader(fd)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 async def _spawn(argv: list[str]) -> subprocess.Popen:
     """``argv`` started with pipes for stdin and stdout, by ``subprocess.Popen`` in a thread: CPython
     starts it with ``vfork``, while the event loop's own spawn (uvloop's) forks this large process, copying
-    its page tables as the loop waits: 7.3 ms median at 2 GiB resident, against 0.11 ms to hand the start
-    to a thread (benchmarks/spawn_latency.py). A caller that leaves while it starts does not leave it behind."""
+    its page tables as the loop waits: the loop held 4.95 ms (median) at 2 GiB resident, against 0.24 ms
+    from the thread (benchmarks/spawn_latency.py). A caller that leaves while it starts does not leave it
+    behind."""
     starting = asyncio.ensure_future(asyncio.to_thread(subprocess.Popen, argv, stdin=subprocess.PIPE,
                                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
     try:
