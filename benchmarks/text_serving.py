@@ -332,7 +332,10 @@ def bench_managed(kind: str, args: argparse.Namespace, prompts: Sequence[str], w
         config = json.dumps({"eos_token_id": -1, "do_sample": False})
         target = Target("transformers", base, str(args.model_dir), {"generation_config": config})
     log = workdir / f"{kind}.log"
-    with managed_server(kind, cmd, ready, server_env(args.threads), log, args.startup_timeout):
+    env = server_env(args.threads)
+    if kind == "genserve" and args.genserve_moderation == "off":
+        env["GENSERVE_MODERATION"] = json.dumps({"enabled": False})
+    with managed_server(kind, cmd, ready, env, log, args.startup_timeout):
         try:
             return bench_server(target, prompts, args.concurrency, args.num_prompts, args.max_tokens, args.warmup)
         except BenchError as exc:
@@ -392,7 +395,8 @@ def header(args: argparse.Namespace) -> list[str]:
     return [f"date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
             f"machine: {platform.system()} {platform.machine()}, {cpu_name()}, {os.cpu_count()} CPUs; OMP/torch "
             f"threads: {args.threads} for transformers serve and generate, genserve's engine process its default "
-            f"(cores - 1); dtype {args.dtype}; python {platform.python_version()}, {versions}",
+            f"(cores - 1); dtype {args.dtype}; genserve's moderation {args.genserve_moderation}; "
+            f"python {platform.python_version()}, {versions}",
             f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}",
             f"requests: {args.max_tokens} output tokens each (EOS ignored), greedy, prompts from pydoc_data.topics "
             f"seed {args.seed}; {args.warmup} warm-up requests per server"]
@@ -466,6 +470,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="picks the prompts")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="OMP/torch threads for every server and for generate (default: all cores)")
+    p.add_argument("--genserve-moderation", choices=["default", "off"], default="default",
+                   help="the managed genserve's moderation: as it ships (default), or the global policy off "
+                   "(the engine alone, as the baselines have no moderation)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype of every managed server and of generate")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds a managed server may take to start")
