@@ -357,9 +357,9 @@ def test_a_worker_node_removed_under_load_loses_nothing(server: Server, cluster:
     text load: the single-replica models on that node have no other replica to go to until Ray makes one."""
     wait_for(lambda: running(f"model-{TEXT}") == 2, 90, "both text replicas serving")  # else the victim's is idle
     gateway_node = parent(replica_pids("gateway")[0])
-    text_nodes = {parent(p) for p in replica_pids(f"model-{TEXT}")}
-    victim = next(n for n in cluster.worker_nodes if raylet_pid(n) in text_nodes - {gateway_node})
-    replica = next(p for p in replica_pids(f"model-{TEXT}") if parent(p) == raylet_pid(victim))
+    text_replicas = {parent(p): p for p in replica_pids(f"model-{TEXT}")}  # by the raylet of their node
+    victim = next(n for n in cluster.worker_nodes if raylet_pid(n) in text_replicas.keys() - {gateway_node})
+    replica = text_replicas[raylet_pid(victim)]
     before = server.metric("genserve_replica_retries_total")
     try:
         results, streams = run_load_while(server, lambda: once_busy(replica, lambda: kill_node(cluster, victim)),

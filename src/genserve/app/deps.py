@@ -56,7 +56,7 @@ def services_of(app: FastAPI) -> Services:
 
 # Every dependency is ``async def`` (FastAPI runs a plain ``def`` dependency in its thread pool, a hop
 # per dependency per request) and reads the request itself: a dependency of a dependency costs FastAPI
-# a second solve per request (about 10 us of a trivial request's 170; benchmarks/loop_latency.py).
+# a second solve per request (measured in-process: docs/benchmarks.md, "Trivial requests").
 async def get_metrics(request: Request) -> Metrics:
     return services_of(request.app).metrics
 
