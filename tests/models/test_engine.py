@@ -3,7 +3,10 @@ abort, and a KV cache that never grows."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import pytest
 import torch
 import transformers
 
+from genserve.app.moderation.text import TermHalt
 from genserve.models.llama import load
 from genserve.models.text.engine import EngineConfig, EngineError, LLMEngine, RequestEvent
 from genserve.models.text.generate import TextModel, generate
@@ -234,3 +238,28 @@ def test_stopping_one_sequence_leaves_the_others_and_frees_its_blocks(tm: TextMo
     last = got.events["r"][-1]
     assert last.finished and last.completion_tokens == 5 + 30 and engine.stopped_sequences == 1
     assert engine.allocator.num_free == free
+
+
+def test_a_halt_finishes_its_sequence_in_the_step_that_writes_the_term(tm: TextModel) -> None:
+    """``SamplingParams.halt`` (output moderation's blocked terms, ``TermHalt``) is checked where the text is
+    made: the sequence that writes a term finishes in that very step with ``content_filter``, its last
+    token the first to show the term as a whole word; the other choice runs on as if alone; blocks are
+    freed."""
+    params = SamplingParams(max_tokens=30, seed=5, n=2, ignore_eos=True)
+    engine = LLMEngine(tm, EngineConfig.for_model(tm.context))
+    alone = run_all(engine, {"r": ("The json module", params)}, tm)
+    pieces = [o.text for ev in alone.events["r"] for o in ev.outputs if o.index == 0]
+    text = "".join(pieces)
+    word = next(m for m in re.finditer(r"[A-Za-z]{3,}", text)
+                if m.start() > 3 and m.end() < len(text) and not text[m.end()].isalnum())
+    # The first token after which the text holds the word and the character that ends it.
+    shown = next(k for k in range(1, len(pieces) + 1) if len("".join(pieces[:k])) > word.end())
+    halted = dataclasses.replace(params, halt=TermHalt((word.group(),), 64))
+    free = engine.allocator.num_free
+    got = run_all(engine, {"h": ("The json module", halted)}, tm)
+    assert got.finish["h"] == {0: "content_filter", 1: "length"}, (word.group(), text)
+    assert got.tokens["h"][0] == alone.tokens["r"][0][:shown]  # not one token more
+    assert got.tokens["h"][1] == alone.tokens["r"][1]
+    assert got.events["h"][-1].completion_tokens == shown + 30
+    assert engine.allocator.num_free == free
+    assert pickle.loads(pickle.dumps(halted)).halt is not None  # it travels to the engine process

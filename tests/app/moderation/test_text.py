@@ -5,6 +5,7 @@ from any evaluation set). Slurs appear because the classifiers must recognise th
 
 from __future__ import annotations
 
+import pickle
 import random
 import time
 
@@ -20,6 +21,7 @@ from genserve.app.moderation.text import (
     ClassifierError,
     PhraseRuleClassifier,
     SonarClassifier,
+    TermHalt,
     TermMatch,
     TermMatcher,
     WordListClassifier,
@@ -180,6 +182,23 @@ def test_terms_as_classifier() -> None:
     assert TermMatcher(["forbidden"]).scores("forbidden") == {"illicit": 1.0}
     assert TermMatcher([]).scores("anything") == {} and TermMatcher([]).find("x") is None
     assert TermMatcher(["x"]).find("a\ud800 x") == TermMatch("x", 3, 4)
+
+
+def test_term_halt_judges_whole_words_in_its_lookback_only() -> None:
+    """The engine's check (``SamplingParams.halt``): a term counts once the word after it has begun (the
+    gate's rule: "ass" may become "assert"), never from inside a word cut by the look-back, and the
+    check pickles as its terms."""
+    halt = pickle.loads(pickle.dumps(TermHalt(("ass", "re:on a tim"), 16)))
+    assert not halt("you ass")  # the word may go on
+    assert halt("you ass ") and halt("you a$$.")
+    assert not halt("you assert ")
+    assert not halt("once on a ti")  # the regex needs "tim", and "time" is still being written
+    assert halt("once on a time ")
+    assert not halt("x" * 20 + " the grass ")  # "grass" whole: no word boundary before "ass"
+    # Cut by the look-back: "...rass " must not be read as "ass"; a term inside the look-back is found.
+    short = TermHalt(("ass",), 4)  # its look-back starts at the "a" of "grass"
+    assert not short("my grass ") and short("my ass ")
+    assert not halt("a" * 40 + " ass an" + "x" * 20 + " ")  # out of the look-back: left to the gate
 
 
 # --- WordListClassifier ----------------------------------------------------------------------------------

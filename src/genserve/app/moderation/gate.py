@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from genserve.app.moderation.text import normalize
+from genserve.app.moderation.text import normalize, written_to
 
 
 @dataclass
@@ -67,10 +67,7 @@ class HoldBack:
         A word still being written is left out ("ass" may become "assert"): the span ends at the last
         word boundary, and nothing past the span's end is released."""
         start = self.context_from
-        end = len(self.buf)
-        while end > start and (self.buf[end - 1].isalnum() or self.buf[end - 1] == "_"):
-            end -= 1  # a word still being written
-        text = self.buf[start:end]
+        text = self.buf[start:written_to(self.buf, start)]
         tail = self.buf[self.released:]
         # The common case needs no normalisation: normalising ASCII never makes it longer (only NFKC on
         # other characters can), so an ASCII tail too short in raw characters is too short normalised.

@@ -36,7 +36,7 @@ from genserve.app.moderation.base import ImageClassifier, TextClassifier, stack_
 from genserve.app.moderation.categories import full_scores, merge_scores
 from genserve.app.moderation.gate import HoldBack, Released, Span
 from genserve.app.moderation.policy import Policy, PolicyPatch
-from genserve.app.moderation.text import TermMatcher, shared_input_tiers, shared_text_tiers
+from genserve.app.moderation.text import TermHalt, TermMatcher, shared_input_tiers, shared_text_tiers, term_matcher
 from genserve.app.registry import ConfigError, ModelEntry
 from genserve.app.tenancy import current_key
 from genserve.models.params import ModerationParams
@@ -82,7 +82,6 @@ class ModerationService:
                                   f"model of the registry ({', '.join(sorted(guards)) or 'none'})")
         self._molecule_models = {e.id for e in entries if e.modality == "molecule"}
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="moderation")
-        self._terms: dict[tuple[str, ...], TermMatcher] = {}
         self._key_policies: dict[tuple[str, str], Policy] = {}
         self._image_checkers: dict[Path, ImageClassifier] = {}
 
@@ -144,10 +143,7 @@ class ModerationService:
 
     # text -------------------------------------------------------------------------------------
     def _matcher(self, policy: Policy) -> TermMatcher:
-        m = self._terms.get(policy.blocked_terms)
-        if m is None:
-            m = self._terms[policy.blocked_terms] = TermMatcher(list(policy.blocked_terms))
-        return m
+        return term_matcher(policy.blocked_terms)
 
     def classify_sync(self, text: str, policy: Policy, direction: Direction = "output") -> Verdict:
         """Every check of ``text`` against ``policy``, in the calling thread: blocked terms, then the tiers."""
@@ -201,6 +197,10 @@ class ModerationService:
             return False
         self._record(model, "output", v, policy, text, raw)
         return v.blocked
+
+    def record_halt(self, model: str, policy: Policy, raw: Request | None) -> None:
+        """A blocked term the backend's own check found (``TextStream.halted``)."""
+        self._record(model, "output", Verdict({}, [], term="(engine)", blocked=True), policy, "", raw)
 
     def _record(self, model: str, direction: Direction, v: Verdict, policy: Policy, text: str,
                 raw: Request | None) -> None:
@@ -375,6 +375,24 @@ class TextStream:
     def is_blocked(self, index: int) -> bool:
         c = self.choices.get(index)
         return c is not None and c.blocked
+
+    @property
+    def halt(self) -> TermHalt | None:
+        """The policy's blocked terms for the engine to check as it writes (``SamplingParams.halt``): a
+        sequence stops in the step that writes one. None when there are none or the policy only flags."""
+        if not self.policy.blocked_terms or self.policy.action != "block":
+            return None
+        # Raw characters: the window (normalised) plus room for separators and invisible characters.
+        return TermHalt(self.policy.blocked_terms, 2 * self.policy.holdback_chars + 32)
+
+    def halted(self, index: int) -> None:
+        """The backend stopped this choice on a blocked term (``halt``): nothing more of it goes out. Its
+        last text went through ``feed`` first, which flags the same term; a term the engine saw and the
+        gate did not (its check windows differ) is blocked and recorded here."""
+        c = self._choice(index)
+        if not c.blocked:
+            c.blocked = True
+            self.service.record_halt(self.model, self.policy, self.raw)
 
     async def feed(self, index: int, text: str, logprobs: list | None, num_tokens: int) -> Released | None:
         c = self._choice(index)

@@ -70,8 +70,9 @@ if TYPE_CHECKING:
     from genserve.app.moderation.semantic import SemanticClassifier
 
 __all__ = [
-    "ClassifierError", "PhraseRuleClassifier", "Rule", "SonarClassifier", "TermMatch", "TermMatcher",
-    "WordListClassifier", "default_text_classifiers", "normalize",
+    "ClassifierError", "PhraseRuleClassifier", "Rule", "SonarClassifier", "TermHalt", "TermMatch", "TermMatcher",
+    "WordListClassifier", "default_text_classifiers", "normalize", "term_matcher",
+    "written_to",
 ]
 
 
@@ -303,6 +304,49 @@ class TermMatcher:
         if not self.terms or self._find_normalised(normalize_text(text)) is None:
             return {}
         return {self.category: 1.0}
+
+
+def _word_char(c: str) -> bool:
+    return c.isalnum() or c == "_"
+
+
+def written_to(text: str, start: int = 0) -> int:
+    """Where ``text[start:]`` stops being final: before a word still being written at its end ("ass" may
+    become "assert"), so a check never judges half a word."""
+    end = len(text)
+    while end > start and _word_char(text[end - 1]):
+        end -= 1
+    return end
+
+
+class TermHalt:
+    """Blocked terms checked where the text is made (``SamplingParams.halt``): the engine finishes a
+    sequence with ``content_filter`` in the step that writes one, as at a stop string, instead of some
+    steps later when the gateway's abort arrives. The gateway's gate still decides what is released (it
+    sees the same text with the same matcher); this only stops generation sooner.
+
+    Each call checks the text's last ``lookback`` characters (from a word's start) up to its last
+    complete word. A term longer than that, spread by many invisible characters, is left to the gate.
+    Pickles as its terms; the matcher is built once per process and term list."""
+
+    def __init__(self, terms: tuple[str, ...], lookback: int) -> None:
+        self.terms, self.lookback = tuple(terms), lookback
+
+    def __reduce__(self) -> tuple:
+        return TermHalt, (self.terms, self.lookback)
+
+    def __call__(self, text: str) -> bool:
+        end = written_to(text)
+        start = max(0, end - self.lookback)
+        while 0 < start < end and _word_char(text[start - 1]):
+            start += 1  # not from inside a word: "grass" must not look like "ass": "grass" must not look like "ass"
+        return term_matcher(self.terms).find(text[start:end]) is not None
+
+
+@functools.lru_cache(maxsize=64)
+def term_matcher(terms: tuple[str, ...]) -> TermMatcher:
+    """One matcher per term list and process (policies share theirs)."""
+    return TermMatcher(list(terms))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -151,6 +151,9 @@ class TextServing:
         deadline = Deadline.start(call.backend.entry.timeout_s(self.settings.request_timeout_s), self.manager)
         for attempt in (0, 1):
             call.requests, call.gate = requests, self.moderation.text_stream(call.model, raw)
+            if call.gate is not None and (halt := call.gate.halt) is not None:
+                for r in requests:  # the engine stops a sequence in the step that writes a blocked term
+                    r.params.halt = halt
             events = deadline.stream(self._checked(call, self._metered(call, self._merged(call.backend, requests,
                                                                                         call.body.n))))
             if not call.body.stream:
@@ -245,6 +248,8 @@ class TextServing:
                 out = None
                 if event.text or event.logprobs:
                     out = await gate.feed(i, event.text, event.logprobs, event.num_tokens)
+                if event.finish_reason == "content_filter":  # the engine's own check (``gate.halt``)
+                    gate.halted(i)
                 if not gate.is_blocked(i) and event.finish_reason:
                     tail = await gate.finish(i)
                     if tail is not None:

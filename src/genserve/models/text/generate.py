@@ -63,6 +63,7 @@ class SampleState:
     stops: StopMatcher
     output_ids: list[int] = field(default_factory=list)
     done: bool = False
+    text: str = ""  # the text so far, kept only for ``params.halt``
 
 
 @torch.inference_mode()
@@ -109,6 +110,11 @@ def advance(s: SampleState, tok: int, eos_ids: set[int], params: SamplingParams,
     if s.stops.stopped:
         s.done = True
         return SampleOutput(index, text, info, "stop")
+    if params.halt is not None and text:
+        s.text += text
+        if params.halt(s.text):
+            s.done = True
+            return SampleOutput(index, text, info, "content_filter")
     if last:
         s.done = True
         return SampleOutput(index, text + s.stops.flush(), info, "length")

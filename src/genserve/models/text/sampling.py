@@ -10,11 +10,22 @@ those of the model's raw distribution, before any of this, as vLLM reports them 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from genserve.models.seeding import sample_seed, seed_or_random
 from genserve.models.text.watermark import Watermark, green_lists
+
+
+class OutputHalt(Protocol):
+    """A check of a sequence's text (all of it so far) after every token that adds text, where the text is
+    made: True finishes the sequence in that step with ``finish_reason`` ``"content_filter"``. Output
+    moderation's blocked terms (``app.moderation.text.TermHalt``): the engine stops a sequence in the step
+    that writes one, as it does at a stop string, instead of when the gateway's abort arrives some steps
+    later. Picklable: it travels to the engine's process with the params."""
+
+    def __call__(self, text: str) -> bool: ...
 
 
 @dataclass
@@ -35,6 +46,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     watermark: Watermark | None = None  # applied to drawn tokens only: greedy stays greedy
+    halt: OutputHalt | None = None  # checked after every token; True finishes the sequence (content_filter)
 
     @property
     def greedy(self) -> bool:
