@@ -74,3 +74,22 @@ def test_an_array_input_is_one_forward_pass(monkeypatch: pytest.MonkeyPatch) -> 
     results = backend._classify(ModerationParams(texts=texts))
     assert passes == [3]  # "hi" is too short for this tier
     assert [r.flagged for r in results] == [True, False, False, False]
+
+
+def test_the_onnx_encoder_is_sentence_transformers_encoder() -> None:
+    """The CPU path (onnxruntime, exported at load) gives sentence-transformers' embeddings, alone and in a
+    padded batch of mixed lengths, truncation included."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from genserve.app.moderation.semantic import OnnxEncoder, _encoder_dir
+
+    texts = ["Please pass the salt.", "I will find you and you will regret being born, " * 3, "word " * 400, "hi"]
+    want = SentenceTransformer(str(_encoder_dir()), device="cpu").encode(texts, normalize_embeddings=True)
+    enc = OnnxEncoder(_encoder_dir())
+    batch = enc.encode(texts)
+    alone = np.concatenate([enc.encode([t]) for t in texts])
+    assert batch.shape == alone.shape == want.shape
+    assert np.min(np.sum(batch * want, axis=1)) > 0.9999
+    assert np.min(np.sum(alone * want, axis=1)) > 0.9999
+    assert enc.encode([]).shape == (0, want.shape[1])
