@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -203,6 +204,36 @@ def test_espeak_speaks_a_text_longer_than_its_pipe_and_callers_that_leave_leave_
 
     short, whole = uvloop.run(scenario())
     assert whole > 3900 * short  # every sentence spoken (the first and last carry a little more silence)
+
+
+def test_a_process_still_starting_when_the_loop_ends_is_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's loop ends (shutdown) while ``_spawn``'s thread is still starting espeak-ng: every task
+    is cancelled, the loop closes, and the process the thread then starts is stopped and reaped all the
+    same (the stop hangs on the thread's future, not on a task of the closed loop)."""
+    import uvloop
+
+    from genserve.app.backends import local_audio
+
+    real = subprocess.Popen
+
+    def slow(*args: object, **kwargs: object) -> subprocess.Popen:
+        time.sleep(0.3)  # the loop is gone by the time the process exists
+        return real(*args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(local_audio.subprocess, "Popen", slow)
+    argv = load_family("espeak-ng", SPEECH_DIR).argv(SpeechSpec("A sentence to speak.", "en-us"))
+
+    async def leave_it_starting() -> asyncio.Future:
+        task = asyncio.ensure_future(_spawn(argv))
+        await asyncio.sleep(0.05)  # the thread is in Popen; returning ends the loop and cancels the task
+        return task
+
+    uvloop.run(leave_it_starting())
+    time.sleep(0.6)  # the thread has started the process by now
+    deadline = time.monotonic() + 10
+    while found := _espeak_children():
+        assert time.monotonic() < deadline, f"espeak-ng left after the loop ended: {found}"
+        time.sleep(0.02)
 
 
 def test_speakable_skips_pictographs_and_keeps_words_and_symbols_that_are_words():

@@ -11,6 +11,7 @@ sampling step of a batch is one forward pass for all of its pieces.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -163,13 +164,23 @@ async def _spawn(argv: list[str]) -> subprocess.Popen:
     starts it with ``vfork``, while the event loop's own spawn (uvloop's) forks this large process, copying
     its page tables as the loop waits: the loop held 4.95 ms (median) at 2 GiB resident, against 0.24 ms
     from the thread (benchmarks/spawn_latency.py). A caller that leaves while it starts does not leave it
-    behind."""
-    starting = asyncio.ensure_future(asyncio.to_thread(subprocess.Popen, argv, stdin=subprocess.PIPE,
-                                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+    behind, even when the loop itself ends: the process goes to a thread-side future, whose callback (run
+    by that thread, loop or no loop) stops a process nobody took."""
+    started: concurrent.futures.Future[subprocess.Popen] = concurrent.futures.Future()
+    started.set_running_or_notify_cancel()  # running from now: nobody can cancel it, only leave it
+
+    def start() -> None:
+        try:
+            started.set_result(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                stderr=subprocess.DEVNULL))
+        except BaseException as exc:
+            started.set_exception(exc)
+
+    threading.Thread(target=start, name="espeak-spawn", daemon=True).start()
     try:
-        return await asyncio.shield(starting)
+        return await asyncio.wrap_future(started)
     except asyncio.CancelledError:
-        starting.add_done_callback(lambda f: None if f.cancelled() or f.exception() else _abandon(f.result()))
+        started.add_done_callback(lambda f: None if f.exception() else _abandon(f.result()))
         raise
 
 
