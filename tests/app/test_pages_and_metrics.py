@@ -10,6 +10,7 @@ import hashlib
 import re
 import threading
 
+import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -87,6 +88,20 @@ def test_replicas_series_merge_into_one_exposition_with_their_labels() -> None:
     assert len(families["genserve_http_requests"].samples) == 0
     assert len([s for f in families.values() for s in f.samples]) == 2 * len(
         [s for f in text_string_to_metric_families(a.render().decode()) for s in f.samples])
+
+
+def test_a_family_of_another_type_under_one_name_is_left_out_not_mixed(caplog: pytest.LogCaptureFixture) -> None:
+    """Replicas of two versions during a rolling update: one exposes a name as a counter, the other as a
+    gauge (prometheus_client's Counter("x") and Gauge("x")). The merged exposition keeps one type per name
+    (the first), parses, and says what it left out."""
+    old = "# HELP x_total things\n# TYPE x_total counter\nx_total 3.0\n"
+    new = "# HELP x things now\n# TYPE x gauge\nx 5.0\n# TYPE y gauge\ny 1.0\n"  # a Gauge("x") now
+    with caplog.at_level("WARNING", logger="genserve.app.metrics"):
+        merged = merge_exposition([({"replica": "r1"}, old), ({"replica": "r2"}, new)]).decode()
+    families = {f.name: f for f in text_string_to_metric_families(merged)}
+    assert families["x"].type == "counter" and [s.labels["replica"] for s in families["x"].samples] == ["r1"]
+    assert [s.value for s in families["y"].samples] == [1.0]  # the rest of that replica's series stay
+    assert "x" in caplog.text and "gauge" in caplog.text
 
 
 def test_a_replicas_scrape_adds_what_gather_returns() -> None:

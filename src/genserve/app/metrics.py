@@ -8,11 +8,14 @@ replicas' series to the gateway's ``/metrics`` (app/ray_app.py), merged by ``mer
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -134,13 +137,19 @@ class _Families:
 def merge_exposition(parts: Iterable[tuple[dict[str, str], str]]) -> bytes:
     """Several registries' Prometheus text as one exposition: each part's samples with its labels added
     (a replica's ``deployment`` and ``replica``, as Ray's own series name them), and the families of one
-    name merged into one (the text format allows each family once)."""
+    name merged into one (the text format allows each family once). A part whose family has another type
+    under the same name (replicas of two versions during a rolling update) keeps its samples out of it:
+    the exposition keeps the first type, and the skip is logged."""
     families: dict[str, Metric] = {}
     for labels, text in parts:
         for family in text_string_to_metric_families(text):
             merged = families.get(family.name)
             if merged is None:
                 merged = families[family.name] = Metric(family.name, family.documentation, family.type)
+            elif merged.type != family.type:
+                log.warning("metrics of %s: %s is a %s there and a %s elsewhere; its samples there are left out",
+                            labels, family.name, family.type, merged.type)
+                continue
             for sample in family.samples:
                 merged.add_sample(sample.name, {**sample.labels, **labels}, sample.value, sample.timestamp)
     registry = CollectorRegistry(auto_describe=False)
