@@ -146,3 +146,24 @@ def test_the_apps_workers_serve_properties_and_stop_with_the_app() -> None:
         pid = asyncio.run(app.state.services.manager.chemistry.run(os.getpid))
         assert pid != os.getpid()
     assert gone(pid, within_s=2.0), "a chemistry worker outlived its app"
+
+
+def test_closing_waits_for_a_stopped_pool_no_longer_than_its_bound(monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """pebble's ``join`` of a stopped pool ignores its timeout; a close bounds the wait itself (a pool whose
+    join hangs does not hold a server's shutdown), and says so."""
+    from pebble import ProcessPool
+
+    from genserve.app.backends import chemistry
+
+    w = ChemistryWorkers(workers=1, timeout_s=5)
+    assert asyncio.run(w.run(len, [ASPIRIN])) == 1  # the pool runs
+    real_join = ProcessPool.join
+    monkeypatch.setattr(ProcessPool, "join", lambda self, timeout=None: time.sleep(3))
+    monkeypatch.setattr(chemistry, "JOIN_TIMEOUT_S", 0.2)
+    start = time.monotonic()
+    with caplog.at_level("ERROR", logger=chemistry.__name__):
+        w.close()
+    assert time.monotonic() - start < 1.5
+    assert "did not stop within" in caplog.text
+    monkeypatch.setattr(ProcessPool, "join", real_join)

@@ -62,6 +62,7 @@ T = TypeVar("T")
 WORKERS = min(2, max(1, (os.cpu_count() or 2) - 1))
 TASK_MOLECULES = 16  # molecules per task
 TASK_TIMEOUT_S = 10.0  # per task, from when a worker takes it
+JOIN_TIMEOUT_S = 10.0  # longest a close waits for the stopped pool to end
 START_METHOD = "forkserver"
 _WARM_SMILES = "CC(=O)Oc1ccccc1C(=O)O"
 
@@ -158,11 +159,22 @@ class ChemistryWorkers:
 
 
 def _stop(pool: ProcessPool) -> None:
+    """Stops ``pool`` (its workers are killed) and waits up to ``JOIN_TIMEOUT_S`` for its threads and
+    processes to end: pebble's ``join`` of a stopped pool ignores its own timeout, so it runs in a thread
+    of its own that the caller does not wait for beyond that."""
     pool.stop()
-    try:
-        pool.join(timeout=10)
-    except Exception:  # a pool that broke on its own may fail to join; its workers are gone or killed
-        log.exception("stopping the chemistry pool")
+
+    def join() -> None:
+        try:
+            pool.join()
+        except Exception:  # a pool that broke on its own may fail to join; its workers are gone or killed
+            log.exception("stopping the chemistry pool")
+
+    joiner = threading.Thread(target=join, name="chemistry-join", daemon=True)
+    joiner.start()
+    joiner.join(JOIN_TIMEOUT_S)
+    if joiner.is_alive():
+        log.error("the chemistry pool did not stop within %.0f s; left to end with the process", JOIN_TIMEOUT_S)
 
 
 def _exit_cause(exitcode: int | None) -> str:
