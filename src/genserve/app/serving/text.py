@@ -248,8 +248,9 @@ class TextServing:
                 out = None
                 if event.text or event.logprobs:
                     out = await gate.feed(i, event.text, event.logprobs, event.num_tokens)
-                if event.finish_reason == "content_filter":  # the engine's own check (``gate.halt``)
-                    gate.halted(i)
+                ours = gate.halt is not None and call.backend.entry.backend != "remote"  # terms handed to our engine
+                if event.finish_reason == "content_filter" and ours:
+                    gate.halted(i)  # the engine's own check of those terms (``gate.halt``)
                 if not gate.is_blocked(i) and event.finish_reason:
                     tail = await gate.finish(i)
                     if tail is not None:
