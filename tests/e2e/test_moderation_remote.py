@@ -178,3 +178,31 @@ def test_coverage_metric_is_one(gateway: Server) -> None:
     released = gateway.metric("genserve_moderation_chars_total", model_name="script", kind="released")
     assert released > 0 and checked == released
     assert gateway.metric("genserve_moderation_flags_total", model_name="script", category="blocked_term") > 0
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+def test_a_choice_blocked_as_it_ends_keeps_the_upstreams_usage(gateway: Server, upstream: tuple[Upstream, int],
+                                                               stream: bool) -> None:
+    """The phrase in the last characters: the upstream has finished the choice (``stop``) when the gate's
+    final check blocks it. Nothing needs stopping, so the gateway reads on to the upstream's own usage
+    (prompt tokens included) instead of closing the stream and counting only the completion."""
+    up, _ = upstream
+    script = base64.b64encode(json.dumps({"texts": [BASE + PHRASE], "chunk": 1}).encode()).decode()
+    body = {"model": "script", "prompt": script, "max_tokens": 1000, "stream": stream,
+            **({"stream_options": {"include_usage": True}} if stream else {})}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    before = len(up.finished)
+    if stream:
+        with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, headers=headers, timeout=30) as r:
+            events = [line[6:] for line in "".join(r.iter_text()).split("\n") if line.startswith("data: ")]
+        chunks = [json.loads(e) for e in events[:-1]]
+        text = "".join(c["text"] for e in chunks for c in e["choices"])
+        finish = [c["finish_reason"] for e in chunks for c in e["choices"] if c["finish_reason"]]
+        usage = chunks[-1]["usage"]
+    else:
+        r = httpx.post(f"{gateway.url}/v1/completions", json=body, headers=headers, timeout=30)
+        (choice,) = r.json()["choices"]
+        text, finish, usage = choice["text"], [choice["finish_reason"]], r.json()["usage"]
+    assert BASE.startswith(text) and finish == ["content_filter"]
+    assert usage["prompt_tokens"] == 3 and usage["completion_tokens"] == len(BASE + PHRASE)  # the upstream's
+    assert wait_for(lambda: len(up.finished) > before) and up.finished[before] is True

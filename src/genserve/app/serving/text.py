@@ -258,8 +258,9 @@ class TextServing:
                 if gate.is_blocked(i):
                     open_choices.discard(i)
                     # The stop goes out first: the yield below suspends this generator while the delta is
-                    # encoded and written, and every millisecond of that the engine steps on.
-                    stopped = self._stop_choice(call, i)
+                    # encoded and written, and every millisecond of that the engine steps on. A choice the
+                    # backend has finished itself needs none, and the backend's usage still comes.
+                    stopped = event.finish_reason is not None or self._stop_choice(call, i)
                     yield Delta(i, "", finish_reason="content_filter", num_tokens=0)
                     if not stopped and not open_choices:
                         yield Usage(0, tokens)  # the upstream's own count is lost with its stream
