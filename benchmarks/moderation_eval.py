@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
+    from genserve.app.moderation.base import WARM_UP_TEXT
     from genserve.app.moderation.categories import full_scores, merge_scores
     from genserve.app.moderation.semantic import SemanticClassifier
     from genserve.app.moderation.text import PhraseRuleClassifier, SonarClassifier, WordListClassifier
@@ -64,7 +65,7 @@ def main() -> None:
     tiers = {"wordlist": WordListClassifier(), "hatesonar": SonarClassifier(), "rules": PhraseRuleClassifier(),
              "semantic": SemanticClassifier()}
     for t in tiers.values():
-        t.scores("warm up every tier once")  # four words: the semantic tier loads on its first real text
+        t.scores(WARM_UP_TEXT)  # not timed: the semantic tier loads on its first text long enough
     per_tier: dict[str, list[dict[str, float]]] = {}
     latency: dict[str, float] = {}
     for name, tier in tiers.items():

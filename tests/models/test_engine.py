@@ -254,7 +254,7 @@ def test_a_halt_finishes_its_sequence_in_the_step_that_writes_the_term(tm: TextM
                 if m.start() > 3 and m.end() < len(text) and not text[m.end()].isalnum())
     # The first token after which the text holds the word and the character that ends it.
     shown = next(k for k in range(1, len(pieces) + 1) if len("".join(pieces[:k])) > word.end())
-    halted = dataclasses.replace(params, halt=TermHalt((word.group(),), 64))
+    halted = dataclasses.replace(params, halt=TermHalt.for_terms((word.group(),), 48))
     free = engine.allocator.num_free
     got = run_all(engine, {"h": ("The json module", halted)}, tm)
     assert got.finish["h"] == {0: "content_filter", 1: "length"}, (word.group(), text)

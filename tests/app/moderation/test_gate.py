@@ -112,3 +112,24 @@ def test_a_failing_classifier_fails_closed() -> None:
     svc_open.__dict__["tiers"] = (Broken(),)
     released, blocked = asyncio.run(drive(svc_open, [BENIGN]))
     assert not blocked and released == BENIGN
+
+
+def test_a_halt_blocks_the_choice_and_audits_its_held_text(caplog: pytest.LogCaptureFixture) -> None:
+    """The backend's own check (``SamplingParams.halt``) stopped a choice: nothing more of it goes out,
+    the other choice is untouched, and the audit line carries the text that was held (when the policy
+    logs content)."""
+    svc = service(log_content=True)
+    stream = svc.text_stream("m", None)
+    assert stream is not None and stream.halt is not None and stream.halt.terms == (TERM,)
+
+    async def run() -> None:
+        assert await stream.feed(0, "a short held text", None, 1) is None  # all of it within the window
+        with caplog.at_level("INFO", logger="genserve.moderation.audit"):
+            stream.halted(0)
+        assert stream.is_blocked(0) and await stream.feed(0, BENIGN * 3, None, 1) is None
+        assert await stream.finish(0) is None
+        assert not stream.is_blocked(1) and (await stream.feed(1, BENIGN * 3, None, 1)) is not None
+
+    asyncio.run(run())
+    (line,) = [r.getMessage() for r in caplog.records if "moderation_flag" in r.getMessage()]
+    assert '"content": "a short held text"' in line and '"action": "blocked"' in line

@@ -93,3 +93,23 @@ def test_the_onnx_encoder_is_sentence_transformers_encoder() -> None:
     assert np.min(np.sum(batch * want, axis=1)) > 0.9999
     assert np.min(np.sum(alone * want, axis=1)) > 0.9999
     assert enc.encode([]).shape == (0, want.shape[1])
+
+
+def test_warm_up_loads_every_input_tier_before_the_first_request() -> None:
+    """``ModerationService.warm_up`` (start-up) must load the semantic tier too: a text shorter than
+    ``MIN_WORDS`` never reaches its encoder, and the first prompt would pay for loading it."""
+    from genserve.app.metrics import Metrics
+    from genserve.app.moderation.base import WARM_UP_TEXT
+    from genserve.app.moderation.policy import Policy
+    from genserve.app.moderation.semantic import MIN_WORDS
+    from genserve.app.moderation.service import ModerationService
+    from genserve.app.moderation.text import shared_semantic
+
+    assert len(WARM_UP_TEXT.split()) >= MIN_WORDS
+    service = ModerationService(Policy(), [], Metrics())
+    service._policies["m"] = service.policy  # one model under the default policy (semantic on inputs)
+    tier = shared_semantic()
+    with tier._lock:
+        tier._model = None  # as at start-up, whatever ran before in this process
+    service.warm_up()
+    assert tier._model is not None

@@ -188,7 +188,11 @@ def test_term_halt_judges_whole_words_in_its_lookback_only() -> None:
     """The engine's check (``SamplingParams.halt``): a term counts once the word after it has begun (the
     gate's rule: "ass" may become "assert"), never from inside a word cut by the look-back, and the
     check pickles as its terms."""
-    halt = pickle.loads(pickle.dumps(TermHalt(("ass", "re:on a tim"), 16)))
+    term = pickle.loads(pickle.dumps(TermHalt(("ass", "re:on a tim"), 16)))
+
+    def halt(text: str, added: int | None = None) -> bool:
+        return term(text, len(text) if added is None else added)
+
     assert not halt("you ass")  # the word may go on
     assert halt("you ass ") and halt("you a$$.")
     assert not halt("you assert ")
@@ -197,8 +201,22 @@ def test_term_halt_judges_whole_words_in_its_lookback_only() -> None:
     assert not halt("x" * 20 + " the grass ")  # "grass" whole: no word boundary before "ass"
     # Cut by the look-back: "...rass " must not be read as "ass"; a term inside the look-back is found.
     short = TermHalt(("ass",), 4)  # its look-back starts at the "a" of "grass"
-    assert not short("my grass ") and short("my ass ")
+    assert not short("my grass ", 9) and short("my ass ", 7)
+    assert not short("my $@ss ", 8)  # nor from after a symbol that reads as a letter ("$@ss" is "sass")
+    assert not TermMatcher(["ass"]).find("my $@ss ")  # as the gate reads it
     assert not halt("a" * 40 + " ass an" + "x" * 20 + " ")  # out of the look-back: left to the gate
+    # Only a new word boundary can make a term final: new characters inside a word are not judged again.
+    assert halt("you ass ", 1) and not halt("you ass x", 1) and halt("you ass x ", 2)
+
+
+def test_term_halt_lookback_follows_the_terms_not_the_window() -> None:
+    """Its cost per token follows the longest term (a 4096-character window would scan 8 KB a token)."""
+    longest = TermMatcher(["purple walrus"]).max_literal_len
+    assert TermHalt.for_terms(("purple walrus",), 4096).lookback == 2 * longest + 32
+    assert TermHalt.for_terms(("purple walrus",), 8).lookback == 2 * 8 + 32  # never past the window
+    assert TermHalt.for_terms(("re:wal+rus",), 4096).lookback == 2 * 4096 + 32  # a regex: the window
+    long = TermHalt.for_terms(("purple walrus",), 4096)
+    assert long("x " * 3000 + "purple walrus ", 1) and not long("purple walrus " + "x " * 3000, 1)
 
 
 # --- WordListClassifier ----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from genserve.app.backends.base import Backend, ModelFacts, ModerationResult
 from genserve.app.backends.local_text import LocalTextBackend
 from genserve.app.backends.remote import RemoteTextBackend
 from genserve.app.metrics import Metrics
-from genserve.app.moderation.base import ImageClassifier, TextClassifier, stack_images
+from genserve.app.moderation.base import WARM_UP_TEXT, ImageClassifier, TextClassifier, stack_images
 from genserve.app.moderation.categories import CATEGORIES, full_scores, merge_scores
 from genserve.app.moderation.guard import GuardClassifier
 from genserve.app.moderation.policy import DEFAULT_THRESHOLD
@@ -51,9 +51,8 @@ class TieredModerationBackend(Backend):
 
     def setup(self) -> None:
         self.tiers = shared_text_tiers()
-        for tier in self.tiers:
-            tier.scores("warm up")
-        shared_semantic().scores("warm up the encoder")
+        for tier in (*self.tiers, shared_semantic()):
+            tier.scores(WARM_UP_TEXT)
         path = self.entry.moderation.image_checker if self.entry.moderation else None
         if path is not None:
             from genserve.app.moderation.images import SafetyChecker

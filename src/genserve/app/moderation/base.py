@@ -6,6 +6,10 @@ from typing import Protocol
 
 import numpy as np
 
+# What warms every tier up: long enough for the semantic tier (``semantic.MIN_WORDS``), which shorter
+# texts leave alone and so would leave unloaded until the first request.
+WARM_UP_TEXT = "warm up every tier once"
+
 
 class TextClassifier(Protocol):
     """A synchronous, CPU-cheap text classifier (run in a worker thread by the service).

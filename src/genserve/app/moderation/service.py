@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from genserve.app.backends.base import ModerationBackend
 from genserve.app.errors import InvalidRequestError, UnavailableError
 from genserve.app.metrics import Metrics
-from genserve.app.moderation.base import ImageClassifier, TextClassifier, stack_images
+from genserve.app.moderation.base import WARM_UP_TEXT, ImageClassifier, TextClassifier, stack_images
 from genserve.app.moderation.categories import full_scores, merge_scores
 from genserve.app.moderation.gate import HoldBack, Released, Span
 from genserve.app.moderation.policy import Policy, PolicyPatch
@@ -131,10 +131,10 @@ class ModerationService:
         """Builds the classifiers before the first request needs them (start-up, in a worker thread)."""
         if any(p.checks_output for p in self._policies.values()):
             for tier in self.tiers:
-                tier.scores("warm up")
+                tier.scores(WARM_UP_TEXT)
         if any(p.checks_input and p.semantic for p in self._policies.values()):
             for tier in self.input_tiers:
-                tier.scores("warm up")
+                tier.scores(WARM_UP_TEXT)
         if any(self._policies[m].dual_use for m in self._molecule_models):
             self.dual_use.check("CCO")
 
@@ -198,9 +198,10 @@ class ModerationService:
         self._record(model, "output", v, policy, text, raw)
         return v.blocked
 
-    def record_halt(self, model: str, policy: Policy, raw: Request | None) -> None:
-        """A blocked term the backend's own check found (``TextStream.halted``)."""
-        self._record(model, "output", Verdict({}, [], term="(engine)", blocked=True), policy, "", raw)
+    def record_halt(self, model: str, policy: Policy, held: str, raw: Request | None) -> None:
+        """A blocked term the backend's own check found (``TextStream.halted``); ``held``: the choice's text
+        that was never released (the audit log's content, when the policy logs content)."""
+        self._record(model, "output", Verdict({}, [], term="(engine)", blocked=True), policy, held, raw)
 
     def _record(self, model: str, direction: Direction, v: Verdict, policy: Policy, text: str,
                 raw: Request | None) -> None:
@@ -382,8 +383,7 @@ class TextStream:
         sequence stops in the step that writes one. None when there are none or the policy only flags."""
         if not self.policy.blocked_terms or self.policy.action != "block":
             return None
-        # Raw characters: the window (normalised) plus room for separators and invisible characters.
-        return TermHalt(self.policy.blocked_terms, 2 * self.policy.holdback_chars + 32)
+        return TermHalt.for_terms(self.policy.blocked_terms, self.policy.holdback_chars)
 
     def halted(self, index: int) -> None:
         """The backend stopped this choice on a blocked term (``halt``): nothing more of it goes out. Its
@@ -392,7 +392,7 @@ class TextStream:
         c = self._choice(index)
         if not c.blocked:
             c.blocked = True
-            self.service.record_halt(self.model, self.policy, self.raw)
+            self.service.record_halt(self.model, self.policy, c.gate.buf[c.gate.released:], self.raw)
 
     async def feed(self, index: int, text: str, logprobs: list | None, num_tokens: int) -> Released | None:
         c = self._choice(index)

@@ -271,6 +271,7 @@ class TermMatcher:
                 gaps = len(norm.split()) - 1
                 self.max_literal_len = max(self.max_literal_len, len(norm) + gaps * (MAX_SEPARATORS - 1))
         self._literal_terms = [t for t, _ in literals]
+        self.has_regexes = bool(self._regexes)
         self._literal: re.Pattern[str] | None = None
         if literals:
             self._literal = re.compile("|".join(f"(?P<t{k}>{p})" for k, (_, p) in enumerate(literals)))
@@ -325,25 +326,37 @@ class TermHalt:
     steps later when the gateway's abort arrives. The gateway's gate still decides what is released (it
     sees the same text with the same matcher); this only stops generation sooner.
 
-    Each call checks the text's last ``lookback`` characters (from a word's start) up to its last
-    complete word. A term longer than that, spread by many invisible characters, is left to the gate.
-    Pickles as its terms; the matcher is built once per process and term list."""
+    A call judges only what a new word boundary made final (none in the new characters: nothing to do),
+    in the text's last ``lookback`` characters up to its last complete word, from just after a space
+    (never from inside a word: "grass" is not "ass", nor "gr@$s" "$s"). A term longer than that, spread by
+    many invisible characters, is left to the gate. Pickles as its terms; the matcher is built once per
+    process and term list."""
 
     def __init__(self, terms: tuple[str, ...], lookback: int) -> None:
         self.terms, self.lookback = tuple(terms), lookback
 
+    @classmethod
+    def for_terms(cls, terms: tuple[str, ...], window: int) -> TermHalt:
+        """The look-back for ``terms``: twice the longest span a literal term can match (room for invisible
+        characters), or twice the policy's ``window`` when a regex has no such bound, plus 32."""
+        matcher = term_matcher(terms)
+        longest = window if matcher.has_regexes else min(window, matcher.max_literal_len)
+        return cls(terms, 2 * longest + 32)
+
     def __reduce__(self) -> tuple:
         return TermHalt, (self.terms, self.lookback)
 
-    def __call__(self, text: str) -> bool:
+    def __call__(self, text: str, added: int) -> bool:
+        if all(map(_word_char, text[len(text) - added:])):
+            return False  # no word finished: the last call saw all there is to judge
         end = written_to(text)
         start = max(0, end - self.lookback)
-        while 0 < start < end and _word_char(text[start - 1]):
-            start += 1  # not from inside a word: "grass" must not look like "ass": "grass" must not look like "ass"
+        while 0 < start < end and not text[start - 1].isspace():
+            start += 1
         return term_matcher(self.terms).find(text[start:end]) is not None
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=1024)
 def term_matcher(terms: tuple[str, ...]) -> TermMatcher:
     """One matcher per term list and process (policies share theirs)."""
     return TermMatcher(list(terms))

@@ -112,7 +112,7 @@ def advance(s: SampleState, tok: int, eos_ids: set[int], params: SamplingParams,
         return SampleOutput(index, text, info, "stop")
     if params.halt is not None and text:
         s.text += text
-        if params.halt(s.text):
+        if params.halt(s.text, len(text)):
             s.done = True
             return SampleOutput(index, text, info, "content_filter")
     if last:

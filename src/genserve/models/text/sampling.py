@@ -25,7 +25,7 @@ class OutputHalt(Protocol):
     that writes one, as it does at a stop string, instead of when the gateway's abort arrives some steps
     later. Picklable: it travels to the engine's process with the params."""
 
-    def __call__(self, text: str) -> bool: ...
+    def __call__(self, text: str, added: int) -> bool: ...  # ``added``: how many of its last characters are new
 
 
 @dataclass
