@@ -102,11 +102,16 @@ def test_bad_and_huge_input_never_raises(gate: DualUseGate) -> None:
 
 
 def test_a_check_takes_under_a_millisecond(gate: DualUseGate) -> None:
+    """The check's own cost: the best of five rounds (as ``timeit`` measures), so that another process
+    taking the cores for a while (a parallel build; the suite's servers) is not counted as the gate's."""
     drugs = list(BENIGN.values())
-    start = time.perf_counter()
-    for _ in range(10):
-        for s in drugs:
-            gate.check(s)
-    per = (time.perf_counter() - start) / (10 * len(drugs))
-    print(f"dual-use check: {per * 1e6:.0f} us per molecule")
+    rounds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(10):
+            for s in drugs:
+                gate.check(s)
+        rounds.append((time.perf_counter() - start) / (10 * len(drugs)))
+    per = min(rounds)
+    print(f"dual-use check: {per * 1e6:.0f} us per molecule (rounds: {[round(r * 1e6) for r in rounds]})")
     assert per < 1e-3
