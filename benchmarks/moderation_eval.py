@@ -13,7 +13,8 @@ flagged in that group's categories / texts) and, per category group, precision a
 group as the positive class; for the benign groups the false-positive rate (texts flagged at all).
 
 The semantic tier's two constants were set on the even half of the set (``--half even``); the odd half
-(``--half odd``) is the held-out measurement.
+(``--half odd``) is the held-out measurement. ``--data benchmarks/data/moderation_eval_fresh.jsonl`` is a
+second set by another author, never tuned on: the measurement of how it carries over to new text.
 
     .venv/bin/python benchmarks/moderation_eval.py [--half odd] [--show-text] [--json out.json]
 """
