@@ -64,10 +64,13 @@ def create_app(settings: Settings, entries: list[ModelEntry] | None = None,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tenancy.loop = asyncio.get_running_loop()
         provenance_service.start()
+        # Before any model loads: the classifiers import and build parts of transformers and torch that the
+        # loaders' threads import too, and imports racing in threads can see a half-made module
+        # ("cannot import name 'AutoModel'"); the semantic tier's encoder takes about 3.6 s on a CPU.
+        await asyncio.to_thread(moderation.warm_up)
         await manager.start()
         if handles:  # a Ray Serve gateway replica: ready, and given traffic, once its models answer
             await manager.wait_loaded(RAY_LOAD_WAIT_S)
-        await asyncio.to_thread(moderation.warm_up)
         manager.freeze_heap_when_loaded()
         yield
         await manager.close()

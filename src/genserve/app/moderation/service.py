@@ -128,11 +128,14 @@ class ModerationService:
         return DualUseGate()
 
     def warm_up(self) -> None:
-        """Builds the classifiers before the first request needs them (start-up, in a worker thread)."""
+        """Builds the classifiers before the first request needs them (start-up, in a worker thread, before
+        the models load)."""
         if any(p.checks_output for p in self._policies.values()):
             for tier in self.tiers:
                 tier.scores(WARM_UP_TEXT)
-        if any(p.checks_input and p.semantic for p in self._policies.values()):
+        # The moderation models' backends (``/v1/moderations``) use the semantic tier too; loaded here, it is
+        # built before the model loaders' threads start (app/main.py), not while they import the same libraries.
+        if self._guards or any(p.checks_input and p.semantic for p in self._policies.values()):
             for tier in self.input_tiers:
                 tier.scores(WARM_UP_TEXT)
         if any(self._policies[m].dual_use for m in self._molecule_models):
