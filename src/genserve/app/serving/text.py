@@ -236,7 +236,7 @@ class TextServing:
                     yield event
                 return
             open_choices = set(range(call.body.n * len(call.requests)))
-            tokens = 0
+            tokens, unstoppable = 0, False
             async for event in events:
                 if isinstance(event, Usage):  # the last event: the stream ends by itself after it
                     yield event
@@ -260,9 +260,10 @@ class TextServing:
                     # The stop goes out first: the yield below suspends this generator while the delta is
                     # encoded and written, and every millisecond of that the engine steps on. A choice the
                     # backend has finished itself needs none, and the backend's usage still comes.
-                    stopped = event.finish_reason is not None or self._stop_choice(call, i)
+                    if event.finish_reason is None and not self._stop_choice(call, i):
+                        unstoppable = True  # the backend goes on making it: close the stream once none is open
                     yield Delta(i, "", finish_reason="content_filter", num_tokens=0)
-                    if not stopped and not open_choices:
+                    if unstoppable and not open_choices:
                         yield Usage(0, tokens)  # the upstream's own count is lost with its stream
                         return
                     continue
